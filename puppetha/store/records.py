@@ -1,0 +1,250 @@
+"""
+What puppetha keeps, as typed records over the versioned items of :class:`IStore`.
+
+Kinds and keys (the same on every backend; ``docs/store.md`` lists them):
+
+=============  ==============================  =============================================
+kind           key                             record
+=============  ==============================  =============================================
+``ca``         CA name (``root``, a certname)  :class:`CARecord` (certificate, sealed key)
+``crl``        CA name                         :class:`CRLRecord` (number, signed CRL)
+``revoked``    ``<ca>/<serial hex>``           :class:`RevokedRecord`
+``claim``      ``<instance id>/<role>``        :class:`EnrollmentClaim`
+``node``       certname                        :class:`NodeRecord`
+``master``     certname                        :class:`MasterRecord`
+``class``      scope (``default``, ``sg:..``)  :class:`Classification`
+``lease``      lease name                      :class:`LeaseRecord`
+=============  ==============================  =============================================
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+from attrs import asdict, field, fields, frozen
+
+from puppetha.store import IStore, Item
+
+R = TypeVar("R", bound="Record")
+T = TypeVar("T")
+
+
+class Record:
+    """Base of the typed records: each knows its kind and how to become an item value."""
+
+    KIND: ClassVar[str]
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def to_value(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def from_value(cls: type[R], value: Mapping[str, Any]) -> R:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in value.items() if k in names})
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+@frozen
+class CARecord(Record):
+    """A certificate authority: the root, or a master's intermediate (named by its certname)."""
+
+    KIND: ClassVar[str] = "ca"
+    name: str
+    certificate_pem: str
+    #: The private key as sealed by the configured :class:`puppetha.pki.vault.IKeyVault`,
+    #: base64.  Never the clear key.
+    sealed_key: str
+    #: Name of the issuing CA; the root names itself.
+    parent: str
+    created_at: float
+
+    def key(self) -> str:
+        return self.name
+
+
+@frozen
+class CRLRecord(Record):
+    KIND: ClassVar[str] = "crl"
+    ca: str
+    number: int
+    crl_pem: str
+    this_update: float
+    next_update: float
+
+    def key(self) -> str:
+        return self.ca
+
+
+@frozen
+class RevokedRecord(Record):
+    KIND: ClassVar[str] = "revoked"
+    ca: str
+    serial: int
+    revoked_at: float
+    certname: str = ""
+    reason: str = "unspecified"
+
+    def key(self) -> str:
+        return f"{self.ca}/{self.serial:032x}"
+
+    def to_value(self) -> dict[str, Any]:
+        # Serials are 128-bit: beyond what JSON numbers keep exactly in every backend.
+        value = asdict(self)
+        value["serial"] = f"{self.serial:x}"
+        return value
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> RevokedRecord:
+        value = dict(value)
+        value["serial"] = int(value["serial"], 16)
+        return super().from_value(value)
+
+
+@frozen
+class EnrollmentClaim(Record):
+    """Written with create-if-absent before anything is signed: one enrollment per instance and role."""
+
+    KIND: ClassVar[str] = "claim"
+    instance_id: str
+    role: str
+    certname: str
+    claimed_at: float
+    #: ``claimed`` while signing, ``issued`` once the node record exists.
+    state: str = "claimed"
+
+    def key(self) -> str:
+        return f"{self.instance_id}/{self.role}"
+
+
+@frozen
+class NodeRecord(Record):
+    KIND: ClassVar[str] = "node"
+    certname: str
+    instance_id: str
+    role: str
+    account: str
+    region: str
+    private_ip: str
+    serial: int
+    issuer: str
+    certificate_pem: str
+    enrolled_at: float
+    not_after: float
+    revoked_at: float | None = None
+
+    def key(self) -> str:
+        return self.certname
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["serial"] = f"{self.serial:x}"
+        return value
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> NodeRecord:
+        value = dict(value)
+        value["serial"] = int(value["serial"], 16)
+        return super().from_value(value)
+
+
+@frozen
+class MasterRecord(Record):
+    KIND: ClassVar[str] = "master"
+    certname: str
+    address: str
+    #: puppetserver's port for the nginx nodes (header-trusting, lb-only).
+    port: int
+    #: Name of the master's intermediate CA (its certname).
+    ca: str
+    registered_at: float
+    healthy: bool = True
+    #: Where agents may reach it directly for their first test run (host:port), if anywhere.
+    direct: str = ""
+
+    def key(self) -> str:
+        return self.certname
+
+
+@frozen
+class Classification(Record):
+    """
+    What the ENC answers for one scope: ``default``, ``sg:<group name or id>``,
+    ``tag:<key>=<value>`` or ``node:<certname>``.
+    """
+
+    KIND: ClassVar[str] = "class"
+    scope: str
+    classes: dict[str, dict[str, Any]] = field(factory=dict)
+    parameters: dict[str, Any] = field(factory=dict)
+    environment: str | None = None
+
+    def key(self) -> str:
+        return self.scope
+
+
+@frozen
+class LeaseRecord(Record):
+    """
+    A lease with a fencing token: every change of holder increments ``token``, and anyone
+    acting for the lease presents the token so stale holders can be refused.
+    """
+
+    KIND: ClassVar[str] = "lease"
+    name: str
+    holder: str
+    token: int
+    #: Seconds the holder may act after its last renewal, measured on the holder's own clock.
+    duration: float
+    renewed_at: float
+
+    def key(self) -> str:
+        return self.name
+
+
+@frozen
+class Versioned(Generic[T]):
+    """A record together with the version it was read at, for compare-and-set."""
+
+    record: T
+    version: int
+
+
+class Records:
+    """Typed reads and writes over an :class:`IStore` (synchronous, like the store)."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+
+    def get(self, cls: type[R], key: str) -> Versioned[R] | None:
+        item = self.store.get(cls.KIND, key)
+        if item is None:
+            return None
+        return Versioned(cls.from_value(item.value), item.version)
+
+    def list(self, cls: type[R], prefix: str = "") -> list[Versioned[R]]:
+        return [
+            Versioned(cls.from_value(item.value), item.version)
+            for item in self.store.list(cls.KIND, prefix)
+        ]
+
+    def create(self, record: Record) -> Item:
+        return self.store.create(record.KIND, record.key(), record.to_value())
+
+    def replace(self, record: Record, expected_version: int) -> Item:
+        return self.store.replace(record.KIND, record.key(), record.to_value(), expected_version)

@@ -1,0 +1,53 @@
+from setuptools import setup
+
+setup(
+    name="puppetha",
+    version="0.1.0",
+    description="Self-enrolling, highly available Puppet fleets on AWS",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    # twisted.plugins is listed so that `twistd puppetha` finds our ServiceMaker.
+    packages=[
+        "puppetha",
+        "puppetha.aws",
+        "puppetha.enc",
+        "puppetha.enroll",
+        "puppetha.ha",
+        "puppetha.pki",
+        "puppetha.store",
+        "puppetha.testing",
+        "twisted.plugins",
+    ],
+    package_data={"twisted": ["plugins/puppetha_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "attrs>=23.1",
+        "cryptography>=42",
+        "asn1crypto>=1.5",
+        "boto3>=1.34",
+        "pyyaml>=6",
+        "treq>=23.11",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-cov>=5",
+            "hypothesis>=6",
+            "moto[server,ec2,dynamodb,kms]>=5.0",
+            "ruff>=0.6",
+            "mypy>=1.11",
+            "mypy-zope>=1.0",
+            "types-PyYAML",
+            "boto3-stubs[ec2,dynamodb,kms]",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "puppetha = puppetha.cli:main",
+            "puppetha-enroll = puppetha.enroll.client:main",
+            "puppetha-enc = puppetha.enc.script:main",
+        ],
+    },
+)
