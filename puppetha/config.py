@@ -1,0 +1,372 @@
+"""
+The configuration: an INI file like puppet.conf, read and validated completely before anything
+starts, into frozen objects.
+
+Every option is declared once in :data:`OPTIONS` with its parser, default and documentation;
+``etc/puppetha.conf`` and ``docs/configuration.md`` are checked against that table by the tests,
+so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+import string
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+ROLES = ("enroll", "enc", "lb")
+KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072", "rsa-4096")
+DEFAULT_STATE_DIR = "/var/lib/puppetha"
+
+
+class ConfigError(Exception):
+    """One clear line naming the file, the option and what is wrong with it."""
+
+
+# -- value parsers: each takes the raw text and returns the value or raises ValueError -------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|y)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
+
+
+def duration(text: str) -> float:
+    """``90``, ``30s``, ``10m``, ``2h``, ``7d``, ``5y`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"not a duration (like 30s, 10m, 2h, 7d, 5y): {text!r}")
+    seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on", "1"):
+        return True
+    if lowered in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a boolean (true or false): {text!r}")
+
+
+def words(text: str) -> tuple[str, ...]:
+    """A comma- or whitespace-separated list."""
+    return tuple(w for w in re.split(r"[,\s]+", text.strip()) if w)
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def some_of(*choices: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = words(text)
+        for value in values:
+            if value not in choices:
+                raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return tuple(dict.fromkeys(values))
+
+    return parse
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 0)
+        except ValueError:
+            raise ValueError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def text(value: str) -> str:
+    return value.strip()
+
+
+def path(value: str) -> str:
+    value = value.strip()
+    if value and not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path: {value!r}")
+    return value
+
+
+def file_mode(value: str) -> int:
+    try:
+        mode = int(value.strip(), 8)
+    except ValueError:
+        raise ValueError(f"not an octal file mode (like 0660): {value!r}") from None
+    if mode & ~0o777:
+        raise ValueError(f"not a file mode: {value!r}")
+    if mode & 0o007:
+        raise ValueError("must give nothing to others (the socket serves classifications)")
+    return mode
+
+
+_ACCOUNT = re.compile(r"^\d{12}$")
+
+
+def accounts(value: str) -> tuple[str, ...]:
+    ids = words(value)
+    for account in ids:
+        if not _ACCOUNT.match(account):
+            raise ValueError(f"not a 12-digit AWS account id: {account!r}")
+    return ids
+
+
+def addresses(value: str) -> tuple[str, ...]:
+    out = []
+    for word in words(value):
+        try:
+            out.append(str(ipaddress.ip_address(word)))
+        except ValueError:
+            raise ValueError(f"not an IP address: {word!r}") from None
+    return tuple(out)
+
+
+def host_port(value: str) -> str:
+    value = value.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {value!r}")
+    return value
+
+
+_RULE = re.compile(r"^(tag:[^=\s]+=\S*|profile:arn:\S+|sg:\S+)$")
+
+
+def role_rules(value: str) -> tuple[str, ...]:
+    """``tag:Key=Value``, ``profile:arn:aws:iam::...:instance-profile/Name`` or ``sg:sg-123|name``."""
+    rules = words(value)
+    for rule in rules:
+        if not _RULE.match(rule):
+            raise ValueError(f"not a rule (tag:KEY=VALUE, profile:ARN or sg:GROUP): {rule!r}")
+    return rules
+
+
+def certname_template(value: str) -> str:
+    value = value.strip()
+    allowed = {"instance_id", "account", "region", "private_ip_dashed", "private_dns"}
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(value) if f}
+    except ValueError as e:
+        raise ValueError(f"not a template: {e}") from None
+    unknown = names - allowed
+    if unknown:
+        raise ValueError(f"unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(allowed))}")
+    if "instance_id" not in names:
+        raise ValueError("must contain {instance_id}, so that every instance gets its own name")
+    return value
+
+
+def url(value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^https?://[^\s/]+(/\S*)?$", value):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def endpoint(value: str) -> str:
+    value = value.strip()
+    if not re.match(r"^(tcp|tcp6|unix):\S+$", value):
+        raise ValueError(f"not a tcp: or unix: endpoint description: {value!r}")
+    return value
+
+
+# -- the table of options ------------------------------------------------------------------
+
+
+@frozen
+class Option:
+    section: str
+    name: str
+    parse: Callable[[str], Any]
+    #: The default as it would be written in the file; ``{state_dir}`` is expanded.
+    default: str
+    doc: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("daemon", "roles", some_of(*ROLES), "enroll, enc",
+           "Which services this host runs: enroll (the enrollment API), enc (the ENC socket), "
+           "lb (the nginx front)."),
+    Option("daemon", "state_dir", path, DEFAULT_STATE_DIR,
+           "Where the daemon keeps its files (the SQLite store, the vault key, TLS material)."),
+    Option("daemon", "threads", integer(1, 64), "8",
+           "Size of the thread pool for blocking work (store, AWS, signing)."),
+    Option("store", "backend", one_of("sqlite", "dynamodb"), "sqlite",
+           "sqlite keeps everything in one file on this host; dynamodb shares state between hosts."),
+    Option("store", "path", path, "{state_dir}/puppetha.sqlite", "The SQLite file (backend sqlite)."),
+    Option("store", "table", text, "puppetha", "The DynamoDB table (backend dynamodb)."),
+    Option("pki", "key_type", one_of(*KEY_TYPES), "ec-p256",
+           "Key type of the CAs puppetha creates: ec-p256, rsa-2048, rsa-3072 or rsa-4096."),
+    Option("pki", "allowed_csr_keys", some_of(*KEY_TYPES), ", ".join(KEY_TYPES),
+           "Key types a CSR may carry."),
+    Option("pki", "vault", one_of("file", "kms"), "file",
+           "How CA private keys are encrypted at rest: a local key file, or AWS KMS."),
+    Option("pki", "vault_key_file", path, "{state_dir}/ca-vault.key",
+           "The vault's AES-256 key (vault file); created mode 0600 on first start."),
+    Option("pki", "kms_key_id", text, "", "The KMS key id or ARN (vault kms)."),
+    Option("pki", "root_name", text, "puppetha Root CA", "Common name of the root CA."),
+    Option("pki", "ca_lifetime", duration, "10y", "Validity of the root and the masters' CAs."),
+    Option("pki", "cert_lifetime", duration, "5y", "Validity of node certificates."),
+    Option("pki", "crl_lifetime", duration, "7d", "A CRL's nextUpdate after it is signed."),
+    Option("pki", "crl_refresh_margin", duration, "3d",
+           "A CRL is re-signed once its nextUpdate is closer than this."),
+    Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
+    Option("aws", "endpoint_url", url, "",
+           "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
+    Option("aws", "accounts", accounts, "",
+           "AWS account ids whose instances may enroll. Empty: none may (deny by default)."),
+    Option("aws", "identity_certs", path, "",
+           "INI file naming AWS's identity-document signing certificate per region (docs/aws.md). "
+           "Empty: no region is trusted, every enrollment is refused."),
+    Option("enroll", "listen", endpoint, "tcp:8080",
+           "Where the enrollment API listens (TLS is added by the daemon)."),
+    Option("enroll", "server_names", words, "puppet",
+           "DNS names (and IP addresses) in the enrollment server's own certificate."),
+    Option("enroll", "proxy_from", addresses, "",
+           "Addresses (the nginx nodes) allowed to send a PROXY protocol header. "
+           "When set, every connection must come from one of them and carry the header."),
+    Option("enroll", "require_source_match", boolean, "true",
+           "Refuse an enrollment whose connection does not come from the instance's private IP."),
+    Option("enroll", "max_age", duration, "1h",
+           "How long after its pendingTime (launch) an instance may still enroll."),
+    Option("enroll", "certname_template", certname_template, "{instance_id}",
+           "The certname of an enrolled node; fields: instance_id, account, region, "
+           "private_ip_dashed, private_dns."),
+    Option("enroll", "master_policy", role_rules, "",
+           "Who may enroll as a master: tag:KEY=VALUE, profile:ARN or sg:GROUP rules, any one "
+           "suffices. Empty: nobody."),
+    Option("enroll", "lb_policy", role_rules, "", "Who may enroll as an nginx node; as master_policy."),
+    Option("enroll", "front", host_port, "puppet:8140",
+           "The address agents use for good (the Elastic IP's name and the front port)."),
+    Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
+    Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
+    Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
+    Option("enc", "socket_group", text, "",
+           "Group owning the socket; puppetserver's user must be in it (empty: the daemon's)."),
+    Option("enc", "cache_ttl", duration, "60s",
+           "How long an instance's state, security groups and tags are trusted before a refresh."),
+    Option("enc", "stale_limit", duration, "1h",
+           "While AWS or the store is unreachable, a node's last good classification is served "
+           "for at most this long."),
+)
+
+_BY_KEY: Mapping[tuple[str, str], Option] = {(o.section, o.name): o for o in OPTIONS}
+SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIONS))
+
+
+# -- the frozen configuration --------------------------------------------------------------
+
+
+@frozen
+class Config:
+    """The validated configuration; ``values[(section, name)]`` holds every option."""
+
+    source: str
+    values: Mapping[tuple[str, str], Any] = field(repr=False)
+
+    def __getitem__(self, key: tuple[str, str]) -> Any:
+        return self.values[key]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.values[("daemon", "roles")]  # type: ignore[no-any-return]
+
+    @property
+    def state_dir(self) -> str:
+        return self.values[("daemon", "state_dir")]  # type: ignore[no-any-return]
+
+
+def config_from_string(
+    content: str, source: str = "<string>", overrides: Mapping[tuple[str, str], str] | None = None
+) -> Config:
+    """
+    Parse and validate ``content``.  ``overrides`` (from command-line flags) win over the file.
+    Raises :class:`ConfigError` naming the source and the option.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
+    parser.optionxform = str  # type: ignore[assignment, method-assign]
+    try:
+        parser.read_string(content, source=source)
+    except configparser.Error as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {first}") from None
+
+    raw: dict[tuple[str, str], str] = {}
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        for name, value in parser.items(section):
+            if (section, name) not in _BY_KEY:
+                known = ", ".join(o.name for o in OPTIONS if o.section == section)
+                raise ConfigError(f"{source}: [{section}] {name}: unknown option (known: {known})")
+            raw[(section, name)] = value
+    raw.update(overrides or {})
+
+    values: dict[tuple[str, str], Any] = {}
+    # state_dir first: other defaults are relative to it.
+    order = sorted(OPTIONS, key=lambda o: (o.section, o.name) != ("daemon", "state_dir"))
+    for option in order:
+        key = (option.section, option.name)
+        given = key in raw
+        text_value = raw[key] if given else option.default.replace(
+            "{state_dir}", values.get(("daemon", "state_dir"), DEFAULT_STATE_DIR))
+        where = source if given else "the built-in default"
+        try:
+            values[key] = option.parse(text_value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: [{option.section}] {option.name}: {e}") from None
+    config = Config(source=source, values=values)
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    """Checks that involve several options or the file system."""
+    src = config.source
+    if config[("pki", "vault")] == "kms" and not config[("pki", "kms_key_id")]:
+        raise ConfigError(f"{src}: [pki] kms_key_id: required when vault = kms")
+    if config[("store", "backend")] == "dynamodb" and config[("pki", "vault")] != "kms":
+        raise ConfigError(
+            f"{src}: [pki] vault: must be kms with the dynamodb store "
+            "(a shared store never holds keys sealed by one host's key file)")
+    certs = config[("aws", "identity_certs")]
+    if certs and not os.path.isfile(certs):
+        raise ConfigError(f"{src}: [aws] identity_certs: no such file: {certs}")
+    if config[("pki", "key_type")] not in config[("pki", "allowed_csr_keys")]:
+        # Masters' server certificates use the configured key type too.
+        raise ConfigError(f"{src}: [pki] allowed_csr_keys: must include key_type "
+                          f"{config[('pki', 'key_type')]}")
+    if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
+        raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
+
+
+def load_config(
+    config_path: str | None, overrides: Mapping[tuple[str, str], str] | None = None
+) -> Config:
+    """Read the file (or the embedded defaults when ``config_path`` is None) and validate it."""
+    if config_path is None:
+        return config_from_string("", "<embedded defaults>", overrides)
+    try:
+        content = Path(config_path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{config_path}: cannot read the configuration: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not UTF-8 text") from None
+    return config_from_string(content, config_path, overrides)
