@@ -325,7 +325,8 @@ def config_from_string(
     for option in order:
         key = (option.section, option.name)
         given = key in raw
-        text_value = raw[key] if given else option.default.replace(
+        # {state_dir} is expanded in given values too, so the example file works uncommented.
+        text_value = (raw[key] if given else option.default).replace(
             "{state_dir}", values.get(("daemon", "state_dir"), DEFAULT_STATE_DIR))
         where = source if given else "the built-in default"
         try:
@@ -370,3 +371,64 @@ def load_config(
     except UnicodeDecodeError:
         raise ConfigError(f"{config_path}: not UTF-8 text") from None
     return config_from_string(content, config_path, overrides)
+
+
+# -- documentation generated from the table (etc/puppetha.conf, docs/configuration.md) -------
+
+
+def example_config() -> str:
+    """The documented example file: every option, commented out at its default."""
+    lines = [
+        "# puppetha configuration. Every option is shown at its default, commented out.",
+        "# Values are validated before the daemon starts; an unknown option stops it.",
+        "# Durations: 30s, 10m, 2h, 7d, 5y. Lists: comma or space separated.",
+        "# Generated from puppetha/config.py: `python -m puppetha.config example`.",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        for option in (o for o in OPTIONS if o.section == section):
+            lines.append("")
+            lines += [f"# {chunk}" for chunk in _wrap(option.doc, 96)]
+            lines.append(f"#{option.name} = {option.default}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def markdown_reference() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "puppetha reads one INI file (`twistd -n puppetha --config /etc/puppetha/puppetha.conf`);",
+        "without `--config` it runs on the embedded defaults below. The whole file is validated",
+        "before anything starts: an unknown section or option, a bad value or a missing file stops",
+        "the daemon with one line naming the file, the section and the option.",
+        "`--state-dir DIR` overrides `[daemon] state_dir`, on the daemon and on the `puppetha` CLI.",
+        "",
+        "Durations are written `30s`, `10m`, `2h`, `7d` or `5y`; lists are comma or space",
+        "separated. `{state_dir}` in a default stands for the value of `[daemon] state_dir`.",
+        "`etc/puppetha.conf` is the same reference as a file to copy.",
+        "",
+        "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
+        "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
+        "`crl_refresh_margin` must be shorter than `crl_lifetime`.",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"## [{section}]", "", "| option | default | meaning |", "|---|---|---|"]
+        for option in (o for o in OPTIONS if o.section == section):
+            default = f"`{option.default}`" if option.default else "(empty)"
+            lines.append(f"| `{option.name}` | {default} | {option.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text_value: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text_value, width)
+
+
+if __name__ == "__main__":
+    import sys
+
+    kinds = {"example": example_config, "markdown": markdown_reference}
+    if len(sys.argv) != 2 or sys.argv[1] not in kinds:
+        sys.exit("usage: python -m puppetha.config example|markdown")
+    sys.stdout.write(kinds[sys.argv[1]]())
