@@ -1,0 +1,146 @@
+"""The configuration: every kind of error names the file and the option; docs match the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from puppetha.config import (
+    OPTIONS,
+    ConfigError,
+    config_from_string,
+    duration,
+    example_config,
+    load_config,
+    markdown_reference,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def refused(content: str, source: str = "puppetha.conf") -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_string(content, source)
+    return str(info.value)
+
+
+def test_embedded_defaults_are_valid() -> None:
+    config = load_config(None)
+    assert config.roles == ("enroll", "enc")
+    assert config[("store", "backend")] == "sqlite"
+    assert config[("store", "path")] == "/var/lib/puppetha/puppetha.sqlite"
+    assert config[("aws", "accounts")] == ()  # deny by default
+
+
+def test_state_dir_moves_the_derived_defaults() -> None:
+    config = config_from_string("[daemon]\nstate_dir = /srv/p\n")
+    assert config[("store", "path")] == "/srv/p/puppetha.sqlite"
+    assert config[("pki", "vault_key_file")] == "/srv/p/ca-vault.key"
+
+
+def test_state_dir_placeholder_expands_in_given_values() -> None:
+    config = config_from_string("[daemon]\nstate_dir = /srv/p\n[store]\npath = {state_dir}/x.db\n")
+    assert config[("store", "path")] == "/srv/p/x.db"
+
+
+def test_overrides_win_over_the_file() -> None:
+    config = config_from_string("[daemon]\nthreads = 3\n", overrides={("daemon", "threads"): "5"})
+    assert config[("daemon", "threads")] == 5
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[daemon]\nroles = enroll, dns\n", "puppetha.conf: [daemon] roles: 'dns' is not one of"),
+        ("[daemon]\nthreads = 0\n", "puppetha.conf: [daemon] threads: 0 is outside 1..64"),
+        ("[daemon]\nthreads = many\n", "puppetha.conf: [daemon] threads: not a whole number"),
+        ("[daemon]\nstate_dir = relative/dir\n", "[daemon] state_dir: must be an absolute path"),
+        ("[pki]\nkey_type = dsa-1024\n", "puppetha.conf: [pki] key_type: 'dsa-1024' is not one of"),
+        ("[pki]\ncrl_lifetime = soon\n", "puppetha.conf: [pki] crl_lifetime: not a duration"),
+        ("[pki]\ncrl_lifetime = 0s\n", "[pki] crl_lifetime: must be longer than zero"),
+        ("[aws]\naccounts = 1234\n", "puppetha.conf: [aws] accounts: not a 12-digit AWS account id"),
+        ("[aws]\nendpoint_url = ftp://x\n", "[aws] endpoint_url: not an http(s) URL"),
+        ("[enroll]\nproxy_from = 10.0.0.300\n", "[enroll] proxy_from: not an IP address"),
+        ("[enroll]\nrequire_source_match = maybe\n", "[enroll] require_source_match: not a boolean"),
+        ("[enroll]\nfront = puppet\n", "[enroll] front: not host:port"),
+        ("[enroll]\nmaster_policy = role=master\n", "[enroll] master_policy: not a rule"),
+        ("[enroll]\ncertname_template = {account}\n", "[enroll] certname_template: must contain {instance_id}"),
+        ("[enroll]\ncertname_template = {instance_id}.{zone}\n", "certname_template: unknown field 'zone'"),
+        ("[enroll]\nlisten = ssl:8080\n", "[enroll] listen: not a tcp: or unix: endpoint"),
+        ("[enc]\nsocket_mode = 0666\n", "[enc] socket_mode: must give nothing to others"),
+        ("[enc]\nsocket_mode = rw\n", "[enc] socket_mode: not an octal file mode"),
+    ],
+)
+def test_a_bad_value_names_the_file_section_and_option(content: str, expected: str) -> None:
+    assert expected in refused(content)
+
+
+def test_unknown_option_is_refused_with_the_known_ones() -> None:
+    message = refused("[pki]\nkeytype = ec-p256\n")
+    assert message.startswith("puppetha.conf: [pki] keytype: unknown option (known: key_type,")
+
+
+def test_unknown_section_is_refused() -> None:
+    assert "unknown section [puppet]" in refused("[puppet]\nserver = x\n")
+
+
+def test_duplicate_option_is_refused() -> None:
+    assert "puppetha.conf" in refused("[pki]\nkey_type = ec-p256\nkey_type = rsa-2048\n")
+
+
+def test_syntax_error_is_one_line() -> None:
+    message = refused("key_type = ec-p256\n")
+    assert "\n" not in message
+    assert message.startswith("puppetha.conf:")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[pki]\nvault = kms\n", "[pki] kms_key_id: required when vault = kms"),
+        ("[store]\nbackend = dynamodb\n", "[pki] vault: must be kms with the dynamodb store"),
+        ("[aws]\nidentity_certs = /nonexistent/aws.ini\n", "[aws] identity_certs: no such file"),
+        ("[pki]\nkey_type = rsa-4096\nallowed_csr_keys = ec-p256\n", "[pki] allowed_csr_keys: must include"),
+        ("[pki]\ncrl_lifetime = 1d\ncrl_refresh_margin = 2d\n", "[pki] crl_refresh_margin: must be shorter"),
+    ],
+)
+def test_options_checked_together(content: str, expected: str) -> None:
+    assert expected in refused(content)
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.conf"
+    with pytest.raises(ConfigError, match=rf"^{missing}: cannot read the configuration"):
+        load_config(str(missing))
+
+
+def test_non_utf8_file_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_bytes(b"[pki]\nroot_name = \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("30s", 30), ("10m", 600), ("2h", 7200),
+                                               ("7d", 604800), ("1.5h", 5400), ("5y", 5 * 365 * 86400)])
+def test_durations(text: str, seconds: float) -> None:
+    assert duration(text) == seconds
+
+
+def test_the_shipped_example_is_generated_from_the_table() -> None:
+    assert (ROOT / "etc" / "puppetha.conf").read_text() == example_config()
+
+
+def test_the_reference_doc_is_generated_from_the_table() -> None:
+    assert (ROOT / "docs" / "configuration.md").read_text() == markdown_reference()
+
+
+def test_the_example_uncommented_is_a_valid_configuration() -> None:
+    uncommented = "\n".join(
+        line[1:] if line.startswith("#") and "=" in line and not line.startswith("# ") else line
+        for line in example_config().splitlines()
+    )
+    config = config_from_string(uncommented, "etc/puppetha.conf")
+    assert len(config.values) == len(OPTIONS)
+    assert config == config_from_string("", "etc/puppetha.conf")
