@@ -1,0 +1,467 @@
+"""
+The embedded store: one SQLite file in WAL mode, shared by every process on the box.
+
+Several daemons and the admin CLI may open the same file at once: every write runs in a
+``BEGIN IMMEDIATE`` transaction, so writers queue on SQLite's own file lock (waiting up to
+``busy_timeout``) and a check followed by a write can never interleave with another writer.
+Readers never wait for writers (WAL).
+
+Threads: each thread gets its own connection (``threading.local``).  The store is called from a
+Twisted thread pool; one connection per pool thread lets reads run in parallel with a write, and
+serialises writers with the same file lock that already serialises processes, so there is a
+single concurrency mechanism to reason about instead of a Python lock layered over SQLite's.
+Connections of threads that end are closed when their thread-local storage is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import stat
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from puppetha.store import (
+    MAX_TRANSACTION_WRITES,
+    AlreadyExists,
+    Check,
+    Create,
+    Delete,
+    IStore,
+    Item,
+    Replace,
+    StoreError,
+    StoreUnavailable,
+    TransactionConflict,
+    Value,
+    VersionConflict,
+    Write,
+)
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: What ``PRAGMA user_version`` says once every migration below has run.
+SCHEMA_VERSION = 1
+
+#: Statements that take the schema from version ``n - 1`` to ``n``, by ``n``.
+MIGRATIONS: Mapping[int, Sequence[str]] = {
+    1: (
+        # A rowid table (not WITHOUT ROWID): values can be hundreds of kilobytes (CRLs),
+        # which WITHOUT ROWID tables store badly.  The primary key is the lookup index.
+        """
+        CREATE TABLE items (
+            kind TEXT NOT NULL,
+            key TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            value TEXT NOT NULL,
+            PRIMARY KEY (kind, key)
+        )
+        """,
+    ),
+}
+
+MAX_KEY_BYTES = 1024
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def validate_kind(kind: object) -> str:
+    if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
+        raise ValueError(f"kind must match [a-z][a-z0-9_]{{0,31}}, not {kind!r}")
+    return kind
+
+
+def validate_key(key: object) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"key must be a non-empty string, not {key!r}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("key is not encodable as UTF-8 (lone surrogate)") from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"key is {size} bytes of UTF-8, more than {MAX_KEY_BYTES}")
+    return key
+
+
+def validate_version(version: object) -> int:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"expected version must be an integer, not {version!r}")
+    return version
+
+
+def _check_json(value: object, path: str) -> None:
+    # json.dumps alone would quietly turn int keys into strings and tuples into lists, and
+    # write NaN, none of which come back as they went in.
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} is {value!r}, which JSON cannot hold")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path} has a non-string key {k!r}")
+            _check_json(v, f"{path}.{k}")
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json(v, f"{path}[{i}]")
+        return
+    raise ValueError(f"{path} is a {type(value).__name__}, which is not JSON")
+
+
+def encode_value(value: object) -> str:
+    """The JSON text stored for ``value``; ``ValueError`` unless it is a JSON object."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"value must be a mapping, not {type(value).__name__}")
+    try:
+        _check_json(value, "value")
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise ValueError("value is nested too deeply") from None
+
+
+def decode_value(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise StoreError("stored value is not a JSON object")
+    return value
+
+
+def _prefix_bound(prefix: str) -> str | None:
+    """
+    The smallest string greater than every string that starts with ``prefix``, or ``None``
+    when there is none.  Keys are ordered by code point (= UTF-8 bytes, SQLite's BINARY
+    collation), so ``prefix <= key < bound`` is exactly ``key.startswith(prefix)``; a range
+    also treats ``%`` and ``_`` as the plain characters they are, unlike LIKE.
+    """
+    while prefix:
+        last = ord(prefix[-1]) + 1
+        if 0xD800 <= last <= 0xDFFF:
+            last = 0xE000  # surrogates never occur in valid keys
+        if last <= 0x10FFFF:
+            return prefix[:-1] + chr(last)
+        prefix = prefix[:-1]
+    return None
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that can be weakly referenced (the base class cannot)."""
+
+
+def _ensure_private_file(path: str) -> None:
+    """Create the database file owner-only, or take group and other access off an existing one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            # It holds sealed CA keys and node records: nobody but the owner reads it.
+            os.fchmod(fd, mode & 0o700)
+            log.warn(
+                "store file {path} was mode {mode:o}; made it owner-only",
+                path=path,
+                mode=mode,
+            )
+    finally:
+        os.close(fd)
+
+
+@implementer(IStore)
+class SQLiteStore:
+    """
+    :class:`IStore` over one SQLite file.  Blocking: call it from a thread pool.
+
+    ``busy_timeout`` is how long, in seconds, a write waits for other writers (in this or
+    another process) before giving up with :class:`StoreUnavailable`.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
+        if path == ":memory:" or not path:
+            # Each thread's connection would get a database of its own.
+            raise ValueError("SQLiteStore needs a file path")
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        _ensure_private_file(path)
+        self._unavailable(self._open_schema)
+
+    # -- connections and transactions
+
+    def _connect(self) -> _Connection:
+        try:
+            connection = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                # Transactions are begun and ended explicitly below.
+                isolation_level=None,
+                # Only so close() may close every thread's connection; each is used by one thread.
+                check_same_thread=False,
+                factory=_Connection,
+            )
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
+        if not isinstance(connection, _Connection):  # pragma: no cover - sqlite3 honours factory
+            raise TypeError("sqlite3 ignored the connection factory")
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            # A commit acknowledged is a commit kept, even across a power cut: claims, serials
+            # and CRL numbers must never be handed out twice.
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA trusted_schema = OFF")
+        except sqlite3.Error:
+            connection.close()
+            raise
+        return connection
+
+    def _connection(self) -> _Connection:
+        if self._closed:
+            raise StoreUnavailable(f"store {self.path} is closed")
+        pid = os.getpid()
+        held: tuple[int, _Connection] | None = getattr(self._local, "held", None)
+        # A connection inherited across fork() must not be used by the child.
+        if held is not None and held[0] == pid:
+            return held[1]
+        connection = self._connect()
+        with self._lock:
+            if self._closed:
+                connection.close()
+                raise StoreUnavailable(f"store {self.path} is closed")
+            self._connections.add(connection)
+        self._local.held = (pid, connection)
+        return connection
+
+    @contextmanager
+    def _writing(self) -> Iterator[_Connection]:
+        """A write transaction holding SQLite's write lock from its first statement."""
+        connection = self._connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back by itself (I/O errors, a full disk).
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    def _unavailable(self, f: Callable[[], T]) -> T:
+        try:
+            return f()
+        except sqlite3.OperationalError as e:
+            # "database is locked" after busy_timeout, I/O errors, a full disk.
+            raise StoreUnavailable(f"store {self.path}: {e}") from e
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"store {self.path} is not a usable database: {e}") from e
+
+    def _open_schema(self) -> None:
+        connection = self._connection()
+        # Persistent in the file; a no-op once set.  Changing it needs the file to itself,
+        # which the busy timeout waits for when several processes open at once.
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"store {self.path} cannot use WAL (journal mode {mode})")
+        with self._writing() as connection:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"store {self.path} has schema {version}, newer than this puppetha ({SCHEMA_VERSION})"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    connection.execute(statement)
+                # PRAGMA takes no parameters; step is an int from this module.
+                connection.execute(f"PRAGMA user_version = {step}")
+                log.info("store {path} schema now at version {step}", path=self.path, step=step)
+
+    def schema_version(self) -> int:
+        return self._unavailable(lambda: int(self._connection().execute("PRAGMA user_version").fetchone()[0]))
+
+    def journal_mode(self) -> str:
+        return self._unavailable(lambda: str(self._connection().execute("PRAGMA journal_mode").fetchone()[0]))
+
+    # -- IStore
+
+    def get(self, kind: str, key: str) -> Item | None:
+        validate_kind(kind)
+        validate_key(key)
+
+        def read() -> Item | None:
+            row = (
+                self._connection()
+                .execute("SELECT version, value FROM items WHERE kind = ? AND key = ?", (kind, key))
+                .fetchone()
+            )
+            if row is None:
+                return None
+            return Item(kind, key, decode_value(row[1]), row[0])
+
+        return self._unavailable(read)
+
+    def create(self, kind: str, key: str, value: Value) -> Item:
+        validate_kind(kind)
+        validate_key(key)
+        text = encode_value(value)
+
+        def write() -> None:
+            with self._writing() as connection:
+                cursor = connection.execute(
+                    "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)"
+                    " ON CONFLICT (kind, key) DO NOTHING",
+                    (kind, key, text),
+                )
+                if cursor.rowcount != 1:
+                    raise AlreadyExists(kind, key)
+
+        self._unavailable(write)
+        return Item(kind, key, decode_value(text), 1)
+
+    def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
+        validate_kind(kind)
+        validate_key(key)
+        validate_version(expected_version)
+        text = encode_value(value)
+
+        def write() -> None:
+            with self._writing() as connection:
+                cursor = connection.execute(
+                    "UPDATE items SET value = ?, version = version + 1"
+                    " WHERE kind = ? AND key = ? AND version = ?",
+                    (text, kind, key, expected_version),
+                )
+                if cursor.rowcount != 1:
+                    raise VersionConflict(kind, key, expected_version)
+
+        self._unavailable(write)
+        return Item(kind, key, decode_value(text), expected_version + 1)
+
+    def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
+        validate_kind(kind)
+        validate_key(key)
+        if expected_version is not None:
+            validate_version(expected_version)
+
+        def write() -> bool:
+            with self._writing() as connection:
+                if expected_version is None:
+                    cursor = connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (kind, key))
+                    return cursor.rowcount == 1
+                cursor = connection.execute(
+                    "DELETE FROM items WHERE kind = ? AND key = ? AND version = ?",
+                    (kind, key, expected_version),
+                )
+                if cursor.rowcount != 1:
+                    raise VersionConflict(kind, key, expected_version)
+                return True
+
+        return self._unavailable(write)
+
+    def list(self, kind: str, prefix: str = "") -> list[Item]:
+        validate_kind(kind)
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a string, not {prefix!r}")
+        bound = _prefix_bound(prefix)
+
+        def read() -> list[Item]:
+            connection = self._connection()
+            if bound is None:
+                rows = connection.execute(
+                    "SELECT key, version, value FROM items WHERE kind = ? AND key >= ? ORDER BY key",
+                    (kind, prefix),
+                )
+            else:
+                rows = connection.execute(
+                    "SELECT key, version, value FROM items"
+                    " WHERE kind = ? AND key >= ? AND key < ? ORDER BY key",
+                    (kind, prefix, bound),
+                )
+            return [Item(kind, key, decode_value(value), version) for key, version, value in rows]
+
+        return self._unavailable(read)
+
+    def transact(self, writes: Sequence[Write]) -> None:
+        writes = list(writes)
+        if len(writes) > MAX_TRANSACTION_WRITES:
+            raise ValueError(
+                f"a transaction holds at most {MAX_TRANSACTION_WRITES} writes, not {len(writes)}"
+            )
+        texts: dict[int, str] = {}
+        seen: set[tuple[str, str]] = set()
+        for i, write in enumerate(writes):
+            if not isinstance(write, (Create, Replace, Delete, Check)):
+                raise ValueError(f"not a store write: {write!r}")
+            validate_kind(write.kind)
+            validate_key(write.key)
+            if (write.kind, write.key) in seen:
+                raise ValueError(f"{write.kind} {write.key!r} is written twice in one transaction")
+            seen.add((write.kind, write.key))
+            if isinstance(write, (Create, Replace)):
+                texts[i] = encode_value(write.value)
+            if isinstance(write, (Replace, Check)) or (
+                isinstance(write, Delete) and write.expected_version is not None
+            ):
+                validate_version(write.expected_version)
+        if not writes:
+            return
+
+        def apply() -> None:
+            with self._writing() as connection:
+                reasons = [
+                    reason
+                    for reason in (self._refusal(connection, write) for write in writes)
+                    if reason is not None
+                ]
+                if reasons:
+                    raise TransactionConflict(reasons)
+                for i, write in enumerate(writes):
+                    self._apply(connection, write, texts.get(i, ""))
+
+        self._unavailable(apply)
+
+    def _refusal(self, connection: sqlite3.Connection, write: Write) -> StoreError | None:
+        """Why ``write`` cannot be applied now, or ``None`` if it can."""
+        row = connection.execute(
+            "SELECT version FROM items WHERE kind = ? AND key = ?", (write.kind, write.key)
+        ).fetchone()
+        version: int | None = None if row is None else row[0]
+        if isinstance(write, Create):
+            return None if version is None else AlreadyExists(write.kind, write.key)
+        expected = write.expected_version
+        if expected is None or version == expected:
+            return None
+        return VersionConflict(write.kind, write.key, expected)
+
+    def _apply(self, connection: sqlite3.Connection, write: Write, text: str) -> None:
+        if isinstance(write, Create):
+            connection.execute(
+                "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)",
+                (write.kind, write.key, text),
+            )
+        elif isinstance(write, Replace):
+            connection.execute(
+                "UPDATE items SET value = ?, version = version + 1 WHERE kind = ? AND key = ?",
+                (text, write.kind, write.key),
+            )
+        elif isinstance(write, Delete):
+            connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (write.kind, write.key))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections = list(self._connections)
+            self._connections = weakref.WeakSet()
+        for connection in connections:
+            connection.close()

@@ -1,0 +1,253 @@
+"""SQLiteStore: the store contract, plus what only the SQLite file has."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import stat
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import pytest
+
+from puppetha.store import AlreadyExists, Create, Item, StoreError, StoreUnavailable, VersionConflict
+from puppetha.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.store_contract import BARRIER_TIMEOUT, StoreContract, StoreFactory, increment
+
+
+class TestSQLiteStoreContract(StoreContract):
+    @pytest.fixture
+    def make_store(self, tmp_path: Path) -> StoreFactory:
+        path = str(tmp_path / "store.sqlite")
+        return lambda: SQLiteStore(path)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "store.sqlite")
+
+
+@pytest.fixture
+def store(path: str) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(path)
+    yield store
+    store.close()
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# -- the file
+
+
+def test_file_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.sqlite")
+    old = os.umask(0)
+    try:
+        store = SQLiteStore(path)
+        store.create("ca", "root", {"sealed_key": "..."})
+        # The WAL files are open while a connection is.
+        for name in (path, path + "-wal", path + "-shm"):
+            assert mode(name) == 0o600, name
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_open_file_is_made_private(path: str) -> None:
+    SQLiteStore(path).create("node", "n1", {"kept": True})
+    os.chmod(path, 0o644)
+    store = SQLiteStore(path)
+    assert mode(path) == 0o600
+    assert store.get("node", "n1") == Item("node", "n1", {"kept": True}, 1)
+    store.close()
+
+
+def test_wal_mode(path: str, store: SQLiteStore) -> None:
+    assert store.journal_mode() == "wal"
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_schema_version(path: str, store: SQLiteStore) -> None:
+    assert store.schema_version() == SCHEMA_VERSION == 1
+    with sqlite3.connect(path) as other:
+        assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert [r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == [
+            "items"
+        ]
+
+
+def test_reopening_keeps_data(path: str) -> None:
+    store = SQLiteStore(path)
+    store.create("node", "n1", {"v": 1})
+    store.replace("node", "n1", {"v": 2}, 1)
+    store.close()
+    again = SQLiteStore(path)
+    assert again.get("node", "n1") == Item("node", "n1", {"v": 2}, 2)
+    assert again.schema_version() == SCHEMA_VERSION
+    again.close()
+
+
+def test_newer_schema_is_refused(path: str) -> None:
+    SQLiteStore(path).create("node", "n1", {})
+    other = sqlite3.connect(path)
+    other.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    other.close()
+    with pytest.raises(StoreError, match="newer"):
+        SQLiteStore(path)
+
+
+def test_not_a_database_is_refused_and_left_alone(path: str) -> None:
+    junk = b"this is not SQLite, it is somebody's file\n" * 100
+    Path(path).write_bytes(junk)
+    os.chmod(path, 0o600)
+    with pytest.raises(StoreError):
+        SQLiteStore(path)
+    assert Path(path).read_bytes() == junk
+
+
+def test_memory_is_refused() -> None:
+    with pytest.raises(ValueError, match="file path"):
+        SQLiteStore(":memory:")
+
+
+def test_lookups_use_the_primary_key(path: str, store: SQLiteStore) -> None:
+    with sqlite3.connect(path) as other:
+        for query, args in [
+            ("SELECT version, value FROM items WHERE kind = ? AND key = ?", ("node", "n1")),
+            (
+                "SELECT key, version, value FROM items WHERE kind = ? AND key >= ? AND key < ? ORDER BY key",
+                ("node", "a", "b"),
+            ),
+        ]:
+            plan = " ".join(str(row[-1]) for row in other.execute("EXPLAIN QUERY PLAN " + query, args))
+            assert "USING INDEX sqlite_autoindex_items_1 (kind=? AND key" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+
+
+# -- connections
+
+
+def test_closed_store_is_unavailable(store: SQLiteStore) -> None:
+    store.create("node", "n1", {})
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get("node", "n1")
+    errors: list[Exception] = []
+
+    def elsewhere() -> None:
+        try:
+            store.create("node", "n2", {})
+        except StoreUnavailable as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+
+
+def test_writer_waits_then_gives_up_while_readers_carry_on(path: str) -> None:
+    store = SQLiteStore(path, busy_timeout=0.05)
+    store.create("node", "n1", {"v": 1})
+    # Another process's writer, holding the write lock.
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE items SET value = '{}' WHERE key = 'n1'")
+    with pytest.raises(StoreUnavailable, match="locked"):
+        store.replace("node", "n1", {"v": 2}, 1)
+    with pytest.raises(StoreUnavailable):
+        store.transact([Create("node", "n2", {})])
+    # WAL: readers see the last commit while a write is under way.
+    assert store.get("node", "n1") == Item("node", "n1", {"v": 1}, 1)
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert store.replace("node", "n1", {"v": 2}, 1).version == 2
+    assert store.get("node", "n2") is None
+    store.close()
+
+
+def test_failed_write_leaves_no_transaction_open(store: SQLiteStore) -> None:
+    store.create("node", "n1", {})
+    with pytest.raises(AlreadyExists):
+        store.create("node", "n1", {})
+    with pytest.raises(VersionConflict):
+        store.replace("node", "n1", {}, 7)
+    # Were a transaction left open on this thread's connection, BEGIN would fail here.
+    store.create("node", "n2", {})
+    assert [i.key for i in store.list("node")] == ["n1", "n2"]
+
+
+# -- several processes on one file
+
+PROCESSES = 4
+WON = 10
+LOST = 11
+
+
+def _race_create(path: str, start: Barrier, i: int) -> int:
+    # Open after the barrier: the processes also race to create the file's schema.
+    start.wait(BARRIER_TIMEOUT)
+    store = SQLiteStore(path)
+    try:
+        store.create("claim", "i-0abc/master", {"by": i})
+    except AlreadyExists:
+        return LOST
+    finally:
+        store.close()
+    return WON
+
+
+def _count(path: str, start: Barrier, times: int) -> int:
+    store = SQLiteStore(path)
+    start.wait(BARRIER_TIMEOUT)
+    for _ in range(times):
+        increment(store, "counter", "serial")
+    store.close()
+    return WON
+
+
+def _exit_with(f: Callable[..., int], *args: object) -> None:
+    # The exit code carries each racer's outcome back; a crash exits 1, which is neither.
+    sys.exit(f(*args))
+
+
+def _run_processes(target: Callable[..., int], args: list[tuple[object, ...]]) -> list[int | None]:
+    spawn = multiprocessing.get_context("spawn")
+    processes = [spawn.Process(target=_exit_with, args=(target, *a)) for a in args]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(BARRIER_TIMEOUT * 2)
+    return [p.exitcode for p in processes]
+
+
+def test_race_create_across_processes(path: str) -> None:
+    start = multiprocessing.get_context("spawn").Barrier(PROCESSES)
+    codes = _run_processes(_race_create, [(path, start, i) for i in range(PROCESSES)])
+    assert sorted(codes) == [WON] + [LOST] * (PROCESSES - 1)  # type: ignore[type-var]
+    store = SQLiteStore(path)
+    item = store.get("claim", "i-0abc/master")
+    assert item is not None
+    assert item.version == 1
+    assert codes[item.value["by"]] == WON
+    store.close()
+
+
+def test_counter_across_processes(path: str) -> None:
+    times = 25
+    store = SQLiteStore(path)
+    store.create("counter", "serial", {"n": 0})
+    start = multiprocessing.get_context("spawn").Barrier(PROCESSES)
+    codes = _run_processes(_count, [(path, start, times) for _ in range(PROCESSES)])
+    assert codes == [WON] * PROCESSES
+    assert store.get("counter", "serial") == Item(
+        "counter", "serial", {"n": PROCESSES * times}, 1 + PROCESSES * times
+    )
+    store.close()
