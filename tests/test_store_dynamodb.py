@@ -1,0 +1,389 @@
+"""
+The DynamoDB store against a real moto server: the store contract, then what is DynamoDB's own
+(chunked values, sharded listing, table creation, errors).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from puppetha.store import (
+    AlreadyExists,
+    Create,
+    Delete,
+    Item,
+    Replace,
+    StoreError,
+    StoreUnavailable,
+    TransactionConflict,
+    VersionConflict,
+)
+from puppetha.store.dynamodb import (
+    CHUNK_SIZE,
+    SHARDS,
+    DynamoDBStore,
+    StoreAccessDenied,
+    TableMismatch,
+    TableMissing,
+    classify_error,
+    partition_key,
+)
+from tests.store_contract import StoreContract, StoreFactory
+
+REGION = "us-east-1"
+_tables = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Moto:
+    """A moto server subprocess on 127.0.0.1, for the whole test session."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        moto_server = Path(sys.executable).with_name("moto_server")
+        self.process = subprocess.Popen(
+            [str(moto_server), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            if self.process.poll() is not None:
+                raise RuntimeError("moto_server exited at start")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("moto_server did not start listening")
+
+    def client(self, service: str) -> Any:
+        session: Any = boto3.session.Session()
+        return session.client(service, region_name=REGION, endpoint_url=self.endpoint)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> Iterator[None]:
+    """Test credentials (moto takes any); boto3 never looks for real ones."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        env.delenv("AWS_PROFILE", raising=False)
+        env.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto(aws_credentials: None) -> Iterator[Moto]:
+    server = Moto()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def new_table(moto: Moto) -> str:
+    """A fresh, created table: each test starts empty."""
+    name = f"puppetha-{os.getpid()}-{next(_tables)}"
+    store = DynamoDBStore(name, REGION, moto.endpoint)
+    store.create_table(deletion_protection=False)
+    store.close()
+    return name
+
+
+class TestDynamoDBStore(StoreContract):
+    @pytest.fixture
+    def make_store(self, moto: Moto) -> StoreFactory:
+        table = new_table(moto)
+        return lambda: DynamoDBStore(table, REGION, moto.endpoint)
+
+
+@pytest.fixture
+def table(moto: Moto) -> str:
+    return new_table(moto)
+
+
+@pytest.fixture
+def store(moto: Moto, table: str) -> Iterator[DynamoDBStore]:
+    store = DynamoDBStore(table, REGION, moto.endpoint)
+    yield store
+    store.close()
+
+
+def raw_items(moto: Moto, table: str) -> list[dict[str, Any]]:
+    """Every item of the table as DynamoDB holds it (a full scan)."""
+    client = moto.client("dynamodb")
+    items: list[dict[str, Any]] = []
+    arguments: dict[str, Any] = {"TableName": table}
+    while True:
+        answer = client.scan(**arguments)
+        items.extend(answer["Items"])
+        if "LastEvaluatedKey" not in answer:
+            return items
+        arguments["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+
+def chunk_items(moto: Moto, table: str) -> list[dict[str, Any]]:
+    return [i for i in raw_items(moto, table) if i["pk"]["S"].startswith("chunk#")]
+
+
+def incompressible(size: int) -> str:
+    """Text that zlib cannot shrink much, so it really needs several chunks."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode("ascii")
+
+
+# -- values bigger than one DynamoDB item
+
+
+def test_big_value_is_chunked_and_reassembled(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    crl = incompressible(1_500_000)
+    created = store.create("crl", "root", {"number": 1, "crl_pem": crl})
+    assert created == Item("crl", "root", {"number": 1, "crl_pem": crl}, 1)
+    chunks = chunk_items(moto, table)
+    assert len(chunks) >= 1_500_000 // CHUNK_SIZE
+    assert all(len(c["data"]["B"]) <= CHUNK_SIZE for c in chunks)
+    other = DynamoDBStore(table, REGION, moto.endpoint)
+    assert other.get("crl", "root") == created
+    assert other.list("crl") == [created]
+    other.close()
+
+
+def test_replacing_a_big_value_removes_its_chunks(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    store.create("crl", "root", {"crl_pem": incompressible(900_000)})
+    second = incompressible(900_000)
+    store.replace("crl", "root", {"crl_pem": second}, 1)
+    generation = next(
+        i["gen"]["S"] for i in raw_items(moto, table) if i["pk"]["S"] == partition_key("crl", "root")
+    )
+    assert {c["pk"]["S"] for c in chunk_items(moto, table)} == {f"chunk#{generation}"}
+    store.replace("crl", "root", {"crl_pem": "small"}, 2)
+    assert chunk_items(moto, table) == []
+    assert store.get("crl", "root") == Item("crl", "root", {"crl_pem": "small"}, 3)
+
+
+def test_deleting_a_big_value_removes_its_chunks(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    store.create("crl", "root", {"crl_pem": incompressible(900_000)})
+    assert store.delete("crl", "root", 1) is True
+    assert raw_items(moto, table) == []
+
+
+def test_big_value_refusals_change_nothing(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    first = {"crl_pem": incompressible(500_000)}
+    store.create("crl", "root", first)
+    before = raw_items(moto, table)
+    with pytest.raises(AlreadyExists):
+        store.create("crl", "root", {"crl_pem": incompressible(500_000)})
+    with pytest.raises(VersionConflict):
+        store.replace("crl", "root", {"crl_pem": incompressible(500_000)}, 7)
+    assert sorted(map(repr, raw_items(moto, table))) == sorted(map(repr, before))
+    assert store.get("crl", "root") == Item("crl", "root", first, 1)
+
+
+def test_big_values_in_a_transaction(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    store.create("crl", "root", {"number": 1, "crl_pem": incompressible(600_000)})
+    crl = incompressible(600_000)
+    store.transact(
+        [
+            Replace("crl", "root", {"number": 2, "crl_pem": crl}, 1),
+            Create("revoked", "root/01", {"serial": "1"}),
+        ]
+    )
+    assert store.get("crl", "root") == Item("crl", "root", {"number": 2, "crl_pem": crl}, 2)
+    with pytest.raises(TransactionConflict) as refused:
+        store.transact(
+            [
+                Replace("crl", "root", {"number": 3, "crl_pem": incompressible(600_000)}, 2),
+                Create("revoked", "root/01", {"serial": "1"}),
+            ]
+        )
+    assert [type(r) for r in refused.value.reasons] == [AlreadyExists]
+    assert store.get("crl", "root") == Item("crl", "root", {"number": 2, "crl_pem": crl}, 2)
+    store.transact([Delete("crl", "root")])
+    assert [i["sk"]["S"] for i in raw_items(moto, table)] == ["root/01"]
+
+
+def test_value_beyond_a_transaction_is_refused(moto: Moto, table: str, store: DynamoDBStore) -> None:
+    with pytest.raises(ValueError, match="too large"):
+        store.create("crl", "root", {"crl_pem": incompressible(7_000_000)})
+    assert raw_items(moto, table) == []
+
+
+# -- layout
+
+
+def test_kinds_of_many_items_are_sharded_and_listed_in_order(
+    moto: Moto, table: str, store: DynamoDBStore
+) -> None:
+    names = [f"agent-{n:03d}.example.com" for n in range(60)]
+    for name in reversed(names):
+        store.create("node", name, {"certname": name})
+    partitions = {i["pk"]["S"] for i in raw_items(moto, table)}
+    assert len(partitions) > SHARDS["node"] // 2
+    assert [i.key for i in store.list("node")] == names
+    assert [i.key for i in store.list("node", "agent-01")] == names[10:20]
+
+
+def test_create_table_is_idempotent(moto: Moto) -> None:
+    store = DynamoDBStore(f"idempotent-{os.getpid()}", REGION, moto.endpoint)
+    assert store.create_table(deletion_protection=False) is True
+    store.create("node", "n1", {"a": 1})
+    assert store.create_table(deletion_protection=False) is False
+    assert store.get("node", "n1") == Item("node", "n1", {"a": 1}, 1)
+    description = moto.client("dynamodb").describe_table(TableName=store.table)["Table"]
+    assert description["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    store.close()
+
+
+def test_create_table_refuses_a_foreign_table(moto: Moto) -> None:
+    name = f"foreign-{os.getpid()}"
+    moto.client("dynamodb").create_table(
+        TableName=name,
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    store = DynamoDBStore(name, REGION, moto.endpoint)
+    with pytest.raises(TableMismatch):
+        store.create_table()
+    store.close()
+
+
+def test_missing_table(moto: Moto) -> None:
+    store = DynamoDBStore("never-created", REGION, moto.endpoint)
+    with pytest.raises(TableMissing, match="store init"):
+        store.get("node", "n1")
+    with pytest.raises(TableMissing):
+        store.create("node", "n1", {})
+    store.close()
+
+
+# -- failures of the endpoint
+
+
+def test_unreachable_endpoint_is_unavailable(aws_credentials: None) -> None:
+    store = DynamoDBStore(
+        "t",
+        REGION,
+        f"http://127.0.0.1:{_free_port()}",
+        max_attempts=2,
+        connect_timeout=0.5,
+        read_timeout=0.5,
+    )
+    for call in (
+        lambda: store.get("node", "n1"),
+        lambda: store.create("node", "n1", {}),
+        lambda: store.list("node"),
+        lambda: store.transact([Create("node", "n1", {})]),
+    ):
+        with pytest.raises(StoreUnavailable):
+            call()
+    store.close()
+
+
+def test_no_credentials_is_access_denied(moto: Moto, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = DynamoDBStore(table, REGION, moto.endpoint)
+    with pytest.raises(StoreAccessDenied, match="no AWS credentials"):
+        store.get("node", "n1")
+    store.close()
+
+
+class Throttling(BaseHTTPRequestHandler):
+    """Answers every DynamoDB call as DynamoDB does when it throttles."""
+
+    requests: list[str] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.requests.append(self.headers["X-Amz-Target"])
+        body = json.dumps(
+            {
+                "__type": "com.amazonaws.dynamodb.v20120810#ThrottlingException",
+                "message": "Rate of requests exceeds the allowed throughput.",
+            }
+        ).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/x-amz-json-1.0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    Throttling.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = DynamoDBStore(
+            "t", REGION, f"http://127.0.0.1:{server.server_address[1]}", max_attempts=3
+        )
+        with pytest.raises(StoreUnavailable, match="ThrottlingException"):
+            store.get("node", "n1")
+        store.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # botocore's own retries happened before the store gave up.
+    assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 3
+
+
+def _client_error(code: str, status: int = 400) -> ClientError:
+    response: Any = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "PutItem")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("AccessDeniedException", 400, StoreAccessDenied),
+        ("UnrecognizedClientException", 400, StoreAccessDenied),
+        ("ExpiredTokenException", 400, StoreAccessDenied),
+        ("ResourceNotFoundException", 400, TableMissing),
+        ("ProvisionedThroughputExceededException", 400, StoreUnavailable),
+        ("ThrottlingException", 400, StoreUnavailable),
+        ("RequestLimitExceeded", 400, StoreUnavailable),
+        ("InternalServerError", 500, StoreUnavailable),
+        ("SomethingNew", 503, StoreUnavailable),
+        ("ValidationException", 400, StoreError),
+    ],
+)
+def test_classify_error(code: str, status: int, expected: type[StoreError]) -> None:
+    error = classify_error(_client_error(code, status), "puppetha", "PutItem")
+    assert type(error) is expected
+    assert "\n" not in str(error)
+    assert "puppetha" in str(error)
