@@ -1,0 +1,189 @@
+"""
+:class:`ICloud` over boto3.  Blocking: the reactor reaches it only through
+:class:`puppetha.threads.Blocking` on a bounded pool.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo, SecurityGroup
+from puppetha.aws.identity import REGION_NAME
+
+log = Logger()
+
+#: DescribeInstances takes at most this many values in one filter.
+DESCRIBE_BATCH = 200
+
+# Ids that cannot name an instance are never sent (they would only come back absent).
+_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
+
+
+@implementer(ICloud)
+class Boto3Cloud:
+    """
+    The EC2 calls puppetha makes, over boto3, with one client per region.
+
+    Credentials come from boto3's usual chain (instance profile in production) unless a
+    ``profile`` or explicit keys are given; ``endpoint_url`` points every region at one endpoint
+    (a moto server in tests), ``None`` means AWS.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        *,
+        profile: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        max_attempts: int = 4,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+        max_pool_connections: int = 10,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.endpoint_url = endpoint_url
+        try:
+            # Sessions are not thread-safe: this one is only used under the lock below.
+            self._session = boto3.session.Session(
+                profile_name=profile,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                aws_session_token=session_token,
+            )
+        except BotoCoreError as e:
+            raise ValueError(f"AWS credentials: {e}") from e
+        self._config = Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+        )
+        self._lock = threading.Lock()
+        self._clients: dict[str, Any] = {}
+
+    def _ec2(self, region: str) -> Any:
+        if not REGION_NAME.fullmatch(region):
+            raise ValueError(f"not a region name: {region!r}")
+        with self._lock:
+            ec2 = self._clients.get(region)
+            if ec2 is None:
+                with _as_cloud_error("connect", region):
+                    ec2 = self._session.client(
+                        "ec2",
+                        region_name=region,
+                        endpoint_url=self.endpoint_url,
+                        config=self._config,
+                    )
+                self._clients[region] = ec2
+            return ec2
+
+    def describe_instances(self, region: str, instance_ids: Sequence[str]) -> dict[str, InstanceInfo]:
+        ec2 = self._ec2(region)
+        wanted = sorted({i for i in instance_ids if _INSTANCE_ID.fullmatch(i)})
+        found: dict[str, InstanceInfo] = {}
+        # A filter, not InstanceIds: with InstanceIds one unknown id fails the whole call.
+        for start in range(0, len(wanted), DESCRIBE_BATCH):
+            batch = wanted[start : start + DESCRIBE_BATCH]
+            with _as_cloud_error("DescribeInstances", region):
+                pages = ec2.get_paginator("describe_instances").paginate(
+                    Filters=[{"Name": "instance-id", "Values": batch}]
+                )
+                for page in pages:
+                    for reservation in page.get("Reservations", []):
+                        account = str(reservation.get("OwnerId", ""))
+                        for instance in reservation.get("Instances", []):
+                            info = instance_info(instance, account, region)
+                            found[info.instance_id] = info
+        return {i: found[i] for i in wanted if i in found}
+
+    def associate_address(self, region: str, allocation_id: str, instance_id: str) -> str:
+        ec2 = self._ec2(region)
+        with _as_cloud_error("AssociateAddress", region):
+            answer = ec2.associate_address(
+                AllocationId=allocation_id, InstanceId=instance_id, AllowReassociation=True
+            )
+        log.info(
+            "associated {allocation_id} with {instance_id}",
+            allocation_id=allocation_id,
+            instance_id=instance_id,
+        )
+        return str(answer["AssociationId"])
+
+    def describe_address(self, region: str, allocation_id: str) -> str | None:
+        ec2 = self._ec2(region)
+        with _as_cloud_error("DescribeAddresses", region):
+            answer = ec2.describe_addresses(AllocationIds=[allocation_id])
+        addresses = answer.get("Addresses", [])
+        if len(addresses) != 1:
+            raise CloudError(f"DescribeAddresses in {region}: {len(addresses)} addresses for {allocation_id}")
+        instance_id = addresses[0].get("InstanceId")
+        return str(instance_id) if instance_id else None
+
+    def run_instances(self, region: str, launch_template: str, count: int) -> list[str]:
+        if count < 1:
+            raise ValueError(f"cannot launch {count} instances")
+        ec2 = self._ec2(region)
+        template = (
+            {"LaunchTemplateId": launch_template}
+            if launch_template.startswith("lt-")
+            else {"LaunchTemplateName": launch_template}
+        )
+        # botocore fills in a ClientToken that its retries reuse, so a retried call launches once.
+        with _as_cloud_error("RunInstances", region):
+            answer = ec2.run_instances(LaunchTemplate=template, MinCount=count, MaxCount=count)
+        ids = [str(instance["InstanceId"]) for instance in answer.get("Instances", [])]
+        log.info(
+            "launched {count} instances from {launch_template}: {instance_ids}",
+            count=len(ids),
+            launch_template=launch_template,
+            instance_ids=" ".join(ids),
+        )
+        return ids
+
+
+@contextmanager
+def _as_cloud_error(operation: str, region: str) -> Iterator[None]:
+    try:
+        yield
+    except ClientError as e:
+        error = e.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        message = " ".join(str(error.get("Message", "")).split())
+        raise CloudError(f"{operation} in {region}: {code}: {message}") from e
+    except BotoCoreError as e:
+        raise CloudError(f"{operation} in {region}: {e}") from e
+
+
+def instance_info(instance: Mapping[str, Any], account: str, region: str) -> InstanceInfo:
+    """One ``Instances`` entry of DescribeInstances (or RunInstances), reduced."""
+    launch_time = instance.get("LaunchTime")
+    groups: list[SecurityGroup] = [
+        SecurityGroup(str(g.get("GroupId", "")), str(g.get("GroupName", "")))
+        for g in instance.get("SecurityGroups", [])
+    ]
+    return InstanceInfo(
+        instance_id=str(instance["InstanceId"]),
+        account=account,
+        region=region,
+        state=str(instance.get("State", {}).get("Name", "")),
+        private_ip=str(instance.get("PrivateIpAddress") or ""),
+        private_dns=str(instance.get("PrivateDnsName") or ""),
+        instance_profile_arn=str(instance.get("IamInstanceProfile", {}).get("Arn", "")),
+        # mypy's attrs plugin cannot bind the generic ``converter=tuple`` of this field.
+        security_groups=groups,  # type: ignore[arg-type]
+        tags={str(t["Key"]): str(t.get("Value", "")) for t in instance.get("Tags", [])},
+        launch_time=launch_time.timestamp() if launch_time is not None else 0.0,
+    )

@@ -1,0 +1,279 @@
+"""Boto3Cloud, MotoServer and Fleet against a real moto server subprocess."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud
+from puppetha.aws.cloud import CloudError, ICloud, SecurityGroup
+from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer, MotoServerError
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+UNKNOWN_ID = "i-0fffffffffffffff0"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def endpoint(moto: MotoServer) -> str:
+    moto.reset()
+    return moto.endpoint_url
+
+
+@pytest.fixture
+def cloud(endpoint: str) -> Boto3Cloud:
+    return Boto3Cloud(
+        endpoint,
+        access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+    )
+
+
+@pytest.fixture
+def fleet(endpoint: str) -> Fleet:
+    return Fleet(endpoint, REGION)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_provides_icloud(cloud: Boto3Cloud) -> None:
+    assert verifyObject(ICloud, cloud)
+
+
+# --- describe_instances
+
+
+def test_describe_instances_reduces_what_puppetha_decides_on(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    launched = fleet.launch(
+        role="master",
+        tags={"env": "prod"},
+        security_groups=["web", "puppet"],
+        instance_profile_arn="puppet-master",
+    )
+    found = cloud.describe_instances(REGION, [launched.instance_id])
+    info = found[launched.instance_id]
+    assert info == launched
+    assert info.account == ACCOUNT
+    assert info.region == REGION
+    assert info.state in {"pending", "running"}
+    assert info.private_ip.startswith("10.20.1.")
+    assert info.private_dns
+    assert info.instance_profile_arn == f"arn:aws:iam::{ACCOUNT}:instance-profile/puppet-master"
+    assert {g.group_name for g in info.security_groups} == {"web", "puppet"}
+    assert SecurityGroup(fleet.security_group("web"), "web") in info.security_groups
+    assert info.tags == {ROLE_TAG: "master", "env": "prod"}
+    assert info.launch_time > 0
+
+
+def test_unknown_and_malformed_ids_are_simply_absent(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    one = fleet.launch()
+    asked = [one.instance_id, UNKNOWN_ID, "garbage", "i-XYZ", "", one.instance_id]
+    assert list(cloud.describe_instances(REGION, asked)) == [one.instance_id]
+    assert cloud.describe_instances(REGION, [UNKNOWN_ID, "garbage"]) == {}
+    assert cloud.describe_instances(REGION, []) == {}
+
+
+def test_instances_of_other_regions_are_absent(cloud: Boto3Cloud, endpoint: str) -> None:
+    elsewhere = Fleet(endpoint, "eu-west-1").launch()
+    assert cloud.describe_instances(REGION, [elsewhere.instance_id]) == {}
+    assert cloud.describe_instances("eu-west-1", [elsewhere.instance_id])[elsewhere.instance_id].region == (
+        "eu-west-1"
+    )
+
+
+def test_describe_instances_shows_state_changes(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    stopped, terminated, running = fleet.launch(), fleet.launch(), fleet.launch()
+    fleet.stop(stopped.instance_id)
+    fleet.terminate(terminated.instance_id)
+    states = {
+        i: info.state
+        for i, info in cloud.describe_instances(
+            REGION, [stopped.instance_id, terminated.instance_id, running.instance_id]
+        ).items()
+    }
+    assert states == {
+        stopped.instance_id: "stopped",
+        terminated.instance_id: "terminated",
+        running.instance_id: "running",
+    }
+
+
+def test_describe_instances_in_batches(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    count = DESCRIBE_BATCH + 15
+    answer = fleet.ec2.run_instances(
+        ImageId="ami-0123456789abcdef0", MinCount=count, MaxCount=count, SubnetId=fleet.subnet_id
+    )
+    ids = [i["InstanceId"] for i in answer["Instances"]]
+    found = cloud.describe_instances(REGION, [*ids, UNKNOWN_ID])
+    assert sorted(found) == sorted(ids)
+
+
+def test_concurrent_calls_from_threads(cloud: Boto3Cloud, endpoint: str) -> None:
+    regions = ["us-east-1", "eu-west-1", "ap-south-1", "us-west-2"]
+    launched = {region: Fleet(endpoint, region).launch().instance_id for region in regions}
+    results: dict[str, bool] = {}
+    errors: list[BaseException] = []
+
+    def ask(region: str) -> None:
+        try:
+            for _ in range(5):
+                results[region] = launched[region] in cloud.describe_instances(region, [launched[region]])
+        except BaseException as e:  # reported below, from the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(r,)) for r in regions * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results == dict.fromkeys(regions, True)
+
+
+# --- Elastic IPs
+
+
+def test_associate_and_describe_address(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    first, second = fleet.launch(role="lb"), fleet.launch(role="lb")
+    allocation = fleet.allocate_address()
+    assert cloud.describe_address(REGION, allocation) is None
+    association = cloud.associate_address(REGION, allocation, first.instance_id)
+    assert association.startswith("eipassoc-")
+    assert cloud.describe_address(REGION, allocation) == first.instance_id
+    # Taking the address over from a live holder is the point of failover.
+    cloud.associate_address(REGION, allocation, second.instance_id)
+    assert cloud.describe_address(REGION, allocation) == second.instance_id
+
+
+def test_unknown_address_is_a_cloud_error(cloud: Boto3Cloud) -> None:
+    with pytest.raises(CloudError, match=r"InvalidAllocationID\.NotFound"):
+        cloud.describe_address(REGION, "eipalloc-0123456789abcdef0")
+    with pytest.raises(CloudError, match="AssociateAddress in us-east-1"):
+        cloud.associate_address(REGION, "eipalloc-0123456789abcdef0", UNKNOWN_ID)
+
+
+def test_associating_with_an_unknown_instance_changes_nothing(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    holder = fleet.launch()
+    allocation = fleet.allocate_address()
+    cloud.associate_address(REGION, allocation, holder.instance_id)
+    with pytest.raises(CloudError):
+        cloud.associate_address(REGION, allocation, UNKNOWN_ID)
+    assert cloud.describe_address(REGION, allocation) == holder.instance_id
+
+
+# --- run_instances
+
+
+@pytest.mark.parametrize("by", ["name", "id"])
+def test_run_instances_from_launch_template(cloud: Boto3Cloud, fleet: Fleet, by: str) -> None:
+    template_id = fleet.create_launch_template("puppet-master")
+    ids = cloud.run_instances(REGION, template_id if by == "id" else "puppet-master", 2)
+    assert len(ids) == len(set(ids)) == 2
+    found = cloud.describe_instances(REGION, ids)
+    assert {info.tags.get(ROLE_TAG) for info in found.values()} == {"master"}
+
+
+def test_run_instances_refuses_bad_counts_without_calling(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    fleet.create_launch_template("puppet-master")
+    for count in (0, -1):
+        with pytest.raises(ValueError, match="cannot launch"):
+            cloud.run_instances(REGION, "puppet-master", count)
+    assert fleet.ec2.describe_instances()["Reservations"] == []
+
+
+def test_unknown_launch_template_is_a_cloud_error(cloud: Boto3Cloud) -> None:
+    with pytest.raises(CloudError, match="RunInstances in us-east-1"):
+        cloud.run_instances(REGION, "no-such-template", 1)
+
+
+# --- failures
+
+
+def test_endpoint_down_is_a_cloud_error() -> None:
+    cloud = Boto3Cloud(
+        f"http://127.0.0.1:{closed_port()}",
+        access_key_id="testing",
+        secret_access_key="testing",
+        max_attempts=1,
+        connect_timeout=1,
+        read_timeout=1,
+    )
+    with pytest.raises(CloudError, match="DescribeInstances in us-east-1: Could not connect"):
+        cloud.describe_instances(REGION, [UNKNOWN_ID])
+    with pytest.raises(CloudError, match="DescribeAddresses"):
+        cloud.describe_address(REGION, "eipalloc-0123456789abcdef0")
+
+
+def test_bad_region_is_refused(cloud: Boto3Cloud) -> None:
+    for region in ["", "us east 1", "../x", "http://evil"]:
+        with pytest.raises(ValueError, match="not a region name"):
+            cloud.describe_instances(region, [UNKNOWN_ID])
+
+
+def test_one_client_per_region(cloud: Boto3Cloud) -> None:
+    assert cloud._ec2(REGION) is cloud._ec2(REGION)
+    assert cloud._ec2(REGION) is not cloud._ec2("eu-west-1")
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        Boto3Cloud(max_attempts=0)
+    with pytest.raises(ValueError, match="AWS credentials"):
+        Boto3Cloud(profile="no-such-profile-anywhere")
+
+
+# --- the harness itself
+
+
+def test_reset_forgets_everything(moto: MotoServer, fleet: Fleet, cloud: Boto3Cloud) -> None:
+    launched = fleet.launch()
+    moto.reset()
+    assert cloud.describe_instances(REGION, [launched.instance_id]) == {}
+
+
+def test_fleet_instance_profiles_are_made_once(fleet: Fleet) -> None:
+    arn = fleet.instance_profile("worker")
+    assert fleet.instance_profile(arn) == arn
+    assert fleet.launch(instance_profile_arn=arn).instance_profile_arn == arn
+
+
+def test_fleet_without_role(fleet: Fleet) -> None:
+    assert fleet.launch(role=None).tags == {}
+
+
+def test_missing_moto_server_is_a_clear_error(tmp_path: Path) -> None:
+    server = MotoServer(command=tmp_path / "moto_server")
+    with pytest.raises(MotoServerError, match="install moto\\[server\\]"):
+        server.start()
+
+
+def test_moto_server_that_dies_is_a_clear_error(tmp_path: Path) -> None:
+    fake = tmp_path / "moto_server"
+    fake.write_text("#!/bin/sh\necho 'no luck' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(MotoServerError, match=r"would not start.*no luck"):
+        MotoServer(command=fake, log_dir=tmp_path).start()
+
+
+def test_stopped_server_has_no_endpoint(tmp_path: Path) -> None:
+    server = MotoServer(log_dir=tmp_path).start()
+    url = server.endpoint_url
+    assert url.startswith("http://127.0.0.1:")
+    server.stop()
+    with pytest.raises(MotoServerError, match="not running"):
+        _ = server.endpoint_url
