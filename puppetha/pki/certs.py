@@ -215,11 +215,7 @@ def _alt_names(common_name: str, sans: Sequence[str]) -> list[x509.GeneralName]:
 def _validity(
     builder: x509.CertificateBuilder, now: datetime, not_after: datetime
 ) -> x509.CertificateBuilder:
-    return (
-        builder.serial_number(new_serial())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-    )
+    return builder.serial_number(new_serial()).not_valid_before(now - BACKDATE).not_valid_after(not_after)
 
 
 def _issued_by(
@@ -233,7 +229,5 @@ def _issued_by(
     return (
         _validity(builder, now, not_after)
         .issuer_name(issuer_cert.subject)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
     )

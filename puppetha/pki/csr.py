@@ -139,11 +139,7 @@ def _check_key(public: object, policy: CSRPolicy) -> None:
 
 def _check_subject(subject: x509.Name, certname: str) -> None:
     attributes = list(subject)
-    if (
-        len(attributes) != 1
-        or attributes[0].oid != NameOID.COMMON_NAME
-        or attributes[0].value != certname
-    ):
+    if len(attributes) != 1 or attributes[0].oid != NameOID.COMMON_NAME or attributes[0].value != certname:
         raise CSRRefused("subject", f"the subject must be exactly CN={certname}")
 
 

@@ -66,8 +66,10 @@ def parse_san(text: str) -> SubjectAltName:
             if kind == "IP":
                 raise ValueError(f"{text!r} is not an IP address") from None
     name = text.lower()
-    if len(name) > MAX_DNS_NAME or _DOTTED.fullmatch(name) is None or any(
-        len(label) > 63 for label in name.split(".")
+    if (
+        len(name) > MAX_DNS_NAME
+        or _DOTTED.fullmatch(name) is None
+        or any(len(label) > 63 for label in name.split("."))
     ):
         raise ValueError(f"{text!r} is not an acceptable DNS name")
     return x509.DNSName(name)
