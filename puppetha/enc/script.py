@@ -1,0 +1,95 @@
+"""
+``puppetha-enc CERTNAME``: puppetserver's external node classifier.
+
+Asks the daemon over its UNIX socket and prints the YAML.  Kept to ``os``, ``sys`` and
+``socket`` so that it starts as fast as Python can: puppetserver runs it for every catalog.
+Socket path: ``--socket PATH``, else ``$PUPPETHA_ENC_SOCKET``, else ``/run/puppetha/enc.sock``.
+"""
+
+import os
+import socket
+import sys
+
+DEFAULT_SOCKET = "/run/puppetha/enc.sock"
+TIMEOUT = 15.0
+MAX_ANSWER = 8 * 1024 * 1024
+_USAGE = "usage: puppetha-enc [--socket PATH] CERTNAME"
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"puppetha-enc: {message}\n")
+    return 1
+
+
+def _parse(argv: list[str]) -> tuple[str, str] | str:
+    """``(socket path, certname)``, or a usage error."""
+    path = os.environ.get("PUPPETHA_ENC_SOCKET") or DEFAULT_SOCKET
+    names: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--socket":
+            path = next(args, "")
+            if not path:
+                return "--socket needs a path"
+        elif arg.startswith("--socket="):
+            path = arg[len("--socket="):]
+        elif arg in ("-h", "--help"):
+            return _USAGE
+        elif arg.startswith("-") and arg != "-":
+            return f"unknown option {arg}"
+        else:
+            names.append(arg)
+    if len(names) != 1:
+        return _USAGE
+    return path, names[0]
+
+
+def classify(path: str, certname: str, timeout: float = TIMEOUT) -> bytes:
+    """The daemon's answer, raw: ``OK\\n<yaml>`` or ``ERR <code> <message>\\n``."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        conn.sendall(certname.encode("ascii") + b"\n")
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        size = 0
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise ValueError(f"answer larger than {MAX_ANSWER} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parsed = _parse(sys.argv[1:] if argv is None else argv)
+    if isinstance(parsed, str):
+        return _fail(parsed)
+    path, certname = parsed
+    # The daemon validates fully; this only keeps the one-line request one line.
+    if not certname or len(certname) > 255 or not certname.isascii() or not certname.isprintable() \
+            or " " in certname:
+        return _fail(f"bad certname {certname!r}")
+    try:
+        answer = classify(path, certname)
+    except (OSError, ValueError) as e:
+        return _fail(f"{certname}: cannot ask the daemon at {path}: {e}")
+    head, _, body = answer.partition(b"\n")
+    if head == b"OK":
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        return 0
+    if head.startswith(b"ERR "):
+        code, _, message = head[4:].decode("ascii", "replace").partition(" ")
+        return _fail(f"{certname}: {message} ({code})")
+    return _fail(f"{certname}: unexpected answer from the daemon at {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

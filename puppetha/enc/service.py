@@ -1,0 +1,615 @@
+"""
+The ENC service: answers ``puppetha-enc`` over a local UNIX socket.
+
+Protocol (``docs/enc.md``): the client sends one line, the certname (at most 255 bytes, ended
+by ``\\n``).  The server answers ``OK\\n`` followed by the ENC YAML, or one line
+``ERR <code> <message>\\n``, and closes.  Anything else (no newline before end of input, an
+over-long line, bytes that are not a certname, silence) gets an ``ERR`` and a close.
+
+The :class:`Classifier` decides: the node must be enrolled and not revoked, and its instance
+running.  Store and AWS reads go through :class:`BatchedCache` (bounded thread pools, batched,
+refreshed ahead of expiry for nodes that keep asking); when a read fails, a node's last good
+answer is served for at most ``stale_limit`` seconds.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from attrs import define, frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IReactorUNIX,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
+
+from puppetha.aws.cloud import InstanceInfo
+from puppetha.enc.classify import (
+    MAX_CERTNAME_BYTES,
+    ClassificationError,
+    NodeFacts,
+    check_certname,
+    check_classification,
+    merge,
+    scopes_for,
+    to_enc_yaml,
+)
+from puppetha.store.records import Classification, NodeRecord, Records
+from puppetha.threads import Blocking
+
+log = Logger()
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+#: Instance ids per DescribeInstances call (the API's filter limit).
+DESCRIBE_BATCH = 200
+
+
+class Refused(Exception):
+    """A definite answer that the node gets no classification; ``code`` is one protocol word."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# -- caching ----------------------------------------------------------------------------------
+
+
+@define
+class _Entry(Generic[V]):
+    value: V | None
+    fetched_at: float
+    requested_at: float
+
+
+class BatchedCache(Generic[K, V]):
+    """
+    A TTL cache in front of a batched, asynchronous ``fetch(keys) -> {key: value}`` (absent keys
+    are cached as ``None``).  Misses that arrive while ``max_in_flight`` fetches are running
+    wait and leave together in the next batch; a key already being fetched is not fetched twice.
+
+    :meth:`refresh` (run every ``ttl / 4`` by :class:`Classifier`) re-fetches, in the background,
+    entries past half their TTL that were asked for within ``hot_window``, so a node that keeps
+    asking never waits; and forgets entries nobody asked for within ``forget_after``.  A failed
+    fetch leaves old entries in place and fails the requests that waited on it.
+    """
+
+    def __init__(self, name: str, clock: IReactorTime,
+                 fetch: Callable[[list[K]], Deferred[Mapping[K, V]]], *, ttl: float,
+                 hot_window: float, forget_after: float, max_batch: int = 500,
+                 max_in_flight: int = 4) -> None:
+        self.name = name
+        self.ttl = ttl
+        self._clock = clock
+        self._fetch = fetch
+        self._hot_window = hot_window
+        self._forget_after = max(forget_after, ttl)
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._entries: dict[K, _Entry[V]] = {}
+        self._waiters: dict[K, list[Deferred[V | None]]] = {}
+        self._queue: dict[K, None] = {}
+        self._fetching: set[K] = set()
+        self._in_flight = 0
+        #: Number of fetches started, for tests and the benchmark.
+        self.fetches = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_many(self, keys: Iterable[K]) -> Deferred[dict[K, V | None]]:
+        now = self._clock.seconds()
+        found: dict[K, V | None] = {}
+        missing: list[K] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.requested_at = now
+                if now - entry.fetched_at < self.ttl:
+                    found[key] = entry.value
+                    continue
+            missing.append(key)
+        if not missing:
+            return succeed(found)
+        waits = [self._wait(key) for key in missing]
+        self._pump()
+
+        def landed(values: list[V | None]) -> dict[K, V | None]:
+            found.update(zip(missing, values, strict=True))
+            return found
+
+        def first_error(f: Failure) -> Failure:
+            first: FirstError = f.value  # type: ignore[assignment]
+            return first.subFailure
+
+        return gatherResults(waits, consumeErrors=True).addCallbacks(landed, first_error)
+
+    def refresh(self) -> None:
+        now = self._clock.seconds()
+        for key, entry in list(self._entries.items()):
+            if key in self._fetching or key in self._queue:
+                continue
+            if now - entry.requested_at > self._forget_after:
+                del self._entries[key]
+            elif now - entry.requested_at <= self._hot_window and now - entry.fetched_at >= self.ttl / 2:
+                self._queue[key] = None
+        self._pump()
+
+    def _wait(self, key: K) -> Deferred[V | None]:
+        d: Deferred[V | None] = Deferred()
+        self._waiters.setdefault(key, []).append(d)
+        if key not in self._fetching:
+            self._queue[key] = None
+        return d
+
+    def _pump(self) -> None:
+        while self._queue and self._in_flight < self._max_in_flight:
+            batch = list(self._queue)[: self._max_batch]
+            for key in batch:
+                del self._queue[key]
+            self._fetching.update(batch)
+            self._in_flight += 1
+            self.fetches += 1
+            started = self._clock.seconds()
+            maybeDeferred(self._fetch, batch).addBoth(self._landed, batch, started)
+
+    def _landed(self, result: Mapping[K, V] | Failure, batch: list[K], started: float) -> None:
+        self._in_flight -= 1
+        self._fetching.difference_update(batch)
+        waiters = [(key, self._waiters.pop(key, [])) for key in batch]
+        if isinstance(result, Failure):
+            if not any(ws for _, ws in waiters):
+                log.warn("background refresh of {cache} failed: {error}", cache=self.name,
+                         error=result.getErrorMessage())
+            for _, ws in waiters:
+                for d in ws:
+                    d.errback(result)
+        else:
+            for key, ws in waiters:
+                value = result.get(key)
+                old = self._entries.get(key)
+                self._entries[key] = _Entry(value, started, old.requested_at if old else started)
+                for d in ws:
+                    d.callback(value)
+        self._pump()
+
+
+# -- reading the store and AWS (run on the thread pools) ------------------------------------
+
+
+@frozen
+class InvalidClassification:
+    """A stored classification that does not validate: the nodes it applies to are refused."""
+
+    scope: str
+    reason: str
+
+
+def read_nodes(records: Records, certnames: Sequence[str]) -> dict[str, NodeRecord]:
+    out: dict[str, NodeRecord] = {}
+    for name in certnames:
+        found = records.get(NodeRecord, name)
+        if found is not None:
+            out[name] = found.record
+    return out
+
+
+def read_classifications(records: Records, scopes: Sequence[str],
+                         ) -> dict[str, Classification | InvalidClassification]:
+    out: dict[str, Classification | InvalidClassification] = {}
+    for scope in scopes:
+        try:
+            found = records.get(Classification, scope)
+            if found is not None:
+                out[scope] = check_classification(found.record)
+        except (ClassificationError, TypeError, KeyError) as e:
+            out[scope] = InvalidClassification(scope, str(e))
+    return out
+
+
+def describe(cloud: Any, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], InstanceInfo]:
+    """``cloud`` is an :class:`puppetha.aws.cloud.ICloud`; keys are ``(region, instance id)``."""
+    by_region: dict[str, list[str]] = {}
+    for region, instance_id in keys:
+        by_region.setdefault(region, []).append(instance_id)
+    out: dict[tuple[str, str], InstanceInfo] = {}
+    for region, ids in sorted(by_region.items()):
+        for i in range(0, len(ids), DESCRIBE_BATCH):
+            found = cloud.describe_instances(region, ids[i : i + DESCRIBE_BATCH])
+            out.update(((region, iid), info) for iid, info in found.items())
+    return out
+
+
+# -- the classifier ---------------------------------------------------------------------------
+
+
+@define
+class _LastGood:
+    answer: str
+    at: float
+
+
+class Classifier:
+    """
+    Answers a certname with its ENC YAML, or :class:`Refused`.
+
+    ``store`` runs :class:`Records` calls on the store's pool; ``cloud`` runs
+    :class:`~puppetha.aws.cloud.ICloud` calls on the AWS pool.  ``ttl`` bounds how old
+    instance state, security groups and tags may be; ``store_ttl`` how old node records and
+    classifications may be (short: a revocation takes effect within it); ``stale_limit`` how
+    long a node's last good answer is served while the store or AWS fails.  Instances asked
+    for within ``hot_window`` (default: Puppet's 30-minute run interval) are refreshed ahead of
+    their expiry, so a node that runs on schedule never waits for AWS.
+    """
+
+    def __init__(self, clock: IReactorTime, store: Blocking[Records], cloud: Blocking[Any], *,
+                 ttl: float = 60.0, store_ttl: float = 5.0, stale_limit: float = 3600.0,
+                 hot_window: float = 1800.0, store_hot_window: float = 60.0) -> None:
+        self._clock = clock
+        self.stale_limit = stale_limit
+        hot = hot_window
+        records = store.target
+        # Store reads are cheap: refresh ahead only what is asked for often (the shared
+        # scopes), and let a node's own record be read again when it comes back.
+        self.nodes: BatchedCache[str, NodeRecord] = BatchedCache(
+            "nodes", clock,
+            lambda names: store.call(read_nodes, records, names),
+            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window)
+        self.scopes: BatchedCache[str, Classification | InvalidClassification] = BatchedCache(
+            "classifications", clock,
+            lambda scopes: store.call(read_classifications, records, scopes),
+            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window)
+        self.instances: BatchedCache[tuple[str, str], InstanceInfo] = BatchedCache(
+            "instances", clock, lambda keys: cloud.call(describe, cloud.target, keys),
+            ttl=ttl, hot_window=hot, forget_after=hot, max_batch=1000, max_in_flight=2)
+        self._last_good: dict[str, _LastGood] = {}
+        self._refresher = LoopingCall(self.refresh)
+        self._refresher.clock = clock
+        self._refresh_interval = max(min(ttl, store_ttl) / 4, 0.05)
+
+    def start(self) -> None:
+        self._refresher.start(self._refresh_interval, now=False)
+
+    def stop(self) -> None:
+        if self._refresher.running:
+            self._refresher.stop()
+
+    def refresh(self) -> None:
+        for cache in (self.nodes, self.scopes, self.instances):
+            cache.refresh()
+        now = self._clock.seconds()
+        for name in [n for n, g in self._last_good.items() if now - g.at > self.stale_limit]:
+            del self._last_good[name]
+
+    def classify(self, certname: str) -> Deferred[str]:
+        return Deferred.fromCoroutine(self._classify(certname))
+
+    async def _classify(self, certname: str) -> str:
+        try:
+            check_certname(certname)
+        except ClassificationError as e:
+            raise Refused("bad-request", str(e)) from None
+        try:
+            answer = await self._answer(certname)
+        except Refused as refusal:
+            self._last_good.pop(certname, None)
+            log.info("refused {certname}: {code} {message}", certname=certname,
+                     code=refusal.code, message=refusal.message)
+            raise
+        except Exception as e:
+            return self._stale_answer(certname, e)
+        self._last_good[certname] = _LastGood(answer, self._clock.seconds())
+        return answer
+
+    def _stale_answer(self, certname: str, error: Exception) -> str:
+        last = self._last_good.get(certname)
+        age = None if last is None else self._clock.seconds() - last.at
+        if last is None or age is None or age > self.stale_limit:
+            log.error("cannot classify {certname}: {error}; no good answer within {limit}s",
+                      certname=certname, error=str(error) or repr(error), limit=self.stale_limit)
+            raise Refused("unavailable", "store or AWS unreachable and no recent classification")
+        log.warn("serving {certname} its classification of {age:.0f}s ago: {error}",
+                 certname=certname, age=age, error=str(error) or repr(error))
+        return last.answer
+
+    async def _answer(self, certname: str) -> str:
+        node = (await self.nodes.get_many([certname]))[certname]
+        if node is None:
+            raise Refused("unknown-node", f"{certname} is not enrolled")
+        if node.revoked:
+            raise Refused("revoked", f"{certname} was revoked")
+        key = (node.region, node.instance_id)
+        info = (await self.instances.get_many([key]))[key]
+        if info is None:
+            raise Refused("not-running", f"instance {node.instance_id} of {certname} does not exist")
+        if info.state != "running":
+            raise Refused("not-running", f"instance {node.instance_id} of {certname} is {info.state}")
+        if info.account and info.account != node.account:
+            raise Refused("not-running",
+                          f"instance {node.instance_id} belongs to another account than {certname}")
+        facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
+                          info.security_groups, info.tags)
+        found = await self.scopes.get_many(scopes_for(facts))
+        stored: dict[str, Classification] = {}
+        for scope, c in found.items():
+            if isinstance(c, InvalidClassification):
+                raise Refused("invalid-classification", f"stored {scope} is invalid: {c.reason}")
+            if c is not None:
+                stored[scope] = c
+        return to_enc_yaml(merge(facts, stored))
+
+
+class ClassifierService(Service):
+    """Runs the classifier's background refresh while the daemon runs."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        self.classifier.start()
+
+    @override
+    def stopService(self) -> None:
+        self.classifier.stop()
+        super().stopService()
+
+
+# -- the socket protocol ----------------------------------------------------------------------
+
+
+def _err_line(code: str, message: str) -> bytes:
+    text = " ".join(message.split())[:400]
+    return f"ERR {code} {text}\n".encode("ascii", "backslashreplace")
+
+
+@implementer(IHalfCloseableProtocol)
+class ENCProtocol(Protocol):
+    """One request, one answer, then close."""
+
+    def __init__(self, classifier: Classifier, clock: IReactorTime, timeout: float,
+                 busy: bool = False) -> None:
+        self._classifier = classifier
+        self._clock = clock
+        self._timeout = timeout
+        self._busy = busy
+        self._buffer = b""
+        self._started = False
+        self._answered = False
+        self._gone = False
+        self._timer: IDelayedCall | None = None
+
+    @override
+    def connectionMade(self) -> None:
+        if self._busy:
+            self._answer(_err_line("busy", "too many connections, try again"))
+            return
+        self._timer = self._clock.callLater(self._timeout, self._timed_out)
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._started or self._answered:
+            return  # one request per connection; anything after it is ignored
+        self._buffer += data
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > MAX_CERTNAME_BYTES + 1:
+                self._refuse("bad-request", f"request longer than {MAX_CERTNAME_BYTES} bytes")
+            return
+        line = self._buffer[:end].removesuffix(b"\r")
+        self._buffer = b""
+        if len(line) > MAX_CERTNAME_BYTES:
+            self._refuse("bad-request", f"request longer than {MAX_CERTNAME_BYTES} bytes")
+            return
+        try:
+            certname = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._refuse("bad-request", "certname is not ASCII")
+            return
+        self._started = True
+        self._classifier.classify(certname).addCallbacks(self._classified, self._failed)
+
+    def readConnectionLost(self) -> None:
+        if not self._started and not self._answered:
+            self._refuse("bad-request", "end of input before a newline")
+
+    def writeConnectionLost(self) -> None:
+        self._gone = True
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._gone = True
+        self._cancel_timer()
+
+    def _classified(self, answer: str) -> None:
+        self._answer(b"OK\n" + answer.encode("utf-8"))
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(Refused):
+            refusal: Refused = failure.value  # type: ignore[assignment]
+            self._refuse(refusal.code, refusal.message)
+            return
+        log.failure("classifying failed", failure)
+        self._refuse("internal", "internal error, see the daemon's log")
+
+    def _refuse(self, code: str, message: str) -> None:
+        self._answer(_err_line(code, message))
+
+    def _answer(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        self._cancel_timer()
+        if self._gone or self.transport is None:
+            return
+        self.transport.write(data)
+        self.transport.loseConnection()
+        # A client that never reads would keep the connection (and its buffer) forever.
+        self._timer = self._clock.callLater(self._timeout, self._abort)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._refuse("timeout", f"no answer within {self._timeout:g}s")
+
+    def _abort(self) -> None:
+        self._timer = None
+        if not self._gone and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class ENCFactory(Factory):
+    """
+    The factory for the ENC listener: ``serverFromString(reactor, "unix:...:mode=660")
+    .listen(ENCFactory(classifier, reactor))``.  ``timeout`` bounds a whole exchange.
+    """
+
+    noisy = False
+
+    def __init__(self, classifier: Classifier, clock: IReactorTime, timeout: float = 10.0,
+                 max_connections: int = 512) -> None:
+        self.classifier = classifier
+        self.clock = clock
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.connections = 0
+
+    @override
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _CountedENCProtocol(self, busy=self.connections >= self.max_connections)
+
+
+class _CountedENCProtocol(ENCProtocol):
+    def __init__(self, factory: ENCFactory, busy: bool) -> None:
+        super().__init__(factory.classifier, factory.clock, factory.timeout, busy)
+        self._owner = factory
+        self._counted = True
+        factory.connections += 1
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._counted:
+            self._counted = False
+            self._owner.connections -= 1
+        super().connectionLost(reason)
+
+
+# -- the socket file --------------------------------------------------------------------------
+
+
+class ENCSocketService(Service):
+    """
+    The ENC listener with its socket file: removes a stale socket, listens with ``mode``, sets
+    the owner and group, and runs the classifier's background refresh.
+    """
+
+    def __init__(self, reactor: IReactorUNIX, classifier: Classifier, path: str, *, owner: str = "",
+                 group: str = "", mode: int = 0o660, timeout: float = 10.0) -> None:
+        self.reactor = reactor
+        self.classifier = classifier
+        self.path = path
+        self.owner = owner
+        self.group = group
+        self.mode = mode
+        self.factory = ENCFactory(classifier, reactor, timeout)  # type: ignore[arg-type]
+        self._port: Any = None
+
+    @override
+    def startService(self) -> None:
+        super().startService()
+        prepare_socket(self.path, self.owner, self.group)
+        # listenUNIX raises at once when it cannot listen, which stops twistd's start-up.
+        self._port = self.reactor.listenUNIX(self.path, self.factory, mode=self.mode)
+        secure_socket(self.path, self.owner, self.group, self.mode)
+        log.info("ENC listening on {path}", path=self.path)
+        self.classifier.start()
+
+    @override
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.classifier.stop()
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        stopped: Deferred[None] = port.stopListening()
+        return stopped
+
+
+class SocketInUse(Exception):
+    """Another process answers on the socket path, or the path is not a socket."""
+
+
+def prepare_socket(path: str, owner: str = "", group: str = "") -> None:
+    """
+    Before listening: make the socket's directory (0750, owned by ``owner``/``group`` when
+    given, so the group can reach the socket) and remove a stale socket left by a dead daemon.
+    Refuses when something answers on ``path`` or ``path`` is not a socket.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        uid, gid = _ids(owner, group)
+        os.chown(directory, uid, gid)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketInUse(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise SocketInUse(f"{path}: cannot tell whether it is in use: {e}") from e
+    finally:
+        probe.close()
+    raise SocketInUse(f"another process is listening on {path}")
+
+
+def secure_socket(path: str, owner: str = "", group: str = "", mode: int = 0o660) -> None:
+    """After listening: set the socket's mode and owner (``""`` leaves one unchanged)."""
+    uid, gid = _ids(owner, group)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _ids(owner: str, group: str) -> tuple[int, int]:
+    """Names or numeric ids; ``""`` becomes -1 (unchanged)."""
+    def one(name: str, lookup: Callable[[str], int]) -> int:
+        if not name:
+            return -1
+        if name.isdigit():
+            return int(name)
+        try:
+            return lookup(name)
+        except KeyError:
+            raise ValueError(f"no such user or group: {name!r}") from None
+    return (one(owner, lambda n: pwd.getpwnam(n).pw_uid),
+            one(group, lambda n: grp.getgrnam(n).gr_gid))
