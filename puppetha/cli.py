@@ -129,3 +129,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         return EXIT_FAILED
     finally:
         ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""
+Building the daemon's blocking parts from the configuration: the store, the vault, the CA and
+the AWS client.  Shared by the daemon's wiring (:mod:`puppetha.tap`) and the ``puppetha`` CLI,
+so both open the very same things the very same way.  Nothing here touches the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from puppetha.config import Config
+from puppetha.pki.vault import IKeyVault, VaultError
+from puppetha.store import IStore, StoreError
+from puppetha.store.records import Records
+
+if TYPE_CHECKING:
+    from puppetha.aws.cloud import ICloud
+    from puppetha.pki.authority import CertificateAuthority
+
+
+def open_store(config: Config) -> IStore:
+    if config[("store", "backend")] == "sqlite":
+        from puppetha.store.sqlite import SQLiteStore
+
+        path = config[("store", "path")]
+        parent = os.path.dirname(path)
+        try:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create {parent} for [store] path: {e.strerror}") from None
+        return SQLiteStore(path)
+    from puppetha.store.dynamodb import DynamoDBStore
+
+    return DynamoDBStore(
+        table=config[("store", "table")],
+        region=config[("aws", "region")],
+        endpoint_url=config[("aws", "endpoint_url")] or None,
+    )
+
+
+def open_vault(config: Config, create: bool = False) -> IKeyVault:
+    """
+    The vault for CA keys.  With ``create`` a missing key file is made (mode 0600); without it a
+    missing key file is an error, so that the CLI never silently creates a second key.
+    """
+    if config[("pki", "vault")] == "kms":
+        from puppetha.aws.kms import KmsKeyVault
+
+        return KmsKeyVault(
+            key_id=config[("pki", "kms_key_id")],
+            region=config[("aws", "region")],
+            endpoint_url=config[("aws", "endpoint_url")] or None,
+        )
+    from puppetha.pki.vault import FileKeyVault
+
+    path = config[("pki", "vault_key_file")]
+    if not os.path.exists(path):
+        if not create:
+            raise VaultError(f"no vault key file {path} ([pki] vault_key_file); run `puppetha ca init`")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return FileKeyVault.create(path)
+    return FileKeyVault(path)
+
+
+def make_authority(
+    config: Config, records: Records, vault: IKeyVault, now: Callable[[], float]
+) -> CertificateAuthority:
+    from puppetha.pki.authority import CertificateAuthority
+    from puppetha.pki.keys import KeyType
+
+    return CertificateAuthority(
+        records=records,
+        vault=vault,
+        key_type=KeyType(config[("pki", "key_type")]),
+        now=now,
+        ca_lifetime=timedelta(seconds=config[("pki", "ca_lifetime")]),
+        cert_lifetime=timedelta(seconds=config[("pki", "cert_lifetime")]),
+        crl_lifetime=timedelta(seconds=config[("pki", "crl_lifetime")]),
+    )
+
+
+def make_cloud(config: Config) -> ICloud:
+    from puppetha.aws.boto import Boto3Cloud
+
+    return Boto3Cloud(endpoint_url=config[("aws", "endpoint_url")] or None)

@@ -1,0 +1,147 @@
+"""
+The daemon's wiring: ``twistd puppetha`` options and :func:`makeService`.
+
+This is the only module that imports the global reactor, and the only one that knows how the
+parts fit together: it reads the configuration, opens the store, the vault and the CA, and
+returns a ``MultiService`` holding the services of the configured roles.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from cryptography import x509
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from puppetha import build
+from puppetha.config import OPTIONS, Config, ConfigError, load_config
+from puppetha.pki.authority import CRLRefresher
+from puppetha.pki.certs import fingerprint
+from puppetha.pki.vault import VaultError
+from puppetha.store import IStore, StoreError
+from puppetha.store.records import Records
+from puppetha.threads import Blocking, make_pool
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--state-dir DIR] [--set SECTION.OPTION=VALUE ...]"
+    longdesc = (
+        "Run the puppetha daemon: the roles named in [daemon] roles of the configuration "
+        "(enroll, enc, lb). Without --config it runs on its embedded defaults."
+    )
+    optParameters = [
+        ["config", "c", None, "The configuration file (default: the embedded defaults)."],
+        ["state-dir", None, None, "Override [daemon] state_dir."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["overrides"] = {}
+
+    def opt_set(self, assignment: str) -> None:
+        """Override one option: --set enc.socket=/tmp/enc.sock (may be repeated)."""
+        name, sep, value = assignment.partition("=")
+        section, dot, option = name.partition(".")
+        if not sep or not dot:
+            raise usage.UsageError(f"--set takes SECTION.OPTION=VALUE, not {assignment!r}")
+        if not any(o.section == section and o.name == option for o in OPTIONS):
+            raise usage.UsageError(f"--set: unknown option [{section}] {option}")
+        self["overrides"][(section, option)] = value
+
+    def overrides(self) -> dict[tuple[str, str], str]:
+        overrides: dict[tuple[str, str], str] = dict(self["overrides"])
+        if self["state-dir"]:
+            overrides[("daemon", "state_dir")] = self["state-dir"]
+        return overrides
+
+
+class ThreadPoolService(Service):
+    """Starts the bounded pool with the daemon and joins its threads on stop."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class StoreService(Service):
+    """Closes the store after everything that uses it has stopped."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.close()
+
+
+class Announcement(Service):
+    """Started last: says that every other service of the daemon is up."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("puppetha started: roles {roles}, state in {state_dir}, config {source}",
+                 roles=", ".join(self.config.roles), state_dir=self.config.state_dir,
+                 source=self.config.source)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        config = load_config(options["config"], options.overrides())
+        return make_daemon(config, reactor)
+    except (ConfigError, StoreError, VaultError) as e:
+        # twistd prints this one line and exits non-zero before anything listens.
+        raise SystemExit(f"puppetha: {e}") from None
+
+
+def make_daemon(config: Config, reactor: IReactorCore) -> MultiService:
+    """Everything the configured roles need, as one service tree."""
+    root = MultiService()
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+
+    store = build.open_store(config)
+    StoreService(store).setServiceParent(root)
+    pool = make_pool("puppetha", config[("daemon", "threads")])
+    ThreadPoolService(pool).setServiceParent(root)
+
+    records = Records(store)
+    vault = build.open_vault(config, create=True)
+    authority = build.make_authority(config, records, vault, reactor.seconds)  # type: ignore[attr-defined]
+    # Before the reactor runs, so that a broken store or vault stops the daemon with one line.
+    root_ca = authority.ensure_root(config[("pki", "root_name")])
+    log.info("root CA {name}, {fingerprint}", name=root_ca.name,
+             fingerprint=fingerprint(x509.load_pem_x509_certificate(root_ca.certificate_pem.encode())))
+
+    signing = Blocking(reactor, pool, authority)  # type: ignore[arg-type]
+    margin = timedelta(seconds=config[("pki", "crl_refresh_margin")])
+    CRLRefresher(
+        lambda m: signing.call(authority.refresh_crls, m),
+        reactor,  # type: ignore[arg-type]
+        # Several runs inside the margin, so that one failed run (store down) costs nothing.
+        interval=min(timedelta(hours=1), margin / 4),
+        margin=margin,
+    ).setServiceParent(root)
+
+    Announcement(config).setServiceParent(root)
+    return root

@@ -1,0 +1,190 @@
+"""The ``puppetha`` admin CLI: its answers, its refusals (one line, non-zero) and its effects."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from puppetha.build import make_authority, open_store, open_vault
+from puppetha.cli import main
+from puppetha.config import load_config
+from puppetha.pki.certs import Usage
+from puppetha.pki.keys import KeyType
+from puppetha.store.records import EnrollmentClaim, NodeRecord, Records
+
+NOW = 1_795_000_000.0
+
+
+class Run:
+    def __init__(self, status: int, out: str, err: str) -> None:
+        self.status, self.out, self.err = status, out, err
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def cli(state: Path, *args: str) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["--state-dir", str(state), *args], out=out, err=err, now=lambda: NOW)
+    return Run(status, out.getvalue(), err.getvalue())
+
+
+def enroll_by_hand(state: Path, certname: str = "i-0abc") -> NodeRecord:
+    """What the enrollment service records for an agent, done directly through the same parts."""
+    config = load_config(None, {("daemon", "state_dir"): str(state)})
+    store = open_store(config)
+    records = Records(store)
+    authority = make_authority(config, records, open_vault(config), lambda: NOW)
+    authority.create_master_ca("master-1")
+    key = KeyType.EC_P256.generate()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, certname)]))
+           .sign(key, hashes.SHA256()))
+    cert = authority.issue("master-1", csr, common_name=certname, usage=Usage.CLIENT)
+    node = NodeRecord(certname=certname, instance_id=certname, role="agent", account="123456789012",
+                      region="us-east-1", private_ip="10.0.0.5", serial=cert.serial_number,
+                      issuer="master-1", certificate_pem=cert.public_bytes(Encoding.PEM).decode(),
+                      enrolled_at=NOW, not_after=NOW + timedelta(days=365).total_seconds())
+    records.create(node)
+    records.create(EnrollmentClaim(certname, "agent", certname, NOW, "issued"))
+    store.close()
+    return node
+
+
+def test_help_touches_nothing(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "puppetha.cli", "--state-dir", str(tmp_path / "s"), "--help"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0
+    assert "classify" in run.stdout
+    assert "node" in run.stdout
+    assert not (tmp_path / "s").exists()
+
+
+def test_ca_init_then_show(state: Path) -> None:
+    created = cli(state, "ca", "init")
+    assert created.status == 0, created.err
+    fingerprint = created.out.split("fingerprint ")[1].strip()
+    shown = cli(state, "ca", "show")
+    assert shown.status == 0
+    assert fingerprint in shown.out
+    assert "CN=puppetha Root CA" in shown.out
+    assert (state / "ca-vault.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_ca_init_twice_is_refused_and_keeps_the_first_root(state: Path) -> None:
+    first = cli(state, "ca", "init")
+    again = cli(state, "ca", "init")
+    assert again.status == 2
+    assert again.err == "puppetha: the store already has a root CA (see `puppetha ca show`)\n"
+    assert first.out.split("fingerprint ")[1].strip() in cli(state, "ca", "show").out
+
+
+def test_ca_show_on_an_empty_store_says_what_to_do(state: Path) -> None:
+    run = cli(state, "ca", "show")
+    assert run.status == 2
+    assert "run `puppetha ca init`" in run.err
+
+
+def test_ca_show_pem_prints_a_chain_openssl_reads(state: Path, tmp_path: Path) -> None:
+    cli(state, "ca", "init")
+    enroll_by_hand(state)
+    run = cli(state, "ca", "show", "--pem", "master-1")
+    assert run.status == 0
+    chain = x509.load_pem_x509_certificates(run.out.encode())
+    assert [c.subject == c.issuer for c in chain] == [False, True]
+    assert cli(state, "ca", "show", "--pem", "nobody").status == 2
+
+
+def test_a_command_without_the_vault_key_fails_with_one_line(state: Path) -> None:
+    cli(state, "ca", "init")
+    (state / "ca-vault.key").unlink()
+    run = cli(state, "crl", "show", "--pem")
+    assert run.status == 1
+    assert run.err.count("\n") == 1
+    assert "ca-vault.key" in run.err
+
+
+def test_node_list_show_and_json(state: Path) -> None:
+    cli(state, "ca", "init")
+    node = enroll_by_hand(state)
+    listed = cli(state, "node", "list")
+    assert listed.status == 0
+    assert listed.out.splitlines()[1].split()[:4] == [node.certname, "agent", node.instance_id, "master-1"]
+    as_json = [json.loads(line) for line in cli(state, "node", "list", "--json").out.splitlines()]
+    assert as_json[0]["serial"] == f"{node.serial:x}"
+    assert cli(state, "node", "list", "--role", "master").out.count("\n") == 1  # header only
+    shown = cli(state, "node", "show", node.certname)
+    assert "revoked_at   -" in shown.out
+    assert cli(state, "node", "show", node.certname, "--pem").out == node.certificate_pem
+
+
+def test_node_show_unknown_is_refused(state: Path) -> None:
+    cli(state, "ca", "init")
+    run = cli(state, "node", "show", "i-nothere")
+    assert (run.status, run.err) == (2, "puppetha: no node named 'i-nothere'\n")
+
+
+def test_revoke_publishes_the_serial_in_the_issuers_crl(state: Path) -> None:
+    cli(state, "ca", "init")
+    node = enroll_by_hand(state)
+    run = cli(state, "node", "revoke", node.certname, "--reason", "keyCompromise")
+    assert run.status == 0, run.err
+    assert "CRL 2 of master-1" in run.out
+    bundle = cli(state, "crl", "show", "--pem").out
+    crls = [x509.load_pem_x509_crl(f"-----BEGIN X509 CRL-----{part}".encode())
+            for part in bundle.split("-----BEGIN X509 CRL-----")[1:]]
+    assert len(crls) == 2  # root and master-1
+    revoked = {entry.serial_number for crl in crls for entry in crl}
+    assert node.serial in revoked
+    assert "revoked" in cli(state, "node", "list").out
+    shown = cli(state, "crl", "show")
+    assert f"{node.serial:x}" in shown.out
+    again = cli(state, "node", "revoke", node.certname)
+    assert again.status == 2
+    assert "already revoked" in again.err
+
+
+def test_reset_revokes_and_lets_the_instance_enroll_again(state: Path) -> None:
+    cli(state, "ca", "init")
+    node = enroll_by_hand(state)
+    run = cli(state, "node", "reset", node.certname)
+    assert run.status == 0, run.err
+    config = load_config(None, {("daemon", "state_dir"): str(state)})
+    store = open_store(config)
+    try:
+        assert store.get("claim", f"{node.instance_id}/agent") is None
+        assert store.get("node", node.certname) is None
+        assert store.get("revoked", f"master-1/{node.serial:032x}") is not None
+    finally:
+        store.close()
+
+
+def test_unknown_command_exits_non_zero(state: Path) -> None:
+    assert cli(state, "frobnicate").status == 2
+
+
+def test_a_bad_config_file_is_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "p.conf"
+    conf.write_text("[store]\nbackend = postgres\n")
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["--config", str(conf), "node", "list"], out=out, err=err)
+    assert status == 2
+    assert err.getvalue() == f"puppetha: {conf}: [store] backend: 'postgres' is not one of sqlite, dynamodb\n"
+
+
+def test_store_init_on_sqlite(state: Path) -> None:
+    run = cli(state, "store", "init")
+    assert run.status == 0
+    assert (state / "puppetha.sqlite").exists()

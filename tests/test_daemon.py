@@ -1,0 +1,106 @@
+"""``twistd puppetha`` as an operator runs it: starts on the embedded defaults, stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from twisted.python.usage import UsageError
+
+from puppetha.tap import Options
+
+TWISTD = [str(Path(sys.executable).parent / "twistd")]
+CLI = [sys.executable, "-m", "puppetha.cli"]
+LOOPBACK = "enroll.listen=tcp:0:interface=127.0.0.1"
+
+
+def twistd(*args: str) -> list[str]:
+    return [*TWISTD, "--nodaemon", "--pidfile=", *args]
+
+
+def wait_for(path: Path, what: str, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if what in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{what!r} never appeared in {path}:\n{path.read_text()}")
+
+
+def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    state = tmp_path / "state"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            twistd("--logger", "puppetha.logs.json_observer", "puppetha", "--state-dir", str(state),
+                   "--set", f"enc.socket={tmp_path}/enc.sock", "--set", LOOPBACK),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, "puppetha started")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        status = daemon.wait(timeout=30)
+    # twistd ends by re-raising the signal it stopped on, as a well-behaved Unix daemon does.
+    assert status in (0, -signal.SIGTERM), log.read_text()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    root = [e for e in events if e["message"].startswith("root CA root, sha256:")]
+    assert root
+    assert root[0]["namespace"] == "puppetha.tap"
+    assert root[0]["fingerprint"].startswith("sha256:")
+    assert any(e["message"] == "Server Shut Down." for e in events)
+    assert not [e for e in events if e["level"] in ("error", "critical")]
+    # The state is owner-only: it holds the sealed CA key and the vault key.
+    assert (state / "ca-vault.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "puppetha.sqlite").stat().st_mode & 0o077 == 0
+
+
+def test_a_second_start_keeps_the_same_root_ca(tmp_path: Path) -> None:
+    def root_fingerprint() -> str:
+        run = subprocess.run([*CLI, "--state-dir", str(tmp_path), "ca", "show"],
+                             capture_output=True, text=True, check=True)
+        return run.stdout.split("fingerprint")[1].split()[0]
+
+    subprocess.run([*CLI, "--state-dir", str(tmp_path), "ca", "init"],
+                   check=True, capture_output=True)
+    before = root_fingerprint()
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            twistd("puppetha", "--state-dir", str(tmp_path), "--set", f"enc.socket={tmp_path}/enc.sock",
+                   "--set", LOOPBACK),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, "puppetha started")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    assert before in log.read_text()
+    assert root_fingerprint() == before
+
+
+def test_a_bad_configuration_stops_it_with_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "puppetha.conf"
+    conf.write_text("[pki]\nkey_type = dsa\n")
+    run = subprocess.run(twistd("puppetha", "--config", str(conf)),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0
+    assert f"puppetha: {conf}: [pki] key_type: 'dsa' is not one of" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_missing_configuration_file_is_named(tmp_path: Path) -> None:
+    run = subprocess.run(twistd("puppetha", "--config", str(tmp_path / "none.conf")),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0
+    assert "none.conf: cannot read the configuration" in run.stderr
+
+
+def test_set_refuses_unknown_options() -> None:
+    with pytest.raises(UsageError, match=r"unknown option \[pki\] colour"):
+        Options().parseOptions(["--set", "pki.colour=blue"])
