@@ -112,6 +112,13 @@ def test_not_a_database_is_refused_and_left_alone(path: str) -> None:
     assert Path(path).read_bytes() == junk
 
 
+@pytest.mark.parametrize("where", ["missing/store.sqlite", "."], ids=["no directory", "a directory"])
+def test_unopenable_path_is_a_store_error(tmp_path: Path, where: str) -> None:
+    with pytest.raises(StoreUnavailable, match="cannot open store"):
+        SQLiteStore(str(tmp_path / where))
+    assert not (tmp_path / "missing").exists()
+
+
 def test_memory_is_refused() -> None:
     with pytest.raises(ValueError, match="file path"):
         SQLiteStore(":memory:")

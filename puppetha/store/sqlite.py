@@ -10,7 +10,7 @@ Threads: each thread gets its own connection (``threading.local``).  The store i
 Twisted thread pool; one connection per pool thread lets reads run in parallel with a write, and
 serialises writers with the same file lock that already serialises processes, so there is a
 single concurrency mechanism to reason about instead of a Python lock layered over SQLite's.
-Connections of threads that end are closed when their thread-local storage is dropped.
+The connection of a thread that ends is closed when the garbage collector frees it.
 """
 
 from __future__ import annotations
@@ -162,7 +162,10 @@ class _Connection(sqlite3.Connection):
 
 def _ensure_private_file(path: str) -> None:
     """Create the database file owner-only, or take group and other access off an existing one."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreUnavailable(f"cannot open store {path}: {e.strerror}") from None
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & 0o077:
