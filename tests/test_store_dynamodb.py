@@ -10,16 +10,11 @@ import itertools
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -44,6 +39,7 @@ from puppetha.store.dynamodb import (
     classify_error,
     partition_key,
 )
+from puppetha.testing.moto import TEST_CREDENTIALS, MotoServer, client
 from tests.store_contract import StoreContract, StoreFactory
 
 REGION = "us-east-1"
@@ -57,44 +53,12 @@ def _free_port() -> int:
         return port
 
 
-class Moto:
-    """A moto server subprocess on 127.0.0.1, for the whole test session."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        moto_server = Path(sys.executable).with_name("moto_server")
-        self.process = subprocess.Popen(
-            [str(moto_server), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            if self.process.poll() is not None:
-                raise RuntimeError("moto_server exited at start")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("moto_server did not start listening")
-
-    def client(self, service: str) -> Any:
-        session: Any = boto3.session.Session()
-        return session.client(service, region_name=REGION, endpoint_url=self.endpoint)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[None]:
-    """Test credentials (moto takes any); boto3 never looks for real ones."""
+    """The store finds credentials the way the daemon does (boto3's chain): test ones here."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_ACCESS_KEY_ID", TEST_CREDENTIALS["aws_access_key_id"])
+        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_CREDENTIALS["aws_secret_access_key"])
         env.delenv("AWS_SESSION_TOKEN", raising=False)
         env.delenv("AWS_PROFILE", raising=False)
         env.setenv("AWS_CONFIG_FILE", "/nonexistent")
@@ -104,18 +68,15 @@ def aws_credentials() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def moto(aws_credentials: None) -> Iterator[Moto]:
-    server = Moto()
-    try:
+def moto(aws_credentials: None) -> Iterator[MotoServer]:
+    with MotoServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
-def new_table(moto: Moto) -> str:
+def new_table(moto: MotoServer) -> str:
     """A fresh, created table: each test starts empty."""
     name = f"puppetha-{os.getpid()}-{next(_tables)}"
-    store = DynamoDBStore(name, REGION, moto.endpoint)
+    store = DynamoDBStore(name, REGION, moto.endpoint_url)
     store.create_table(deletion_protection=False)
     store.close()
     return name
@@ -123,37 +84,37 @@ def new_table(moto: Moto) -> str:
 
 class TestDynamoDBStore(StoreContract):
     @pytest.fixture
-    def make_store(self, moto: Moto) -> StoreFactory:
+    def make_store(self, moto: MotoServer) -> StoreFactory:
         table = new_table(moto)
-        return lambda: DynamoDBStore(table, REGION, moto.endpoint)
+        return lambda: DynamoDBStore(table, REGION, moto.endpoint_url)
 
 
 @pytest.fixture
-def table(moto: Moto) -> str:
+def table(moto: MotoServer) -> str:
     return new_table(moto)
 
 
 @pytest.fixture
-def store(moto: Moto, table: str) -> Iterator[DynamoDBStore]:
-    store = DynamoDBStore(table, REGION, moto.endpoint)
+def store(moto: MotoServer, table: str) -> Iterator[DynamoDBStore]:
+    store = DynamoDBStore(table, REGION, moto.endpoint_url)
     yield store
     store.close()
 
 
-def raw_items(moto: Moto, table: str) -> list[dict[str, Any]]:
+def raw_items(moto: MotoServer, table: str) -> list[dict[str, Any]]:
     """Every item of the table as DynamoDB holds it (a full scan)."""
-    client = moto.client("dynamodb")
+    dynamodb = client("dynamodb", moto.endpoint_url, REGION)
     items: list[dict[str, Any]] = []
     arguments: dict[str, Any] = {"TableName": table}
     while True:
-        answer = client.scan(**arguments)
+        answer = dynamodb.scan(**arguments)
         items.extend(answer["Items"])
         if "LastEvaluatedKey" not in answer:
             return items
         arguments["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
 
 
-def chunk_items(moto: Moto, table: str) -> list[dict[str, Any]]:
+def chunk_items(moto: MotoServer, table: str) -> list[dict[str, Any]]:
     return [i for i in raw_items(moto, table) if i["pk"]["S"].startswith("chunk#")]
 
 
@@ -165,20 +126,20 @@ def incompressible(size: int) -> str:
 # -- values bigger than one DynamoDB item
 
 
-def test_big_value_is_chunked_and_reassembled(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_big_value_is_chunked_and_reassembled(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     crl = incompressible(1_500_000)
     created = store.create("crl", "root", {"number": 1, "crl_pem": crl})
     assert created == Item("crl", "root", {"number": 1, "crl_pem": crl}, 1)
     chunks = chunk_items(moto, table)
     assert len(chunks) >= 1_500_000 // CHUNK_SIZE
     assert all(len(c["data"]["B"]) <= CHUNK_SIZE for c in chunks)
-    other = DynamoDBStore(table, REGION, moto.endpoint)
+    other = DynamoDBStore(table, REGION, moto.endpoint_url)
     assert other.get("crl", "root") == created
     assert other.list("crl") == [created]
     other.close()
 
 
-def test_replacing_a_big_value_removes_its_chunks(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_replacing_a_big_value_removes_its_chunks(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     store.create("crl", "root", {"crl_pem": incompressible(900_000)})
     second = incompressible(900_000)
     store.replace("crl", "root", {"crl_pem": second}, 1)
@@ -191,13 +152,13 @@ def test_replacing_a_big_value_removes_its_chunks(moto: Moto, table: str, store:
     assert store.get("crl", "root") == Item("crl", "root", {"crl_pem": "small"}, 3)
 
 
-def test_deleting_a_big_value_removes_its_chunks(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_deleting_a_big_value_removes_its_chunks(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     store.create("crl", "root", {"crl_pem": incompressible(900_000)})
     assert store.delete("crl", "root", 1) is True
     assert raw_items(moto, table) == []
 
 
-def test_big_value_refusals_change_nothing(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_big_value_refusals_change_nothing(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     first = {"crl_pem": incompressible(500_000)}
     store.create("crl", "root", first)
     before = raw_items(moto, table)
@@ -209,7 +170,7 @@ def test_big_value_refusals_change_nothing(moto: Moto, table: str, store: Dynamo
     assert store.get("crl", "root") == Item("crl", "root", first, 1)
 
 
-def test_big_values_in_a_transaction(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_big_values_in_a_transaction(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     store.create("crl", "root", {"number": 1, "crl_pem": incompressible(600_000)})
     crl = incompressible(600_000)
     store.transact(
@@ -232,7 +193,7 @@ def test_big_values_in_a_transaction(moto: Moto, table: str, store: DynamoDBStor
     assert [i["sk"]["S"] for i in raw_items(moto, table)] == ["root/01"]
 
 
-def test_value_beyond_a_transaction_is_refused(moto: Moto, table: str, store: DynamoDBStore) -> None:
+def test_value_beyond_a_transaction_is_refused(moto: MotoServer, table: str, store: DynamoDBStore) -> None:
     with pytest.raises(ValueError, match="too large"):
         store.create("crl", "root", {"crl_pem": incompressible(7_000_000)})
     assert raw_items(moto, table) == []
@@ -242,7 +203,7 @@ def test_value_beyond_a_transaction_is_refused(moto: Moto, table: str, store: Dy
 
 
 def test_kinds_of_many_items_are_sharded_and_listed_in_order(
-    moto: Moto, table: str, store: DynamoDBStore
+    moto: MotoServer, table: str, store: DynamoDBStore
 ) -> None:
     names = [f"agent-{n:03d}.example.com" for n in range(60)]
     for name in reversed(names):
@@ -253,33 +214,33 @@ def test_kinds_of_many_items_are_sharded_and_listed_in_order(
     assert [i.key for i in store.list("node", "agent-01")] == names[10:20]
 
 
-def test_create_table_is_idempotent(moto: Moto) -> None:
-    store = DynamoDBStore(f"idempotent-{os.getpid()}", REGION, moto.endpoint)
+def test_create_table_is_idempotent(moto: MotoServer) -> None:
+    store = DynamoDBStore(f"idempotent-{os.getpid()}", REGION, moto.endpoint_url)
     assert store.create_table(deletion_protection=False) is True
     store.create("node", "n1", {"a": 1})
     assert store.create_table(deletion_protection=False) is False
     assert store.get("node", "n1") == Item("node", "n1", {"a": 1}, 1)
-    description = moto.client("dynamodb").describe_table(TableName=store.table)["Table"]
+    description = client("dynamodb", moto.endpoint_url, REGION).describe_table(TableName=store.table)["Table"]
     assert description["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
     store.close()
 
 
-def test_create_table_refuses_a_foreign_table(moto: Moto) -> None:
+def test_create_table_refuses_a_foreign_table(moto: MotoServer) -> None:
     name = f"foreign-{os.getpid()}"
-    moto.client("dynamodb").create_table(
+    client("dynamodb", moto.endpoint_url, REGION).create_table(
         TableName=name,
         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
         KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
         BillingMode="PAY_PER_REQUEST",
     )
-    store = DynamoDBStore(name, REGION, moto.endpoint)
+    store = DynamoDBStore(name, REGION, moto.endpoint_url)
     with pytest.raises(TableMismatch):
         store.create_table()
     store.close()
 
 
-def test_missing_table(moto: Moto) -> None:
-    store = DynamoDBStore("never-created", REGION, moto.endpoint)
+def test_missing_table(moto: MotoServer) -> None:
+    store = DynamoDBStore("never-created", REGION, moto.endpoint_url)
     with pytest.raises(TableMissing, match="store init"):
         store.get("node", "n1")
     with pytest.raises(TableMissing):
@@ -310,10 +271,12 @@ def test_unreachable_endpoint_is_unavailable(aws_credentials: None) -> None:
     store.close()
 
 
-def test_no_credentials_is_access_denied(moto: Moto, table: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_credentials_is_access_denied(
+    moto: MotoServer, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    store = DynamoDBStore(table, REGION, moto.endpoint)
+    store = DynamoDBStore(table, REGION, moto.endpoint_url)
     with pytest.raises(StoreAccessDenied, match="no AWS credentials"):
         store.get("node", "n1")
     store.close()
