@@ -22,6 +22,7 @@ from puppetha.store import (
     AlreadyExists,
     Create,
     Delete,
+    IStore,
     Item,
     Replace,
     StoreError,
@@ -39,8 +40,20 @@ from puppetha.store.dynamodb import (
     classify_error,
     partition_key,
 )
+from puppetha.store.migrate import KINDS, KindCount, MigrationConflict, batches, migrate, plan_kind
+from puppetha.store.records import (
+    CARecord,
+    Classification,
+    CRLRecord,
+    EnrollmentClaim,
+    MasterRecord,
+    NodeRecord,
+    Records,
+    RevokedRecord,
+)
+from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.moto import TEST_CREDENTIALS, MotoServer, client
-from tests.store_contract import StoreContract, StoreFactory
+from tests.store_contract import StoreContract, StoreFactory, assert_same_json
 
 REGION = "us-east-1"
 _tables = itertools.count()
@@ -350,3 +363,115 @@ def test_classify_error(code: str, status: int, expected: type[StoreError]) -> N
     assert type(error) is expected
     assert "\n" not in str(error)
     assert "puppetha" in str(error)
+
+
+# -- migration from SQLite
+
+
+def _fill_sqlite(path: str) -> SQLiteStore:
+    """A small but complete one-box store: every kind, a chunk-sized CRL, replaced items."""
+    store = SQLiteStore(path)
+    records = Records(store)
+    records.create(CARecord("root", "CERT", "c2VhbGVk", "root", 1.0))
+    records.create(CRLRecord("root", 7, incompressible(700_000), 1.0, 2.0))
+    for n in range(130):
+        name = f"agent-{n:03d}.example.com"
+        records.create(EnrollmentClaim(f"i-{n:017x}", "agent", name, 1.0, "issued"))
+        records.create(
+            NodeRecord(name, f"i-{n:017x}", "agent", "123456789012", REGION, "10.0.0.1", n + 1, "m1",
+                       "PEM", 1.0, 2.0)
+        )
+        records.create(RevokedRecord("root", 2**120 + n, 3.0, name))
+    records.create(MasterRecord("m1.example.com", "10.0.0.9", 8141, "m1.example.com", 1.0))
+    records.create(Classification("default", {"ntp": {"servers": ["a", "b"]}}, {"x": True}, "production"))
+    store.create("lease", "front", {"holder": "lb-1", "token": 3})
+    store.replace("lease", "front", {"holder": "lb-2", "token": 4, "flag": True, "n": 2.0}, 1)
+    return store
+
+
+def _everything(store: IStore) -> dict[tuple[str, str], Any]:
+    return {(i.kind, i.key): i.value for kind in KINDS for i in store.list(kind)}
+
+
+def test_migrate_sqlite_to_dynamodb(tmp_path: Path, moto: MotoServer, table: str) -> None:
+    source = _fill_sqlite(str(tmp_path / "store.sqlite"))
+    target = DynamoDBStore(table, REGION, moto.endpoint_url)
+    counts = migrate(source, target)
+    assert counts["node"] == KindCount(copied=130, unchanged=0)
+    assert counts["revoked"] == KindCount(copied=130, unchanged=0)
+    assert sum(c.copied for c in counts.values()) == 3 + 130 * 3 + 2
+    want = _everything(source)
+    got = _everything(DynamoDBStore(table, REGION, moto.endpoint_url))
+    assert got.keys() == want.keys()
+    for where, value in want.items():
+        assert_same_json(got[where], value, str(where))
+    # Versions start again at 1; what matters lives in the values.
+    lease = target.get("lease", "front")
+    assert lease is not None
+    assert lease.version == 1
+    assert lease.value["token"] == 4
+
+    # A re-run copies nothing and changes nothing.
+    again = migrate(source, target)
+    assert all(c.copied == 0 for c in again.values())
+    assert again["node"] == KindCount(copied=0, unchanged=130)
+    assert target.get("lease", "front") == lease
+    source.close()
+    target.close()
+
+
+def test_migrate_refuses_a_target_with_other_values(tmp_path: Path, moto: MotoServer, table: str) -> None:
+    source = _fill_sqlite(str(tmp_path / "store.sqlite"))
+    target = DynamoDBStore(table, REGION, moto.endpoint_url)
+    target.create("node", "agent-005.example.com", {"certname": "someone else"})
+    with pytest.raises(MigrationConflict, match="agent-005"):
+        migrate(source, target)
+    assert [i.key for kind in KINDS for i in target.list(kind)] == ["agent-005.example.com"]
+    source.close()
+    target.close()
+
+
+def test_migrate_finishes_an_interrupted_copy(tmp_path: Path, moto: MotoServer, table: str) -> None:
+    source = _fill_sqlite(str(tmp_path / "store.sqlite"))
+    target = DynamoDBStore(table, REGION, moto.endpoint_url)
+    migrate(source, target, kinds=["ca", "node"])
+    counts = migrate(source, target)
+    assert counts["node"] == KindCount(copied=0, unchanged=130)
+    assert counts["claim"] == KindCount(copied=130, unchanged=0)
+    assert _everything(target).keys() == _everything(source).keys()
+    source.close()
+    target.close()
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "copy", "unchanged", "conflicts"),
+    [
+        ({}, {}, [], [], []),
+        ({"a": {"x": 1}}, {}, ["a"], [], []),
+        ({"a": {"x": 1}}, {"a": {"x": 1}}, [], ["a"], []),
+        ({"a": {"x": 1}}, {"a": {"x": 1.0}}, [], ["a"], []),
+        ({"a": {"x": 1}}, {"a": {"x": True}}, [], [], ["a"]),
+        ({"a": {"x": 1}}, {"a": {"x": 2}}, [], [], ["a"]),
+        ({"a": {"x": [1]}}, {"a": {"x": [1, 2]}}, [], [], ["a"]),
+        ({"a": {}, "b": {}}, {"b": {}, "c": {}}, ["a"], ["b"], []),
+    ],
+)
+def test_plan_kind(
+    source: dict[str, Any], target: dict[str, Any], copy: list[str], unchanged: list[str], conflicts: list[str]
+) -> None:
+    plan = plan_kind(
+        "node",
+        [Item("node", k, v, 1) for k, v in source.items()],
+        [Item("node", k, v, 3) for k, v in target.items()],
+    )
+    assert [i.key for i in plan.copy] == copy
+    assert list(plan.unchanged) == unchanged
+    assert list(plan.conflicts) == conflicts
+
+
+def test_batches_respect_writes_and_bytes() -> None:
+    items = [Item("node", f"n{i}", {"pad": "x" * 100}, 1) for i in range(10)]
+    assert [len(b) for b in batches(items, 4, 10_000)] == [4, 4, 2]
+    assert [len(b) for b in batches(items, 100, 350)] == [3, 3, 3, 1]
+    big = [Item("crl", "root", {"pem": "x" * 5000}, 1), *items[:2]]
+    assert [len(b) for b in batches(big, 100, 1000)] == [1, 2]

@@ -7,7 +7,7 @@ create-if-absent and compare-and-set the first-class operations that every invar
 puppetha is built on (one enrollment per instance and role, CRL numbers, leases).
 
 Implementations are blocking; the reactor reaches them only through
-:class:`puppetha.store.threaded.ThreadedStore`.  The typed records that live on top of the
+:class:`puppetha.threads.Blocking` (a bounded thread pool).  The typed records that live on top of the
 items are in :mod:`puppetha.store.records`.
 """
 
