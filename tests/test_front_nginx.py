@@ -1,0 +1,375 @@
+"""
+The front against the real nginx: rendered from a real store and CA, checked with ``nginx -t``,
+reloaded, and exercised with real TLS clients.  The masters here are small TLS servers that,
+like puppetserver's lb-only listener, accept only certificates of the lb CA.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from puppetha.ha.front import Applied, FrontService, NginxRefused, decide_front, discover_front
+from puppetha.ha.nginx import Backend, FrontSettings
+from puppetha.store.records import MasterRecord, Records
+from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, NginxUnderTest, loopback_ports
+
+FRONT_NAME = "puppet.test"
+LB_CA = "lb"
+
+
+class Synchronous:
+    """Runs 'blocking' calls at once: the service's rounds finish before poke() returns."""
+
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+class FakeMaster:
+    """A TLS server standing in for puppetserver's lb-only listener."""
+
+    def __init__(self, name: str, issued: IssuedFiles, lb_ca_pem: str) -> None:
+        self.name = name
+        self.release = threading.Event()
+        self.slow_started = threading.Event()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(issued.certificate, issued.private_key)
+        # Only the lb CA: agents' certificates must never get through directly.
+        context.load_verify_locations(cadata=lb_ca_pem)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_REQUIRED
+        master = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path == "/slow":
+                    master.slow_started.set()
+                    master.release.wait(timeout=60)
+                body = json.dumps(
+                    {
+                        "master": master.name,
+                        "peer": self.connection.getpeercert()["subject"][0][0][1],
+                        "verify": self.headers.get("X-Client-Verify"),
+                        "dn": self.headers.get("X-Client-DN"),
+                        "dn_headers": self.headers.get_all("X-Client-DN"),
+                        "cert": bool(self.headers.get("X-Client-Cert")),
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@attrs.define
+class Front:
+    pki: FrontPKI
+    nginx: NginxUnderTest
+    service: FrontService
+    settings: FrontSettings
+    masters: dict[str, FakeMaster]
+    agent: IssuedFiles
+    lb: IssuedFiles
+    enroll_port: int
+
+    def add_master(self, name: str, registered_at: float) -> FakeMaster:
+        self.pki.add_ca(name)
+        issued = self.pki.leaf(name, name, sans=[FRONT_NAME, LOOPBACK])
+        lb_ca = self.pki.authority.ca(LB_CA).certificate_pem
+        master = FakeMaster(name, issued, lb_ca)
+        self.masters[name] = master
+        Records(self.pki.store).create(
+            MasterRecord(
+                certname=name, address=LOOPBACK, port=master.port, ca=name, registered_at=registered_at
+            )
+        )
+        return master
+
+    def remove_master(self, name: str) -> None:
+        self.pki.store.delete(MasterRecord.KIND, name)
+
+    def reconcile(self) -> Applied:
+        result: list[Applied | None] = []
+        self.service.poke().addCallback(result.append)
+        assert result, "the round did not finish synchronously"
+        assert result[0] is not None, "the round failed (see the log)"
+        return result[0]
+
+    def client_context(self, issued: IssuedFiles | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(Path(self.pki.directory) / "root.pem"))
+        if issued is not None:
+            context.load_cert_chain(issued.certificate, issued.private_key)
+        return context
+
+    def get(
+        self,
+        port: int,
+        path: str = "/",
+        issued: IssuedFiles | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        connection = http.client.HTTPSConnection(
+            FRONT_NAME, port, context=self.client_context(issued), timeout=30
+        )
+        # Resolve the front name to loopback without touching /etc/hosts.
+        connection.sock = socket.create_connection((LOOPBACK, port), timeout=30)
+        connection.sock = connection._context.wrap_socket(  # type: ignore[attr-defined]
+            connection.sock, server_hostname=FRONT_NAME
+        )
+        try:
+            connection.request("GET", path, headers=headers or {})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        if response.getheader("Content-Type") == "application/json":
+            return response.status, json.loads(body)
+        return response.status, body.decode(errors="replace")
+
+    def agent_get(self, path: str = "/", **kwargs: Any) -> tuple[int, Any]:
+        return self.get(self.settings.ports.front, path, issued=self.agent, **kwargs)
+
+    def eventually(self, check: Callable[[], bool], what: str, attempts: int = 200) -> None:
+        """nginx reloads asynchronously: wait for the new behaviour, bounded by attempts."""
+        import time
+
+        for _ in range(attempts):
+            if check():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{what} never happened; nginx said:\n{self.nginx.log_tail()}")
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[Front]:
+    pki = FrontPKI(tmp_path / "pki")
+    (tmp_path / "pki" / "root.pem").write_text(pki.authority.root().certificate_pem)
+    pki.add_ca(LB_CA)
+    lb = pki.leaf(LB_CA, "lb1", sans=[FRONT_NAME, LOOPBACK])
+    nginx = NginxUnderTest(tmp_path / "nginx")
+    ports = loopback_ports(max_masters=4)
+    settings = FrontSettings(
+        certificate=lb.certificate,
+        private_key=lb.private_key,
+        master_name=FRONT_NAME,
+        ports=ports,
+        runtime=nginx.runtime,
+    )
+    service = FrontService(
+        clock=Clock(),
+        blocking=Synchronous(),
+        store=pki.store,
+        settings=settings,
+        generations=nginx.generations,
+        control=nginx.control,
+        enroll_backends=[],
+        exclude_cas=[LB_CA],
+    )
+    f = Front(pki, nginx, service, settings, {}, lb=lb, agent=lb, enroll_port=ports.enroll)
+    f.add_master("m1", registered_at=1.0)
+    pki.add_ca("m9")
+    f.agent = pki.leaf("m9", "agent1", usage="client")
+    # First generation written before nginx runs, as an lb node's first boot does.
+    first = decide_front(settings, discover_front(pki.store, settings), [], [LB_CA])
+    nginx.generations.install(first.files, nginx.control, reload=False)
+    nginx.start(wait_ports=(ports.front,))
+    try:
+        yield f
+    finally:
+        nginx.stop()
+        for master in f.masters.values():
+            master.stop()
+        pki.close()
+
+
+def test_agent_certificate_from_our_ca_is_accepted_and_identified(front: Front) -> None:
+    status, body = front.agent_get("/puppet/v3/catalog/agent1")
+    assert status == 200
+    assert body["master"] == "m1"
+    # The master saw nginx's lb certificate, and the agent's identity only in nginx's headers.
+    assert body["peer"] == "lb1"
+    assert body["verify"] == "SUCCESS"
+    assert body["dn"] == "CN=agent1"
+    assert body["cert"] is True
+
+
+def test_forged_identity_headers_are_overwritten(front: Front) -> None:
+    status, body = front.agent_get(
+        "/", headers={"X-Client-DN": "CN=m1", "X-Client-Verify": "SUCCESS", "x-client-cert": "forged"}
+    )
+    assert status == 200
+    assert body["dn_headers"] == ["CN=agent1"]
+
+
+def test_client_without_certificate_is_refused(front: Front) -> None:
+    status, body = front.get(front.settings.ports.front, "/")
+    assert status == 400
+    assert "No required SSL certificate" in body
+
+
+def test_certificate_of_a_foreign_ca_is_refused(front: Front, tmp_path: Path) -> None:
+    stranger = FrontPKI(tmp_path / "stranger")
+    try:
+        stranger.add_ca("m9")
+        forged = stranger.leaf("m9", "agent1", usage="client")
+        status, _ = front.get(front.settings.ports.front, "/", issued=forged)
+        assert status == 400
+    finally:
+        stranger.close()
+
+
+def test_revoked_certificate_is_refused_after_crl_update_and_reload(front: Front) -> None:
+    assert front.agent_get()[0] == 200
+    before = front.nginx.generations.live()
+    front.pki.revoke(front.agent)
+    applied = front.reconcile()
+    assert applied.changed
+    assert applied.generation != before
+    front.eventually(lambda: front.agent_get()[0] == 400, "refusing the revoked agent")
+    # Nothing changed since: the next round writes nothing and does not reload.
+    assert front.reconcile() == Applied(applied.generation, changed=False)
+
+
+def test_master_added_and_removed_without_dropping_requests_in_flight(front: Front) -> None:
+    m1 = front.masters["m1"]
+    results: list[tuple[int, Any]] = []
+    slow = threading.Thread(target=lambda: results.append(front.agent_get("/slow")))
+    slow.start()
+    assert m1.slow_started.wait(timeout=30)
+
+    front.add_master("m2", registered_at=2.0)
+    front.reconcile()
+
+    def both_serve() -> bool:
+        seen = {front.agent_get()[1]["master"] for _ in range(6)}
+        return seen == {"m1", "m2"}
+
+    front.eventually(both_serve, "m2 joining the upstream")
+    front.remove_master("m1")
+    front.reconcile()
+    front.eventually(
+        lambda: {front.agent_get()[1]["master"] for _ in range(6)} == {"m2"}, "m1 leaving the upstream"
+    )
+    # The request that started before both reloads is still being served by m1; let it finish.
+    assert slow.is_alive()
+    m1.release.set()
+    slow.join(timeout=30)
+    assert results == [(200, results[0][1])]
+    assert results[0][1]["master"] == "m1"
+
+
+def test_each_master_has_its_own_port(front: Front) -> None:
+    front.add_master("m2", registered_at=2.0)
+    front.reconcile()
+    first = front.settings.ports.first_master
+
+    def routed() -> bool:
+        try:
+            return bool(front.get(first + 1, "/", issued=front.agent)[1]["master"] == "m2")
+        except OSError:
+            return False
+
+    front.eventually(routed, "m2's own port")
+    for _ in range(4):
+        assert front.get(first, "/", issued=front.agent)[1]["master"] == "m1"
+
+
+def test_unhealthy_master_leaves_the_upstream(front: Front) -> None:
+    front.add_master("m2", registered_at=2.0)
+    records = Records(front.pki.store)
+    found = records.get(MasterRecord, "m1")
+    assert found is not None
+    records.replace(attrs.evolve(found.record, healthy=False), found.version)
+    front.reconcile()
+    front.eventually(
+        lambda: {front.agent_get()[1]["master"] for _ in range(6)} == {"m2"}, "m1 leaving the upstream"
+    )
+
+
+def test_a_configuration_nginx_refuses_is_not_applied(front: Front) -> None:
+    live = front.nginx.generations.live()
+    bad = attrs.evolve(front.settings, private_key="/nonexistent/key.pem")
+    decision = decide_front(bad, discover_front(front.pki.store, bad), [], [LB_CA])
+    with pytest.raises(NginxRefused) as refused:
+        front.nginx.generations.install(decision.files, front.nginx.control)
+    assert "/nonexistent/key.pem" in refused.value.output
+    assert front.nginx.generations.live() == live
+    generations = front.nginx.generations.directory.iterdir()
+    assert sorted(p.name for p in generations if p.name.startswith("gen-")) == [live]
+    assert front.agent_get()[0] == 200
+
+
+def test_the_service_reports_a_refused_configuration_and_keeps_serving(front: Front) -> None:
+    live = front.nginx.generations.live()
+    front.service.settings = attrs.evolve(front.settings, private_key="/nonexistent/key.pem")
+    front.pki.revoke(front.agent)  # a change that would otherwise be applied
+    result: list[Any] = []
+    front.service.poke().addCallback(result.append)
+    assert result == [None]
+    assert front.nginx.generations.live() == live
+    assert front.agent_get()[0] == 200
+
+
+def test_enrollment_passes_through_with_the_proxy_protocol(front: Front) -> None:
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(1)
+    backend = listener.getsockname()[1]
+    front.service.enroll_backends = (Backend(LOOPBACK, backend),)
+    front.reconcile()
+
+    def connected() -> bool:
+        try:
+            client = socket.create_connection((LOOPBACK, front.enroll_port), timeout=5)
+        except OSError:
+            return False
+        source_port = client.getsockname()[1]
+        client.sendall(b"hello")
+        conn, _ = listener.accept()
+        data = b""
+        while b"hello" not in data:
+            chunk = conn.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+        conn.close()
+        client.close()
+        header = data.split(b"\r\n", 1)[0].decode()
+        assert header.startswith(f"PROXY TCP4 {LOOPBACK} {LOOPBACK} {source_port} ")
+        return True
+
+    front.eventually(connected, "the enrollment port")
+    listener.close()
