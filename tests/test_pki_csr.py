@@ -290,3 +290,37 @@ def test_parse_san(text, canonical):
             parse_san(text)
     else:
         assert san_text(parse_san(text)) == canonical
+
+
+PUPPET_CSR_SCRIPT = """
+require "puppet"
+require "puppet/ssl"
+Puppet::SSL::Oids.register_puppet_oids
+req = Puppet::SSL::CertificateRequest.new(ARGV[0])
+req.generate(
+  OpenSSL::PKey::RSA.new(2048),
+  dns_alt_names: ARGV[1],
+  extension_requests: {"pp_instance_id" => ARGV[2], "pp_role" => "web"},
+)
+puts req.to_s
+"""
+
+
+def puppet_csr(alt_names: str, instance_id: str) -> bytes:
+    """A CSR made by Puppet's own code, as `puppet ssl submit_request` would send it."""
+    return subprocess.run(
+        ["ruby", "-e", PUPPET_CSR_SCRIPT, CERTNAME, alt_names, instance_id],
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def test_csr_made_by_puppet():
+    pem = puppet_csr("puppet,IP:10.0.1.23", "i-0123456789abcdef0")
+    check_csr(pem, POLICY)
+    with pytest.raises(CSRRefused) as refused:
+        check_csr(puppet_csr("puppet,IP:10.0.1.99", "i-0123456789abcdef0"), POLICY)
+    assert refused.value.code == "san"
+    with pytest.raises(CSRRefused) as refused:
+        check_csr(puppet_csr("puppet", "i-0fffffffffffffff0"), POLICY)
+    assert refused.value.code == "extension"
