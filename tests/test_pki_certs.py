@@ -306,7 +306,7 @@ def test_crl_contents(hierarchy):
     crl = build_crl(hierarchy.ca, hierarchy.ca_key, revoked, number=7, now=NOW, lifetime=7 * DAY)
     assert crl.is_signature_valid(hierarchy.ca_key.public_key())
     assert crl.issuer == hierarchy.ca.subject
-    assert crl.last_update_utc == NOW
+    assert crl.last_update_utc == NOW - BACKDATE
     assert crl.next_update_utc == NOW + 7 * DAY
     assert crl_number(crl) == 7
     aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value

@@ -28,8 +28,8 @@ PUPPET_EXTENSION_ARC = "1.3.6.1.4.1.34380.1"
 #: ``$trusted['extensions']['pp_instance_id']``.
 PP_INSTANCE_ID = x509.ObjectIdentifier("1.3.6.1.4.1.34380.1.1.2")
 
-#: Certificates start this long before ``now``, so a host whose clock lags a little still
-#: accepts them.
+#: Certificates and CRLs start this long before ``now``, so a host whose clock lags a little
+#: still accepts them.
 BACKDATE = timedelta(minutes=10)
 
 _SERIAL_BITS = 127

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
+from puppetha.pki.certs import BACKDATE
 from puppetha.pki.keys import SIGNATURE_HASH, PrivateKey
 
 #: Reason names accepted by :func:`build_crl` (RFC 5280's CRLReason spellings).
@@ -40,8 +41,10 @@ def build_crl(
     lifetime: timedelta,
 ) -> x509.CertificateRevocationList:
     """
-    The CRL of ``issuer_cert`` listing ``revoked`` (serial, revocation time, reason), valid from
-    ``now`` to ``now + lifetime``.  Callers make ``number`` strictly increase per CA.
+    The CRL of ``issuer_cert`` listing ``revoked`` (serial, revocation time, reason), valid
+    until ``now + lifetime``.  Its thisUpdate is backdated like certificates are: OpenSSL
+    (nginx, puppet) refuses every handshake while a CRL looks "not yet valid" to a host whose
+    clock runs a little behind the signer's.  Callers make ``number`` strictly increase per CA.
     """
     if number < 1:
         raise ValueError("CRL numbers start at 1")
@@ -51,7 +54,7 @@ def build_crl(
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer_cert.subject)
-        .last_update(now)
+        .last_update(now - BACKDATE)
         .next_update(now + lifetime)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
