@@ -31,13 +31,20 @@ def endpoint(moto: MotoServer) -> str:
     return moto.endpoint_url
 
 
-@pytest.fixture
-def cloud(endpoint: str) -> Boto3Cloud:
+@pytest.fixture(scope="module")
+def shared_cloud(moto: MotoServer) -> Boto3Cloud:
+    # One for the module: its clients are the expensive part, and they keep no AWS state.
     return Boto3Cloud(
-        endpoint,
+        moto.endpoint_url,
         access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
         secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
     )
+
+
+@pytest.fixture
+def cloud(shared_cloud: Boto3Cloud, endpoint: str) -> Boto3Cloud:
+    # Depends on endpoint for its reset: each test starts from an empty moto.
+    return shared_cloud
 
 
 @pytest.fixture
@@ -225,7 +232,8 @@ def test_bad_region_is_refused(cloud: Boto3Cloud) -> None:
             cloud.describe_instances(region, [UNKNOWN_ID])
 
 
-def test_one_client_per_region(cloud: Boto3Cloud) -> None:
+def test_one_client_per_region(endpoint: str) -> None:
+    cloud = Boto3Cloud(endpoint, access_key_id="testing", secret_access_key="testing")
     assert cloud._ec2(REGION) is cloud._ec2(REGION)
     assert cloud._ec2(REGION) is not cloud._ec2("eu-west-1")
 

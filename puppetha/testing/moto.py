@@ -7,6 +7,7 @@ Blocking code, meant for test fixtures and command-line tools, never for the rea
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -158,8 +159,12 @@ class MotoServer:
         self.stop()
 
 
+@functools.cache
 def client(service: str, endpoint_url: str, region: str) -> Any:
-    """A boto3 client of ``service`` on the moto server (test credentials, no retries)."""
+    """
+    A boto3 client of ``service`` on the moto server, with test credentials.  Cached: making one
+    loads the service's model, which costs more than most calls, and clients are thread-safe.
+    """
     session = boto3.session.Session(
         aws_access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
         aws_secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
