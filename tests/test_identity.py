@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import (
@@ -490,3 +492,32 @@ def test_missing_trust_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read trust file") as info:
         TrustStore.from_file(tmp_path / "nope.ini")
     assert str(tmp_path / "nope.ini") in str(info.value)
+
+
+# --- anything at all is refused cleanly
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=4096), document=st.binary(max_size=1024))
+def test_arbitrary_bytes_are_only_ever_refused(trust: TrustStore, blob: bytes, document: bytes) -> None:
+    with pytest.raises(IdentityRefused):
+        verify_identity(document, base64.b64encode(blob).decode(), trust)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_corrupted_signatures_are_refused_or_prove_the_same(
+    aws: FakeAWSSigner, trust: TrustStore, data: st.DataObject
+) -> None:
+    # Bytes outside what AWS signed (the signer's name, say) may change without effect;
+    # nothing may change what is proven.
+    document, signature = aws.identity_for(INSTANCE)
+    der = bytearray(base64.b64decode("".join(signature.split())))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(der) - 1))
+        der[at] = data.draw(st.integers(0, 255))
+    try:
+        identity = verify_identity(document, base64.b64encode(bytes(der)).decode(), trust)
+    except IdentityRefused:
+        return
+    assert identity == verify_identity(document, signature, trust)
