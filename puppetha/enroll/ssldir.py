@@ -252,6 +252,8 @@ class Changes:
         except BaseException:
             for step, backup in reversed(done):
                 _swap_back(step, backup)
+            for step in self._steps[len(done) :]:
+                _remove(step.staged)
             raise
         finally:
             self._committed = True
