@@ -40,7 +40,6 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0",
             "types-PyYAML",
-            "boto3-stubs[ec2,dynamodb,kms]",
         ],
     },
     entry_points={

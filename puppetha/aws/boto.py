@@ -183,7 +183,7 @@ def instance_info(instance: Mapping[str, Any], account: str, region: str) -> Ins
         private_dns=str(instance.get("PrivateDnsName") or ""),
         instance_profile_arn=str(instance.get("IamInstanceProfile", {}).get("Arn", "")),
         # mypy's attrs plugin cannot bind the generic ``converter=tuple`` of this field.
-        security_groups=groups,  # type: ignore[arg-type]
+        security_groups=groups,
         tags={str(t["Key"]): str(t.get("Value", "")) for t in instance.get("Tags", [])},
         launch_time=launch_time.timestamp() if launch_time is not None else 0.0,
     )

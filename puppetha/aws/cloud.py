@@ -4,7 +4,7 @@ The EC2 calls puppetha makes, behind a small synchronous interface (run on a thr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from attrs import field, frozen
 from zope.interface import Interface
@@ -20,6 +20,10 @@ class SecurityGroup:
     group_name: str
 
 
+def _groups(groups: Iterable[SecurityGroup]) -> tuple[SecurityGroup, ...]:
+    return tuple(groups)
+
+
 @frozen
 class InstanceInfo:
     """What DescribeInstances says of one instance, reduced to what puppetha decides on."""
@@ -33,7 +37,7 @@ class InstanceInfo:
     private_dns: str
     #: The instance profile's ARN, or "" when it has none.
     instance_profile_arn: str
-    security_groups: tuple[SecurityGroup, ...] = field(converter=tuple, default=())
+    security_groups: tuple[SecurityGroup, ...] = field(converter=_groups, default=())
     tags: Mapping[str, str] = field(factory=dict)
     launch_time: float = 0.0
 
