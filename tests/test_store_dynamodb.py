@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -325,9 +326,7 @@ def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        store = DynamoDBStore(
-            "t", REGION, f"http://127.0.0.1:{server.server_address[1]}", max_attempts=3
-        )
+        store = DynamoDBStore("t", REGION, f"http://127.0.0.1:{server.server_address[1]}", max_attempts=3)
         with pytest.raises(StoreUnavailable, match="ThrottlingException"):
             store.get("node", "n1")
         store.close()
@@ -378,8 +377,9 @@ def _fill_sqlite(path: str) -> SQLiteStore:
         name = f"agent-{n:03d}.example.com"
         records.create(EnrollmentClaim(f"i-{n:017x}", "agent", name, 1.0, "issued"))
         records.create(
-            NodeRecord(name, f"i-{n:017x}", "agent", "123456789012", REGION, "10.0.0.1", n + 1, "m1",
-                       "PEM", 1.0, 2.0)
+            NodeRecord(
+                name, f"i-{n:017x}", "agent", "123456789012", REGION, "10.0.0.1", n + 1, "m1", "PEM", 1.0, 2.0
+            )
         )
         records.create(RevokedRecord("root", 2**120 + n, 3.0, name))
     records.create(MasterRecord("m1.example.com", "10.0.0.9", 8141, "m1.example.com", 1.0))
@@ -457,7 +457,11 @@ def test_migrate_finishes_an_interrupted_copy(tmp_path: Path, moto: MotoServer, 
     ],
 )
 def test_plan_kind(
-    source: dict[str, Any], target: dict[str, Any], copy: list[str], unchanged: list[str], conflicts: list[str]
+    source: dict[str, Any],
+    target: dict[str, Any],
+    copy: list[str],
+    unchanged: list[str],
+    conflicts: list[str],
 ) -> None:
     plan = plan_kind(
         "node",

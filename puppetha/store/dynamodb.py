@@ -131,9 +131,7 @@ def classify_error(error: Exception, table: str, operation: str) -> StoreError:
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "") or code
         if code in _DENIED_CODES:
-            return StoreAccessDenied(
-                f"access denied: dynamodb:{operation} on table {table!r} ({code})"
-            )
+            return StoreAccessDenied(f"access denied: dynamodb:{operation} on table {table!r} ({code})")
         if code == "ResourceNotFoundException":
             return TableMissing(f"DynamoDB table {table!r} does not exist; run `puppetha store init`")
         if code in _UNAVAILABLE_CODES:
@@ -240,9 +238,7 @@ def _key_of(write: Write) -> tuple[str, str]:
 def check_writes(writes: Sequence[Write]) -> None:
     """Refuse, before anything is sent, a transaction the interface does not allow."""
     if len(writes) > MAX_TRANSACTION_WRITES:
-        raise ValueError(
-            f"a transaction holds at most {MAX_TRANSACTION_WRITES} writes, not {len(writes)}"
-        )
+        raise ValueError(f"a transaction holds at most {MAX_TRANSACTION_WRITES} writes, not {len(writes)}")
     seen: set[tuple[str, str]] = set()
     for write in writes:
         if not isinstance(write, (Create, Replace, Delete, Check)):
@@ -289,9 +285,7 @@ class DynamoDBStore:
             session = boto3.session.Session()
             client = session.client("dynamodb", endpoint_url=endpoint_url, config=config)
         self._client = client
-        self._lister = ThreadPoolExecutor(
-            max_workers=list_parallelism, thread_name_prefix="dynamodb-list"
-        )
+        self._lister = ThreadPoolExecutor(max_workers=list_parallelism, thread_name_prefix="dynamodb-list")
 
     # -- the interface ---------------------------------------------------------------------
 
@@ -478,9 +472,7 @@ class DynamoDBStore:
         return {"pk": {"S": partition_key(kind, key)}, "sk": {"S": key}}
 
     def _get_head(self, kind: str, key: str) -> dict[str, Any] | None:
-        answer = self._call(
-            "get_item", TableName=self.table, Key=self._key(kind, key), ConsistentRead=True
-        )
+        answer = self._call("get_item", TableName=self.table, Key=self._key(kind, key), ConsistentRead=True)
         head: dict[str, Any] | None = answer.get("Item")
         return head
 
@@ -491,10 +483,7 @@ class DynamoDBStore:
         if "value" in head:
             return Item(kind, key, json.loads(head["value"]["S"]), version)
         count = int(head["chunks"]["N"])
-        pieces = [
-            bytes(chunk["data"]["B"])
-            for chunk in self._query(f"chunk#{head['gen']['S']}", "")
-        ]
+        pieces = [bytes(chunk["data"]["B"]) for chunk in self._query(f"chunk#{head['gen']['S']}", "")]
         if len(pieces) != count:
             return None
         return Item(kind, key, json.loads(zlib.decompress(b"".join(pieces))), version)
@@ -542,9 +531,7 @@ class DynamoDBStore:
                 version = 1 if isinstance(write, Create) else write.expected_version + 1
                 if isinstance(write, Replace):
                     _check_version(write.expected_version)
-                encoded[index] = _encode(
-                    write.kind, write.key, write.value, version, uuid.uuid4().hex
-                )
+                encoded[index] = _encode(write.kind, write.key, write.value, version, uuid.uuid4().hex)
             elif write.expected_version is not None:
                 _check_version(write.expected_version)
         actions = [self._action(write, encoded.get(i)) for i, write in enumerate(writes)]
@@ -571,9 +558,7 @@ class DynamoDBStore:
                 f"at most {MAX_TRANSACTION_BYTES}"
             )
         # Chunks of the values about to be replaced or deleted, to remove once we have won.
-        replaced = self._generations(
-            [w for w in writes if isinstance(w, (Replace, Delete))]
-        )
+        replaced = self._generations([w for w in writes if isinstance(w, (Replace, Delete))])
         for attempt in range(5):
             try:
                 self._call("transact_write_items", TransactItems=actions)
