@@ -1,0 +1,289 @@
+"""
+The enrollment API over HTTP (``docs/api.md``): ``POST /v1/enroll``, ``GET /v1/ca``,
+``GET /v1/crl``, ``GET /v1/health``.
+
+Every answer but the PEM bundles is JSON, refusals included.  The body of an enrollment is
+bounded before it is parsed, both by :class:`BoundedRequest` (which stops storing a body past
+the limit as it arrives) and by the resource (which measures what it got), so the resource is
+safe under any :class:`~twisted.web.server.Site`.  The source address is
+``request.getClientAddress()``: the TCP peer, or the PROXY header's source behind nginx.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import UnsupportedMethod as _UnsupportedMethod
+
+from puppetha.aws.cloud import CloudError
+from puppetha.enroll.service import Enrollment, EnrollmentRefused, EnrollmentRequest, IssuedEnrollment
+from puppetha.store import StoreUnavailable
+
+log = Logger()
+
+#: Largest enrollment body accepted (64 KiB).
+MAX_BODY = 64 * 1024
+
+REQUIRED_FIELDS = ("role", "document", "signature", "csr")
+
+PEM_TYPE = b"application/x-pem-file"
+
+
+def client_source(request: Request) -> str | None:
+    """The request's source IP address as text, or ``None`` when it is not an IP peer."""
+    address = request.getClientAddress()
+    if isinstance(address, IPv4Address | IPv6Address):
+        return str(address.host)
+    return None
+
+
+def write_json(request: Request, status: int, body: dict[str, Any], retry_after: int | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    if retry_after is not None:
+        request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
+    return json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": code, "message": message}
+
+
+def _finish(request: Request, gone: list[bool], payload: bytes) -> None:
+    # The client may have hung up while we worked; writing then would raise.
+    if not gone:
+        request.write(payload)
+        request.finish()
+
+
+class JSONResource(Resource):
+    """A resource whose every refusal (404, 405 included) is JSON."""
+
+    def render(self, request: Request) -> bytes | int:
+        try:
+            return super().render(request)  # type: ignore[no-any-return]
+        except _UnsupportedMethod as e:
+            offered: list[bytes] = list(e.allowedMethods)
+            methods = [m for m in offered if m != b"HEAD"]
+            allowed = b", ".join(sorted(methods))
+            request.setHeader(b"Allow", allowed)
+            return write_json(
+                request, 405,
+                error_body("method-not-allowed", f"use {allowed.decode('ascii')} here"),
+            )
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return NotFound()
+
+
+class NotFound(JSONResource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return write_json(request, 404, error_body("not-found", "no such resource"))
+
+
+class EnrollResource(JSONResource):
+    """``POST /v1/enroll``."""
+
+    isLeaf = True
+
+    def __init__(self, enrollment: Enrollment) -> None:
+        super().__init__()
+        self.enrollment = enrollment
+
+    def render_POST(self, request: Request) -> bytes | int:
+        if _too_large(request):
+            return write_json(
+                request, 413, error_body("too-large", f"the body is larger than {MAX_BODY} bytes")
+            )
+        if not _is_json(request):
+            return write_json(request, 415, error_body("not-json", "Content-Type must be application/json"))
+        parsed = parse_enrollment(_body(request))
+        if isinstance(parsed, tuple):
+            code, message = parsed
+            return write_json(request, 400, error_body(code, message))
+
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = self.enrollment.enroll(parsed, client_source(request))
+
+        def issued(answer: IssuedEnrollment) -> None:
+            _finish(request, gone, write_json(request, 200, answer.to_json()))
+
+        d.addCallbacks(issued, lambda f: _finish(request, gone, failure_response(request, f)))
+        return NOT_DONE_YET
+
+
+def parse_enrollment(body: bytes) -> EnrollmentRequest | tuple[str, str]:
+    """The request, or ``(code, message)`` saying what is wrong with its shape."""
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "malformed-json", "the body is not UTF-8 JSON"
+    if not isinstance(fields, dict):
+        return "malformed-json", "the body is not a JSON object"
+    for name in REQUIRED_FIELDS:
+        if name not in fields:
+            return "missing-field", f"{name} is missing"
+        if not isinstance(fields[name], str) or not fields[name]:
+            return "bad-field", f"{name} must be a non-empty string"
+    role = fields["role"]
+    if role not in ("agent", "master", "lb"):
+        return "unknown-role", "role must be agent, master or lb"
+    try:
+        document = fields["document"].encode("utf-8")
+        csr = fields["csr"].encode("ascii")
+    except UnicodeEncodeError:
+        # Lone surrogates in the document, or anything but ASCII in a PEM.
+        return "bad-field", "document must be UTF-8 text and csr ASCII PEM"
+    return EnrollmentRequest(role=role, document=document, signature=fields["signature"], csr=csr)
+
+
+def failure_response(request: Request, failure: Failure) -> bytes:
+    """The JSON answer for a failed enrollment or lookup."""
+    error = failure.value
+    if isinstance(error, EnrollmentRefused):
+        return write_json(request, error.status, error_body(error.code, error.message), error.retry_after)
+    if isinstance(error, StoreUnavailable):
+        return write_json(
+            request, 503, error_body("store-unavailable", "the store cannot be reached; try again later"),
+            retry_after=RETRY_AFTER,
+        )
+    if isinstance(error, CloudError):
+        return write_json(
+            request, 503, error_body("aws-unavailable", "AWS cannot be asked; try again later"),
+            retry_after=RETRY_AFTER,
+        )
+    log.failure("enrollment API request failed", failure)
+    return write_json(request, 500, error_body("internal-error", "the server failed; see its log"))
+
+
+#: Retry-After for 503s raised outside the enrollment (which carries its own).
+RETRY_AFTER = 10
+
+
+class BundleResource(JSONResource):
+    """``GET /v1/ca`` and ``GET /v1/crl``: a PEM bundle from the store."""
+
+    isLeaf = True
+
+    def __init__(self, bundle: Callable[[], Deferred[bytes]]) -> None:
+        super().__init__()
+        self.bundle = bundle
+
+    def render_GET(self, request: Request) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def found(pem: bytes) -> None:
+            request.setHeader(b"Content-Type", PEM_TYPE)
+            _finish(request, gone, pem)
+
+        self.bundle().addCallbacks(found, lambda f: _finish(request, gone, failure_response(request, f)))
+        return NOT_DONE_YET
+
+
+class HealthResource(JSONResource):
+    """``GET /v1/health``: the store answers."""
+
+    isLeaf = True
+
+    def __init__(self, enrollment: Enrollment) -> None:
+        super().__init__()
+        self.enrollment = enrollment
+
+    def render_GET(self, request: Request) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        self.enrollment.health().addCallbacks(
+            lambda _: _finish(request, gone, write_json(request, 200, {"status": "ok"})),
+            lambda f: _finish(request, gone, failure_response(request, f)),
+        )
+        return NOT_DONE_YET
+
+
+def enrollment_resource(enrollment: Enrollment) -> Resource:
+    """The root resource of the enrollment API."""
+    v1 = JSONResource()
+    v1.putChild(b"enroll", EnrollResource(enrollment))
+    v1.putChild(b"ca", BundleResource(enrollment.ca_bundle))
+    v1.putChild(b"crl", BundleResource(enrollment.crl_bundle))
+    v1.putChild(b"health", HealthResource(enrollment))
+    root = JSONResource()
+    root.putChild(b"v1", v1)
+    return root
+
+
+class BoundedRequest(Request):
+    """A request that stops storing its body once it passes :data:`MAX_BODY`."""
+
+    body_too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self.body_too_large = True
+        if not self.body_too_large:
+            super().handleContentChunk(data)
+
+
+def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime) -> Site:
+    """The HTTP site of the enrollment API (wrap it in TLS: see :mod:`puppetha.enroll.listener`)."""
+    site = Site(enrollment_resource(enrollment), reactor=reactor)
+    site.requestFactory = BoundedRequest
+    site.displayTracebacks = False
+    return site
+
+
+def _too_large(request: Request) -> bool:
+    if getattr(request, "body_too_large", False):
+        return True
+    declared = request.getHeader(b"Content-Length")
+    if declared is not None:
+        try:
+            if int(declared) > MAX_BODY:
+                return True
+        except ValueError:
+            return True
+    content: IO[bytes] | None = request.content
+    if content is None:
+        return False
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size > MAX_BODY
+
+
+def _is_json(request: Request) -> bool:
+    value = request.getHeader(b"Content-Type")
+    if value is None:
+        return False
+    media = value.split(b";", 1)[0].strip().lower()
+    return media == b"application/json"
+
+
+def _body(request: Request) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    body: bytes = content.read(MAX_BODY + 1)
+    return body

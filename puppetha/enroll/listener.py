@@ -1,0 +1,333 @@
+"""
+The enrollment listener: TLS with the enrollment server's own certificate, and behind the nginx
+nodes the PROXY protocol *outside* TLS (nginx's stream proxy sends the header in clear before
+the ClientHello).
+
+The PROXY wrapper believes whoever sends a header, so with ``proxy_from`` set the listening
+factory refuses every TCP peer that is not a configured proxy, in ``buildProtocol`` where the
+real peer address is still known, before a byte is read::
+
+    TCP endpoint  ->  TrustedPeersFactory  ->  PROXY wrapper  ->  TLS  ->  HTTP site
+
+Without ``proxy_from`` it is plain TLS and the source address is the TCP peer.
+
+The server certificate is issued by the root CA for ``[enroll] server_names`` and sent with the
+root, so a new instance can pin the root by fingerprint.  :func:`ensure_server_credentials`
+issues it at start-up, or renews it when it is near its end, names other hosts, or was issued by
+another root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from attrs import frozen
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from puppetha.pki.authority import ROOT, CertificateAuthority
+from puppetha.pki.certs import Usage, fingerprint
+from puppetha.pki.keys import KeyType, load_private_key, private_key_pem, same_public_key
+from puppetha.pki.names import certname_problem, parse_san, san_text
+
+log = Logger()
+
+SERVER_KEY_FILE = "enroll-server.key"
+SERVER_CERT_FILE = "enroll-server.pem"
+
+#: Common name when no server name is a usable certname.
+DEFAULT_SERVER_CN = "puppetha-enroll"
+
+#: A server certificate closer than this to its end is renewed at start-up.
+DEFAULT_RENEW_BEFORE = timedelta(days=30)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@implementer(IProtocolFactory)
+class TrustedPeersFactory:
+    """Builds a protocol only for connections from ``allowed`` addresses; drops the others."""
+
+    def __init__(self, wrapped: IProtocolFactory, allowed: Iterable[str]) -> None:
+        self.wrapped = wrapped
+        self.allowed = frozenset(_ip(a) for a in allowed)
+
+    def trusts(self, peer: IAddress) -> bool:
+        host = getattr(peer, "host", None)
+        if not isinstance(host, str):
+            return False
+        try:
+            return _ip(host) in self.allowed
+        except ValueError:
+            return False
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        if not self.trusts(addr):
+            log.warn("refused a connection from {peer}: not a configured proxy", peer=str(addr))
+            return None
+        return self.wrapped.buildProtocol(addr)
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+
+@implementer(IStreamServerEndpoint)
+class TrustedPeersEndpoint:
+    """An endpoint whose connections come only from ``allowed`` peers."""
+
+    def __init__(self, wrapped: IStreamServerEndpoint, allowed: Iterable[str]) -> None:
+        self.wrapped = wrapped
+        self.allowed = tuple(allowed)
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.wrapped.listen(TrustedPeersFactory(protocolFactory, self.allowed))
+
+
+def enrollment_endpoint(
+    transport: IStreamServerEndpoint, proxy_from: Iterable[str] = ()
+) -> IStreamServerEndpoint:
+    """
+    ``transport`` (a TCP endpoint), with the PROXY protocol accepted only from ``proxy_from``
+    when it names any address.  TLS goes inside: :func:`enrollment_factory`.
+    """
+    proxies = tuple(proxy_from)
+    if not proxies:
+        return transport
+    endpoint: IStreamServerEndpoint = proxyEndpoint(TrustedPeersEndpoint(transport, proxies))
+    return endpoint
+
+
+def enrollment_factory(context: ssl.CertificateOptions, site: Site) -> TLSMemoryBIOFactory:
+    """The TLS server factory around the HTTP site."""
+    return TLSMemoryBIOFactory(context, False, site)
+
+
+def listen_enrollment(
+    transport: IStreamServerEndpoint,
+    site: Site,
+    context: ssl.CertificateOptions,
+    proxy_from: Iterable[str] = (),
+) -> Deferred[IListeningPort]:
+    """Start listening; the Deferred fires with the :class:`IListeningPort`."""
+    return enrollment_endpoint(transport, proxy_from).listen(enrollment_factory(context, site))
+
+
+def enrollment_service(
+    reactor: IReactorCore,
+    listen: str,
+    site: Site,
+    context: ssl.CertificateOptions,
+    proxy_from: Iterable[str] = (),
+) -> StreamServerEndpointService:
+    """
+    The listener as a service for the daemon: ``listen`` is ``[enroll] listen`` (an endpoint
+    description such as ``tcp:8080:interface=10.0.0.5``).
+    """
+    transport = serverFromString(reactor, listen)
+    service = StreamServerEndpointService(
+        enrollment_endpoint(transport, proxy_from), enrollment_factory(context, site)
+    )
+    service.setName("enroll-listener")
+    # Fail the daemon's start-up when the port cannot be bound, instead of logging only.
+    service._raiseSynchronously = True
+    return service
+
+
+# -- the server's own certificate ------------------------------------------------------------
+
+
+@frozen
+class ServerCredentials:
+    """The enrollment server's certificate, its key, and the root that issued it."""
+
+    certificate: x509.Certificate
+    key_pem: bytes
+    root: x509.Certificate
+
+    @property
+    def root_fingerprint(self) -> str:
+        return fingerprint(self.root)
+
+    def tls_context(self) -> ssl.CertificateOptions:
+        """TLS 1.2 or newer, sending the chain (server certificate, then the root)."""
+        key = load_private_key(self.key_pem)
+        return ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(self.certificate),
+            extraCertChain=[crypto.X509.from_cryptography(self.root)],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+
+
+def _canonical_names(server_names: Iterable[str]) -> list[str]:
+    names = []
+    for name in server_names:
+        text = san_text(parse_san(name))
+        if text not in names:
+            names.append(text)
+    if not names:
+        raise ValueError("the enrollment server needs at least one name")
+    return names
+
+
+def server_common_name(server_names: Iterable[str]) -> str:
+    """The first server name that is a DNS name and a valid certname, else a fixed name."""
+    for text in _canonical_names(server_names):
+        kind, _, value = text.partition(":")
+        if kind == "DNS" and certname_problem(value) is None:
+            return value
+    return DEFAULT_SERVER_CN
+
+
+def _names_of(cert: x509.Certificate) -> set[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {san_text(name) for name in sans}
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    public = issuer.public_key()
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        return False
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        else:
+            return False
+    except Exception:
+        return False
+    return True
+
+
+def _still_good(
+    cert: x509.Certificate,
+    key_pem: bytes,
+    root: x509.Certificate,
+    *,
+    names: list[str],
+    now: datetime,
+    renew_before: timedelta,
+) -> bool:
+    try:
+        key = load_private_key(key_pem)
+    except ValueError:
+        return False
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        return False
+    return (
+        same_public_key(key.public_key(), public)
+        and _signed_by(cert, root)
+        and cert.not_valid_before_utc <= now
+        and cert.not_valid_after_utc - renew_before > now
+        and set(names) <= _names_of(cert)
+    )
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically, created with ``mode`` (never wider, whatever the umask)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def ensure_server_credentials(
+    authority: CertificateAuthority,
+    directory: str | os.PathLike[str],
+    server_names: Iterable[str],
+    key_type: KeyType,
+    renew_before: timedelta = DEFAULT_RENEW_BEFORE,
+) -> ServerCredentials:
+    """
+    The enrollment server's credentials from ``directory`` (``enroll-server.key``, mode 0600,
+    and ``enroll-server.pem``), issued through ``authority`` by the root first when they are
+    missing, near their end, for other names or from another root.  Blocking: run it on the
+    pool, or before the reactor starts.
+    """
+    names = _canonical_names(server_names)
+    directory = Path(directory)
+    key_path, cert_path = directory / SERVER_KEY_FILE, directory / SERVER_CERT_FILE
+    root = authority.certificate(ROOT)
+    now = datetime.fromtimestamp(authority.now(), UTC)
+    try:
+        key_pem = key_path.read_bytes()
+        cert = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        pass
+    else:
+        if key_path.stat().st_mode & 0o077:
+            os.chmod(key_path, 0o600)
+        if _still_good(cert, key_pem, root, names=names, now=now, renew_before=renew_before):
+            return ServerCredentials(cert, key_pem, root)
+
+    common_name = server_common_name(names)
+    key = key_type.generate()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    cert = authority.issue(ROOT, csr, common_name=common_name, sans=names, usage=Usage.SERVER)
+    key_pem = private_key_pem(key)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_private(key_path, key_pem, 0o600)
+    chain = cert.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM)
+    _write_private(cert_path, chain, 0o644)
+    log.info(
+        "issued the enrollment server certificate for {names}, serial {serial:x}; root {fingerprint}",
+        names=names,
+        serial=cert.serial_number,
+        fingerprint=fingerprint(root),
+    )
+    return ServerCredentials(cert, key_pem, root)
+
+

@@ -1,0 +1,435 @@
+"""
+Enrollment end to end in memory: real moto as AWS, the test AWS signer, the SQLite store and
+the real certificate authority, through the HTTP resource.  Every refusal also shows that
+nothing was stored or issued.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from attrs import evolve
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from puppetha.aws.boto import Boto3Cloud
+from puppetha.enroll.service import reset_enrollment
+from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
+from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
+from puppetha.testing.aws import FakeAWSSigner, make_document
+
+pytest.register_assert_rewrite("tests.enroll_fixtures")
+
+from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
+    FRONT,
+    LB_RULE,
+    SwitchableStore,
+    World,
+    build_world,
+    make_csr,
+    make_policy,
+    weak_rsa_key,
+)
+
+pytest_plugins = ["tests.enroll_fixtures"]
+
+
+NOT_A_CSR = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+
+
+def load(pem: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def sans_of(cert: x509.Certificate) -> list[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(n.value) for n in ext]
+
+
+def enroll_master(world: World):
+    master = world.launch("master")
+    answer = world.enroll(master, "master")
+    assert answer.status == 200, answer.body
+    return master, answer
+
+
+# -- happy paths ---------------------------------------------------------------------------
+
+
+def test_master_enrolls_gets_its_own_ca_and_is_registered(world: World) -> None:
+    master = world.launch("master")
+    granted = [x509.DNSName(master.private_dns), x509.DNSName("puppet.example.net")]
+    csr = make_csr(master.instance_id, sans=granted)
+    answer = world.enroll(master, "master", csr=csr)
+    assert answer.status == 200, answer.body
+    body = answer.json
+    assert body["certname"] == master.instance_id
+    assert body["role"] == "master"
+    assert body["server"] == FRONT
+    assert body["test_server"] == FRONT
+
+    cert = load(body["certificate"])
+    intermediate = load(body["ca_certificate"])
+    chain = x509.load_pem_x509_certificates(body["ca_chain"].encode())
+    assert chain[0] == intermediate
+    assert cert.issuer == intermediate.subject
+    assert intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert sans_of(cert) == [master.instance_id, master.private_dns, "puppet.example.net"]
+    assert "OK" in world.verify(body)
+    # Both CRLs (root and the new intermediate) are in the chain.
+    assert body["crl_chain"].count("-----BEGIN X509 CRL-----") == 2
+    assert "PRIVATE KEY" not in answer.body.decode()
+
+    registered = world.records.get(MasterRecord, master.instance_id)
+    assert registered is not None
+    assert (registered.record.address, registered.record.port, registered.record.healthy,
+            registered.record.ca) == (master.private_ip, 8140, True, master.instance_id)
+    node = world.records.get(NodeRecord, master.instance_id)
+    assert node is not None
+    assert node.record.role == "master"
+    assert node.record.serial == cert.serial_number
+    claim = world.records.get(EnrollmentClaim, f"{master.instance_id}/master")
+    assert claim is not None
+    assert claim.record.state == "issued"
+
+
+def test_agent_enrolls_signed_by_a_healthy_master(world: World) -> None:
+    master, _ = enroll_master(world)
+    agent = world.launch("agent")
+    answer = world.enroll(agent)
+    assert answer.status == 200, answer.body
+    body = answer.json
+    assert set(body) == {"certname", "role", "certificate", "ca_chain", "crl_chain", "server", "test_server"}
+    cert = load(body["certificate"])
+    chain = x509.load_pem_x509_certificates(body["ca_chain"].encode())
+    assert len(chain) == 2
+    assert cert.issuer == chain[0].subject
+    assert f"CN={master.instance_id}" in chain[0].subject.rfc4514_string()
+    assert cert.subject.rfc4514_string() == f"CN={agent.instance_id}"
+    assert sans_of(cert) == [agent.instance_id]
+    instance_id = cert.extensions.get_extension_for_oid(PP_INSTANCE_ID).value
+    assert instance_id == puppet_extension(PP_INSTANCE_ID, agent.instance_id)
+    assert "OK" in world.verify(body)
+
+    node = world.records.get(NodeRecord, agent.instance_id)
+    assert node is not None
+    assert (node.record.role, node.record.issuer, node.record.private_ip, node.record.account) == (
+        "agent", master.instance_id, agent.private_ip, agent.account)
+
+
+def test_lb_node_enrolls_with_a_root_signed_client_and_server_certificate(world: World) -> None:
+    lb = world.launch("lb", security_groups=["lb-nodes"])
+    answer = world.enroll(lb, "lb")
+    assert answer.status == 200, answer.body
+    body = answer.json
+    chain = x509.load_pem_x509_certificates(body["ca_chain"].encode())
+    assert len(chain) == 1  # the root alone
+    cert = load(body["certificate"])
+    assert cert.issuer == chain[0].subject
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert {u.dotted_string for u in usages} == {"1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2"}
+    assert sans_of(cert) == [lb.instance_id, lb.private_dns, "puppet.example.net"]
+    assert "OK" in world.verify(body)
+    assert world.records.get(MasterRecord, lb.instance_id) is None
+
+
+def test_agents_are_spread_over_healthy_masters(world: World) -> None:
+    first, _ = enroll_master(world)
+    second, _ = enroll_master(world)
+    # An unhealthy master is never chosen.
+    third, _ = enroll_master(world)
+    record = world.records.get(MasterRecord, third.instance_id)
+    assert record is not None
+    world.records.replace(evolve(record.record, healthy=False), record.version)
+
+    issuers = []
+    for _ in range(4):
+        agent = world.launch("agent")
+        assert world.enroll(agent).status == 200
+        node = world.records.get(NodeRecord, agent.instance_id)
+        assert node is not None
+        issuers.append(node.record.issuer)
+    assert sorted(issuers) == sorted([first.instance_id, second.instance_id] * 2)
+    assert issuers[0] != issuers[1]
+
+
+def test_agent_without_any_master_is_asked_to_retry(world: World) -> None:
+    agent = world.launch("agent")
+    before = world.state()
+    answer = world.enroll(agent)
+    assert answer.status == 503
+    assert answer.error == "no-master"
+    assert int(answer.headers["retry-after"]) > 0
+    assert world.state() == before
+    # Once a master is there, the same instance enrolls.
+    enroll_master(world)
+    assert world.enroll(agent).status == 200
+
+
+# -- identity refusals ------------------------------------------------------------------------
+
+
+def refused(world: World, answer, status: int, code: str, before) -> None:
+    assert (answer.status, answer.error) == (status, code), answer.body
+    assert answer.json["message"]
+    assert world.state() == before, "a refusal stored or issued something"
+
+
+@pytest.fixture
+def ready(world: World) -> World:
+    """A world with one enrolled master, so agents could be issued."""
+    enroll_master(world)
+    return world
+
+
+def test_forged_signature_random_bytes(ready: World) -> None:
+    agent = ready.launch()
+    before = ready.state()
+    answer = ready.enroll(agent, signature=base64.b64encode(os.urandom(1200)).decode())
+    refused(ready, answer, 403, "identity-malformed", before)
+
+
+def test_signature_from_an_untrusted_key(ready: World) -> None:
+    agent = ready.launch()
+    impostor = FakeAWSSigner.create("us-east-1")
+    document, signature = impostor.identity_for(agent)
+    before = ready.state()
+    answer = ready.enroll(agent, document=document, signature=signature)
+    refused(ready, answer, 403, "identity-bad-signature", before)
+
+
+def test_untrusted_key_with_its_certificate_embedded(ready: World) -> None:
+    agent = ready.launch()
+    impostor = FakeAWSSigner.create("us-east-1")
+    document = make_document(agent)
+    signature = impostor.sign(document, embed_certificate=True)
+    before = ready.state()
+    answer = ready.enroll(agent, document=document, signature=signature)
+    refused(ready, answer, 403, "identity-bad-signature", before)
+
+
+def test_document_edited_after_signing(ready: World) -> None:
+    agent = ready.launch()
+    document, signature = ready.signer.identity_for(agent)
+    edited = document.replace(b'"t3.micro"', b'"m5.large"')
+    assert edited != document
+    before = ready.state()
+    answer = ready.enroll(agent, document=edited, signature=signature)
+    refused(ready, answer, 403, "identity-document-mismatch", before)
+
+
+def test_region_without_a_trusted_certificate(ready: World) -> None:
+    agent = ready.launch()
+    other = FakeAWSSigner.create("eu-west-1")
+    document = make_document(evolve(agent, region="eu-west-1"))
+    before = ready.state()
+    answer = ready.enroll(agent, document=document, signature=other.sign(document))
+    refused(ready, answer, 403, "identity-untrusted-region", before)
+
+
+def test_other_account(ready: World) -> None:
+    agent = ready.launch()
+    document = make_document(evolve(agent, account="210987654321"))
+    before = ready.state()
+    calls = ready.enrollment.batcher.calls
+    answer = ready.enroll(agent, document=document)
+    refused(ready, answer, 403, "account-not-allowed", before)
+    assert ready.enrollment.batcher.calls == calls, "AWS was asked about a stranger"
+
+
+def test_unknown_instance(ready: World) -> None:
+    agent = ready.launch()
+    document = make_document(evolve(agent, instance_id="i-0badbadbadbadbad0"))
+    before = ready.state()
+    answer = ready.enroll(agent, document=document)
+    refused(ready, answer, 403, "unknown-instance", before)
+
+
+def test_stopped_instance(ready: World) -> None:
+    agent = ready.launch()
+    ready.fleet.stop(agent.instance_id)
+    before = ready.state()
+    answer = ready.enroll(agent)
+    refused(ready, answer, 403, "instance-not-running", before)
+
+
+def test_private_ip_mismatch(ready: World) -> None:
+    agent = ready.launch()
+    document = make_document(evolve(agent, private_ip="10.20.1.250"))
+    before = ready.state()
+    answer = ready.enroll(agent, document=document, source="10.20.1.250")
+    refused(ready, answer, 403, "private-ip-mismatch", before)
+
+
+def test_source_address_mismatch(ready: World) -> None:
+    agent = ready.launch()
+    before = ready.state()
+    answer = ready.enroll(agent, source="10.20.1.99")
+    refused(ready, answer, 403, "source-mismatch", before)
+
+
+def test_too_old(ready: World) -> None:
+    agent = ready.launch()
+    ready.clock.advance(3600 + 1)
+    before = ready.state()
+    answer = ready.enroll(agent)
+    refused(ready, answer, 403, "too-old", before)
+
+
+def test_master_not_permitted(ready: World) -> None:
+    impostor = ready.launch("agent")  # no master tag
+    before = ready.state()
+    answer = ready.enroll(impostor, "master")
+    refused(ready, answer, 403, "role-not-permitted", before)
+
+
+# -- one enrollment per instance and role -----------------------------------------------------
+
+
+def test_replay_is_refused(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    first = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert first.status == 200
+    before = ready.state()
+    again = ready.call("/v1/enroll", body, source=agent.private_ip)
+    refused(ready, again, 409, "already-enrolled", before)
+
+
+def test_race_of_two_enrollments_exactly_one_wins(ready: World) -> None:
+    agent = ready.launch()
+    calls = ready.enrollment.batcher.calls
+    bodies = [json.dumps(ready.body_for(agent)).encode() for _ in range(2)]
+    issued = ready.issued()
+    pending = [ready.start("/v1/enroll", b, source=agent.private_ip) for b in bodies]
+    answers = ready.finish(*pending)
+    assert sorted(a.status for a in answers) == [200, 409]
+    assert ready.issued() == issued + 1
+    # Both lookups went to AWS in one DescribeInstances call.
+    assert ready.enrollment.batcher.calls == calls + 1
+    winner = next(a for a in answers if a.status == 200)
+    node = ready.records.get(NodeRecord, agent.instance_id)
+    assert node is not None
+    assert node.record.certificate_pem == winner.json["certificate"]
+
+
+def test_reset_allows_a_new_enrollment(ready: World) -> None:
+    agent = ready.launch()
+    assert ready.enroll(agent).status == 200
+    assert ready.enroll(agent).status == 409
+    assert reset_enrollment(ready.records, agent.instance_id) == [f"{agent.instance_id}/agent"]
+    again = ready.enroll(agent)
+    assert again.status == 200
+    node = ready.records.get(NodeRecord, agent.instance_id)
+    assert node is not None
+    assert node.record.certificate_pem == again.json["certificate"]
+    # By certname, too (the same here), and only the role named.
+    assert reset_enrollment(ready.records, agent.instance_id, role="master") == []
+
+
+def test_same_instance_may_enroll_once_per_role(ready: World) -> None:
+    lb = ready.launch("lb", security_groups=["lb-nodes"])
+    assert ready.enroll(lb, "lb").status == 200
+    assert ready.enroll(lb, "lb").status == 409
+    assert ready.enroll(lb, "agent").status == 200
+
+
+# -- CSR refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("what", "csr", "code"),
+    [
+        ("another name", lambda i: make_csr("i-0fffffffffffffff0"), "csr-subject"),
+        ("extra SAN", lambda i: make_csr(i.instance_id, sans=[x509.DNSName("puppet.example.net")]),
+         "csr-san"),
+        ("IP SAN", lambda i: make_csr(i.instance_id, sans=[x509.IPAddress(IPv4Address("10.0.0.1"))]),
+         "csr-san"),
+        ("CA rights", lambda i: make_csr(i.instance_id, ca=True), "csr-ca-request"),
+        ("weak key", lambda i: make_csr(i.instance_id, key=weak_rsa_key()), "csr-weak-key"),
+        ("other curve", lambda i: make_csr(i.instance_id, key=ec.generate_private_key(ec.SECP384R1())),
+         "csr-key-type"),
+        ("another instance id", lambda i: make_csr(
+            i.instance_id, extensions=[puppet_extension(PP_INSTANCE_ID, "i-0fffffffffffffff0")]),
+         "csr-extension"),
+        ("not a CSR", lambda i: NOT_A_CSR, "csr-malformed"),
+    ],
+)
+def test_csr_against_policy_is_refused_and_the_claim_released(ready: World, what, csr, code) -> None:
+    agent = ready.launch()
+    before = ready.state()
+    answer = ready.enroll(agent, csr=csr(agent))
+    refused(ready, answer, 400, code, before)
+    # The claim was released: a corrected request succeeds.
+    assert ready.enroll(agent).status == 200
+
+
+def test_master_csr_refused_leaves_no_ca_behind(world: World) -> None:
+    master = world.launch("master")
+    before = world.state()
+    answer = world.enroll(master, "master", csr=make_csr(master.instance_id, ca=True))
+    refused(world, answer, 400, "csr-ca-request", before)
+    assert world.enroll(master, "master").status == 200
+
+
+def test_master_may_not_ask_for_names_beyond_its_grant(world: World) -> None:
+    master = world.launch("master")
+    before = world.state()
+    csr = make_csr(master.instance_id, sans=[x509.DNSName("evil.example.net")])
+    answer = world.enroll(master, "master", csr=csr)
+    refused(world, answer, 400, "csr-san", before)
+
+
+# -- dependencies down ------------------------------------------------------------------------
+
+
+def test_aws_down_is_503_and_stores_nothing(enroll_aws, aws_signer, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = Boto3Cloud(f"http://127.0.0.1:{port}", access_key_id="testing", secret_access_key="testing",
+                      max_attempts=1, connect_timeout=0.5, read_timeout=0.5)
+    world = build_world(enroll_aws, aws_signer, tmp_path, cloud=dead)
+    try:
+        agent = world.launch()
+        before = world.state()
+        answer = world.enroll(agent)
+        refused(world, answer, 503, "aws-unavailable", before)
+        assert int(answer.headers["retry-after"]) > 0
+    finally:
+        world.store.close()
+
+
+def test_store_down_is_503(enroll_aws, aws_signer, tmp_path: Path) -> None:
+    switch = SwitchableStore.wrapping
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=switch)
+    try:
+        enroll_master(world)
+        agent = world.launch()
+        store = world.records.store
+        assert isinstance(store, SwitchableStore)
+        store.down = True
+        answer = world.enroll(agent)
+        assert (answer.status, answer.error) == (503, "store-unavailable")
+        assert int(answer.headers["retry-after"]) > 0
+        store.down = False
+        assert world.enroll(agent).status == 200
+    finally:
+        world.store.close()
+
+
+def test_lb_policy_is_configurable(enroll_aws, aws_signer, tmp_path: Path) -> None:
+    world = build_world(enroll_aws, aws_signer, tmp_path, policy=make_policy(lb_rules=()))
+    try:
+        lb = world.launch("lb", security_groups=["lb-nodes"])
+        before = world.state()
+        refused(world, world.enroll(lb, "lb"), 403, "role-not-permitted", before)
+        assert LB_RULE  # the default world permits it: see the lb happy path
+    finally:
+        world.store.close()
