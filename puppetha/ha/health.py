@@ -1,0 +1,261 @@
+"""
+Master health, as the lb nodes see it: each round probes every registered master's
+puppetserver status API (``GET /status/v1/simple`` over TLS, with the lb node's certificate, the
+only kind the masters accept) and moves ``MasterRecord.healthy`` with compare-and-set once
+:func:`next_health` says so.  Unhealthy masters leave nginx's upstream and the enrollment
+service's choice of signing CA; they come back after enough good probes.
+
+Every lb node probes and writes: a master they all see down goes down once (the others' writes
+find it already down); a master only one lb node cannot reach flaps at most once per rise/fall
+window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from puppetha.ha.front import RunsBlocking
+from puppetha.store import IStore, VersionConflict
+from puppetha.store.records import CARecord, MasterRecord, Records, Versioned
+
+log = Logger()
+
+
+@frozen
+class Health:
+    """One master's health and the run of probe results that has not changed it yet."""
+
+    healthy: bool
+    successes: int = 0
+    failures: int = 0
+
+
+def next_health(current: Health, ok: bool, fall: int = 3, rise: int = 2) -> Health:
+    """
+    ``fall`` failures in a row take a healthy master down; ``rise`` successes in a row bring
+    an unhealthy one back.  A result of the other kind resets the run.
+    """
+    if ok:
+        successes = current.successes + 1
+        if not current.healthy and successes >= rise:
+            return Health(True)
+        return Health(current.healthy, successes=successes if not current.healthy else 0)
+    failures = current.failures + 1
+    if current.healthy and failures >= fall:
+        return Health(False)
+    return Health(current.healthy, failures=failures if current.healthy else 0)
+
+
+@frozen
+class ProbeCredentials:
+    """What a probe presents and trusts, read from files on the pool."""
+
+    certificate_pem: bytes
+    private_key_pem: bytes
+    ca_pems: tuple[bytes, ...]
+
+
+@implementer(IPolicyForHTTPS)
+class _MasterPolicy:
+    """Checks the master's certificate for its certname, whatever address it was reached at."""
+
+    def __init__(self, certname: str, credentials: ProbeCredentials) -> None:
+        self.certname = certname
+        self.trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(pem) for pem in credentials.ca_pems]
+        )
+        self.client = ssl.PrivateCertificate.loadPEM(
+            credentials.certificate_pem + b"\n" + credentials.private_key_pem
+        )
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS(self.certname, trustRoot=self.trust, clientCertificate=self.client)
+
+
+class StatusProbe:
+    """Asks one master's puppetserver whether it is running."""
+
+    def __init__(self, reactor: Any, timeout: float = 5.0) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def __call__(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        agent = Agent(
+            self.reactor,
+            contextFactory=_MasterPolicy(master.certname, credentials),
+            connectTimeout=self.timeout,
+        )
+        host = f"[{master.address}]" if ":" in master.address else master.address
+        url = f"https://{host}:{master.port}/status/v1/simple".encode("ascii")
+        d: Deferred[Any] = agent.request(b"GET", url)
+        timer = self.reactor.callLater(self.timeout, d.cancel)
+
+        def answered(response: Any) -> bool:
+            if timer.active():
+                timer.cancel()
+            response.deliverBody(_Discard())
+            return bool(response.code == 200)
+
+        def failed(failure: Failure) -> bool:
+            if timer.active():
+                timer.cancel()
+            log.debug("probe of {certname} failed: {error}", certname=master.certname, error=failure.value)
+            return False
+
+        return d.addCallbacks(answered, failed)
+
+
+class _Discard:
+    def makeConnection(self, transport: Any) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+Probe = Callable[[MasterRecord, ProbeCredentials], Deferred[bool]]
+#: Masters whose flag a round wants to write: certname -> (record as read, new flag).
+Writes = Mapping[str, tuple[Versioned[MasterRecord], bool]]
+Discovered = tuple[list[Versioned[MasterRecord]], ProbeCredentials]
+
+
+def read_credentials(certificate: str, private_key: str, store: IStore) -> ProbeCredentials:
+    """Blocking: the lb node's certificate and key, and every CA a master's chain may use."""
+    return ProbeCredentials(
+        certificate_pem=Path(certificate).read_bytes(),
+        private_key_pem=Path(private_key).read_bytes(),
+        ca_pems=tuple(v.record.certificate_pem.encode("ascii") for v in Records(store).list(CARecord)),
+    )
+
+
+def set_health(store: IStore, found: Versioned[MasterRecord], healthy: bool) -> bool:
+    """Blocking compare-and-set of one master's flag; False when another writer got there first."""
+    try:
+        Records(store).replace(attrs.evolve(found.record, healthy=healthy), found.version)
+    except VersionConflict:
+        return False
+    return True
+
+
+class HealthService(Service):
+    """Probes every ``interval`` seconds; calls ``on_change`` after it changed any master."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        blocking: RunsBlocking,
+        store: IStore,
+        probe: Probe,
+        certificate: str,
+        private_key: str,
+        interval: float = 5.0,
+        fall: int = 3,
+        rise: int = 2,
+        on_change: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.clock = clock
+        self.blocking = blocking
+        self.store = store
+        self.probe = probe
+        self.certificate = certificate
+        self.private_key = private_key
+        self.interval = interval
+        self.fall = fall
+        self.rise = rise
+        self.on_change = on_change
+        self.health: dict[str, Health] = {}
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.round)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return None
+
+    def round(self) -> Deferred[list[str]]:
+        """One probe of every master; fires with the certnames whose flag this round changed."""
+        d = self.blocking.call(self._discover)
+        d.addCallback(self._probe_all)
+        d.addErrback(self._failed)
+        return d
+
+    def _discover(self) -> Discovered:
+        return Records(self.store).list(MasterRecord), read_credentials(
+            self.certificate, self.private_key, self.store
+        )
+
+    def _probe_all(self, found: Discovered) -> Deferred[list[str]]:
+        masters, credentials = found
+        known = {m.record.certname for m in masters}
+        for gone in set(self.health) - known:
+            del self.health[gone]
+        probes = [self.probe(m.record, credentials) for m in masters]
+        d: Deferred[Any] = DeferredList(probes, consumeErrors=True)
+        d.addCallback(lambda results: self._decide(masters, [ok and bool(r) for ok, r in results]))
+        return d
+
+    def _decide(
+        self, masters: Sequence[Versioned[MasterRecord]], results: Sequence[bool]
+    ) -> Deferred[list[str]]:
+        to_write: dict[str, tuple[Versioned[MasterRecord], bool]] = {}
+        for found, ok in zip(masters, results, strict=True):
+            record = found.record
+            current = self.health.get(record.certname, Health(record.healthy))
+            if current.healthy != record.healthy:
+                # Another lb node moved the flag: start again from the store's view.
+                current = Health(record.healthy)
+            new = next_health(current, ok, self.fall, self.rise)
+            self.health[record.certname] = new
+            if new.healthy != record.healthy:
+                to_write[record.certname] = (found, new.healthy)
+        if not to_write:
+            return Deferred.fromCoroutine(_nothing())
+        d = self.blocking.call(self._write, to_write)
+        d.addCallback(self._written, to_write)
+        return d
+
+    def _write(self, to_write: Writes) -> list[str]:
+        return [name for name, (found, up) in sorted(to_write.items()) if set_health(self.store, found, up)]
+
+    def _written(self, changed: list[str], to_write: Writes) -> list[str]:
+        for name in changed:
+            if to_write[name][1]:
+                log.info("master {certname} is healthy again", certname=name)
+            else:
+                log.warn("master {certname} is down: out of the front and of enrollment", certname=name)
+        if changed:
+            self.on_change()
+        return changed
+
+    def _failed(self, failure: Failure) -> list[str]:
+        log.failure("health round failed", failure)
+        return []
+
+
+async def _nothing() -> list[str]:
+    return []

@@ -1,0 +1,158 @@
+"""Master health: the pure rise/fall rule as a table, and the service over a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from puppetha.ha.health import Health, HealthService, ProbeCredentials, next_health
+from puppetha.store.records import CARecord, MasterRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+
+UP = Health(True)
+DOWN = Health(False)
+
+
+@pytest.mark.parametrize(
+    ("current", "ok", "expected"),
+    [
+        (UP, True, UP),
+        (UP, False, Health(True, failures=1)),
+        (Health(True, failures=1), False, Health(True, failures=2)),
+        (Health(True, failures=2), False, DOWN),  # third failure in a row
+        (Health(True, failures=2), True, UP),  # a success resets the run
+        (DOWN, False, DOWN),
+        (DOWN, True, Health(False, successes=1)),
+        (Health(False, successes=1), True, UP),  # second success in a row
+        (Health(False, successes=1), False, DOWN),
+    ],
+)
+def test_next_health(current: Health, ok: bool, expected: Health) -> None:
+    assert next_health(current, ok, fall=3, rise=2) == expected
+
+
+def test_fall_of_one_takes_down_at_once() -> None:
+    assert next_health(UP, False, fall=1, rise=1) == DOWN
+    assert next_health(DOWN, True, fall=1, rise=1) == UP
+
+
+class Synchronous:
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+class Probes:
+    """Probe results chosen by the test, per master."""
+
+    def __init__(self) -> None:
+        self.up: dict[str, bool] = {}
+        self.seen: list[ProbeCredentials] = []
+
+    def __call__(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        self.seen.append(credentials)
+        if master.certname == "broken":
+            return fail(ConnectionRefusedError())
+        return succeed(self.up.get(master.certname, True))
+
+
+@attrs.define
+class World:
+    store: SQLiteStore
+    records: Records
+    probes: Probes
+    service: HealthService
+    pokes: list[int]
+
+    def healthy(self, name: str) -> bool:
+        found = self.records.get(MasterRecord, name)
+        assert found is not None
+        return found.record.healthy
+
+    def round(self) -> list[str]:
+        result: list[list[str]] = []
+        self.service.round().addCallback(result.append)
+        assert result
+        return result[0]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    store = SQLiteStore(str(tmp_path / "store.sqlite"))
+    records = Records(store)
+    (tmp_path / "cert.pem").write_bytes(b"CERT")
+    (tmp_path / "key.pem").write_bytes(b"KEY")
+    records.create(CARecord(name="root", certificate_pem="ROOT", sealed_key="", parent="root", created_at=0))
+    for i, name in enumerate(("m1", "m2", "broken")):
+        records.create(MasterRecord(certname=name, address="10.0.0.1", port=8140, ca=name, registered_at=i))
+    probes = Probes()
+    pokes: list[int] = []
+    service = HealthService(
+        clock=Clock(),
+        blocking=Synchronous(),
+        store=store,
+        probe=probes,
+        certificate=str(tmp_path / "cert.pem"),
+        private_key=str(tmp_path / "key.pem"),
+        fall=2,
+        rise=2,
+        on_change=lambda: pokes.append(1),
+    )
+    yield World(store, records, probes, service, pokes)
+    store.close()
+
+
+def test_probes_present_the_lb_certificate_and_trust_every_ca(world: World) -> None:
+    world.round()
+    assert world.probes.seen[0] == ProbeCredentials(b"CERT", b"KEY", (b"ROOT",))
+
+
+def test_a_master_goes_down_after_fall_failures_and_comes_back_after_rise(world: World) -> None:
+    world.probes.up["m1"] = False
+    assert world.round() == []
+    assert world.healthy("m1")
+    assert world.round() == ["broken", "m1"]
+    assert not world.healthy("m1")
+    assert not world.healthy("broken")
+    assert world.healthy("m2")
+    assert world.pokes == [1]
+
+    world.probes.up["m1"] = True
+    assert world.round() == []
+    assert world.round() == ["m1"]
+    assert world.healthy("m1")
+    assert world.pokes == [1, 1]
+    # Steady state writes nothing and pokes nobody.
+    assert world.round() == []
+    assert world.pokes == [1, 1]
+
+
+def test_another_writer_moving_the_flag_wins_and_resets_the_run(world: World) -> None:
+    world.probes.up["m1"] = False
+    world.round()  # one failure counted
+    found = world.records.get(MasterRecord, "m1")
+    assert found is not None
+    # Another lb node took it down already.
+    world.records.replace(attrs.evolve(found.record, healthy=False), found.version)
+    world.probes.up["m1"] = True
+    assert "m1" not in world.round()
+    assert world.round() == ["m1"]
+
+
+def test_the_loop_runs_on_the_injected_clock(world: World) -> None:
+    clock = world.service.clock
+    assert isinstance(clock, Clock)
+    world.probes.up["m2"] = False
+    world.service.startService()
+    assert world.healthy("m2")  # first round at start: one failure
+    clock.advance(world.service.interval)
+    assert not world.healthy("m2")
+    world.service.stopService()
