@@ -527,8 +527,10 @@ class ENCSocketService(Service):
     """
 
     def __init__(self, reactor: IReactorUNIX, classifier: Classifier, path: str, *, owner: str = "",
-                 group: str = "", mode: int = 0o660, timeout: float = 10.0) -> None:
+                 group: str = "", mode: int = 0o660, timeout: float = 10.0,
+                 backlog: int = 1024) -> None:
         self.reactor = reactor
+        self.backlog = backlog
         self.classifier = classifier
         self.path = path
         self.owner = owner
@@ -542,7 +544,10 @@ class ENCSocketService(Service):
         super().startService()
         prepare_socket(self.path, self.owner, self.group)
         # listenUNIX raises at once when it cannot listen, which stops twistd's start-up.
-        self._port = self.reactor.listenUNIX(self.path, self.factory, mode=self.mode)
+        # A deep backlog: on Linux a full one makes a UNIX connect fail at once (EAGAIN), and
+        # puppetserver may start many ENC scripts together.
+        self._port = self.reactor.listenUNIX(self.path, self.factory, mode=self.mode,
+                                             backlog=self.backlog)
         secure_socket(self.path, self.owner, self.group, self.mode)
         log.info("ENC listening on {path}", path=self.path)
         self.classifier.start()

@@ -1,0 +1,225 @@
+"""
+ENC benchmark.
+
+1. ``puppetha-enc`` wall time per call (p50/p99), beside the floor: a do-nothing script run by
+   the same interpreter that prints a fixed YAML.  Measured in the same run.
+2. The service's classifications per second over the UNIX socket, many concurrent clients,
+   10,000 enrolled and classified nodes in a SQLite store.  AWS: an in-memory ICloud in the
+   server process (every instance running, 3 security groups and 2 tags each), so the numbers
+   are the daemon's own; the first pass over the fleet ("cold") fills the instance cache through
+   batched describe calls, the timed pass after it ("warm") is served from the caches, as a
+   fleet whose nodes run on schedule is.
+
+Rerun: ``.venv/bin/python bench/enc.py`` (about a minute; ``--calls``, ``--nodes``,
+``--clients``, ``--seconds`` to change the sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from puppetha.aws.cloud import InstanceInfo, SecurityGroup
+from puppetha.store import Create
+from puppetha.store.records import Classification, NodeRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+GROUPS = [SecurityGroup(f"sg-{i:017x}", f"group{i}") for i in range(8)]
+
+
+def certname(i: int) -> str:
+    return f"node{i:05d}.example.com"
+
+
+def instance_id(i: int) -> str:
+    return f"i-{i:017x}"
+
+
+class MemoryCloud:
+    """What DescribeInstances would say of the benchmark's fleet, from memory."""
+
+    def __init__(self, nodes: int) -> None:
+        self.calls = 0
+        self.instances = {
+            instance_id(i): InstanceInfo(
+                instance_id(i), ACCOUNT, REGION, "running", "10.0.0.1", "", "",
+                [GROUPS[i % 8], GROUPS[(i + 1) % 8], GROUPS[(i + 3) % 8]],
+                {"role": f"role{i % 10}", "env": f"env{i % 3}"})
+            for i in range(nodes)
+        }
+
+    def describe_instances(self, region: str, ids: Sequence[str]) -> dict[str, InstanceInfo]:
+        self.calls += 1
+        return {i: self.instances[i] for i in ids if i in self.instances}
+
+
+def seed(path: str, nodes: int) -> None:
+    store = SQLiteStore(path)
+    writes: list[Create] = []
+    for c in [Classification("default", {"ntp": {}, "ssh": {"port": 22}}, {"dc": "eu1"}, "production")]:
+        writes.append(Create(c.KIND, c.key(), c.to_value()))
+    for g in GROUPS:
+        c = Classification(f"sg:{g.group_name}", {f"profile::{g.group_name}": {"enabled": True}})
+        writes.append(Create(c.KIND, c.key(), c.to_value()))
+    for r in range(10):
+        c = Classification(f"tag:role=role{r}", {f"role::r{r}": {"workers": r}}, {"tier": r})
+        writes.append(Create(c.KIND, c.key(), c.to_value()))
+    for i in range(nodes):
+        n = NodeRecord(certname(i), instance_id(i), "agent", ACCOUNT, REGION, "10.0.0.1", i + 1,
+                       "root", "", 0.0, 1e12)
+        c = Classification(f"node:{certname(i)}", parameters={"rack": f"r{i % 40}"})
+        writes += [Create(n.KIND, n.key(), n.to_value()), Create(c.KIND, c.key(), c.to_value())]
+    for start in range(0, len(writes), 100):
+        store.transact(writes[start : start + 100])
+    store.close()
+
+
+def serve(socket_path: str, store_path: str, nodes: int) -> None:
+    from twisted.internet import reactor
+
+    from puppetha.enc.service import Classifier, ENCSocketService
+    from puppetha.threads import Blocking, make_pool
+
+    pool = make_pool("enc", 4)
+    pool.start()
+    cloud = MemoryCloud(nodes)
+    classifier = Classifier(reactor, Blocking(reactor, pool, Records(SQLiteStore(store_path))),  # type: ignore[arg-type]
+                            Blocking(reactor, pool, cloud))  # type: ignore[arg-type]
+    service = ENCSocketService(reactor, classifier, socket_path)  # type: ignore[arg-type]
+    service.factory.max_connections = 4096
+    service.startService()
+
+    def report() -> None:
+        print(f"describe calls {cloud.calls} store fetches "
+              f"{classifier.nodes.fetches + classifier.scopes.fetches}", flush=True)
+
+    reactor.addSystemEventTrigger("before", "shutdown", report)
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    print("ready", flush=True)
+    reactor.run()
+
+
+def timed_calls(argv: list[str], calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, check=False)
+        times.append(time.perf_counter() - start)
+        assert done.returncode == 0, done.stderr
+    return times
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def load(socket_path: str, names: list[str], clients: int, seconds: float | None,
+               ) -> tuple[int, float]:
+    """Classify ``names`` (once each, or at random for ``seconds``) with ``clients`` at once."""
+    done = 0
+    queue = list(names)
+    deadline = None if seconds is None else time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done
+        while True:
+            if deadline is None:
+                if not queue:
+                    return
+                name = queue.pop()
+            else:
+                if time.perf_counter() > deadline:
+                    return
+                name = random.choice(names)
+            reader, writer = await asyncio.open_unix_connection(socket_path)
+            writer.write(name.encode() + b"\n")
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"OK\n"), answer[:200]
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=10000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--serve", nargs=3, metavar=("SOCKET", "STORE", "NODES"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve[0], args.serve[1], int(args.serve[2]))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="puppetha-bench-enc-"))
+    store_path, socket_path = str(work / "store.sqlite"), str(work / "enc.sock")
+    start = time.perf_counter()
+    seed(store_path, args.nodes)
+    print(f"seeded {args.nodes} nodes + {args.nodes + 19} classifications in "
+          f"{time.perf_counter() - start:.1f}s")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", socket_path, store_path,
+                               str(args.nodes)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        bindir = Path(sys.executable).parent
+        script = bindir / "puppetha-enc"
+        direct = Path(__file__).resolve().parent.parent / "puppetha" / "enc" / "script.py"
+        sample = subprocess.run([str(script), "--socket", socket_path, certname(1)],
+                                capture_output=True, check=True).stdout
+        floor = work / "floor.py"
+        floor.write_text(f"import sys\nsys.stdout.write({sample.decode()!r})\n")
+
+        runs = {
+            "floor (fixed YAML)": [sys.executable, str(floor)],
+            "puppetha-enc (entry point)": [str(script), "--socket", socket_path, certname(2)],
+            "script.py (direct path)": [sys.executable, str(direct), "--socket", socket_path,
+                                        certname(3)],
+        }
+        timings = {k: [] for k in runs}  # type: dict[str, list[float]]
+        for _ in range(4):  # interleaved, so drift hits every command alike
+            for label, command in runs.items():
+                timings[label] += timed_calls(command, args.calls // 4)
+        print(f"\nper call, {args.calls} calls each (same interpreter: {sys.executable})")
+        base = statistics.median(timings["floor (fixed YAML)"])
+        for label, times in timings.items():
+            p50, p99 = statistics.median(times), pct(times, 99)
+            print(f"  {label:28s} p50 {p50 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms  "
+                  f"p50/floor {p50 / base:4.2f}")
+
+        names = [certname(i) for i in range(args.nodes)]
+        random.shuffle(names)
+        done, took = asyncio.run(load(socket_path, names, args.clients, None))
+        print(f"\ncold pass: {done} distinct nodes, {args.clients} clients: {done / took:,.0f} "
+              f"classifications/s ({took:.1f}s)")
+        done, took = asyncio.run(load(socket_path, names, args.clients, args.seconds))
+        print(f"warm: {args.clients} clients for {args.seconds:g}s: {done / took:,.0f} "
+              f"classifications/s ({done} answers)")
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+        print(f"server: {out.strip()}")
+    print("\nrerun: .venv/bin/python bench/enc.py"
+          f" --calls {args.calls} --nodes {args.nodes} --clients {args.clients} --seconds {args.seconds:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
