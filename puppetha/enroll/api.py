@@ -70,6 +70,8 @@ class JSONResource(Resource):
     """A resource whose every refusal (404, 405 included) is JSON."""
 
     def render(self, request: Request) -> bytes | int:
+        if self.isLeaf and request.postpath:
+            return write_json(request, 404, error_body("not-found", "no such resource"))
         try:
             return super().render(request)  # type: ignore[no-any-return]
         except _UnsupportedMethod as e:
@@ -213,14 +215,21 @@ class HealthResource(JSONResource):
         return NOT_DONE_YET
 
 
+class Directory(JSONResource):
+    """An inner node of the tree: only its children answer."""
+
+    def render(self, request: Request) -> bytes:
+        return write_json(request, 404, error_body("not-found", "no such resource"))
+
+
 def enrollment_resource(enrollment: Enrollment) -> Resource:
     """The root resource of the enrollment API."""
-    v1 = JSONResource()
+    v1 = Directory()
     v1.putChild(b"enroll", EnrollResource(enrollment))
     v1.putChild(b"ca", BundleResource(enrollment.ca_bundle))
     v1.putChild(b"crl", BundleResource(enrollment.crl_bundle))
     v1.putChild(b"health", HealthResource(enrollment))
-    root = JSONResource()
+    root = Directory()
     root.putChild(b"v1", v1)
     return root
 
@@ -247,7 +256,8 @@ class BoundedRequest(Request):
 
 def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime) -> Site:
     """The HTTP site of the enrollment API (wrap it in TLS: see :mod:`puppetha.enroll.listener`)."""
-    site = Site(enrollment_resource(enrollment), reactor=reactor)
+    # Never parse form uploads: the API takes JSON only.
+    site = Site(enrollment_resource(enrollment), parsePOSTFormSubmission=False, reactor=reactor)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site

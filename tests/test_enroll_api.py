@@ -1,0 +1,196 @@
+"""The HTTP surface of the enrollment API: request shapes, sizes, media types, bundles, health."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from puppetha.enroll.api import MAX_BODY, make_enrollment_site, parse_enrollment
+from puppetha.enroll.service import EnrollmentRequest
+
+pytest.register_assert_rewrite("tests.enroll_fixtures")
+
+from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
+    AWS,
+    SwitchableStore,
+    World,
+    build_world,
+)
+
+pytest_plugins = ["tests.enroll_fixtures"]
+
+
+@pytest.fixture
+def agent_body(world: World) -> dict[str, str]:
+    agent = world.launch()
+    return world.body_for(agent)
+
+
+def assert_refused(world: World, answer, status: int, code: str, before) -> None:
+    assert (answer.status, answer.error) == (status, code), answer.body
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json["message"]
+    assert world.state() == before
+
+
+def test_oversize_body_is_413_before_parsing(world: World, agent_body: dict[str, str]) -> None:
+    body = json.dumps({**agent_body, "padding": "x" * MAX_BODY}).encode()
+    before = world.state()
+    answer = world.call("/v1/enroll", body)
+    assert_refused(world, answer, 413, "too-large", before)
+
+
+def test_oversize_garbage_is_413_not_400(world: World) -> None:
+    before = world.state()
+    answer = world.call("/v1/enroll", b"{" * (MAX_BODY + 1))
+    assert_refused(world, answer, 413, "too-large", before)
+
+
+def test_body_at_the_limit_is_parsed(world: World) -> None:
+    body = b" " * (MAX_BODY - 2) + b"[]"
+    assert len(body) == MAX_BODY
+    answer = world.call("/v1/enroll", body)
+    assert (answer.status, answer.error) == (400, "malformed-json")
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/jsonx"]
+)
+def test_other_media_types_are_415(world: World, agent_body: dict[str, str], content_type: str) -> None:
+    before = world.state()
+    answer = world.call("/v1/enroll", json.dumps(agent_body).encode(), headers={"Content-Type": content_type})
+    assert_refused(world, answer, 415, "not-json", before)
+
+
+def test_json_with_a_charset_is_accepted(world: World) -> None:
+    answer = world.call("/v1/enroll", b"[]", headers={"Content-Type": "application/json; charset=utf-8"})
+    assert (answer.status, answer.error) == (400, "malformed-json")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", "malformed-json"),
+        (b"{not json", "malformed-json"),
+        (b"\xff\xfe{}", "malformed-json"),
+        (b"[1, 2]", "malformed-json"),
+        (b'"a string"', "malformed-json"),
+        (b"[" * 5000 + b"]" * 5000, "malformed-json"),
+        (b'{"document": "d", "signature": "s", "csr": "c"}', "missing-field"),
+        (b'{"role": "agent", "signature": "s", "csr": "c"}', "missing-field"),
+        (b'{"role": "agent", "document": "d", "signature": "s"}', "missing-field"),
+        (b'{"role": 1, "document": "d", "signature": "s", "csr": "c"}', "bad-field"),
+        (b'{"role": "agent", "document": {}, "signature": "s", "csr": "c"}', "bad-field"),
+        (b'{"role": "agent", "document": "d", "signature": null, "csr": "c"}', "bad-field"),
+        (b'{"role": "agent", "document": "", "signature": "s", "csr": "c"}', "bad-field"),
+        (b'{"role": "agent", "document": "d", "signature": "s", "csr": "\\u00e9"}', "bad-field"),
+        (b'{"role": "agent", "document": "\\ud800", "signature": "s", "csr": "c"}', "bad-field"),
+        (b'{"role": "admin", "document": "d", "signature": "s", "csr": "c"}', "unknown-role"),
+        (b'{"role": "Agent", "document": "d", "signature": "s", "csr": "c"}', "unknown-role"),
+    ],
+)
+def test_malformed_requests_are_400(world: World, body: bytes, code: str) -> None:
+    before = world.state()
+    answer = world.call("/v1/enroll", body)
+    assert_refused(world, answer, 400, code, before)
+
+
+def test_parse_keeps_the_exact_document_bytes() -> None:
+    document = '{\n  "accountId" : "123456789012"\n}'
+    parsed = parse_enrollment(
+        json.dumps({"role": "lb", "document": document, "signature": "c2ln", "csr": "pem", "x": 1}).encode()
+    )
+    assert parsed == EnrollmentRequest(role="lb", document=document.encode(), signature="c2ln", csr=b"pem")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/enroll"), ("PUT", "/v1/enroll"), ("POST", "/v1/ca"), ("DELETE", "/v1/health")],
+)
+def test_wrong_method_is_405_json(world: World, method: str, path: str) -> None:
+    answer = world.call(path, None, method=method)
+    assert (answer.status, answer.error) == (405, "method-not-allowed")
+    assert answer.headers["allow"]
+
+
+@pytest.mark.parametrize("path", ["/", "/v1", "/v1/", "/v2/enroll", "/v1/enroll/extra", "/v1/nothing"])
+def test_unknown_paths_are_404_json(world: World, path: str) -> None:
+    answer = world.call(path, None, method="GET")
+    assert (answer.status, answer.error) == (404, "not-found")
+
+
+def test_ca_bundle_holds_every_ca_root_first(world: World) -> None:
+    master = world.launch("master")
+    assert world.enroll(master, "master").status == 200
+    answer = world.call("/v1/ca", None, method="GET")
+    assert answer.status == 200
+    assert answer.headers["content-type"] == "application/x-pem-file"
+    certs = x509.load_pem_x509_certificates(answer.body)
+    assert len(certs) == 2
+    assert certs[0].subject == certs[0].issuer  # the root
+    assert certs[1].issuer == certs[0].subject
+
+
+def test_crl_bundle_holds_a_crl_per_ca(world: World) -> None:
+    master = world.launch("master")
+    assert world.enroll(master, "master").status == 200
+    answer = world.call("/v1/crl", None, method="GET")
+    assert answer.status == 200
+    assert answer.body.count(b"-----BEGIN X509 CRL-----") == 2
+    for pem in answer.body.split(b"-----END X509 CRL-----")[:-1]:
+        x509.load_pem_x509_crl(pem + b"-----END X509 CRL-----\n")
+
+
+def test_health(world: World) -> None:
+    answer = world.call("/v1/health", None, method="GET")
+    assert (answer.status, answer.json) == (200, {"status": "ok"})
+
+
+def test_store_down_is_503_with_retry_after_everywhere(enroll_aws: AWS, aws_signer, tmp_path: Path) -> None:
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=SwitchableStore.wrapping)
+    try:
+        store = world.records.store
+        assert isinstance(store, SwitchableStore)
+        store.down = True
+        for path in ("/v1/health", "/v1/ca", "/v1/crl"):
+            answer = world.call(path, None, method="GET")
+            assert (answer.status, answer.error) == (503, "store-unavailable"), path
+            assert int(answer.headers["retry-after"]) > 0
+    finally:
+        world.store.close()
+
+
+def exchange(world: World, raw: bytes) -> bytes:
+    """Feed raw HTTP to the real site (with its BoundedRequest) and return what it answered."""
+    site = make_enrollment_site(world.enrollment, world.clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "10.20.1.5", 50000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(raw)
+    world.clock.advance(1)
+    answer: bytes = transport.value()
+    return answer
+
+
+def test_site_refuses_a_large_chunked_body_without_storing_it(world: World) -> None:
+    head = (b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(40)) + b"0\r\n\r\n"
+    before = world.state()
+    answer = exchange(world, head + body)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b'"too-large"' in answer
+    assert world.state() == before
+
+
+def test_site_refuses_an_announced_large_body(world: World) -> None:
+    raw = (b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)) + b"{" * (MAX_BODY + 1)
+    answer = exchange(world, raw)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
