@@ -14,13 +14,13 @@ from typing import Any
 
 from cryptography import x509
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from puppetha import build
 from puppetha.config import OPTIONS, Config, ConfigError, load_config
+from puppetha.enc.service import Classifier, ENCSocketService
 from puppetha.pki.authority import CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.vault import VaultError
@@ -115,8 +115,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         raise SystemExit(f"puppetha: {e}") from None
 
 
-def make_daemon(config: Config, reactor: IReactorCore) -> MultiService:
-    """Everything the configured roles need, as one service tree."""
+def make_daemon(config: Config, reactor: Any) -> MultiService:
+    """
+    Everything the configured roles need, as one service tree.  ``reactor`` provides the time,
+    thread, TCP and UNIX interfaces of Twisted's real reactors.
+    """
     root = MultiService()
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
 
@@ -127,21 +130,45 @@ def make_daemon(config: Config, reactor: IReactorCore) -> MultiService:
 
     records = Records(store)
     vault = build.open_vault(config, create=True)
-    authority = build.make_authority(config, records, vault, reactor.seconds)  # type: ignore[attr-defined]
+    authority = build.make_authority(config, records, vault, reactor.seconds)
     # Before the reactor runs, so that a broken store or vault stops the daemon with one line.
     root_ca = authority.ensure_root(config[("pki", "root_name")])
     log.info("root CA {name}, {fingerprint}", name=root_ca.name,
              fingerprint=fingerprint(x509.load_pem_x509_certificate(root_ca.certificate_pem.encode())))
 
-    signing = Blocking(reactor, pool, authority)  # type: ignore[arg-type]
+    signing = Blocking(reactor, pool, authority)
     margin = timedelta(seconds=config[("pki", "crl_refresh_margin")])
     CRLRefresher(
         lambda m: signing.call(authority.refresh_crls, m),
-        reactor,  # type: ignore[arg-type]
+        reactor,
         # Several runs inside the margin, so that one failed run (store down) costs nothing.
         interval=min(timedelta(hours=1), margin / 4),
         margin=margin,
     ).setServiceParent(root)
+
+    cloud = build.make_cloud(config)
+    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
+    aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
+    ThreadPoolService(aws_pool).setServiceParent(root)
+    aws = Blocking(reactor, aws_pool, cloud)
+    store_calls = Blocking(reactor, pool, records)
+
+    if "enc" in config.roles:
+        classifier = Classifier(
+            reactor,
+            store_calls,
+            aws,
+            ttl=config[("enc", "cache_ttl")],
+            stale_limit=config[("enc", "stale_limit")],
+        )
+        ENCSocketService(
+            reactor,
+            classifier,
+            config[("enc", "socket")],
+            owner=config[("enc", "socket_owner")],
+            group=config[("enc", "socket_group")],
+            mode=config[("enc", "socket_mode")],
+        ).setServiceParent(root)
 
     Announcement(config).setServiceParent(root)
     return root

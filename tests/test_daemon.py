@@ -43,6 +43,14 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
             stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(log, "puppetha started")
+        socket = tmp_path / "enc.sock"
+        assert socket.stat().st_mode & 0o777 == 0o660
+        # The ENC answers, and a node nobody enrolled gets nothing.
+        enc = subprocess.run([str(Path(sys.executable).parent / "puppetha-enc"), "--socket", str(socket),
+                              "i-0123456789abcdef0"], capture_output=True, text=True, timeout=30, check=False)
+        assert enc.returncode == 1
+        assert enc.stdout == ""
+        assert "i-0123456789abcdef0" in enc.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)
         status = daemon.wait(timeout=30)
@@ -55,6 +63,7 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
     assert root[0]["fingerprint"].startswith("sha256:")
     assert any(e["message"] == "Server Shut Down." for e in events)
     assert not [e for e in events if e["level"] in ("error", "critical")]
+    assert not socket.exists()  # removed on a clean stop
     # The state is owner-only: it holds the sealed CA key and the vault key.
     assert (state / "ca-vault.key").stat().st_mode & 0o777 == 0o600
     assert (state / "puppetha.sqlite").stat().st_mode & 0o077 == 0
