@@ -262,7 +262,35 @@ def test_missing_table(moto: MotoServer) -> None:
     store.close()
 
 
+def test_missing_permission_is_one_line(monkeypatch: pytest.MonkeyPatch, aws_credentials: None) -> None:
+    # moto enforces IAM once its first (setup) calls are spent: a user who may only read.
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+    with MotoServer() as strict:
+        iam = client("iam", strict.endpoint_url, REGION)
+        iam.create_user(UserName="reader")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["dynamodb:GetItem"], "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        store = DynamoDBStore("puppetha", REGION, strict.endpoint_url)
+        with pytest.raises(StoreAccessDenied) as denied:
+            store.create_table()
+        assert str(denied.value) == "access denied: dynamodb:CreateTable on table 'puppetha' (403)"
+        store.close()
+
+
 # -- failures of the endpoint
+
+
+def test_closed_store_is_unavailable(store: DynamoDBStore) -> None:
+    store.create("node", "n1", {})
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.get("node", "n1")
 
 
 def test_unreachable_endpoint_is_unavailable(aws_credentials: None) -> None:
@@ -348,6 +376,7 @@ def _client_error(code: str, status: int = 400) -> ClientError:
         ("AccessDeniedException", 400, StoreAccessDenied),
         ("UnrecognizedClientException", 400, StoreAccessDenied),
         ("ExpiredTokenException", 400, StoreAccessDenied),
+        ("403", 403, StoreAccessDenied),
         ("ResourceNotFoundException", 400, TableMissing),
         ("ProvisionedThroughputExceededException", 400, StoreUnavailable),
         ("ThrottlingException", 400, StoreUnavailable),

@@ -130,13 +130,13 @@ def classify_error(error: Exception, table: str, operation: str) -> StoreError:
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "") or code
-        if code in _DENIED_CODES:
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _DENIED_CODES or status == 403:
             return StoreAccessDenied(f"access denied: dynamodb:{operation} on table {table!r} ({code})")
         if code == "ResourceNotFoundException":
             return TableMissing(f"DynamoDB table {table!r} does not exist; run `puppetha store init`")
         if code in _UNAVAILABLE_CODES:
             return StoreUnavailable(f"DynamoDB refused {operation} on {table!r}: {code}")
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if status >= 500:
             return StoreUnavailable(f"DynamoDB failed {operation} on {table!r}: {code} {message}")
         return StoreError(f"DynamoDB refused {operation} on {table!r}: {code}: {message}")
@@ -285,6 +285,7 @@ class DynamoDBStore:
             session = boto3.session.Session()
             client = session.client("dynamodb", endpoint_url=endpoint_url, config=config)
         self._client = client
+        self._closed = False
         self._lister = ThreadPoolExecutor(max_workers=list_parallelism, thread_name_prefix="dynamodb-list")
 
     # -- the interface ---------------------------------------------------------------------
@@ -395,6 +396,7 @@ class DynamoDBStore:
         self._commit(writes)
 
     def close(self) -> None:
+        self._closed = True
         self._lister.shutdown(wait=True)
         self._client.close()
 
@@ -459,6 +461,8 @@ class DynamoDBStore:
 
     def _call(self, operation: str, **arguments: Any) -> Any:
         """One API call; condition failures pass through, everything else becomes a StoreError."""
+        if self._closed:
+            raise StoreUnavailable(f"store on DynamoDB table {self.table!r} is closed")
         try:
             return getattr(self._client, operation)(**arguments)
         except ClientError as e:
