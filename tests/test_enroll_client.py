@@ -489,6 +489,18 @@ def test_master_asks_for_its_names_and_keeps_its_ca(
     assert host.puppet_conf.read_text().startswith("[main]\ncertname = ")
 
 
+def test_master_without_private_dns_in_metadata_asks_for_the_front_name(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    del imds.paths["/latest/meta-data/local-hostname"]
+    enroll_server.front = "localhost:8140"
+    code, _, err = run(imds, enroll_server, host, role="master", server_url=enroll_server.url("localhost"))
+    assert (code, err) == (EXIT_OK, "")
+    csr = x509.load_pem_x509_csr(json.loads(enroll_server.posts[0])["csr"].encode())
+    sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [INSTANCE_ID, "localhost"]
+
+
 def test_lb_node_certificate_comes_from_the_root(
     imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
 ) -> None:

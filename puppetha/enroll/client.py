@@ -278,7 +278,9 @@ class MetadataService:
         self.port = parts.port or 80
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
+    def _request(
+        self, method: str, path: str, headers: Mapping[str, str], missing_ok: bool = False
+    ) -> bytes | None:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             connection.request(method, path, headers=dict(headers))
@@ -292,6 +294,8 @@ class MetadataService:
             connection.close()
         if response.status == 200:
             return body
+        if response.status == 404 and missing_ok:
+            return None
         if response.status >= 500:
             raise Unavailable(f"the metadata service answered {method} {path} with {response.status}")
         raise LocalError(f"the metadata service answered {method} {path} with {response.status}")
@@ -300,10 +304,14 @@ class MetadataService:
         token = self._request(
             "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": str(IMDS_TOKEN_TTL)}
         )
-        return token.decode("ascii", "replace").strip()
+        return (token or b"").decode("ascii", "replace").strip()
 
     def get(self, path: str, token: str) -> bytes:
-        return self._request("GET", path, {"X-aws-ec2-metadata-token": token})
+        return self._request("GET", path, {"X-aws-ec2-metadata-token": token}) or b""
+
+    def get_optional(self, path: str, token: str) -> bytes | None:
+        """Like :meth:`get`, but ``None`` when the service has no such path (404)."""
+        return self._request("GET", path, {"X-aws-ec2-metadata-token": token}, missing_ok=True)
 
 
 def read_identity(imds: MetadataService, *, with_private_dns: bool) -> InstanceIdentity:
@@ -322,7 +330,9 @@ def read_identity(imds: MetadataService, *, with_private_dns: bool) -> InstanceI
         raise LocalError("the identity document has no instanceId")
     private_dns = None
     if with_private_dns:
-        private_dns = imds.get("/latest/meta-data/local-hostname", token).decode("ascii", "replace").strip()
+        # Optional: without it the CSR asks only for the other names.
+        hostname = imds.get_optional("/latest/meta-data/local-hostname", token) or b""
+        private_dns = hostname.decode("ascii", "replace").strip()
     return InstanceIdentity(document, signature_text, instance_id, private_dns or None)
 
 
