@@ -56,6 +56,8 @@ from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
 from puppetha.threads import Blocking, make_pool
 
 REGION = "us-east-1"
+#: The test fleet's subnet is a /24: the master and the agents must fit in it.
+MAX_INSTANCES = 240
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -82,12 +84,15 @@ def raw_signing_rate(key: Any, seconds: float) -> float:
 
 
 def launch_agents(fleet: Fleet, cloud: Boto3Cloud, count: int) -> list[InstanceInfo]:
-    answer = fleet.ec2.run_instances(
-        ImageId="ami-0123456789abcdef0", InstanceType="t3.micro", MinCount=count, MaxCount=count,
-        SubnetId=fleet.subnet_id,
-        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": ROLE_TAG, "Value": "agent"}]}],
-    )
-    ids = [i["InstanceId"] for i in answer["Instances"]]
+    ids: list[str] = []
+    while len(ids) < count:
+        batch = min(100, count - len(ids))
+        answer = fleet.ec2.run_instances(
+            ImageId="ami-0123456789abcdef0", InstanceType="t3.micro", MinCount=batch, MaxCount=batch,
+            SubnetId=fleet.subnet_id,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": ROLE_TAG, "Value": "agent"}]}],
+        )
+        ids += [i["InstanceId"] for i in answer["Instances"]]
     found = cloud.describe_instances(REGION, ids)
     return [found[i] for i in ids]
 
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-type", default="ec-p256", choices=[k.value for k in KeyType],
                         help="key type of the CAs (default ec-p256)")
     options = parser.parse_args(argv)
+    if not 1 <= options.instances <= MAX_INSTANCES:
+        parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
     rerun = shlex.join([".venv/bin/python", "bench/enroll.py", *(argv if argv is not None else sys.argv[1:])])
     key_type = KeyType(options.key_type)
 
