@@ -11,6 +11,8 @@ import json
 import os
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -363,6 +365,65 @@ def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
         server.server_close()
     # botocore's own retries happened before the store gave up.
     assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 3
+
+
+class LosesFirstAnswers(BaseHTTPRequestHandler):
+    """
+    Forwards DynamoDB calls to moto, but drops the connection instead of answering the first
+    call of each operation in ``lose``: the write happened, its answer never arrives.
+    """
+
+    upstream = ""
+    lose: set[str] = set()
+    seen: list[str] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        target = self.headers["X-Amz-Target"].rsplit(".", 1)[-1]
+        self.seen.append(target)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        request = urllib.request.Request(  # noqa: S310 - moto on loopback
+            self.upstream, data=body, headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - moto on loopback
+                status, reply, kind = answer.status, answer.read(), answer.headers["Content-Type"]
+        except urllib.error.HTTPError as error:
+            status, reply, kind = error.code, error.read(), error.headers["Content-Type"]
+        if target in self.lose:
+            self.lose.discard(target)
+            self.close_connection = True
+            return
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_retried_write_recognises_its_own_first_attempt(moto: MotoServer, table: str) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LosesFirstAnswers)
+    LosesFirstAnswers.upstream = moto.endpoint_url
+    LosesFirstAnswers.lose = {"PutItem"}
+    LosesFirstAnswers.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = DynamoDBStore(table, REGION, f"http://127.0.0.1:{server.server_address[1]}")
+        assert store.create("claim", "i-0abc/agent", {"by": 1}) == Item("claim", "i-0abc/agent", {"by": 1}, 1)
+        LosesFirstAnswers.lose = {"PutItem", "DeleteItem"}
+        assert store.replace("claim", "i-0abc/agent", {"by": 2}, 1).version == 2
+        assert store.delete("claim", "i-0abc/agent", 2) is True
+        store.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Each write was sent twice: the first attempt applied, its answer lost, then the retry.
+    assert LosesFirstAnswers.seen == ["PutItem"] * 4 + ["DeleteItem"] * 2
+    assert raw_items(moto, table) == []
 
 
 def _client_error(code: str, status: int = 400) -> ClientError:

@@ -309,7 +309,7 @@ class DynamoDBStore:
         write_id = uuid.uuid4().hex
         encoded = _encode(kind, key, value, 1, write_id)
         if encoded.chunks:
-            self._single(Create(kind, key, value))
+            self._single(Create(kind, key, value), encoded)
             return Item(kind, key, encoded.value, 1)
         try:
             self._call(
@@ -331,7 +331,7 @@ class DynamoDBStore:
         write_id = uuid.uuid4().hex
         encoded = _encode(kind, key, value, expected_version + 1, write_id)
         if encoded.chunks:
-            self._single(Replace(kind, key, value, expected_version))
+            self._single(Replace(kind, key, value, expected_version), encoded)
             return Item(kind, key, encoded.value, expected_version + 1)
         try:
             answer = self._call(
@@ -521,16 +521,18 @@ class DynamoDBStore:
                 items.append(item)
         return items
 
-    def _single(self, write: Write) -> None:
+    def _single(self, write: Write, encoded: _Encoded) -> None:
         """A single big write, done as a transaction; its refusal is the write's own error."""
         try:
-            self._commit([write])
+            self._commit([write], {0: encoded})
         except TransactionConflict as e:
             raise e.reasons[0] from None
 
-    def _commit(self, writes: Sequence[Write]) -> None:
-        encoded: dict[int, _Encoded] = {}
+    def _commit(self, writes: Sequence[Write], prepared: Mapping[int, _Encoded] | None = None) -> None:
+        encoded = dict(prepared or {})
         for index, write in enumerate(writes):
+            if index in encoded:
+                continue
             if isinstance(write, (Create, Replace)):
                 version = 1 if isinstance(write, Create) else write.expected_version + 1
                 if isinstance(write, Replace):
