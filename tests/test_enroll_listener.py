@@ -348,13 +348,14 @@ def test_direct_tls_sends_the_chain_and_serves_bundles(direct: Served) -> None:
     # The handshake carries the server certificate and then the root, for pinning.
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     with socket.create_connection(("127.0.0.1", direct.port), timeout=20) as raw:
+        # pyOpenSSL needs a blocking socket (a timeout makes it non-blocking underneath).
+        raw.settimeout(None)
         connection = SSL.Connection(context, raw)
         connection.set_tlsext_host_name(b"puppet")
         connection.set_connect_state()
         connection.do_handshake()
         chain = connection.get_peer_cert_chain(as_cryptography=True)
         version = connection.get_protocol_version_name()
-        connection.shutdown()
     assert chain is not None
     assert len(chain) == 2
     assert chain[1] == direct.authority.certificate("root")
