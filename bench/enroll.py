@@ -190,7 +190,7 @@ def start_daemon(
     endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
 
     def listen() -> Deferred[IListeningPort]:
-        return listen_enrollment(endpoint, site, credentials.tls_context(), ["127.0.0.1"])
+        return listen_enrollment(endpoint, site, credentials.tls_context(), ["127.0.0.1"], clock=reactor)
 
     port: IListeningPort = blockingCallFromThread(reactor, cast(Callable[[], Any], listen))
     return Daemon(reactor, thread, pool, store, authority, enrollment, port, root_pem)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -242,11 +243,14 @@ def store_init(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_location(ctx: Context, location: str) -> Any:
+def _open_location(ctx: Context, location: str, *, must_exist: bool) -> Any:
     scheme, sep, rest = location.partition(":")
     if not sep or not rest:
         raise CLIError(f"not sqlite:PATH or dynamodb:TABLE: {location!r}")
     if scheme == "sqlite":
+        if must_exist and not os.path.isfile(rest):
+            # Opening would create an empty store, and the copy would quietly copy nothing.
+            raise CLIError(f"no SQLite store at {rest}")
         from puppetha.store.sqlite import SQLiteStore
 
         return SQLiteStore(rest)
@@ -261,14 +265,21 @@ def _open_location(ctx: Context, location: str) -> Any:
 def store_migrate(ctx: Context, args: argparse.Namespace) -> int:
     from puppetha.store.migrate import migrate
 
-    source = _open_location(ctx, args.source)
-    target = _open_location(ctx, args.target)
+    source = _open_location(ctx, args.source, must_exist=True)
+    try:
+        target = _open_location(ctx, args.target, must_exist=False)
+    except BaseException:
+        source.close()
+        raise
     try:
         started = time.monotonic()
         counts = migrate(source, target)
-        total = sum(counts.values())
-        detail = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items()))
-        print(f"copied {total} records in {time.monotonic() - started:.1f}s ({detail})", file=ctx.out)
+        copied = sum(c.copied for c in counts.values())
+        unchanged = sum(c.unchanged for c in counts.values())
+        detail = ", ".join(f"{kind} {c.copied}+{c.unchanged}" for kind, c in sorted(counts.items()) if
+                           c.copied or c.unchanged)
+        print(f"copied {copied} records, {unchanged} already there, in {time.monotonic() - started:.1f}s"
+              f" (per kind, copied+unchanged: {detail or 'none'})", file=ctx.out)
     finally:
         source.close()
         target.close()

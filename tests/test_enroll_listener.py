@@ -159,8 +159,8 @@ class ReactorThread:
         )
         self.thread.start()
 
-    def call(self, f: Callable[..., Any], *args: Any) -> Any:
-        return blockingCallFromThread(self.reactor, f, *args)
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return blockingCallFromThread(self.reactor, f, *args, **kwargs)
 
     def stop(self) -> None:
         self.reactor.callFromThread(self.reactor.stop)
@@ -210,7 +210,8 @@ def serve(aws: AWS, signer: Any, tmp_path: Path, proxy_from: list[str]) -> Itera
     root_pem.write_bytes(credentials.root.public_bytes(serialization.Encoding.PEM))
     site = make_enrollment_site(enrollment, runner.reactor)
     endpoint = TCP4ServerEndpoint(runner.reactor, 0, interface="127.0.0.1")
-    port = runner.call(listen_enrollment, endpoint, site, credentials.tls_context(), proxy_from)
+    port = runner.call(listen_enrollment, endpoint, site, credentials.tls_context(), proxy_from,
+                       clock=runner.reactor)
     try:
         yield Served(aws, signer, store, authority, root_pem, port.getHost().port, aws.fleet)
     finally:

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IReactorCore,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -129,9 +130,15 @@ def enrollment_endpoint(
     return endpoint
 
 
-def enrollment_factory(context: ssl.CertificateOptions, site: Site) -> TLSMemoryBIOFactory:
-    """The TLS server factory around the HTTP site."""
-    return TLSMemoryBIOFactory(context, False, site)
+def enrollment_factory(
+    context: ssl.CertificateOptions, site: Site, clock: IReactorTime
+) -> TLSMemoryBIOFactory:
+    """
+    The TLS server factory around the HTTP site.  ``clock`` is the reactor the listener runs
+    on: without it TLS schedules its writes on the global reactor, and on any other reactor the
+    answers would never leave.
+    """
+    return TLSMemoryBIOFactory(context, False, site, clock=clock)
 
 
 def listen_enrollment(
@@ -139,9 +146,11 @@ def listen_enrollment(
     site: Site,
     context: ssl.CertificateOptions,
     proxy_from: Iterable[str] = (),
+    *,
+    clock: IReactorTime,
 ) -> Deferred[IListeningPort]:
     """Start listening; the Deferred fires with the :class:`IListeningPort`."""
-    return enrollment_endpoint(transport, proxy_from).listen(enrollment_factory(context, site))
+    return enrollment_endpoint(transport, proxy_from).listen(enrollment_factory(context, site, clock))
 
 
 def enrollment_service(
@@ -157,7 +166,8 @@ def enrollment_service(
     """
     transport = serverFromString(reactor, listen)
     service = StreamServerEndpointService(
-        enrollment_endpoint(transport, proxy_from), enrollment_factory(context, site)
+        enrollment_endpoint(transport, proxy_from),
+        enrollment_factory(context, site, reactor),  # type: ignore[arg-type]
     )
     service.setName("enroll-listener")
     # Fail the daemon's start-up when the port cannot be bound, instead of logging only.
