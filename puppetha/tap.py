@@ -19,10 +19,17 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from puppetha import build
+from puppetha.aws.cloud import ICloud
+from puppetha.aws.identity import TrustStore
 from puppetha.config import OPTIONS, Config, ConfigError, load_config
 from puppetha.enc.service import Classifier, ENCSocketService
-from puppetha.pki.authority import CRLRefresher
+from puppetha.enroll.api import make_enrollment_site
+from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
+from puppetha.enroll.policy import EnrollmentPolicy
+from puppetha.enroll.service import Enrollment
+from puppetha.pki.authority import CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
+from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import VaultError
 from puppetha.store import IStore, StoreError
 from puppetha.store.records import Records
@@ -89,6 +96,58 @@ class StoreService(Service):
         self.store.close()
 
 
+def enrollment_listener(
+    config: Config,
+    reactor: Any,
+    *,
+    authority: CertificateAuthority,
+    signing: Blocking[CertificateAuthority],
+    store_calls: Blocking[Records],
+    aws: Blocking[ICloud],
+) -> IService:
+    """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
+    certs = config[("aws", "identity_certs")]
+    try:
+        trust = TrustStore.from_file(certs) if certs else TrustStore({})
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: [aws] identity_certs: {e}") from None
+    if not trust.regions:
+        log.warn("no AWS region is trusted ([aws] identity_certs): every enrollment will be refused")
+    if not config[("aws", "accounts")]:
+        log.warn("no AWS account may enroll ([aws] accounts): every enrollment will be refused")
+    policy = EnrollmentPolicy(
+        accounts=config[("aws", "accounts")],
+        max_age=config[("enroll", "max_age")],
+        front=config[("enroll", "front")],
+        require_source_match=config[("enroll", "require_source_match")],
+        certname_template=config[("enroll", "certname_template")],
+        master_rules=config[("enroll", "master_policy")],
+        lb_rules=config[("enroll", "lb_policy")],
+    )
+    enrollment = Enrollment(
+        policy=policy,
+        trust=trust,
+        records=store_calls,
+        authority=signing,
+        cloud=aws,
+        clock=reactor,
+        allowed_keys=[KeyType(k) for k in config[("pki", "allowed_csr_keys")]],
+    )
+    # Before the reactor runs: the listener's own certificate, issued by the root.
+    credentials = ensure_server_credentials(
+        authority, config.state_dir, config[("enroll", "server_names")], KeyType(config[("pki", "key_type")])
+    )
+    log.info("enrollment API on {listen}; clients pin the root CA {pin}",
+             listen=config[("enroll", "listen")], pin=credentials.root_fingerprint)
+    return enrollment_service(
+        reactor,
+        config[("enroll", "listen")],
+        make_enrollment_site(enrollment, reactor),
+        credentials.tls_context(),
+        config[("enroll", "proxy_from")],
+    )
+
+
 class Announcement(Service):
     """Started last: says that every other service of the daemon is up."""
 
@@ -152,6 +211,10 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     ThreadPoolService(aws_pool).setServiceParent(root)
     aws = Blocking(reactor, aws_pool, cloud)
     store_calls = Blocking(reactor, pool, records)
+
+    if "enroll" in config.roles:
+        enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
+                            aws=aws).setServiceParent(root)
 
     if "enc" in config.roles:
         classifier = Classifier(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import signal
+import socket as socketlib
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +21,25 @@ from puppetha.tap import Options
 TWISTD = [str(Path(sys.executable).parent / "twistd")]
 CLI = [sys.executable, "-m", "puppetha.cli"]
 LOOPBACK = "enroll.listen=tcp:0:interface=127.0.0.1"
+
+
+def free_port() -> int:
+    with contextlib.closing(socketlib.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_pinned(port: int, path: str, root_pem: str) -> tuple[int, bytes]:
+    """GET over TLS, trusting only puppetha's root (the server's name is not ours to check here)."""
+    context = ssl.create_default_context(cadata=root_pem)
+    context.check_hostname = False
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
 
 
 def twistd(*args: str) -> list[str]:
@@ -36,10 +59,12 @@ def wait_for(path: Path, what: str, seconds: float = 30) -> str:
 def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     state = tmp_path / "state"
+    port = free_port()
     with log.open("w") as out:
         daemon = subprocess.Popen(
             twistd("--logger", "puppetha.logs.json_observer", "puppetha", "--state-dir", str(state),
-                   "--set", f"enc.socket={tmp_path}/enc.sock", "--set", LOOPBACK),
+                   "--set", f"enc.socket={tmp_path}/enc.sock",
+                   "--set", f"enroll.listen=tcp:{port}:interface=127.0.0.1"),
             stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(log, "puppetha started")
@@ -51,6 +76,14 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
         assert enc.returncode == 1
         assert enc.stdout == ""
         assert "i-0123456789abcdef0" in enc.stderr
+        # The enrollment API answers over TLS with a certificate from the root CA.
+        root = subprocess.run([*CLI, "--state-dir", str(state), "ca", "show", "--pem"],
+                              capture_output=True, text=True, check=True).stdout
+        status, body = get_pinned(port, "/v1/health", root)
+        assert status == 200
+        assert json.loads(body)["status"] == "ok"
+        status, body = get_pinned(port, "/v1/ca", root)
+        assert (status, body.decode()) == (200, root)
     finally:
         daemon.send_signal(signal.SIGTERM)
         status = daemon.wait(timeout=30)
