@@ -7,6 +7,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
@@ -245,3 +246,12 @@ def test_thread_stop_and_restart(aws: FakeAWSSigner) -> None:
     with imds:
         url = imds.serve(metadata_for(aws, instance()))
         assert http("PUT", url + "/latest/api/token", TTL)[0] == 200
+
+
+def test_local_hostname_when_the_instance_has_one(aws: FakeAWSSigner, clock: Clock) -> None:
+    name = b"ip-10-20-1-4.ec2.internal"
+    metadata = attrs.evolve(metadata_for(aws, instance()), local_hostname=name.decode())
+    client = Client(MetadataService(metadata, clock))
+    assert client.get("/latest/meta-data/local-hostname", client.token()) == (200, name)
+    bare = Client(MetadataService(metadata_for(aws, instance()), clock))
+    assert bare.get("/latest/meta-data/local-hostname", bare.token())[0] == 404

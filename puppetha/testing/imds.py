@@ -54,6 +54,8 @@ class InstanceMetadata:
     #: The ``rsa2048`` text: base64 of the PKCS7 signature.
     signature: str
     private_ip: str = ""
+    #: The private DNS name (``ip-10-0-0-5.ec2.internal``), served as ``local-hostname``.
+    local_hostname: str = ""
 
 
 class MetadataService(Resource):
@@ -79,6 +81,8 @@ class MetadataService(Resource):
         }
         if m.private_ip:
             paths[b"/latest/meta-data/local-ipv4"] = m.private_ip.encode("ascii")
+        if m.local_hostname:
+            paths[b"/latest/meta-data/local-hostname"] = m.local_hostname.encode("ascii")
         return paths
 
     def render(self, request: Request) -> bytes:
