@@ -1,0 +1,200 @@
+"""
+The local demo fleet: the whole enrollment story on one box.
+
+A moto server plays AWS (EC2), a test key plays AWS's identity-document signer, an IMDSv2
+emulator plays each instance's metadata service, and the real daemon runs on its embedded
+defaults with only what the demo needs set on the command line.  One master and three agents
+then enroll with the real ``puppetha-enroll``, a classification is stored with
+``puppetha classify``, and the ENC is asked for an agent with the real ``puppetha-enc``.
+
+Run it with ``./scripts/demo`` (or ``python -m puppetha.demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from puppetha.aws.cloud import InstanceInfo
+from puppetha.testing.aws import FakeAWSSigner
+from puppetha.testing.imds import IMDSThread, InstanceMetadata
+from puppetha.testing.moto import Fleet, MotoServer
+
+BIN = Path(sys.executable).parent
+ACCOUNT = "123456789012"
+#: Credentials for the moto server only; it accepts any.
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class DemoError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def run(command: Sequence[str], env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=120)
+    if done.returncode != 0:
+        raise DemoError(f"{' '.join(command[:3])} ... failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def wait_for_log(path: Path, what: str, daemon: subprocess.Popen[bytes], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and what in path.read_text():
+            return
+        if daemon.poll() is not None:
+            raise DemoError(f"the daemon stopped (status {daemon.returncode}); see {path}")
+        time.sleep(0.1)
+    raise DemoError(f"the daemon did not start within {seconds:.0f}s; see {path}")
+
+
+class Demo:
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.port = free_port()
+        self.env = {**os.environ, **MOTO_ENV}
+        self.imds_urls: dict[str, str] = {}
+
+    def cli(self, *args: str) -> str:
+        return run([str(BIN / "puppetha"), "--state-dir", str(self.state / "daemon"), *args], self.env)
+
+    def daemon_command(self, moto: MotoServer, trust_file: Path) -> list[str]:
+        settings = {
+            "aws.endpoint_url": moto.endpoint_url,
+            "aws.accounts": ACCOUNT,
+            "aws.identity_certs": str(trust_file),
+            "enroll.listen": f"tcp:{self.port}:interface=127.0.0.1",
+            "enroll.server_names": "127.0.0.1, localhost",
+            "enroll.front": "127.0.0.1:8140",
+            "enroll.master_policy": "tag:puppetha:role=master",
+            # Every demo instance connects from 127.0.0.1, not from its private IP in moto's VPC.
+            "enroll.require_source_match": "false",
+            "enc.socket": str(self.state / "enc.sock"),
+        }
+        command = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile",
+                   str(self.state / "daemon.log"), "puppetha", "--state-dir", str(self.state / "daemon")]
+        for name, value in settings.items():
+            command += ["--set", f"{name}={value}"]
+        return command
+
+    def enroll(self, imds: IMDSThread, signer: FakeAWSSigner, info: InstanceInfo, role: str, pin: str,
+               *extra: str) -> Path:
+        if info.instance_id not in self.imds_urls:
+            document, signature = signer.identity_for(info)
+            metadata = InstanceMetadata(info.instance_id, document, signature, info.private_ip,
+                                        info.private_dns)
+            self.imds_urls[info.instance_id] = imds.serve(metadata)
+        host = self.state / "hosts" / info.instance_id
+        run([str(BIN / "puppetha-enroll"), "--role", role, "--server", f"https://127.0.0.1:{self.port}",
+             "--ca-fingerprint", pin, "--imds-url", self.imds_urls[info.instance_id],
+             "--ssldir", str(host / "ssl"), "--puppet-conf", str(host / "puppet.conf"), *extra], self.env)
+        return host
+
+    def run(self, keep_running: bool) -> None:
+        marker = self.state / ".puppetha-demo"
+        if self.state.exists() and any(self.state.iterdir()) and not marker.exists():
+            raise DemoError(f"{self.state} is not empty and not a previous demo's; "
+                            "choose another --state-dir")
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.state.mkdir(parents=True, mode=0o700)
+        marker.touch()
+        say("puppetha demo: one box plays AWS, the daemon, one master and three agents.\n")
+        with MotoServer(log_dir=self.state) as moto:
+            say(f"  AWS (moto server)          {moto.endpoint_url}")
+            signer = FakeAWSSigner.create("us-east-1")
+            trust_file = signer.write_trust_file(self.state / "aws")
+            fleet = Fleet(moto.endpoint_url)
+            master = fleet.launch("master", security_groups=["puppet-masters"])
+            agents = [
+                fleet.launch("agent", security_groups=["web"], tags={"app": "shop", "tier": "frontend"}),
+                fleet.launch("agent", security_groups=["web"], tags={"app": "shop", "tier": "frontend"}),
+                fleet.launch("agent", security_groups=["db"], tags={"app": "shop", "tier": "backend"}),
+            ]
+            say(f"  instances (EC2 in moto)    master {master.instance_id}, agents "
+                f"{', '.join(a.instance_id for a in agents)}")
+
+            log = self.state / "daemon.log"
+            daemon = subprocess.Popen(self.daemon_command(moto, trust_file), env=self.env)
+            try:
+                wait_for_log(log, "puppetha started", daemon)
+                pin = self.cli("ca", "show").split("fingerprint")[1].split()[0]
+                say(f"  daemon (twistd puppetha)   enrollment API https://127.0.0.1:{self.port}, "
+                    f"ENC {self.state / 'enc.sock'}")
+                say(f"  root CA pin                {pin}\n")
+                self.story(signer, master, agents, pin)
+                say(f"\nEverything is under {self.state}: the daemon's log and store, each host's ssldir.")
+                if keep_running:
+                    say("The daemon keeps running; try `.venv/bin/puppetha --state-dir "
+                        f"{self.state / 'daemon'} node list`. Ctrl-C stops it all.")
+                    signal.signal(signal.SIGTERM, signal.default_int_handler)
+                    try:
+                        while daemon.poll() is None:
+                            time.sleep(1)
+                    except KeyboardInterrupt:
+                        say("\nstopping")
+            finally:
+                daemon.send_signal(signal.SIGTERM)
+                daemon.wait(timeout=30)
+
+    def story(self, signer: FakeAWSSigner, master: InstanceInfo, agents: list[InstanceInfo],
+              pin: str) -> None:
+        with IMDSThread() as imds:
+            say("1. The master enrolls: it gets its own intermediate CA and a server certificate.")
+            self.enroll(imds, signer, master, "master", pin)
+            say("2. The agents enroll: certificates signed by the master's CA.")
+            hosts = [self.enroll(imds, signer, agent, "agent", pin) for agent in agents]
+            say("3. The same identity document, sent again, is refused:")
+            try:
+                self.enroll(imds, signer, agents[0], "agent", pin, "--force")
+            except DemoError as e:
+                say(f"     {e.args[0].split(': ', 1)[1]}")
+        say("\nIssued (puppetha node list):")
+        say(self.cli("node", "list").rstrip())
+        say(f"\nWhat an agent got ({hosts[0]}):")
+        for path in sorted(p for p in hosts[0].rglob("*") if p.is_file()):
+            say(f"  {oct(path.stat().st_mode & 0o777)}  {path.relative_to(hosts[0])}")
+        say("\n4. Classify: everyone gets ntp; security group web gets nginx; tier=backend gets postgresql.")
+        self.cli("classify", "set", "default", "--class", "ntp", "--environment", "production")
+        self.cli("classify", "set", "sg:web", "--class-param", "nginx.worker_processes=4")
+        self.cli("classify", "set", "tag:tier=backend", "--class", "postgresql")
+        for agent in (agents[0], agents[2]):
+            say(f"\n   puppetha-enc {agent.instance_id}  (what puppetserver's external_nodes gets):")
+            enc = [str(BIN / "puppetha-enc"), "--socket", str(self.state / "enc.sock"), agent.instance_id]
+            answer = run(enc, self.env)
+            say("\n".join(f"     {line}" for line in answer.rstrip().splitlines()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="puppetha-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", default="demo-state", help="where the demo keeps everything "
+                        "(emptied first; default: ./demo-state)")
+    parser.add_argument("--exit", action="store_true", help="stop once the story is told")
+    args = parser.parse_args(argv)
+    try:
+        Demo(Path(args.state_dir).resolve()).run(keep_running=not args.exit)
+    except DemoError as e:
+        print(f"puppetha-demo: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
