@@ -90,10 +90,10 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
     # twistd ends by re-raising the signal it stopped on, as a well-behaved Unix daemon does.
     assert status in (0, -signal.SIGTERM), log.read_text()
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    root = [e for e in events if e["message"].startswith("root CA root, sha256:")]
-    assert root
-    assert root[0]["namespace"] == "puppetha.tap"
-    assert root[0]["fingerprint"].startswith("sha256:")
+    root_events = [e for e in events if e["message"].startswith("root CA root, sha256:")]
+    assert root_events
+    assert root_events[0]["namespace"] == "puppetha.tap"
+    assert root_events[0]["fingerprint"].startswith("sha256:")
     assert any(e["message"] == "Server Shut Down." for e in events)
     assert not [e for e in events if e["level"] in ("error", "critical")]
     assert not socket.exists()  # removed on a clean stop
