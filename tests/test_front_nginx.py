@@ -59,6 +59,10 @@ class FakeMaster:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                # As puppetserver's Jetty does: Host must be a name of the certificate presented.
+                if self.headers.get("Host") not in (FRONT_NAME, master.name):
+                    self.send_error(400, "Host does not match SNI")
+                    return
                 if self.path == "/slow":
                     master.slow_started.set()
                     master.release.wait(timeout=60)

@@ -105,10 +105,14 @@ def test_every_server_verifies_clients_and_overwrites_the_identity_headers():
         assert "proxy_set_header X-Client-Verify $ssl_client_verify;" in server
         assert "proxy_set_header X-Client-DN $ssl_client_s_dn;" in server
         assert "proxy_set_header X-Client-Cert $ssl_client_escaped_cert;" in server
+        assert 'proxy_set_header Connection "";' in server  # keepalive to the masters
     # The front checks the shared master name, each direct route the master's own certname.
-    assert "proxy_ssl_name puppet.example;" in servers[0]
-    assert "proxy_ssl_name m1;" in servers[1]
-    assert "proxy_ssl_name m2;" in servers[2]
+    # Host names the same: puppetserver refuses a Host its certificate does not carry.
+    for server, name in zip(servers, ("puppet.example", "m1", "m2"), strict=True):
+        assert f"proxy_ssl_name {name};" in server
+        assert f"proxy_set_header Host {name};" in server
+    # nginx inherits no proxy_set_header into a level that has its own: none at http level.
+    assert "\n    proxy_set_header" not in text
 
 
 def test_towards_the_masters_nginx_shows_the_lb_certificate_and_checks_theirs():

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from attrs import frozen
+from cryptography import x509
 
 PUPPETSERVER_JAR = "/usr/share/puppetserver/puppetserver.jar"
 RUBY_LOAD_PATH = "/usr/lib/puppetserver/ruby/vendor_ruby"
@@ -231,11 +232,42 @@ def auth_conf() -> str:
     )
 
 
+def check_lb_ca(lb_ca_pem: str) -> None:
+    """
+    The listener's only trust anchor must be a CA that signs lb nodes alone.  A self-signed
+    root would also accept any agent that sends its CA chain along with its certificate.
+    """
+    certs = x509.load_pem_x509_certificates(lb_ca_pem.encode("ascii"))
+    if len(certs) != 1:
+        raise LayoutError("the lb CA bundle must hold exactly one certificate")
+    if certs[0].subject == certs[0].issuer:
+        raise LayoutError(
+            "the lb CA is self-signed (the root?): masters would then trust every agent's headers"
+        )
+
+
+def material_from_ssldir(
+    ssldir: str | os.PathLike[str], certname: str, lb_ca_pem: str, lb_crl_pem: str
+) -> MasterMaterial:
+    """The material of a master enrolled with ``puppetha-enroll --role master`` (its puppet ssldir)."""
+    d = Path(ssldir)
+    return MasterMaterial(
+        certname=certname,
+        certificate_pem=(d / "certs" / f"{certname}.pem").read_text(),
+        private_key_pem=(d / "private_keys" / f"{certname}.pem").read_text(),
+        ca_chain_pem=(d / "certs" / "ca.pem").read_text(),
+        crl_chain_pem=(d / "crl.pem").read_text(),
+        lb_ca_pem=lb_ca_pem,
+        lb_crl_pem=lb_crl_pem,
+    )
+
+
 def master_files(
     layout: PuppetserverLayout, material: MasterMaterial, settings: MasterSettings
 ) -> dict[str, str]:
-    """Every file puppetha writes for a master, by absolute path.  Pure."""
+    """Every file puppetha writes for a master, by absolute path.  ``LayoutError`` if unsafe."""
     certname = _check_word(material.certname, "certname")
+    check_lb_ca(material.lb_ca_pem)
     enc = _check_word(settings.enc_command, "ENC command")
     if settings.enc_socket:
         enc += f" --socket={_check_word(settings.enc_socket, 'ENC socket')}"

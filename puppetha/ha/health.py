@@ -21,12 +21,14 @@ from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from puppetha.ha.front import RunsBlocking
@@ -70,21 +72,38 @@ class ProbeCredentials:
     ca_pems: tuple[bytes, ...]
 
 
-@implementer(IPolicyForHTTPS)
-class _MasterPolicy:
+def _connection_creator(certname: str, credentials: ProbeCredentials) -> Any:
     """Checks the master's certificate for its certname, whatever address it was reached at."""
+    trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in credentials.ca_pems])
+    client = ssl.PrivateCertificate.loadPEM(credentials.certificate_pem + b"\n" + credentials.private_key_pem)
+    return ssl.optionsForClientTLS(certname, trustRoot=trust, clientCertificate=client)
 
-    def __init__(self, certname: str, credentials: ProbeCredentials) -> None:
-        self.certname = certname
-        self.trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem) for pem in credentials.ca_pems]
-        )
-        self.client = ssl.PrivateCertificate.loadPEM(
-            credentials.certificate_pem + b"\n" + credentials.private_key_pem
-        )
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.optionsForClientTLS(self.certname, trustRoot=self.trust, clientCertificate=self.client)
+@implementer(IStreamClientEndpoint)
+class _MasterEndpoint:
+    """TLS over TCP to one master, on the injected reactor (TLS write batching included)."""
+
+    def __init__(self, reactor: Any, address: str, port: int, creator: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.port = port
+        self.creator = creator
+        self.timeout = timeout
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        tls = TLSMemoryBIOFactory(self.creator, True, factory, clock=self.reactor)
+        tcp = HostnameEndpoint(self.reactor, self.address.encode("ascii"), self.port, timeout=self.timeout)
+        d: Deferred[Any] = tcp.connect(tls)
+        return d.addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _ToMaster:
+    def __init__(self, endpoint: _MasterEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> _MasterEndpoint:
+        return self.endpoint
 
 
 class StatusProbe:
@@ -95,13 +114,16 @@ class StatusProbe:
         self.timeout = timeout
 
     def __call__(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
-        agent = Agent(
+        endpoint = _MasterEndpoint(
             self.reactor,
-            contextFactory=_MasterPolicy(master.certname, credentials),
-            connectTimeout=self.timeout,
+            master.address,
+            master.port,
+            _connection_creator(master.certname, credentials),
+            self.timeout,
         )
-        host = f"[{master.address}]" if ":" in master.address else master.address
-        url = f"https://{host}:{master.port}/status/v1/simple".encode("ascii")
+        agent = Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint))
+        # The endpoint decides where to connect; the URL only names the resource.
+        url = f"https://{master.certname}:{master.port}/status/v1/simple".encode("ascii")
         d: Deferred[Any] = agent.request(b"GET", url)
         timer = self.reactor.callLater(self.timeout, d.cancel)
 

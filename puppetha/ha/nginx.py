@@ -203,12 +203,17 @@ def _tls_server(s: FrontSettings) -> list[str]:
 
 
 def _proxy(upstream: str, ssl_name: str) -> list[str]:
+    name = _word(ssl_name, "master name")
     lines = [
         "        location / {",
         f"            proxy_pass https://{upstream};",
-        f"            proxy_ssl_name {_word(ssl_name, 'master name')};",
+        f"            proxy_ssl_name {name};",
+        # All headers here: a level with any proxy_set_header inherits none from above.
+        # puppetserver (Jetty) wants Host to match the certificate it presented.
+        f"            proxy_set_header Host {name};",
+        '            proxy_set_header Connection "";',
     ]
-    lines += [f"            proxy_set_header {name} {value};" for name, value in CLIENT_HEADERS]
+    lines += [f"            proxy_set_header {header} {value};" for header, value in CLIENT_HEADERS]
     lines.append("        }")
     return lines
 
@@ -233,8 +238,6 @@ def _http(state: FrontState) -> list[str]:
         "    # Towards the masters: TLS with this node's certificate, which only lb nodes hold, and",
         "    # the masters' certificates checked against puppetha's CAs and CRLs.",
         "    proxy_http_version 1.1;",
-        '    proxy_set_header Connection "";',
-        "    proxy_set_header Host $host;",
         f"    proxy_read_timeout {s.read_timeout}s;",
         "    proxy_connect_timeout 5s;",
         f"    proxy_ssl_certificate {SERVER_CHAIN};",
