@@ -30,7 +30,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
@@ -192,11 +191,12 @@ class ServerCredentials:
 
     def tls_context(self) -> ssl.CertificateOptions:
         """TLS 1.2 or newer, sending the chain (server certificate, then the root)."""
-        key = load_private_key(self.key_pem)
+        # cryptography's own objects: pyOpenSSL deprecates its wrappers and takes these, while
+        # Twisted's annotations still name the wrappers.
         return ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),
-            certificate=crypto.X509.from_cryptography(self.certificate),
-            extraCertChain=[crypto.X509.from_cryptography(self.root)],
+            privateKey=load_private_key(self.key_pem),  # type: ignore[arg-type]
+            certificate=self.certificate,  # type: ignore[arg-type]
+            extraCertChain=[self.root],  # type: ignore[list-item]
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
 
