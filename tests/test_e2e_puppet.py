@@ -1,0 +1,470 @@
+"""
+End to end with the real parts, on loopback: moto as AWS, an IMDSv2 emulator, the enrollment
+service, the ENC socket, the lb role (front reconcile and master health) on a private reactor in a
+thread, Debian's nginx, Debian's puppetserver started from its jar, and Debian's puppet agent.
+
+A master enrolls through nginx's enrollment port and its puppetserver starts with puppetha's
+certificates and ENC; an agent enrolls through the front and gets a catalog, through nginx, whose
+class and parameter were set with ``puppetha classify``; a revoked agent is refused; an agent
+forging another node's identity gets nothing.
+
+One puppetserver for the module (it takes half a minute or more to start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.threads import blockingCallFromThread
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from puppetha.aws.boto import Boto3Cloud
+from puppetha.enc.service import Classifier, ENCSocketService
+from puppetha.enroll import client
+from puppetha.enroll.api import make_enrollment_site
+from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
+from puppetha.enroll.policy import EnrollmentPolicy
+from puppetha.enroll.puppetserver import MasterSettings, material_from_ssldir
+from puppetha.enroll.service import Enrollment
+from puppetha.ha.front import FrontService, decide_front, discover_front
+from puppetha.ha.health import HealthService, StatusProbe
+from puppetha.ha.nginx import Backend, FrontSettings
+from puppetha.pki.authority import CertificateAuthority
+from puppetha.pki.certs import Usage
+from puppetha.pki.keys import KeyType, private_key_pem
+from puppetha.pki.vault import FileKeyVault
+from puppetha.store.records import MasterRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
+from puppetha.testing.imds import IMDSThread, InstanceMetadata
+from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
+from puppetha.testing.nginx import LOOPBACK, NginxUnderTest, free_port, loopback_ports
+from puppetha.testing.puppetserver import PUPPET, PuppetserverUnderTest
+from puppetha.threads import Blocking, make_pool
+
+REGION = "us-east-1"
+#: The front's name: resolves to loopback everywhere, and is a DNS name (nginx checks the
+#: masters' certificates against it, and agents check the lb node's).
+FRONT_HOST = "localhost"
+#: The CA that signs lb nodes, and only them: the one CA masters' puppetserver trusts.
+LB_CA = "lb"
+BIN = Path(sys.executable).parent
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.2)
+
+
+@attrs.define
+class Node:
+    instance_id: str
+    directory: Path
+    imds_url: str
+
+    @property
+    def ssldir(self) -> Path:
+        return self.directory / "ssl"
+
+    @property
+    def puppet_conf(self) -> Path:
+        return self.directory / "puppet.conf"
+
+    @property
+    def certificate(self) -> str:
+        return str(self.ssldir / "certs" / f"{self.instance_id}.pem")
+
+    @property
+    def private_key(self) -> str:
+        return str(self.ssldir / "private_keys" / f"{self.instance_id}.pem")
+
+
+@attrs.define
+class World:
+    tmp: Path
+    state: Path
+    moto: MotoServer
+    fleet: Fleet
+    signer: FakeAWSSigner
+    imds: IMDSThread
+    store: SQLiteStore
+    authority: CertificateAuthority
+    nginx: NginxUnderTest
+    settings: FrontSettings
+    root_pin: str
+    reactor: SelectReactor
+    front: FrontService | None = None
+    health: HealthService | None = None
+    puppetserver: PuppetserverUnderTest | None = None
+    master: Node | None = None
+    stops: list[Callable[[], object]] = attrs.field(factory=list)
+
+    @property
+    def enroll_url(self) -> str:
+        return f"https://{FRONT_HOST}:{self.settings.ports.enroll}"
+
+    def launch(self, name: str, role: str | None, **kwargs: Any) -> Node:
+        instance = self.fleet.launch(role, **kwargs)
+        document, signature = self.signer.identity_for(instance)
+        metadata = InstanceMetadata(instance.instance_id, document, signature, instance.private_ip)
+        url = self.imds.serve(metadata)
+        directory = self.tmp / name
+        directory.mkdir()
+        return Node(instance.instance_id, directory, url)
+
+    def enroll(self, node: Node, role: str, *extra: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = client.run(
+            [
+                "--role", role,
+                "--server", self.enroll_url,
+                "--ca-fingerprint", self.root_pin,
+                "--imds-url", node.imds_url,
+                "--ssldir", str(node.ssldir),
+                "--puppet-conf", str(node.puppet_conf),
+                *extra,
+            ],
+            stdout=out,
+            stderr=err,
+        )
+        return code, out.getvalue() + err.getvalue()
+
+    def puppetha(self, *args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "puppetha"), "--state-dir", str(self.state), *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def agent_run(self, node: Node) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                PUPPET, "agent", "--test", "--config", str(node.puppet_conf),
+                "--confdir", str(node.directory / "conf"), "--vardir", str(node.directory / "var"),
+                "--logdir", str(node.directory / "log"), "--rundir", str(node.directory / "run"),
+                "--codedir", str(node.directory / "code"), "--no-daemonize", "--color=false",
+            ],
+            capture_output=True, text=True, timeout=180, check=False,
+        )
+
+    def front_request(self, node: Node, path: str, headers: dict[str, str] | None = None) -> int:
+        context = ssl.create_default_context(cafile=str(node.ssldir / "certs" / "ca.pem"))
+        context.load_cert_chain(node.certificate, node.private_key)
+        request = urllib.request.Request(
+            f"https://{FRONT_HOST}:{self.settings.ports.front}{path}", headers=headers or {}
+        )
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=60) as response:  # noqa: S310
+                return int(response.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    def on_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        return blockingCallFromThread(self.reactor, f, *args)
+
+
+def issue_lb_certificate(authority: CertificateAuthority, directory: Path) -> tuple[str, str]:
+    """
+    The lb node's certificate from the lb CA.  The enrollment service signs lb nodes with the
+    root today; masters must trust a CA that signs lb nodes alone (see docs/front.md).
+    """
+    key = KeyType.EC_P256.generate()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lb1")]))
+        .sign(key, hashes.SHA256())
+    )
+    cert = authority.issue(LB_CA, csr, common_name="lb1", sans=[FRONT_HOST], usage=Usage.BOTH)
+    directory.mkdir(parents=True)
+    cert_path, key_path = directory / "lb1.pem", directory / "lb1.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_key_pem(key))
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    moto = MotoServer()
+    moto.start()
+    fleet = Fleet(moto.endpoint_url, REGION)
+    signer = FakeAWSSigner.create(REGION)
+    imds = IMDSThread().start()
+    # The same files the `puppetha` command finds under --state-dir.
+    store = SQLiteStore(str(state / "puppetha.sqlite"))
+    records = Records(store)
+    authority = CertificateAuthority(
+        records,
+        FileKeyVault.create(state / "ca-vault.key"),
+        key_type=KeyType.EC_P256,
+        now=time.time,
+        ca_lifetime=timedelta(days=3650),
+        cert_lifetime=timedelta(days=365),
+        crl_lifetime=timedelta(days=7),
+    )
+    authority.ensure_root("puppetha e2e root")
+    authority.create_master_ca(LB_CA)
+    lb_cert, lb_key = issue_lb_certificate(authority, tmp / "lb")
+
+    nginx = NginxUnderTest(tmp / "nginx")
+    ports = loopback_ports(max_masters=2)
+    settings = FrontSettings(
+        certificate=lb_cert, private_key=lb_key, master_name=FRONT_HOST, ports=ports, runtime=nginx.runtime
+    )
+    enroll_port = free_port()
+    backends = [Backend(LOOPBACK, enroll_port)]
+    first = decide_front(settings, discover_front(store, settings), backends, [LB_CA])
+    nginx.generations.install(first.files, nginx.control, reload=False)
+    nginx.start(wait_ports=(ports.front, ports.enroll))
+
+    reactor = SelectReactor()
+    thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    pool = make_pool("e2e", 8)
+    cloud = Boto3Cloud(
+        moto.endpoint_url,
+        access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+    )
+    credentials = ensure_server_credentials(authority, tmp / "enroll", [FRONT_HOST], KeyType.EC_P256)
+    world = World(
+        tmp, state, moto, fleet, signer, imds, store, authority, nginx, settings,
+        credentials.root_fingerprint, reactor,
+    )
+    policy = EnrollmentPolicy(
+        accounts=[DEFAULT_ACCOUNT],
+        max_age=3600.0,
+        front=f"{FRONT_HOST}:{ports.front}",
+        # Everything arrives from loopback here, not from the instances' private addresses.
+        require_source_match=False,
+        master_rules=(f"tag:{ROLE_TAG}=master",),
+    )
+    enc_socket = str(tmp / "enc.sock")
+
+    def start_services() -> Any:
+        pool.start()
+        enrollment = Enrollment(
+            policy=policy,
+            trust=signer.trust_store(),
+            records=Blocking(reactor, pool, records),
+            authority=Blocking(reactor, pool, authority),
+            cloud=Blocking(reactor, pool, cloud),
+            clock=reactor,
+        )
+        classifier = Classifier(
+            reactor, Blocking(reactor, pool, records), Blocking(reactor, pool, cloud), ttl=1.0, store_ttl=0.5
+        )
+        enc = ENCSocketService(reactor, classifier, enc_socket)
+        enc.startService()
+        front = FrontService(
+            clock=reactor,
+            blocking=Blocking(reactor, pool, None),
+            store=store,
+            settings=settings,
+            generations=nginx.generations,
+            control=nginx.control,
+            enroll_backends=backends,
+            exclude_cas=[LB_CA],
+            interval=1.0,
+        )
+        health = HealthService(
+            clock=reactor,
+            blocking=Blocking(reactor, pool, None),
+            store=store,
+            probe=StatusProbe(reactor, timeout=3.0),
+            certificate=lb_cert,
+            private_key=lb_key,
+            interval=1.0,
+            fall=2,
+            rise=1,
+            on_change=front.poke,
+        )
+        front.startService()
+        health.startService()
+        world.front, world.health = front, health
+        world.stops += [health.stopService, front.stopService, enc.stopService]
+        endpoint = enrollment_endpoint(
+            TCP4ServerEndpoint(reactor, enroll_port, interface=LOOPBACK), proxy_from=[LOOPBACK]
+        )
+        # TLS batches small writes on a clock: this reactor's, not the (idle) global one.
+        site = make_enrollment_site(enrollment, reactor)
+        return endpoint.listen(TLSMemoryBIOFactory(credentials.tls_context(), False, site, clock=reactor))
+
+    thread.start()
+    port = world.on_reactor(start_services)
+    world.stops.insert(0, port.stopListening)
+
+    try:
+        yield world
+    finally:
+        if world.puppetserver is not None:
+            world.puppetserver.stop()
+        for stop in world.stops:
+            with contextlib.suppress(Exception):
+                world.on_reactor(stop)
+        reactor.callFromThread(reactor.stop)
+        thread.join(timeout=10)
+        pool.stop()
+        nginx.stop()
+        imds.stop()
+        moto.stop()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def master(world: World) -> Node:
+    """A master that enrolled through nginx's enrollment port, with its puppetserver running."""
+    node = world.launch("master", "master")
+    code, output = world.enroll(node, "master", "--dns-alt-names", FRONT_HOST)
+    assert code == 0, output
+    records = Records(world.store)
+    found = records.get(MasterRecord, node.instance_id)
+    assert found is not None, "the enrollment did not register the master"
+    # The record names the instance's private address; here puppetserver listens on loopback.
+    port = free_port()
+    records.replace(attrs.evolve(found.record, address=LOOPBACK, port=port), found.version)
+
+    lb_ca = world.authority.ca(LB_CA).certificate_pem
+    lb_crl = world.authority.crl(LB_CA).crl_pem
+    server = PuppetserverUnderTest(world.tmp / "puppetserver")
+    server.configure(
+        material_from_ssldir(node.ssldir, node.instance_id, lb_ca, lb_crl),
+        MasterSettings(
+            listen_address=LOOPBACK,
+            listen_port=port,
+            enc_command=str(BIN / "puppetha-enc"),
+            enc_socket=str(world.tmp / "enc.sock"),
+        ),
+    )
+    world.puppetserver = server
+    server.start(world.settings.certificate, world.settings.private_key)
+
+    def healthy() -> bool:
+        f = records.get(MasterRecord, node.instance_id)
+        return f is not None and f.record.healthy
+
+    # Probes failed while puppetserver started; the next good one brings the master back.
+    eventually(healthy, "the master being healthy", 30)
+    world.master = node
+    return node
+
+
+def test_master_puppetserver_accepts_only_lb_certificates(world: World, master: Node) -> None:
+    server = world.puppetserver
+    assert server is not None
+    assert server.status(world.settings.certificate, world.settings.private_key) == 200
+    # The master's own certificate, from a CA nginx trusts, is not an lb certificate.
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        server.status(master.certificate, master.private_key)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        server.status(None, None)
+
+
+def test_agent_enrolls_through_the_front_and_gets_its_classified_catalog(world: World, master: Node) -> None:
+    world.puppetha(
+        "classify", "set", "sg:web",
+        "--class-param", 'puppetha_test.greeting="hello from sg web"',
+        "--param", 'role="webserver"',
+    )
+    agent = world.launch("agent1", "agent", security_groups=["web"])
+    code, output = world.enroll(agent, "agent")
+    assert code == 0, output
+    conf = agent.puppet_conf.read_text()
+    assert f"server = {FRONT_HOST}" in conf
+    assert f"serverport = {world.settings.ports.front}" in conf
+
+    # The master is in nginx's upstream once health and the front have caught up.
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving")
+    run = world.agent_run(agent)
+    assert run.returncode in (0, 2), run.stdout + run.stderr
+    assert f"hello from sg web ({agent.instance_id}, role webserver)" in run.stdout
+
+
+def test_revoked_agent_is_refused(world: World, master: Node) -> None:
+    agent = world.launch("agent2", "agent", security_groups=["web"])
+    code, output = world.enroll(agent, "agent")
+    assert code == 0, output
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving")
+    world.puppetha("node", "revoke", agent.instance_id)
+    # The CRL reaches nginx with the next reconcile.
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 400, "nginx refusing", 30)
+    run = world.agent_run(agent)
+    assert run.returncode == 1
+    assert "The SSL certificate error" in run.stdout
+    assert "Could not retrieve catalog; skipping run" in run.stdout + run.stderr
+
+
+def test_agent_forging_another_nodes_identity_gets_nothing(world: World, master: Node) -> None:
+    victim = world.launch("victim", "agent", security_groups=["web"])
+    forger = world.launch("forger", "agent")
+    for node in (victim, forger):
+        code, output = world.enroll(node, "agent")
+        assert code == 0, output
+    eventually(lambda: world.front_request(forger, "/status/v1/simple") == 200, "the front serving")
+    forged = {
+        "X-Client-DN": f"CN={victim.instance_id}",
+        "X-Client-Verify": "SUCCESS",
+        "Accept": "application/json",
+    }
+    # nginx replaces the headers with the forger's own identity: Puppet's auth refuses.
+    query = "?environment=production"
+    assert world.front_request(forger, f"/puppet/v3/node/{victim.instance_id}{query}", forged) == 403
+    assert world.front_request(forger, f"/puppet/v3/node/{forger.instance_id}{query}", forged) == 200
+    # Going around nginx does not work either: the master completes no handshake with an agent.
+    server = world.puppetserver
+    assert server is not None
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        server.status(forger.certificate, forger.private_key)
+
+
+def test_an_unhealthy_master_leaves_the_front_and_returns(world: World, master: Node) -> None:
+    records = Records(world.store)
+    agent = world.launch("agent3", "agent")
+    code, output = world.enroll(agent, "agent")
+    assert code == 0, output
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving")
+    # Point the record at a closed port: probes fail, the master goes down, the front answers 503.
+    found = records.get(MasterRecord, master.instance_id)
+    assert found is not None
+    good_port = found.record.port
+    closed = free_port()
+    records.replace(attrs.evolve(found.record, port=closed), found.version)
+
+    def healthy() -> bool:
+        f = records.get(MasterRecord, master.instance_id)
+        return f is not None and f.record.healthy
+
+    eventually(lambda: not healthy(), "the master going down", 30)
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 503, "the front answering 503", 30)
+    found = records.get(MasterRecord, master.instance_id)
+    assert found is not None
+    records.replace(attrs.evolve(found.record, port=good_port), found.version)
+    eventually(healthy, "the master coming back", 30)
+    eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving again", 30)
