@@ -1,0 +1,148 @@
+"""
+The lb reconcile loop without nginx: rounds on an injected clock, pokes coalescing, reload only
+on change.  nginx's command line is replaced by a recorder passed in as the control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from puppetha.ha.front import Applied, FrontService, Generations, NginxControl, NginxRefused
+from puppetha.ha.nginx import FrontSettings
+from puppetha.store.records import MasterRecord, Records
+from puppetha.testing.nginx import FrontPKI
+
+
+class RecordingControl(NginxControl):
+    def __init__(self) -> None:
+        super().__init__("/nonexistent/nginx")
+        self.calls: list[str] = []
+        self.refuse = False
+
+    def test(self, config: str, generation: str = "") -> None:
+        self.calls.append("test")
+        if self.refuse:
+            raise NginxRefused(generation, "nginx: [emerg] no")
+
+    def reload(self, config: str) -> None:
+        self.calls.append("reload")
+
+
+class Held:
+    """Blocking calls wait until the test releases them, one at a time, in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((lambda: f(*args, **kwargs), d))
+        return d
+
+    def run_one(self) -> None:
+        f, d = self.pending.pop(0)
+        try:
+            result = f()
+        except Exception:
+            fail().chainDeferred(d)
+        else:
+            succeed(result).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.pending:
+            self.run_one()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Iterator[FrontPKI]:
+    pki = FrontPKI(tmp_path / "pki")
+    pki.add_ca("lb")
+    pki.add_ca("m1")
+    yield pki
+    pki.close()
+
+
+def make_service(
+    tmp_path: Path, pki: FrontPKI, blocking: Any
+) -> tuple[FrontService, RecordingControl, Clock]:
+    lb = pki.leaf("lb", "lb1", sans=["puppet.test"])
+    control = RecordingControl()
+    clock = Clock()
+    service = FrontService(
+        clock=clock,
+        blocking=blocking,
+        store=pki.store,
+        settings=FrontSettings(
+            certificate=lb.certificate, private_key=lb.private_key, master_name="puppet.test"
+        ),
+        generations=Generations(tmp_path / "front"),
+        control=control,
+        exclude_cas=["lb"],
+        interval=10.0,
+    )
+    return service, control, clock
+
+
+def test_pokes_during_a_round_coalesce_into_one_more(tmp_path: Path, pki: FrontPKI) -> None:
+    held = Held()
+    service, control, _ = make_service(tmp_path, pki, held)
+    results: list[Any] = []
+    service.poke().addCallback(results.append)
+    held.run_one()  # the first round has read the store and is now writing
+    # A change, and two pokes about it, while the first round is still busy.
+    master = MasterRecord(certname="m1", address="10.0.0.1", port=8140, ca="m1", registered_at=1)
+    Records(pki.store).create(master)
+    second = service.poke()
+    third = service.poke()
+    held.run_all()
+    later: list[Any] = []
+    second.addCallback(later.append)
+    third.addCallback(later.append)
+    assert len(results) == 1
+    assert isinstance(results[0], Applied)
+    assert len(later) == 2
+    assert later[0] == later[1]  # both pokes were answered by the same, single extra round
+    assert held.pending == []
+    # Two rounds; the first wrote and reloaded, the second too (it saw the new master).
+    assert control.calls == ["test", "reload", "test", "reload"]
+
+
+def test_rounds_follow_the_clock_and_unchanged_state_does_not_reload(tmp_path: Path, pki: FrontPKI) -> None:
+    service, control, clock = make_service(tmp_path, pki, Synchronous())
+    service.startService()
+    assert control.calls == ["test", "reload"]
+    clock.advance(10)
+    clock.advance(10)
+    assert control.calls == ["test", "reload"]
+    pki.revoke(pki.leaf("m1", "agent1", usage="client"))
+    clock.advance(10)
+    assert control.calls == ["test", "reload", "test", "reload"]
+    service.stopService()
+
+
+def test_a_refused_generation_is_not_made_live(tmp_path: Path, pki: FrontPKI) -> None:
+    service, control, _ = make_service(tmp_path, pki, Synchronous())
+    result: list[Any] = []
+    service.poke().addCallback(result.append)
+    live = service.generations.live()
+    assert live is not None
+    control.refuse = True
+    pki.revoke(pki.leaf("m1", "agent1", usage="client"))
+    service.poke().addCallback(result.append)
+    assert result[1] is None
+    assert service.generations.live() == live
+    assert control.calls == ["test", "reload", "test"]
+
+
+class Synchronous:
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
