@@ -416,9 +416,10 @@ def test_revoked_agent_is_refused(world: World, master: Node) -> None:
     # The CRL reaches nginx with the next reconcile.
     eventually(lambda: world.front_request(agent, "/status/v1/simple") == 400, "nginx refusing", 30)
     run = world.agent_run(agent)
+    said = run.stdout + run.stderr
     assert run.returncode == 1
-    assert "The SSL certificate error" in run.stdout
-    assert "Could not retrieve catalog; skipping run" in run.stdout + run.stderr
+    assert "The SSL certificate error" in said
+    assert "Could not retrieve catalog; skipping run" in said
 
 
 def test_agent_forging_another_nodes_identity_gets_nothing(world: World, master: Node) -> None:
