@@ -404,7 +404,7 @@ def test_agent_enrolls_through_the_front_and_gets_its_classified_catalog(world: 
     eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving")
     run = world.agent_run(agent)
     assert run.returncode in (0, 2), run.stdout + run.stderr
-    assert f"hello from sg web ({agent.instance_id}, role webserver)" in run.stdout
+    assert f"hello from sg web ({agent.instance_id}, role webserver)" in run.stdout + run.stderr
 
 
 def test_revoked_agent_is_refused(world: World, master: Node) -> None:

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from attrs import frozen
 from cryptography import x509
@@ -45,8 +45,6 @@ from puppetha.store import IStore
 from puppetha.store.records import CARecord, CRLRecord, MasterRecord, Records
 
 log = Logger()
-
-T = TypeVar("T")
 
 NGINX = "/usr/sbin/nginx"
 LIVE = "live"

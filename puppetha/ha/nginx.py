@@ -12,7 +12,7 @@ nothing changed renders an identical file and skips the reload.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 
 from attrs import field, frozen
 
@@ -336,7 +336,3 @@ def render_files(
         CRL_BUNDLE: crl_bundle,
     }
 
-
-def backends_from(pairs: Sequence[tuple[str, int]] | Mapping[str, int]) -> tuple[Backend, ...]:
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return tuple(Backend(a, p) for a, p in items)
