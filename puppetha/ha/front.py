@@ -455,7 +455,8 @@ class FrontService(Service):
     def _act_on(self, decision: FrontDecision) -> Deferred[Applied]:
         if decision.trust.left_out != self._last_left_out:
             for name, reason in sorted(decision.trust.left_out.items()):
-                log.warn("front leaves CA {ca} out: {reason}", ca=name, reason=reason)
+                if reason != "excluded":
+                    log.warn("front leaves CA {ca} out: {reason}", ca=name, reason=reason)
             self._last_left_out = decision.trust.left_out
         d = self.blocking.call(self._act, decision.files)
         d.addCallback(self._acted, decision)
