@@ -210,16 +210,24 @@ def issue_lb_certificate(authority: CertificateAuthority, directory: Path) -> tu
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("e2e")
+    # Everything started is stopped, in reverse order, even when setting up fails half-way.
+    with contextlib.ExitStack() as cleanup:
+        yield from _world(tmp_path_factory.mktemp("e2e"), cleanup)
+
+
+def _world(tmp: Path, cleanup: contextlib.ExitStack) -> Iterator[World]:
     state = tmp / "state"
     state.mkdir(mode=0o700)
     moto = MotoServer()
     moto.start()
+    cleanup.callback(moto.stop)
     fleet = Fleet(moto.endpoint_url, REGION)
     signer = FakeAWSSigner.create(REGION)
     imds = IMDSThread().start()
+    cleanup.callback(imds.stop)
     # The same files the `puppetha` command finds under --state-dir.
     store = SQLiteStore(str(state / "puppetha.sqlite"))
+    cleanup.callback(store.close)
     records = Records(store)
     authority = CertificateAuthority(
         records,
@@ -243,6 +251,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     backends = [Backend(LOOPBACK, enroll_port)]
     first = decide_front(settings, discover_front(store, settings), backends, [LB_CA])
     nginx.generations.install(first.files, nginx.control, reload=False)
+    cleanup.callback(nginx.stop)
     nginx.start(wait_ports=(ports.front, ports.enroll))
 
     reactor = SelectReactor()
@@ -317,25 +326,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         site = make_enrollment_site(enrollment, reactor)
         return endpoint.listen(TLSMemoryBIOFactory(credentials.tls_context(), False, site, clock=reactor))
 
-    thread.start()
-    port = world.on_reactor(start_services)
-    world.stops.insert(0, port.stopListening)
-
-    try:
-        yield world
-    finally:
-        if world.puppetserver is not None:
-            world.puppetserver.stop()
+    def stop_reactor() -> None:
         for stop in world.stops:
             with contextlib.suppress(Exception):
                 world.on_reactor(stop)
         reactor.callFromThread(reactor.stop)
         thread.join(timeout=10)
         pool.stop()
-        nginx.stop()
-        imds.stop()
-        moto.stop()
-        store.close()
+
+    thread.start()
+    cleanup.callback(stop_reactor)
+    port = world.on_reactor(start_services)
+    world.stops.insert(0, port.stopListening)
+    cleanup.callback(lambda: world.puppetserver.stop() if world.puppetserver is not None else None)
+    yield world
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,7 @@ class NginxUnderTest:
             try:
                 wait_for_port(port)
             except TimeoutError:
+                self.stop()
                 raise RuntimeError(f"nginx did not come up:\n{self.log_tail()}") from None
 
     def master_pid(self) -> int:
