@@ -138,6 +138,13 @@ def addresses(value: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"not an IP address: {value.strip()!r}") from None
+
+
 def host_port(value: str) -> str:
     value = value.strip()
     host, sep, port = value.rpartition(":")
@@ -255,6 +262,36 @@ OPTIONS: tuple[Option, ...] = (
     Option("enroll", "lb_policy", role_rules, "", "Who may enroll as an nginx node; as master_policy."),
     Option("enroll", "front", host_port, "puppet:8140",
            "The address agents use for good (the Elastic IP's name and the front port)."),
+    Option("lb", "certificate", path, "",
+           "The lb node's certificate (written by `puppetha-enroll --role lb`); required with role lb."),
+    Option("lb", "private_key", path, "", "Its private key; required with role lb."),
+    Option("lb", "master_name", text, "",
+           "The name nginx checks in the masters' certificates (empty: the host of [enroll] front)."),
+    Option("lb", "listen_address", address, "0.0.0.0",  # noqa: S104 - an lb node serves the VPC
+           "The address nginx listens on."),
+    Option("lb", "front_port", integer(1, 65535), "8140", "Where agents reach the healthy masters."),
+    Option("lb", "first_master_port", integer(1, 65535), "8141",
+           "Each master's own port, for an agent's first test run, counts up from here."),
+    Option("lb", "max_masters", integer(1, 1000), "50", "How many per-master ports are reserved."),
+    Option("lb", "enroll_port", integer(1, 65535), "8080",
+           "Where instances reach the enrollment services (passed through with the PROXY protocol)."),
+    Option("lb", "enroll_backends", words, "",
+           "The enrollment services, host:port each; their [enroll] proxy_from must name this node."),
+    Option("lb", "nginx", path, "/usr/sbin/nginx", "The nginx binary."),
+    Option("lb", "nginx_dir", path, "{state_dir}/nginx",
+           "Where the generations of nginx's configuration are written; nginx runs with "
+           "-c <nginx_dir>/live/nginx.conf."),
+    Option("lb", "nginx_pid", path, "/run/nginx.pid", "nginx's pid file."),
+    Option("lb", "nginx_error_log", path, "/var/log/nginx/error.log", "nginx's error log."),
+    Option("lb", "nginx_user", text, "www-data", "The user nginx's workers run as."),
+    Option("lb", "nginx_temp_dir", path, "/var/lib/nginx", "Where nginx buffers request bodies."),
+    Option("lb", "nginx_access_log", path, "/var/log/nginx/puppetha-access.log",
+           "nginx's access log for the front (empty: none)."),
+    Option("lb", "interval", duration, "10s",
+           "How often the front re-reads the store (changes made on this host apply at once)."),
+    Option("lb", "health_interval", duration, "5s", "How often every master's status is probed."),
+    Option("lb", "health_fall", integer(1, 100), "3", "Failed probes in a row that take a master out."),
+    Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
@@ -354,6 +391,23 @@ def _check_together(config: Config) -> None:
         # Masters' server certificates use the configured key type too.
         raise ConfigError(f"{src}: [pki] allowed_csr_keys: must include key_type "
                           f"{config[('pki', 'key_type')]}")
+    if "lb" in config.roles:
+        for name in ("certificate", "private_key"):
+            value = config[("lb", name)]
+            if not value:
+                raise ConfigError(f"{src}: [lb] {name}: required with role lb")
+            if not os.path.isfile(value):
+                raise ConfigError(f"{src}: [lb] {name}: no such file: {value}")
+        for backend in config[("lb", "enroll_backends")]:
+            try:
+                host_port(backend)
+            except ValueError as e:
+                raise ConfigError(f"{src}: [lb] enroll_backends: {e}") from None
+        listen = re.match(r"^tcp6?:(?:port=)?(\d+)", config[("enroll", "listen")])
+        if "enroll" in config.roles and listen and int(listen.group(1)) == config[("lb", "enroll_port")]:
+            raise ConfigError(f"{src}: [enroll] listen: port {listen.group(1)} is nginx's "
+                              "[lb] enroll_port on this host; listen elsewhere and list it in "
+                              "[lb] enroll_backends")
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
 

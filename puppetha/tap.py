@@ -27,6 +27,9 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.ha.front import FrontService, Generations, NginxControl
+from puppetha.ha.health import HealthService, StatusProbe
+from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.pki.authority import CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
@@ -233,5 +236,66 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
             mode=config[("enc", "socket_mode")],
         ).setServiceParent(root)
 
+    if "lb" in config.roles:
+        front_services(config, reactor, store, Blocking(reactor, pool, None)).setServiceParent(root)
+
     Announcement(config).setServiceParent(root)
     return root
+
+
+def front_services(config: Config, reactor: Any, store: IStore, blocking: Blocking[None]) -> MultiService:
+    """nginx kept in step with the store, and the masters' health probed (the lb role)."""
+    lb = {name: value for (section, name), value in config.values.items() if section == "lb"}
+    master_name = lb["master_name"] or config[("enroll", "front")].rpartition(":")[0].strip("[]")
+    settings = FrontSettings(
+        certificate=lb["certificate"],
+        private_key=lb["private_key"],
+        master_name=master_name,
+        ports=FrontPorts(
+            address=lb["listen_address"],
+            front=lb["front_port"],
+            first_master=lb["first_master_port"],
+            max_masters=lb["max_masters"],
+            enroll=lb["enroll_port"],
+        ),
+        runtime=NginxRuntime(
+            pid_path=lb["nginx_pid"],
+            error_log=lb["nginx_error_log"],
+            user=lb["nginx_user"] or None,
+            temp_dir=lb["nginx_temp_dir"],
+            access_log=lb["nginx_access_log"] or None,
+        ),
+    )
+    front = FrontService(
+        clock=reactor,
+        blocking=blocking,
+        store=store,
+        settings=settings,
+        generations=Generations(lb["nginx_dir"]),
+        control=NginxControl(lb["nginx"], error_log=lb["nginx_error_log"]),
+        enroll_backends=[
+            Backend(host.strip("[]"), int(port))
+            for host, _, port in (b.rpartition(":") for b in lb["enroll_backends"])
+        ],
+        exclude_cas=["lb"],  # the lb CA signs lb nodes only; agents never chain to it
+        interval=lb["interval"],
+    )
+    health = HealthService(
+        clock=reactor,
+        blocking=blocking,
+        store=store,
+        probe=StatusProbe(reactor),
+        certificate=lb["certificate"],
+        private_key=lb["private_key"],
+        interval=lb["health_interval"],
+        fall=lb["health_fall"],
+        rise=lb["health_rise"],
+        # A master that goes down leaves nginx's upstream at once, not at the next round.
+        on_change=front.poke,
+    )
+    services = MultiService()
+    front.setServiceParent(services)
+    health.setServiceParent(services)
+    log.info("front: nginx config in {directory}, agents on port {port}",
+             directory=lb["nginx_dir"], port=lb["front_port"])
+    return services

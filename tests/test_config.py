@@ -65,7 +65,8 @@ def test_overrides_win_over_the_file() -> None:
         ("[enroll]\nrequire_source_match = maybe\n", "[enroll] require_source_match: not a boolean"),
         ("[enroll]\nfront = puppet\n", "[enroll] front: not host:port"),
         ("[enroll]\nmaster_policy = role=master\n", "[enroll] master_policy: not a rule"),
-        ("[enroll]\ncertname_template = {account}\n", "[enroll] certname_template: must contain {instance_id}"),
+        ("[enroll]\ncertname_template = {account}\n",
+         "[enroll] certname_template: must contain {instance_id}"),
         ("[enroll]\ncertname_template = {instance_id}.{zone}\n", "certname_template: unknown field 'zone'"),
         ("[enroll]\nlisten = ssl:8080\n", "[enroll] listen: not a tcp: or unix: endpoint"),
         ("[enc]\nsocket_mode = 0666\n", "[enc] socket_mode: must give nothing to others"),
@@ -144,3 +145,25 @@ def test_the_example_uncommented_is_a_valid_configuration() -> None:
     config = config_from_string(uncommented, "etc/puppetha.conf")
     assert len(config.values) == len(OPTIONS)
     assert config == config_from_string("", "etc/puppetha.conf")
+
+
+def test_the_lb_role_needs_its_certificate_and_key(tmp_path: Path) -> None:
+    assert "[lb] certificate: required with role lb" in refused("[daemon]\nroles = lb\n")
+    cert = tmp_path / "lb.pem"
+    cert.write_text("x")
+    message = refused(f"[daemon]\nroles = lb\n[lb]\ncertificate = {cert}\n"
+                      f"private_key = {tmp_path}/none.pem\n")
+    assert f"[lb] private_key: no such file: {tmp_path}/none.pem" in message
+
+
+def test_lb_and_enroll_on_one_host_cannot_share_the_enrollment_port(tmp_path: Path) -> None:
+    (tmp_path / "lb.pem").write_text("x")
+    (tmp_path / "lb.key").write_text("x")
+    lb = f"[lb]\ncertificate = {tmp_path}/lb.pem\nprivate_key = {tmp_path}/lb.key\n"
+    message = refused("[daemon]\nroles = enroll, lb\n[enroll]\nlisten = tcp:8080\n" + lb)
+    assert "[enroll] listen: port 8080 is nginx's [lb] enroll_port" in message
+    config = config_from_string("[daemon]\nroles = enroll, lb\n[enroll]\nlisten = tcp:8081\n"
+                                "proxy_from = 127.0.0.1\n" + lb + "enroll_backends = 127.0.0.1:8081\n")
+    assert config[("lb", "enroll_backends")] == ("127.0.0.1:8081",)
+    bad_backend = refused("[daemon]\nroles = lb\n" + lb + "enroll_backends = x\n")
+    assert "[lb] enroll_backends: not host:port" in bad_backend

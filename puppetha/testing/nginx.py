@@ -8,6 +8,7 @@ A missing nginx or stream module is an error, never a skip.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,12 +41,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def free_port_block(count: int, attempts: int = 50) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
+def free_port_block(count: int, attempts: int = 200) -> int:
+    """
+    The first of ``count`` consecutive free loopback ports, below the kernel's ephemeral range
+    (where outgoing connections of a busy test run leave thousands of ports in TIME-WAIT).
+    """
+    chooser = random.Random()  # noqa: S311 - spreading test ports, not secrets
     for _ in range(attempts):
-        first = free_port()
-        if first + count >= 65536:
-            continue
+        first = chooser.randrange(20000, 32000 - count)
         if all(_is_free(p) for p in range(first, first + count)):
             return first
     raise RuntimeError(f"no block of {count} free ports found")
@@ -53,6 +56,8 @@ def free_port_block(count: int, attempts: int = 50) -> int:
 
 def _is_free(port: int) -> bool:
     with socket.socket() as s:
+        # As nginx binds: a port whose old connections linger in TIME-WAIT is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError:
