@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -106,6 +106,17 @@ class _ToMaster:
         return self.endpoint
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    # Every probe is a new connection; "Starting factory" twice a probe drowns the log.
+    noisy = False
+
+
+def _quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = _QuietFactory
+    return pool
+
+
 class StatusProbe:
     """Asks one master's puppetserver whether it is running."""
 
@@ -121,7 +132,7 @@ class StatusProbe:
             _connection_creator(master.certname, credentials),
             self.timeout,
         )
-        agent = Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint))
+        agent = Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint), pool=_quiet_pool(self.reactor))
         # The endpoint decides where to connect; the URL only names the resource.
         url = f"https://{master.certname}:{master.port}/status/v1/simple".encode("ascii")
         d: Deferred[Any] = agent.request(b"GET", url)
