@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from puppetha.pki.authority import (
+    LB_CA,
     ROOT,
     AuthorityError,
     CAExists,
@@ -185,11 +186,57 @@ def test_master_ca(authority):
         authority.create_master_ca(MASTER)
 
 
-@pytest.mark.parametrize("certname", [ROOT, "Master1", "", "ca"])
+@pytest.mark.parametrize("certname", [ROOT, LB_CA, "Master1", "", "ca"])
 def test_master_ca_names_refused(authority, certname):
     before = [item.key for item in authority.records.store.list("ca")]
     with pytest.raises((AuthorityError, ValueError)):
         authority.create_master_ca(certname)
+    assert [item.key for item in authority.records.store.list("ca")] == before
+
+
+class StaleRecords(Records):
+    """Answers "no such CA" once: this daemon read just before another one created it."""
+
+    def __init__(self, store, name: str) -> None:
+        super().__init__(store)
+        self.name = name
+        self.stale = True
+
+    def get(self, cls, key):
+        if cls is CARecord and key == self.name and self.stale:
+            self.stale = False
+            return None
+        return super().get(cls, key)
+
+
+def test_ensure_ca_creates_once_under_the_root(authority, store, vault, now):
+    lb = authority.ensure_ca(LB_CA)
+    assert lb.parent == ROOT
+    cert = authority.certificate(LB_CA)
+    cert.verify_directly_issued_by(authority.certificate(ROOT))
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert authority.crl(LB_CA).number == 1
+    assert make_authority(store, vault, now).ensure_ca(LB_CA) == lb
+    # The lb CA's CRL is in the chain every node gets (nginx sends the lb CA to agents).
+    issuers = [c.issuer for c in load_crls(authority.crl_chain_pem())]
+    assert cert.subject in issuers
+
+
+def test_ensure_ca_loser_of_a_race_reads_the_winner(authority, store, vault, now):
+    winner = authority.ensure_ca(LB_CA)
+    loser = CertificateAuthority(
+        StaleRecords(store, LB_CA), vault, key_type=KeyType.EC_P256, now=now,
+        ca_lifetime=3650 * DAY, cert_lifetime=365 * DAY, crl_lifetime=7 * DAY,
+    )  # fmt: skip
+    assert loser.ensure_ca(LB_CA) == winner
+    assert [item.key for item in store.list("ca")].count(LB_CA) == 1
+
+
+@pytest.mark.parametrize("name", [ROOT, "Not A Name", ""])
+def test_ensure_ca_refuses_the_root_and_bad_names(authority, name):
+    before = [item.key for item in authority.records.store.list("ca")]
+    with pytest.raises((AuthorityError, ValueError)):
+        authority.ensure_ca(name)
     assert [item.key for item in authority.records.store.list("ca")] == before
 
 

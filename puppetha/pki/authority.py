@@ -51,6 +51,11 @@ log = Logger()
 
 #: The root CA's record name (a master can therefore never be called ``root``).
 ROOT = "root"
+#: The intermediate CA that signs lb nodes' certificates and nothing else: the one CA a
+#: master's puppetserver trusts (docs/front.md).  Reserved like :data:`ROOT`.
+LB_CA = "lb"
+#: CA names no master may take.
+RESERVED_CA_NAMES = frozenset({ROOT, LB_CA})
 
 _MAX_SERIAL = 1 << 159
 
@@ -192,21 +197,41 @@ class CertificateAuthority:
     def create_master_ca(self, certname: str) -> CARecord:
         """A new intermediate CA for master ``certname``, signed by the root, with its first CRL."""
         check_certname(certname)
-        if certname == ROOT:
-            raise AuthorityError(f"a master cannot be called {ROOT!r}")
-        root_cert = self.certificate(ROOT)
+        if certname in RESERVED_CA_NAMES:
+            raise AuthorityError(f"a master cannot be called {certname!r}")
+        record = self._create_intermediate(certname)
+        log.info("created CA for master {certname}", certname=certname)
+        return record
+
+    def ensure_ca(self, name: str) -> CARecord:
+        """
+        Intermediate CA ``name`` under the root, created first (with its first CRL) if the store
+        has none; safe to race with other daemons: the loser reads the winner's.
+        """
+        check_certname(name)
+        if name == ROOT:
+            raise AuthorityError("the root is made with init_root, not ensure_ca")
+        found = self.records.get(CARecord, name)
+        if found is not None:
+            return found.record
+        try:
+            record = self._create_intermediate(name)
+        except CAExists:
+            return self.ca(name)
+        log.info("created CA {name}", name=name)
+        return record
+
+    def _create_intermediate(self, name: str) -> CARecord:
         key = self.key_type.generate()
         cert = create_intermediate_ca(
             key.public_key(),
-            master_ca_subject(certname),
-            issuer_cert=root_cert,
+            master_ca_subject(name),
+            issuer_cert=self.certificate(ROOT),
             issuer_key=self._key(ROOT),
             now=_at(self.now()),
             lifetime=self.ca_lifetime,
         )
-        record = self._create_ca(certname, cert, key, parent=ROOT)
-        log.info("created CA for master {certname}", certname=certname)
-        return record
+        return self._create_ca(name, cert, key, parent=ROOT)
 
     def _create_ca(self, name: str, cert: x509.Certificate, key: PrivateKey, parent: str) -> CARecord:
         record = CARecord(
