@@ -40,6 +40,7 @@ from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import enrollment_resource
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.ha.nginx import FrontPorts
 from puppetha.pki.authority import CertificateAuthority
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import FileKeyVault
@@ -377,6 +378,7 @@ def build_world(
     policy: EnrollmentPolicy | None = None,
     store_wrapper: Callable[[SQLiteStore], IStore] | None = None,
     cloud: Boto3Cloud | None = None,
+    front_ports: FrontPorts | None = None,
 ) -> World:
     # moto is not reset between tests (reloading its EC2 backend costs seconds): every test
     # launches its own instances, whose ids never repeat.
@@ -396,6 +398,7 @@ def build_world(
         cloud=inline(cloud),
         clock=clock,
         choose=lambda cas: cas[0],
+        front_ports=front_ports,
     )
     source = ["127.0.0.1"]
     resource = FromSource(enrollment_resource(enrollment), source)

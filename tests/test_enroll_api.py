@@ -131,9 +131,10 @@ def test_ca_bundle_holds_every_ca_root_first(world: World) -> None:
     assert answer.status == 200
     assert answer.headers["content-type"] == "application/x-pem-file"
     certs = x509.load_pem_x509_certificates(answer.body)
-    assert len(certs) == 2
-    assert certs[0].subject == certs[0].issuer  # the root
-    assert certs[1].issuer == certs[0].subject
+    # The root, then the lb CA and the master's CA (both made by the master's enrollment).
+    assert len(certs) == 3
+    assert certs[0].subject == certs[0].issuer
+    assert all(c.issuer == certs[0].subject for c in certs[1:])
 
 
 def test_crl_bundle_holds_a_crl_per_ca(world: World) -> None:
@@ -141,7 +142,7 @@ def test_crl_bundle_holds_a_crl_per_ca(world: World) -> None:
     assert world.enroll(master, "master").status == 200
     answer = world.call("/v1/crl", None, method="GET")
     assert answer.status == 200
-    assert answer.body.count(b"-----BEGIN X509 CRL-----") == 2
+    assert answer.body.count(b"-----BEGIN X509 CRL-----") == 3  # root, lb CA, the master's CA
     for pem in answer.body.split(b"-----END X509 CRL-----")[:-1]:
         x509.load_pem_x509_crl(pem + b"-----END X509 CRL-----\n")
 

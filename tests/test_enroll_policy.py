@@ -97,6 +97,14 @@ REFUSALS = [
         "instance": evolve(INSTANCE, private_dns=""),
         "policy": evolve(POLICY, certname_template="{private_dns}.{instance_id}"),
     }, 403, "bad-certname"),
+    ("master named like the lb CA", {
+        "role": "master", "identity": evolve(IDENTITY, instance_id="lb"),
+        "instance": evolve(INSTANCE, instance_id="lb"),
+    }, 403, "bad-certname"),
+    ("master named like the root CA", {
+        "role": "master", "identity": evolve(IDENTITY, instance_id="root"),
+        "instance": evolve(INSTANCE, instance_id="root"),
+    }, 403, "bad-certname"),
 ]
 
 

@@ -19,7 +19,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from puppetha.aws.boto import Boto3Cloud
+from puppetha.enroll.puppetserver import check_lb_ca
 from puppetha.enroll.service import reset_enrollment
+from puppetha.ha.nginx import FrontPorts
+from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
@@ -82,8 +85,15 @@ def test_master_enrolls_gets_its_own_ca_and_is_registered(world: World) -> None:
     assert intermediate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert sans_of(cert) == [master.instance_id, master.private_dns, "puppet.example.net"]
     assert "OK" in world.verify(body)
-    # Both CRLs (root and the new intermediate) are in the chain.
-    assert body["crl_chain"].count("-----BEGIN X509 CRL-----") == 2
+    # Every CA's CRL is in the chain: the root, the new intermediate and the lb CA.
+    assert body["crl_chain"].count("-----BEGIN X509 CRL-----") == 3
+    # What its puppetserver trusts: the lb CA (chained to the root) and its CRL.
+    lb_chain = x509.load_pem_x509_certificates(body["lb_ca_chain"].encode())
+    assert lb_chain == [world.authority.certificate(LB_CA), world.authority.certificate(ROOT)]
+    check_lb_ca(body["lb_ca_chain"].split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
+    lb_crl = x509.load_pem_x509_crl(body["lb_crl"].encode())
+    assert lb_crl.issuer == lb_chain[0].subject
+    assert lb_crl.is_signature_valid(lb_chain[0].public_key())  # type: ignore[arg-type]
     assert "PRIVATE KEY" not in answer.body.decode()
 
     registered = world.records.get(MasterRecord, master.instance_id)
@@ -106,6 +116,8 @@ def test_agent_enrolls_signed_by_a_healthy_master(world: World) -> None:
     assert answer.status == 200, answer.body
     body = answer.json
     assert set(body) == {"certname", "role", "certificate", "ca_chain", "crl_chain", "server", "test_server"}
+    # The first run goes through the front's own port for the issuing master (the first one).
+    assert body["test_server"] == "puppet.example.net:8141"
     cert = load(body["certificate"])
     chain = x509.load_pem_x509_certificates(body["ca_chain"].encode())
     assert len(chain) == 2
@@ -123,13 +135,16 @@ def test_agent_enrolls_signed_by_a_healthy_master(world: World) -> None:
         "agent", master.instance_id, agent.private_ip, agent.account)
 
 
-def test_lb_node_enrolls_with_a_root_signed_client_and_server_certificate(world: World) -> None:
+def test_lb_node_enrolls_with_a_certificate_from_the_lb_ca(world: World) -> None:
     lb = world.launch("lb", security_groups=["lb-nodes"])
     answer = world.enroll(lb, "lb")
     assert answer.status == 200, answer.body
     body = answer.json
     chain = x509.load_pem_x509_certificates(body["ca_chain"].encode())
-    assert len(chain) == 1  # the root alone
+    # The lb CA, made on demand under the root, signs lb nodes and nothing else.
+    assert chain == [world.authority.certificate(LB_CA), world.authority.certificate(ROOT)]
+    assert world.authority.ca(LB_CA).parent == ROOT
+    assert "lb_ca_chain" not in body
     cert = load(body["certificate"])
     assert cert.issuer == chain[0].subject
     usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -137,6 +152,56 @@ def test_lb_node_enrolls_with_a_root_signed_client_and_server_certificate(world:
     assert sans_of(cert) == [lb.instance_id, lb.private_dns, "puppet.example.net"]
     assert "OK" in world.verify(body)
     assert world.records.get(MasterRecord, lb.instance_id) is None
+
+
+def test_agents_first_run_goes_to_their_masters_own_port_on_the_front(world: World) -> None:
+    masters = [enroll_master(world)[0] for _ in range(3)]
+    records = {m.instance_id: world.records.get(MasterRecord, m.instance_id) for m in masters}
+    # The lb nodes' rule: registration order, then certname, from first_master.
+    ordered = sorted(
+        (v.record for v in records.values() if v is not None), key=lambda r: (r.registered_at, r.certname)
+    )
+    ports = {r.certname: 8141 + i for i, r in enumerate(ordered)}
+    seen = {}
+    for _ in range(3):
+        agent = world.launch("agent")
+        answer = world.enroll(agent)
+        assert answer.status == 200, answer.body
+        node = world.records.get(NodeRecord, agent.instance_id)
+        assert node is not None
+        seen[node.record.issuer] = answer.json["test_server"]
+    assert seen == {name: f"puppet.example.net:{port}" for name, port in ports.items()}
+
+
+def test_a_master_enrolling_again_keeps_its_place_and_port(world: World) -> None:
+    first, _ = enroll_master(world)
+    enroll_master(world)
+    before = world.records.get(MasterRecord, first.instance_id)
+    assert before is not None
+    world.clock.advance(600)
+    reset_enrollment(world.records, first.instance_id)
+    assert world.enroll(first, "master").status == 200
+    after = world.records.get(MasterRecord, first.instance_id)
+    assert after is not None
+    assert after.record.registered_at == before.record.registered_at
+
+
+def test_masters_beyond_the_reserved_ports_send_agents_to_the_front(
+    enroll_aws, aws_signer, tmp_path: Path
+) -> None:
+    ports = FrontPorts(first_master=9000, max_masters=1)
+    world = build_world(enroll_aws, aws_signer, tmp_path, front_ports=ports)
+    try:
+        enroll_master(world)
+        enroll_master(world)
+        answers = []
+        for _ in range(2):
+            answer = world.enroll(world.launch("agent"))
+            assert answer.status == 200, answer.body
+            answers.append(answer.json["test_server"])
+        assert sorted(answers) == [FRONT, "puppet.example.net:9000"]
+    finally:
+        world.store.close()
 
 
 def test_agents_are_spread_over_healthy_masters(world: World) -> None:

@@ -16,6 +16,7 @@ from attrs import field, frozen
 
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import IdentityDocument
+from puppetha.pki.authority import RESERVED_CA_NAMES
 from puppetha.pki.certs import Usage
 from puppetha.pki.names import certname_problem, parse_san
 
@@ -238,6 +239,11 @@ def decide(
     problem = certname_problem(certname)
     if problem is not None:
         return Refuse(403, "bad-certname", f"the certname template gives no valid name: {problem}")
+    if role == "master" and certname in RESERVED_CA_NAMES:
+        # A master's CA is named after it; these names belong to puppetha's own CAs.
+        return Refuse(
+            403, "bad-certname", f"a master cannot be called {certname!r}: a puppetha CA has that name"
+        )
     return Admit(
         role=role,
         certname=certname,

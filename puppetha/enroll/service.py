@@ -40,7 +40,8 @@ from puppetha.enroll.policy import (
     decide,
     precheck,
 )
-from puppetha.pki.authority import ROOT, CertificateAuthority
+from puppetha.ha.nginx import FrontPorts, MasterBackend, master_ports
+from puppetha.pki.authority import LB_CA, RESERVED_CA_NAMES, ROOT, CertificateAuthority
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.pki.csr import CSRPolicy, CSRRefused, check_csr
 from puppetha.pki.keys import KeyType
@@ -106,6 +107,10 @@ class IssuedEnrollment:
     test_server: str
     #: A master's own intermediate CA certificate; empty for other roles.
     ca_certificate: str = ""
+    #: Masters only: the lb CA then the root (the lb CA is puppetserver's ``ssl-ca-cert``) ...
+    lb_ca_chain: str = ""
+    #: ... and the lb CA's CRL (puppetserver's ``ssl-crl-path``).
+    lb_crl: str = ""
 
     def to_json(self) -> dict[str, str]:
         answer = {
@@ -119,6 +124,9 @@ class IssuedEnrollment:
         }
         if self.ca_certificate:
             answer["ca_certificate"] = self.ca_certificate
+        if self.lb_ca_chain:
+            answer["lb_ca_chain"] = self.lb_ca_chain
+            answer["lb_crl"] = self.lb_crl
         return answer
 
 
@@ -193,6 +201,8 @@ class Enrollment:
     The enrollment service.  Blocking collaborators arrive wrapped in
     :class:`puppetha.threads.Blocking` (bounded pools); ``clock`` gives the time and runs the
     DescribeInstances batch timer.  ``allowed_keys`` are the key types a CSR may carry.
+    ``front_ports`` are the lb nodes' ports (``[lb]``): an agent's ``test_server`` is its
+    issuing master's own port on the front, numbered as the lb nodes number them.
     """
 
     def __init__(
@@ -209,6 +219,7 @@ class Enrollment:
         retry_after: int = DEFAULT_RETRY_AFTER,
         stale_claim: float = DEFAULT_STALE_CLAIM,
         choose: Callable[[Sequence[str]], str] | None = None,
+        front_ports: FrontPorts | None = None,
     ) -> None:
         self.policy = policy
         self.trust = trust
@@ -219,6 +230,7 @@ class Enrollment:
         self.retry_after = retry_after
         self.stale_claim = stale_claim
         self.batcher = DescribeBatcher(cloud, clock, batch_window)
+        self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
         self._last_used: dict[str, int] = {}
@@ -296,11 +308,11 @@ class Enrollment:
         return identity
 
     async def _issuer_for(self, admit: Admit) -> str:
-        """The CA that signs: a healthy master's for agents, a new one for masters, the root for lb."""
+        """The CA that signs: a healthy master's for agents, a new one for masters, the lb CA for lb."""
         if admit.role == "master":
             return admit.certname
         if admit.role == "lb":
-            return ROOT
+            return LB_CA
         healthy: list[str] = await self.records.call(_healthy_master_cas, self.records.target)
         if not healthy:
             raise EnrollmentRefused(
@@ -363,6 +375,9 @@ class Enrollment:
             raise EnrollmentRefused(400, f"csr-{e.code}", e.message) from None
         authority = self.authority.target
         records = self.records.target
+        # Made by the first enrollment of any kind (once; racing daemons agree), so that every
+        # crl_chain below holds its CRL: agents check it on the lb node's chain, masters trust it.
+        authority.ensure_ca(LB_CA)
         ca_certificate = ""
         if admit.role == "master":
             # A master enrolling again (after a reset) keeps its CA: the agents it signed stay valid.
@@ -380,9 +395,11 @@ class Enrollment:
         certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         test_server = self.policy.front
         if admit.role == "agent":
-            master = records.get(MasterRecord, issuer)
-            if master is not None and master.record.direct:
-                test_server = master.record.direct
+            test_server = self._first_run_server(records, issuer)
+        lb_ca_chain = lb_crl = ""
+        if admit.role == "master":
+            lb_ca_chain = authority.ca_chain_pem(LB_CA).decode("ascii")
+            lb_crl = authority.crl(LB_CA).crl_pem
         # Everything the answer needs is read before the transaction, so that once the node is
         # recorded nothing can fail and leave an issued enrollment its client never received.
         issued = IssuedEnrollment(
@@ -394,6 +411,8 @@ class Enrollment:
             server=self.policy.front,
             test_server=test_server,
             ca_certificate=ca_certificate,
+            lb_ca_chain=lb_ca_chain,
+            lb_crl=lb_crl,
         )
         now = self.clock.seconds()
         writes = self._record_writes(
@@ -408,6 +427,24 @@ class Enrollment:
                 f"the enrollment of {admit.certname} changed while it was being signed",
             ) from e
         return _Outcome(issued, cert.serial_number, issuer)
+
+    def _first_run_server(self, records: Records, issuer: str) -> str:
+        """
+        The issuing master's own port on the front (``host:port``), computed now from the
+        registered masters by the rule the lb nodes use (:func:`puppetha.ha.nginx.master_ports`).
+        Not stored: removing a master shifts the ports of those registered after it.  The front
+        itself when the master has no port of its own (beyond ``max_masters``).
+        """
+        backends = [
+            MasterBackend(m.record.certname, m.record.address, m.record.port, m.record.healthy,
+                          m.record.registered_at)
+            for m in records.list(MasterRecord)
+        ]  # fmt: skip
+        port = master_ports(backends, self.front_ports).get(issuer)
+        if port is None:
+            return self.policy.front
+        host = self.policy.front_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _record_writes(
         self,
@@ -445,12 +482,15 @@ class Enrollment:
             _upsert(records, node, same_owner=lambda old: old.get("instance_id") == admit.instance_id),
         ]
         if admit.role == "master":
+            # A master enrolling again keeps its place in the registration order, and with it
+            # its port on the front and every other master's.
+            known = records.get(MasterRecord, admit.certname)
             master = MasterRecord(
                 certname=admit.certname,
                 address=admit.private_ip,
                 port=MASTER_PORT,
                 ca=admit.certname,
-                registered_at=now,
+                registered_at=known.record.registered_at if known is not None else now,
                 healthy=True,
             )
             writes.append(_upsert(records, master, same_owner=lambda old: True))
@@ -506,7 +546,7 @@ class Enrollment:
 def _healthy_master_cas(records: Records) -> list[str]:
     masters = [m.record for m in records.list(MasterRecord) if m.record.healthy]
     cas = {c.record.name for c in records.list(CARecord)}
-    return sorted({m.ca for m in masters if m.ca in cas and m.ca != ROOT})
+    return sorted({m.ca for m in masters if m.ca in cas and m.ca not in RESERVED_CA_NAMES})
 
 
 def _upsert(records: Records, record: NodeRecord | MasterRecord, same_owner: Callable[[Any], bool]) -> Write:
