@@ -52,13 +52,15 @@ LIFETIME = timedelta(days=365)
 class TestCA:
     __test__ = False
 
-    """A root, one master's intermediate, and the enrollment server's own certificate."""
+    """A root, one master's intermediate, the lb CA, and the enrollment server's own certificate."""
 
     def __init__(self, name: str = "puppetha Root CA") -> None:
         self.root_key = KeyType.EC_P256.generate()
         self.root = certs.create_root_ca(self.root_key, name, NOW, LIFETIME * 10)
         self.master_key = KeyType.EC_P256.generate()
         self.master_ca = self.intermediate("master-1", self.master_key)
+        self.lb_key = KeyType.EC_P256.generate()
+        self.lb_ca = self.intermediate("lb", self.lb_key)
 
     def intermediate(self, certname: str, key: PrivateKey) -> x509.Certificate:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"puppetha CA {certname}")])
@@ -225,7 +227,7 @@ class FakeEnrollServer(_Loopback):
         return f"https://{host}:{self.port}"
 
     def ca_bundle(self) -> bytes:
-        return pem(self.ca.root) + pem(self.ca.master_ca)
+        return pem(self.ca.root) + pem(self.ca.master_ca) + pem(self.ca.lb_ca)
 
     def issue(self, request: dict[str, Any]) -> tuple[int, bytes]:
         ca, role = self.ca, request["role"]
@@ -236,7 +238,9 @@ class FakeEnrollServer(_Loopback):
             return refusal(400, f"csr-{e.code}", e.message)
         extensions = [certs.puppet_extension(certs.PP_INSTANCE_ID, INSTANCE_ID)]
         answer: dict[str, Any] = {"certname": self.certname, "role": role, "server": self.front}
-        crls = [ca.crl(ca.root, ca.root_key), ca.crl(ca.master_ca, ca.master_key)]
+        crls = [
+            ca.crl(ca.root, ca.root_key), ca.crl(ca.master_ca, ca.master_key), ca.crl(ca.lb_ca, ca.lb_key)
+        ]
         if role == "agent":
             issuer, issuer_key, chain, usage = (
                 ca.master_ca,
@@ -252,8 +256,10 @@ class FakeEnrollServer(_Loopback):
             crls.append(ca.crl(issuer, issuer_key))
             answer["ca_certificate"] = pem(issuer).decode()
             answer["test_server"] = self.front
+            answer["lb_ca_chain"] = (pem(ca.lb_ca) + pem(ca.root)).decode()
+            answer["lb_crl"] = pem(ca.crl(ca.lb_ca, ca.lb_key)).decode()
         else:
-            issuer, issuer_key, chain, usage = ca.root, ca.root_key, [ca.root], certs.Usage.BOTH
+            issuer, issuer_key, chain, usage = ca.lb_ca, ca.lb_key, [ca.lb_ca, ca.root], certs.Usage.BOTH
             answer["test_server"] = self.front
         cert = certs.issue_leaf(
             csr,
@@ -400,7 +406,7 @@ def test_agent_enrolls_and_gets_a_ready_ssldir(
     ca = enroll_server.ca
     assert x509.load_pem_x509_certificates((ssl_dir / "certs/ca.pem").read_bytes()) == [ca.master_ca, ca.root]
     crls = (ssl_dir / "crl.pem").read_bytes()
-    assert crls.count(b"BEGIN X509 CRL") == 2
+    assert crls.count(b"BEGIN X509 CRL") == 3  # root, the master's CA, the lb CA
 
     assert host.puppet_conf.read_text() == (
         f"[agent]\ncertname = {INSTANCE_ID}\nserver = puppet\nserverport = 8140\nssldir = {ssl_dir}\n"
@@ -484,7 +490,7 @@ def test_master_asks_for_its_names_and_keeps_its_ca(
     master_ca = x509.load_pem_x509_certificate((host.ssldir / "certs" / client.MASTER_CA_FILE).read_bytes())
     chain = x509.load_pem_x509_certificates((host.ssldir / "certs/ca.pem").read_bytes())
     assert chain == [master_ca, enroll_server.ca.root]
-    assert (host.ssldir / "crl.pem").read_bytes().count(b"BEGIN X509 CRL") == 3
+    assert (host.ssldir / "crl.pem").read_bytes().count(b"BEGIN X509 CRL") == 4
     # Everything on a master (puppetserver included) reads [main].
     assert host.puppet_conf.read_text().startswith("[main]\ncertname = ")
 
@@ -501,13 +507,121 @@ def test_master_without_private_dns_in_metadata_asks_for_the_front_name(
     assert sans.get_values_for_type(x509.DNSName) == [INSTANCE_ID, "localhost"]
 
 
-def test_lb_node_certificate_comes_from_the_root(
+def test_lb_node_certificate_comes_from_the_lb_ca(
     imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
 ) -> None:
     code, _, err = run(imds, enroll_server, host, "--dns-alt-names", PRIVATE_DNS + ",puppet", role="lb")
     assert (code, err) == (EXIT_OK, "")
     chain = x509.load_pem_x509_certificates((host.ssldir / "certs/ca.pem").read_bytes())
-    assert chain == [enroll_server.ca.root]
+    assert chain == [enroll_server.ca.lb_ca, enroll_server.ca.root]
+    assert not (host.puppet_conf.parent / "puppetserver").exists()
+
+
+# -- a master's puppetserver ---------------------------------------------------------------------
+
+
+def _master(imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host, *extra: str) -> tuple[int, str, str]:
+    return run(imds, enroll_server, host, "--dns-alt-names", PRIVATE_DNS, *extra, role="master")
+
+
+def test_master_gets_puppetservers_files_with_debians_defaults(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    code, out, err = _master(imds, enroll_server, host)
+    assert (code, err) == (EXIT_OK, "")
+    confdir = host.puppet_conf.parent / "puppetserver"  # Debian's /etc/puppet/puppetserver
+    assert f"puppetserver {confdir}, " in out
+    ca = enroll_server.ca
+    ssldir = host.ssldir.absolute()
+    assert x509.load_pem_x509_certificate((host.ssldir / "lb-ca.pem").read_bytes()) == ca.lb_ca
+    lb_crl = x509.load_pem_x509_crl((host.ssldir / "lb-crl.pem").read_bytes())
+    assert lb_crl.issuer == ca.lb_ca.subject
+    webserver = (confdir / "conf.d/webserver.conf").read_text()
+    # Only lb nodes get through: their CA alone, a client certificate required, on the private IP.
+    for line in (
+        'ssl-host: "10.0.0.12"', "ssl-port: 8140", "client-auth: need",
+        f'ssl-ca-cert: "{ssldir}/lb-ca.pem"', f'ssl-crl-path: "{ssldir}/lb-crl.pem"',
+        f'ssl-cert: "{ssldir}/certs/{INSTANCE_ID}.pem"',
+        f'ssl-key: "{ssldir}/private_keys/{INSTANCE_ID}.pem"',
+    ):  # fmt: skip
+        assert line in webserver
+    assert "allow-header-cert-info: true" in (confdir / "conf.d/auth.conf").read_text()
+    services = "".join((confdir / "services.d" / n).read_text() for n in ("bootstrap.cfg", "ca.cfg"))
+    assert "certificate-authority-disabled-service/certificate-authority-disabled-service" in services
+    assert "certificate-authority-service/certificate-authority-service" not in services
+    assert host.puppet_conf.read_text() == (
+        f"[main]\ncertname = {INSTANCE_ID}\nserver = localhost\nserverport = 8140\nssldir = {ssldir}\n"
+        "\n[server]\nnode_terminus = exec\nexternal_nodes = /usr/bin/puppetha-enc\n"
+    ).replace("localhost", enroll_server.front.rpartition(":")[0])
+    for path in (confdir / "conf.d/webserver.conf", confdir / "services.d/ca.cfg"):
+        assert mode(path) == 0o644
+
+
+def test_master_options_and_debians_own_files(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host, tmp_path: Path
+) -> None:
+    confdir = tmp_path / "ps"
+    (confdir / "services.d").mkdir(parents=True)
+    (confdir / "conf.d").mkdir()
+    (confdir / "services.d/ca.cfg").write_text(
+        "puppetlabs.services.ca.certificate-authority-service/certificate-authority-service\n"
+    )
+    (confdir / "conf.d/global.conf").write_text("global: { logging-config: /etc/x.xml }\n")
+    host.puppet_conf.parent.mkdir(parents=True)
+    host.puppet_conf.write_text("[server]\nvardir = /var/lib/puppetserver\nnode_terminus = plain\n")
+    code, _, err = _master(
+        imds, enroll_server, host, "--puppetserver-confdir", str(confdir), "--enc-script", "/opt/bin/enc",
+        "--enc-socket", "/run/p/enc.sock", "--listen-address", "10.9.8.7", "--listen-port", "8150",
+    )  # fmt: skip
+    assert (code, err) == (EXIT_OK, "")
+    webserver = (confdir / "conf.d/webserver.conf").read_text()
+    assert 'ssl-host: "10.9.8.7"' in webserver
+    assert "ssl-port: 8150" in webserver
+    # Debian's CA service is replaced; its other files are left alone.
+    assert "certificate-authority-service/certificate" not in (confdir / "services.d/ca.cfg").read_text()
+    assert (confdir / "conf.d/global.conf").read_text() == "global: { logging-config: /etc/x.xml }\n"
+    conf = host.puppet_conf.read_text()
+    assert conf.startswith(
+        "[server]\nvardir = /var/lib/puppetserver\nnode_terminus = exec\n"
+        "external_nodes = /opt/bin/enc --socket=/run/p/enc.sock\n"
+    )
+    assert not (host.puppet_conf.parent / "puppetserver").exists()
+
+
+def test_master_files_are_all_or_nothing(imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host) -> None:
+    confdir = host.puppet_conf.parent / "puppetserver"
+    (confdir / "conf.d").mkdir(parents=True)
+    (confdir / "conf.d/webserver.conf").write_text("webserver: { ssl-port: 8140 }\n")
+    (confdir / "services.d").write_text("not a directory")  # services.d/*.cfg cannot be written
+    host.ssldir.parent.mkdir(parents=True)
+    before = host.snapshot()
+    code, _, err = _master(imds, enroll_server, host)
+    assert code == EXIT_LOCAL
+    assert err.startswith("puppetha-enroll: cannot write the puppet files: ")
+    assert host.snapshot() == before
+
+
+LB_TAMPERING: dict[str, Callable[[TestCA, dict[str, Any]], None]] = {
+    "no lb CA": lambda ca, a: a.pop("lb_ca_chain"),
+    "no lb CRL": lambda ca, a: a.pop("lb_crl"),
+    "the root as the lb CA": lambda ca, a: a.update(lb_ca_chain=(pem(ca.root) + pem(ca.root)).decode()),
+    "the lb CA alone": lambda ca, a: a.update(lb_ca_chain=pem(ca.lb_ca).decode()),
+    "an lb CA of another root": lambda ca, a: a.update(
+        lb_ca_chain=(pem(TestCA().lb_ca) + pem(ca.root)).decode()),
+    "the lb CRL of another CA": lambda ca, a: a.update(
+        lb_crl=pem(ca.crl(ca.master_ca, ca.master_key)).decode()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tampering", sorted(LB_TAMPERING))
+def test_master_answer_without_a_good_lb_ca_writes_nothing(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host, tampering: str
+) -> None:
+    _tamper(enroll_server, lambda a: LB_TAMPERING[tampering](enroll_server.ca, a))
+    code, out, err = _master(imds, enroll_server, host)
+    assert (code, out) == (EXIT_UNTRUSTED, "")
+    assert "lb" in err
+    assert host.snapshot() == {}
     assert not (host.ssldir / "certs" / client.MASTER_CA_FILE).exists()
 
 
@@ -820,6 +934,11 @@ def test_failure_writing_puppet_conf_leaves_the_ssldir_as_it_was(
         (["--certname", "Bad Name"], "--certname: certname 'Bad Name' must be lowercase"),
         (["--dns-alt-names", "x.example"], "--dns-alt-names is for masters and lb nodes"),
         (["--timeout", "0"], "--timeout must be between"),
+        (["--listen-address", "10.0.0.1"], "--listen-address is for masters only"),
+        (["--puppetserver-confdir", "/x"], "--puppetserver-confdir is for masters only"),
+        (["--role", "master", "--listen-address", "master.internal"], "--listen-address must be an IP"),
+        (["--role", "master", "--enc-script", "puppetha-enc"], "--enc-script must be an absolute path"),
+        (["--role", "master", "--listen-port", "0"], "--listen-port 0 is not a TCP port"),
     ],
 )
 def test_bad_arguments_are_local_errors(argv: list[str], message: str, host: Host) -> None:

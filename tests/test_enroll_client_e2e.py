@@ -33,7 +33,7 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
-from puppetha.pki.authority import ROOT, CertificateAuthority
+from puppetha.pki.authority import LB_CA, ROOT, CertificateAuthority
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import FileKeyVault
@@ -184,6 +184,21 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     root = service.authority.certificate(ROOT)
     assert master_chain == [master_ca, root]
     assert fingerprint(root) == service.pin
+    # Its puppetserver: the lb CA alone as the listener's client CA, header trust, our ENC, no CA.
+    lb_ca = service.authority.certificate(LB_CA)
+    assert x509.load_pem_x509_certificate((master_host / "ssl/lb-ca.pem").read_bytes()) == lb_ca
+    lb_crl = x509.load_pem_x509_crl((master_host / "ssl/lb-crl.pem").read_bytes())
+    assert lb_crl.issuer == lb_ca.subject
+    confdir = master_host / "puppetserver"
+    webserver = (confdir / "conf.d/webserver.conf").read_text()
+    assert f'ssl-host: "{master.private_ip}"' in webserver
+    assert f'ssl-ca-cert: "{master_host / "ssl/lb-ca.pem"}"' in webserver
+    assert "client-auth: need" in webserver
+    assert "allow-header-cert-info: true" in (confdir / "conf.d/auth.conf").read_text()
+    assert "certificate-authority-disabled-service" in (confdir / "services.d/ca.cfg").read_text()
+    assert (master_host / "puppet.conf").read_text().endswith(
+        "[server]\nnode_terminus = exec\nexternal_nodes = /usr/bin/puppetha-enc\n"
+    )
 
     agent_host = tmp_path / "agent"
     code, out, err = _enroll(service, imds, signer, agent, "agent", agent_host)
@@ -191,6 +206,13 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     # The agent is issued by the only healthy master's CA, which the master just got.
     agent_chain = x509.load_pem_x509_certificates((agent_host / "ssl/certs/ca.pem").read_bytes())
     assert agent_chain == [master_ca, root]
+    # The agent checks the lb nodes' chain too: the lb CA's CRL is in its crl.pem.
+    end = b"-----END X509 CRL-----\n"
+    agent_crls = [
+        x509.load_pem_x509_crl(block + end)
+        for block in (agent_host / "ssl/crl.pem").read_bytes().split(end) if block.strip()
+    ]
+    assert {c.issuer for c in agent_crls} == {root.subject, master_ca.subject, lb_ca.subject}
     conf = (agent_host / "puppet.conf").read_text()
     assert conf == (
         f"[agent]\ncertname = {agent.instance_id}\nserver = localhost\nserverport = 8140\n"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
+import attrs
 from attrs import field, frozen
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,12 +32,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from puppetha.enroll.policy import MASTER_PORT
+from puppetha.enroll.puppetserver import (
+    MasterMaterial,
+    MasterSettings,
+    PuppetserverLayout,
+    master_config_files,
+    server_settings,
+)
 from puppetha.enroll.ssldir import (
+    PUBLIC_FILE_MODE,
     AlreadyEnrolled,
     Changes,
     PuppetCredentials,
     check_not_enrolled,
-    write_puppet_conf,
+    write_puppet_conf_sections,
     write_ssldir,
 )
 from puppetha.pki.certs import fingerprint
@@ -61,6 +71,10 @@ DEFAULT_PUPPET_CONF = Path("/etc/puppet/puppet.conf")
 DEFAULT_TIMEOUT = 30.0
 #: Where a master keeps its own intermediate CA certificate, under ``certs/``.
 MASTER_CA_FILE = "master-ca.pem"
+#: Debian's puppetserver keeps ``conf.d/`` and ``services.d/`` here, beside puppet.conf.
+PUPPETSERVER_CONFDIR_NAME = "puppetserver"
+#: The ENC script puppetserver runs for each node (``external_nodes``).
+DEFAULT_ENC_SCRIPT = MasterSettings(listen_address="").enc_command
 
 #: IMDSv2 session tokens need only outlive this run.
 IMDS_TOKEN_TTL = 300
@@ -125,6 +139,21 @@ class Options:
     dns_alt_names: tuple[str, ...] | None = None
     timeout: float = DEFAULT_TIMEOUT
     force: bool = False
+    #: Masters: puppetserver's configuration (``conf.d``, ``services.d``); ``None``: the
+    #: ``puppetserver`` directory beside puppet.conf (Debian's ``/etc/puppet/puppetserver``).
+    puppetserver_confdir: Path | None = None
+    enc_script: str = DEFAULT_ENC_SCRIPT
+    #: The ENC's socket, passed to the script as ``--socket``; empty: the script's default.
+    enc_socket: str = ""
+    #: Masters: the address puppetserver listens on; ``None``: the instance's private IP.
+    listen_address: str | None = None
+    listen_port: int = MASTER_PORT
+
+    @property
+    def puppetserver_dir(self) -> Path:
+        if self.puppetserver_confdir is not None:
+            return self.puppetserver_confdir
+        return self.puppet_conf.parent / PUPPETSERVER_CONFDIR_NAME
 
     @property
     def section(self) -> str:
@@ -210,7 +239,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request")
     parser.add_argument("--force", action="store_true", help="replace an existing certificate")
+    master = parser.add_argument_group("masters", "where puppetserver's files go (--role master only)")
+    master.add_argument(
+        "--puppetserver-confdir", type=Path,
+        help=f"puppetserver's conf.d and services.d are here (default: {PUPPETSERVER_CONFDIR_NAME}/ "
+        "beside --puppet-conf, Debian's /etc/puppet/puppetserver)",
+    )  # fmt: skip
+    master.add_argument("--enc-script", help=f"the ENC puppetserver runs (default: {DEFAULT_ENC_SCRIPT})")
+    master.add_argument("--enc-socket", help="the ENC's socket (default: the script's own default)")
+    master.add_argument(
+        "--listen-address", help="puppetserver's private listening address (default: the private IP)"
+    )
+    master.add_argument("--listen-port", type=int, help=f"puppetserver's port (default: {MASTER_PORT})")
     return parser
+
+
+_MASTER_ONLY = ("puppetserver_confdir", "enc_script", "enc_socket", "listen_address", "listen_port")
 
 
 def parse_options(argv: Sequence[str]) -> Options:
@@ -235,6 +279,15 @@ def parse_options(argv: Sequence[str]) -> Options:
                 parse_san(name)
         if not 0 < args.timeout <= 3600:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
+        given = [name for name in _MASTER_ONLY if getattr(args, name) is not None]
+        if given and args.role != "master":
+            raise ValueError(f"--{given[0].replace('_', '-')} is for masters only")
+        if args.enc_script is not None and not args.enc_script.startswith("/"):
+            raise ValueError("--enc-script must be an absolute path")
+        if args.listen_address is not None and not _is_ip(args.listen_address):
+            raise ValueError(f"--listen-address must be an IP address, not {args.listen_address!r}")
+        if args.listen_port is not None and not 0 < args.listen_port < 65536:
+            raise ValueError(f"--listen-port {args.listen_port} is not a TCP port")
     except ValueError as e:
         raise LocalError(str(e)) from None
     return Options(
@@ -250,6 +303,11 @@ def parse_options(argv: Sequence[str]) -> Options:
         dns_alt_names=alt_names,
         timeout=args.timeout,
         force=args.force,
+        puppetserver_confdir=args.puppetserver_confdir,
+        enc_script=args.enc_script or DEFAULT_ENC_SCRIPT,
+        enc_socket=args.enc_socket or "",
+        listen_address=args.listen_address,
+        listen_port=args.listen_port or MASTER_PORT,
     )
 
 
@@ -264,6 +322,8 @@ class InstanceIdentity:
     instance_id: str
     #: The private DNS name (``local-hostname``), read for masters and lb nodes only.
     private_dns: str | None = None
+    #: The document's ``privateIp`` (where a master's puppetserver listens by default).
+    private_ip: str | None = None
 
 
 class MetadataService:
@@ -321,6 +381,7 @@ def read_identity(imds: MetadataService, *, with_private_dns: bool) -> InstanceI
     try:
         fields = json.loads(document)
         instance_id = fields["instanceId"]
+        private_ip = fields.get("privateIp")
         signature_text = signature.decode("ascii")
     except (ValueError, KeyError, TypeError) as e:
         raise LocalError(
@@ -333,7 +394,9 @@ def read_identity(imds: MetadataService, *, with_private_dns: bool) -> InstanceI
         # Optional: without it the CSR asks only for the other names.
         hostname = imds.get_optional("/latest/meta-data/local-hostname", token) or b""
         private_dns = hostname.decode("ascii", "replace").strip()
-    return InstanceIdentity(document, signature_text, instance_id, private_dns or None)
+    if not isinstance(private_ip, str) or not _is_ip(private_ip):
+        private_ip = None
+    return InstanceIdentity(document, signature_text, instance_id, private_dns or None, private_ip)
 
 
 # -- key and CSR ---------------------------------------------------------------------------------
@@ -502,6 +565,9 @@ class Enrollment:
     server: ServerAddress
     test_server: ServerAddress
     master_ca: x509.Certificate | None = None
+    #: Masters: the CA of the lb nodes, the only clients their puppetserver accepts, and its CRL.
+    lb_ca: x509.Certificate | None = None
+    lb_crl: x509.CertificateRevocationList | None = field(default=None, repr=False)
 
 
 #: The extended key usage each role's certificate must carry, as docs/api.md promises.
@@ -569,7 +635,33 @@ def check_enrollment(
         if len(own) != 1 or own[0] != chain[0] or own[0].subject != certificate.issuer:
             raise Untrusted("the server's ca_certificate is not the CA that issued this master's certificate")
         master_ca = own[0]
+        lb_ca, lb_crl = _check_lb_ca(certificates("lb_ca_chain"), text("lb_crl"), root, now)
+        return Enrollment(
+            certname, role, certificate, tuple(chain), crls, server, test_server, master_ca, lb_ca, lb_crl
+        )
     return Enrollment(certname, role, certificate, tuple(chain), crls, server, test_server, master_ca)
+
+
+def _check_lb_ca(
+    chain: Sequence[x509.Certificate], crl_pem: str, root: x509.Certificate, now: datetime
+) -> tuple[x509.Certificate, x509.CertificateRevocationList]:
+    """The lb CA of a master's answer: a CA issued by the pinned root itself, with its CRL."""
+    if len(chain) != 2 or chain[-1] != root:
+        raise Untrusted("the server's lb_ca_chain is not the lb CA and the pinned root CA")
+    lb_ca = chain[0]
+    try:
+        lb_ca.verify_directly_issued_by(root)
+        constraints = lb_ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        raise Untrusted("the server's lb CA is not issued by the pinned root CA") from None
+    if not constraints.ca or lb_ca.subject == root.subject:
+        raise Untrusted("the server's lb CA is not an intermediate CA")
+    if not lb_ca.not_valid_before_utc <= now <= lb_ca.not_valid_after_utc:
+        raise Untrusted("the server's lb CA is not valid now")
+    crls = _check_crls(crl_pem, [lb_ca], now)
+    if len(crls) != 1:
+        raise Untrusted("the server's lb_crl is not exactly one CRL")
+    return lb_ca, crls[0]
 
 
 def _verify_chain(
@@ -655,14 +747,65 @@ def credentials(enrollment: Enrollment, key: PrivateKey) -> PuppetCredentials:
     )
 
 
-def install(options: Options, enrollment: Enrollment, key: PrivateKey) -> None:
-    """The ssldir and puppet.conf, both or neither."""
+def master_layout(options: Options) -> PuppetserverLayout:
+    """Debian's puppetserver, with the directories the options name."""
+    confdir = options.puppetserver_dir.absolute()
+    return attrs.evolve(
+        PuppetserverLayout.debian(),
+        conf_d=str(confdir / "conf.d"),
+        services_d=str(confdir / "services.d"),
+        confdir=str(options.puppet_conf.absolute().parent),
+        ssldir=str(options.ssldir.absolute()),
+    )
+
+
+def master_material(enrollment: Enrollment, key: PrivateKey) -> MasterMaterial:
+    if enrollment.lb_ca is None or enrollment.lb_crl is None:
+        raise LocalError("a master's enrollment must carry the lb CA")
+    pem = serialization.Encoding.PEM
+    return MasterMaterial(
+        certname=enrollment.certname,
+        certificate_pem=enrollment.certificate.public_bytes(pem).decode("ascii"),
+        private_key_pem=private_key_pem(key).decode("ascii"),
+        ca_chain_pem=b"".join(c.public_bytes(pem) for c in enrollment.ca_chain).decode("ascii"),
+        crl_chain_pem=b"".join(c.public_bytes(pem) for c in enrollment.crls).decode("ascii"),
+        lb_ca_pem=enrollment.lb_ca.public_bytes(pem).decode("ascii"),
+        lb_crl_pem=enrollment.lb_crl.public_bytes(pem).decode("ascii"),
+    )
+
+
+def install(
+    options: Options, enrollment: Enrollment, key: PrivateKey, listen_address: str | None = None
+) -> None:
+    """
+    The ssldir and puppet.conf, and for a master puppetserver's files too: all or nothing.
+    ``listen_address``: a master's puppetserver's (``--listen-address`` wins).
+    """
     try:
         with Changes() as changes:
-            write_ssldir(changes, options.ssldir, credentials(enrollment, key), force=options.force)
-            write_puppet_conf(
-                changes, options.puppet_conf, options.section, puppet_settings(options, enrollment)
-            )
+            owned = credentials(enrollment, key)
+            sections: dict[str, dict[str, str]] = {options.section: puppet_settings(options, enrollment)}
+            config: dict[str, str] = {}
+            if enrollment.role == "master":
+                address = options.listen_address or listen_address
+                if not address:
+                    raise LocalError("no address for puppetserver; name one with --listen-address")
+                layout = master_layout(options)
+                material = master_material(enrollment, key)
+                settings = MasterSettings(
+                    listen_address=address, listen_port=options.listen_port,
+                    enc_command=options.enc_script, enc_socket=options.enc_socket,
+                )  # fmt: skip
+                config = master_config_files(layout, material, settings)
+                owned = attrs.evolve(owned, extra_files={
+                    Path(layout.lb_ca).name: material.lb_ca_pem.encode("ascii"),
+                    Path(layout.lb_crl).name: material.lb_crl_pem.encode("ascii"),
+                })  # fmt: skip
+                sections.setdefault("server", {}).update(server_settings(settings))
+            write_ssldir(changes, options.ssldir, owned, force=options.force)
+            for path, text in sorted(config.items()):
+                changes.stage_file(Path(path), text.encode("utf-8"), PUBLIC_FILE_MODE)
+            write_puppet_conf_sections(changes, options.puppet_conf, sections)
             changes.commit()
     except AlreadyEnrolled as e:
         raise LocalError(str(e)) from None
@@ -709,7 +852,7 @@ def enroll(
         },
     )
     enrollment = check_enrollment(answer, role=options.role, certname=certname, key=key, root=root, now=now())
-    install(options, enrollment, key)
+    install(options, enrollment, key, listen_address=identity.private_ip)
     return enrollment
 
 
@@ -730,7 +873,8 @@ def summary(options: Options, enrollment: Enrollment) -> str:
         f"enrolled {enrollment.certname} as {enrollment.role}"
         + (f" ({alt})" if alt else "")
         + f": ssldir {options.ssldir}, puppet.conf {options.puppet_conf} [{options.section}], "
-        f"server {enrollment.server}; first run: {first_run}"
+        + (f"puppetserver {options.puppetserver_dir}, " if enrollment.role == "master" else "")
+        + f"server {enrollment.server}; first run: {first_run}"
     )
 
 

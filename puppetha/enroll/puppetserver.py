@@ -9,8 +9,12 @@ perfectly good certificate of a master's CA cannot complete a handshake with it,
 send forged ``X-Client-*`` headers; agents reach masters only through nginx, their first test
 run included (nginx's per-master ports).
 
-:func:`master_files` is pure (file name -> content); :func:`write_master_files` writes them
-(keys 0600, atomically).  ``puppetha-enroll --role master`` and the test fixture both use them.
+:func:`master_config_files` (what puppetha must own on any master: the listener, authorization
+and the services) and :func:`server_settings` (puppet.conf's ``[server]``) are what
+``puppetha-enroll --role master`` writes beside the ssldir, in one all-or-nothing step, into a
+packaged puppetserver.  :func:`master_files` adds the process-level files for a puppetserver run
+from a directory of its own (the test fixture) and is written by :func:`write_master_files`
+(keys 0600, atomically).  All of them are pure (file name -> content).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ BOOTSTRAP_SERVICES = (
     "puppetlabs.trapperkeeper.services.metrics.metrics-service/metrics-webservice",
     "puppetlabs.services.jruby.jruby-metrics-service/jruby-metrics-service",
     "puppetlabs.services.analytics.analytics-service/analytics-service",
+)
+#: Debian's ``services.d/ca.cfg`` enables the CA service too: it is replaced as well, or
+#: puppetserver would find two implementations of the CA service and refuse to start.
+CA_SERVICES = (
     "puppetlabs.services.ca.certificate-authority-disabled-service/certificate-authority-disabled-service",
     "puppetlabs.trapperkeeper.services.watcher.filesystem-watch-service/filesystem-watch-service",
 )
@@ -262,19 +270,75 @@ def material_from_ssldir(
     )
 
 
-def master_files(
-    layout: PuppetserverLayout, material: MasterMaterial, settings: MasterSettings
-) -> dict[str, str]:
-    """Every file puppetha writes for a master, by absolute path.  ``LayoutError`` if unsafe."""
-    certname = _check_word(material.certname, "certname")
-    check_lb_ca(material.lb_ca_pem)
+def server_settings(settings: MasterSettings) -> dict[str, str]:
+    """puppet.conf's ``[server]`` settings for puppetha's ENC.  ``LayoutError`` if unsafe."""
     enc = _check_word(settings.enc_command, "ENC command")
     if settings.enc_socket:
         enc += f" --socket={_check_word(settings.enc_socket, 'ENC socket')}"
-    for path in (layout.ssldir, layout.confdir, layout.codedir, layout.vardir):
+    return {"node_terminus": "exec", "external_nodes": enc}
+
+
+def master_config_files(
+    layout: PuppetserverLayout, material: MasterMaterial, settings: MasterSettings
+) -> dict[str, str]:
+    """
+    What puppetha owns on every master, by absolute path: the lb-only listener, header-trusting
+    authorization, and the services with the CA disabled.  ``LayoutError`` if unsafe.
+    """
+    certname = _check_word(material.certname, "certname")
+    check_lb_ca(material.lb_ca_pem)
+    _check_word(settings.listen_address, "listen address")
+    for path in (layout.ssldir, layout.conf_d, layout.services_d):
         _check_word(path, "path")
     q = _hocon_string
-    files: dict[str, str] = {}
+    return {
+        f"{layout.conf_d}/webserver.conf": (
+            "# Written by puppetha.  One listener, for the nginx nodes only: see auth.conf.\n"
+            "webserver: {\n"
+            f"    ssl-host: {q(settings.listen_address)}\n"
+            f"    ssl-port: {settings.listen_port}\n"
+            f"    ssl-cert: {q(layout.certificate(certname))}\n"
+            f"    ssl-key: {q(layout.private_key(certname))}\n"
+            f"    ssl-ca-cert: {q(layout.lb_ca)}\n"
+            f"    ssl-crl-path: {q(layout.lb_crl)}\n"
+            "    client-auth: need\n"
+            "}\n"
+        ),
+        f"{layout.conf_d}/auth.conf": auth_conf(),
+        f"{layout.services_d}/bootstrap.cfg": "\n".join(BOOTSTRAP_SERVICES) + "\n",
+        f"{layout.services_d}/ca.cfg": (
+            "# Written by puppetha: puppetha is the CA.\n" + "\n".join(CA_SERVICES) + "\n"
+        ),
+    }
+
+
+def master_ssl_files(layout: PuppetserverLayout, material: MasterMaterial) -> dict[str, str]:
+    """The ssldir's files for a master, by absolute path (the key among them)."""
+    certname = _check_word(material.certname, "certname")
+    return {
+        layout.certificate(certname): material.certificate_pem,
+        layout.private_key(certname): material.private_key_pem,
+        layout.ca_chain: material.ca_chain_pem,
+        layout.crl_chain: material.crl_chain_pem,
+        layout.lb_ca: material.lb_ca_pem,
+        layout.lb_crl: material.lb_crl_pem,
+    }
+
+
+def master_files(
+    layout: PuppetserverLayout, material: MasterMaterial, settings: MasterSettings
+) -> dict[str, str]:
+    """
+    Every file of a master whose puppetserver runs from ``layout`` alone (not the package's
+    files), by absolute path: :func:`master_config_files`, the ssldir, a complete puppet.conf
+    and the process-level settings.  ``LayoutError`` if unsafe.
+    """
+    certname = _check_word(material.certname, "certname")
+    files = master_config_files(layout, material, settings)
+    server = server_settings(settings)
+    for path in (layout.confdir, layout.codedir, layout.vardir):
+        _check_word(path, "path")
+    q = _hocon_string
     files[f"{layout.conf_d}/global.conf"] = (
         "global: {\n"
         f"    logging-config: {q(layout.logback)}\n"
@@ -298,18 +362,6 @@ def master_files(
         "http-client: {}\n"
         "profiler: { enabled: false }\n"
     )
-    files[f"{layout.conf_d}/webserver.conf"] = (
-        "# One listener, for the nginx nodes only: see auth.conf.\n"
-        "webserver: {\n"
-        f"    ssl-host: {q(settings.listen_address)}\n"
-        f"    ssl-port: {settings.listen_port}\n"
-        f"    ssl-cert: {q(layout.certificate(certname))}\n"
-        f"    ssl-key: {q(layout.private_key(certname))}\n"
-        f"    ssl-ca-cert: {q(layout.lb_ca)}\n"
-        f"    ssl-crl-path: {q(layout.lb_crl)}\n"
-        "    client-auth: need\n"
-        "}\n"
-    )
     files[f"{layout.conf_d}/web-routes.conf"] = (
         "web-router-service: {\n"
         '    "puppetlabs.services.ca.certificate-authority-service/certificate-authority-service": '
@@ -323,8 +375,6 @@ def master_files(
         "}\n"
     )
     files[f"{layout.conf_d}/metrics.conf"] = f"metrics: {{ server-id: {q(certname)} }}\n"
-    files[f"{layout.conf_d}/auth.conf"] = auth_conf()
-    files[f"{layout.services_d}/bootstrap.cfg"] = "\n".join(BOOTSTRAP_SERVICES) + "\n"
     files[layout.logback] = (
         "<configuration scan=\"false\">\n"
         "  <appender name=\"console\" class=\"ch.qos.logback.core.ConsoleAppender\">\n"
@@ -344,16 +394,10 @@ def master_files(
         f"vardir = {layout.vardir}\n"
         f"codedir = {layout.codedir}\n"
         f"environment = {_check_word(settings.environment, 'environment')}\n"
-        "node_terminus = exec\n"
-        f"external_nodes = {enc}\n"
-        "reports = none\n"
+        + "".join(f"{name} = {value}\n" for name, value in server.items())
+        + "reports = none\n"
     )
-    files[layout.certificate(certname)] = material.certificate_pem
-    files[layout.private_key(certname)] = material.private_key_pem
-    files[layout.ca_chain] = material.ca_chain_pem
-    files[layout.crl_chain] = material.crl_chain_pem
-    files[layout.lb_ca] = material.lb_ca_pem
-    files[layout.lb_crl] = material.lb_crl_pem
+    files.update(master_ssl_files(layout, material))
     return files
 
 

@@ -6,8 +6,8 @@ atomic); :meth:`Changes.commit` then renames the staged copies over the targets 
 if any step fails, puts back what the earlier steps replaced.  A crash or an error before
 ``commit`` leaves only hidden staging entries (``.NAME.new-*``), never a half-written ssldir.
 
-Master enrollment later adds puppetserver's own files (its ``conf.d`` settings, the ``[server]``
-section of puppet.conf) as further :class:`Changes` steps beside the ssldir.
+A master's enrollment adds puppetserver's own files (its ``conf.d`` and ``services.d`` settings,
+the ``[server]`` section of puppet.conf) as further :class:`Changes` steps beside the ssldir.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class PuppetCredentials:
     crl_chain: bytes
     #: Further certificates for ``certs/`` by file name (a master's own intermediate CA).
     extra_certificates: Mapping[str, bytes] = field(factory=dict)
+    #: Further public files at the ssldir's top by file name (a master's lb CA and its CRL).
+    extra_files: Mapping[str, bytes] = field(factory=dict)
 
 
 def certificate_path(ssldir: Path, certname: str) -> Path:
@@ -86,18 +88,31 @@ def write_ssldir(changes: Changes, ssldir: Path, credentials: PuppetCredentials,
         if "/" in file_name or file_name.startswith(".") or file_name in ("ca.pem", name):
             raise ValueError(f"{file_name!r} is not a name for an extra certificate")
         _write(certs / file_name, pem, PUBLIC_FILE_MODE, owner)
+    for file_name, pem in credentials.extra_files.items():
+        if "/" in file_name or file_name.startswith(".") or file_name == "crl.pem":
+            raise ValueError(f"{file_name!r} is not a name for an extra ssldir file")
+        _write(staged / file_name, pem, PUBLIC_FILE_MODE, owner)
     (staged / "certificate_requests" / name).unlink(missing_ok=True)
 
 
 def write_puppet_conf(changes: Changes, path: Path, section: str, settings: Mapping[str, str]) -> None:
     """Stage ``path`` with ``settings`` merged into ``[section]``, everything else kept."""
+    write_puppet_conf_sections(changes, path, {section: settings})
+
+
+def write_puppet_conf_sections(
+    changes: Changes, path: Path, sections: Mapping[str, Mapping[str, str]]
+) -> None:
+    """Stage ``path`` with each section's settings merged in, in order, everything else kept."""
     try:
         existing = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         existing = ""
     except (OSError, UnicodeDecodeError) as e:
         raise OSError(f"cannot read {path}: {e}") from None
-    changes.stage_file(path, merge_puppet_conf(existing, section, settings).encode("utf-8"), PUPPET_CONF_MODE)
+    for section, settings in sections.items():
+        existing = merge_puppet_conf(existing, section, settings)
+    changes.stage_file(path, existing.encode("utf-8"), PUPPET_CONF_MODE)
 
 
 # puppet.conf is an INI dialect: [section] headers, "name = value" settings, "#" comments.
@@ -396,5 +411,6 @@ __all__: Sequence[str] = (
     "check_not_enrolled",
     "merge_puppet_conf",
     "write_puppet_conf",
+    "write_puppet_conf_sections",
     "write_ssldir",
 )
