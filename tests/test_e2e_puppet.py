@@ -3,8 +3,10 @@ End to end with the real parts, on loopback: moto as AWS, an IMDSv2 emulator, th
 service, the ENC socket, the lb role (front reconcile and master health) on a private reactor in a
 thread, Debian's nginx, Debian's puppetserver started from its jar, and Debian's puppet agent.
 
-A master enrolls through nginx's enrollment port and its puppetserver starts with puppetha's
-certificates and ENC; an agent enrolls through the front and gets a catalog, through nginx, whose
+A master enrolls through nginx's enrollment port, ``puppetha-enroll`` writes its puppetserver's
+listener, authorization, services and ENC settings, and puppetserver starts with them; a second
+lb node enrolls and its certificate (from the lb CA) is the kind the master accepts; an agent
+enrolls through the front and gets a catalog, through nginx, whose
 class and parameter were set with ``puppetha classify``; a revoked agent is refused; an agent
 forging another node's identity gets nothing.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -44,12 +47,19 @@ from puppetha.enroll import client
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
-from puppetha.enroll.puppetserver import MasterSettings, material_from_ssldir
+from puppetha.enroll.puppetserver import (
+    MasterSettings,
+    master_config_files,
+    master_files,
+    master_ssl_files,
+    material_from_ssldir,
+    write_master_files,
+)
 from puppetha.enroll.service import Enrollment
 from puppetha.ha.front import FrontService, decide_front, discover_front
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontSettings
-from puppetha.pki.authority import CertificateAuthority
+from puppetha.pki.authority import LB_CA, CertificateAuthority
 from puppetha.pki.certs import Usage
 from puppetha.pki.keys import KeyType, private_key_pem
 from puppetha.pki.vault import FileKeyVault
@@ -59,15 +69,13 @@ from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
 from puppetha.testing.imds import IMDSThread, InstanceMetadata
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
 from puppetha.testing.nginx import LOOPBACK, NginxUnderTest, free_port, loopback_ports
-from puppetha.testing.puppetserver import PUPPET, PuppetserverUnderTest
+from puppetha.testing.puppetserver import PUPPET, TEST_MODULE, PuppetserverUnderTest
 from puppetha.threads import Blocking, make_pool
 
 REGION = "us-east-1"
 #: The front's name: resolves to loopback everywhere, and is a DNS name (nginx checks the
 #: masters' certificates against it, and agents check the lb node's).
 FRONT_HOST = "localhost"
-#: The CA that signs lb nodes, and only them: the one CA masters' puppetserver trusts.
-LB_CA = "lb"
 BIN = Path(sys.executable).parent
 
 
@@ -160,13 +168,13 @@ class World:
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    def agent_run(self, node: Node) -> subprocess.CompletedProcess[str]:
+    def agent_run(self, node: Node, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
                 PUPPET, "agent", "--test", "--config", str(node.puppet_conf),
                 "--confdir", str(node.directory / "conf"), "--vardir", str(node.directory / "var"),
                 "--logdir", str(node.directory / "log"), "--rundir", str(node.directory / "run"),
-                "--codedir", str(node.directory / "code"), "--no-daemonize", "--color=false",
+                "--codedir", str(node.directory / "code"), "--no-daemonize", "--color=false", *extra,
             ],
             capture_output=True, text=True, timeout=180, check=False,
         )
@@ -189,8 +197,8 @@ class World:
 
 def issue_lb_certificate(authority: CertificateAuthority, directory: Path) -> tuple[str, str]:
     """
-    The lb node's certificate from the lb CA.  The enrollment service signs lb nodes with the
-    root today; masters must trust a CA that signs lb nodes alone (see docs/front.md).
+    The first lb node's certificate from the lb CA, as the enrollment service issues it to lb
+    nodes: nginx has to run before anyone can enroll through it.
     """
     key = KeyType.EC_P256.generate()
     csr = (
@@ -239,7 +247,7 @@ def _world(tmp: Path, cleanup: contextlib.ExitStack) -> Iterator[World]:
         crl_lifetime=timedelta(days=7),
     )
     authority.ensure_root("puppetha e2e root")
-    authority.create_master_ca(LB_CA)
+    authority.ensure_ca(LB_CA)
     lb_cert, lb_key = issue_lb_certificate(authority, tmp / "lb")
 
     nginx = NginxUnderTest(tmp / "nginx")
@@ -274,6 +282,7 @@ def _world(tmp: Path, cleanup: contextlib.ExitStack) -> Iterator[World]:
         # Everything arrives from loopback here, not from the instances' private addresses.
         require_source_match=False,
         master_rules=(f"tag:{ROLE_TAG}=master",),
+        lb_rules=(f"tag:{ROLE_TAG}=lb",),
     )
     enc_socket = str(tmp / "enc.sock")
 
@@ -286,6 +295,7 @@ def _world(tmp: Path, cleanup: contextlib.ExitStack) -> Iterator[World]:
             authority=Blocking(reactor, pool, authority),
             cloud=Blocking(reactor, pool, cloud),
             clock=reactor,
+            front_ports=ports,
         )
         classifier = Classifier(
             reactor, Blocking(reactor, pool, records), Blocking(reactor, pool, cloud), ttl=1.0, store_ttl=0.5
@@ -344,29 +354,60 @@ def _world(tmp: Path, cleanup: contextlib.ExitStack) -> Iterator[World]:
 
 @pytest.fixture(scope="module")
 def master(world: World) -> Node:
-    """A master that enrolled through nginx's enrollment port, with its puppetserver running."""
+    """
+    A master that enrolled through nginx's enrollment port, with its puppetserver running on
+    the files ``puppetha-enroll`` wrote (plus the process-level ones a package would provide).
+    """
     node = world.launch("master", "master")
-    code, output = world.enroll(node, "master", "--dns-alt-names", FRONT_HOST)
+    directory = world.tmp / "puppetserver"
+    # Debian's services.d, whose ca.cfg turns the CA service on: the client must replace it.
+    shutil.copytree("/etc/puppet/puppetserver/services.d", directory / "services.d")
+    server = PuppetserverUnderTest(directory)
+    # The record names the instance's private address; here puppetserver listens on loopback.
+    port = free_port()
+    settings = MasterSettings(
+        listen_address=LOOPBACK,
+        listen_port=port,
+        enc_command=str(BIN / "puppetha-enc"),
+        enc_socket=str(world.tmp / "enc.sock"),
+    )
+    # puppetserver reads puppet.conf from its server-conf-dir (the later --puppet-conf wins).
+    puppet_conf = Path(server.layout.confdir) / "puppet.conf"
+    code, output = world.enroll(
+        node, "master", "--dns-alt-names", FRONT_HOST,
+        "--puppetserver-confdir", str(directory), "--puppet-conf", str(puppet_conf),
+        "--listen-address", LOOPBACK, "--listen-port", str(port),
+        "--enc-script", settings.enc_command, "--enc-socket", settings.enc_socket,
+    )  # fmt: skip
     assert code == 0, output
     records = Records(world.store)
     found = records.get(MasterRecord, node.instance_id)
     assert found is not None, "the enrollment did not register the master"
-    # The record names the instance's private address; here puppetserver listens on loopback.
-    port = free_port()
     records.replace(attrs.evolve(found.record, address=LOOPBACK, port=port), found.version)
 
-    lb_ca = world.authority.ca(LB_CA).certificate_pem
-    lb_crl = world.authority.crl(LB_CA).crl_pem
-    server = PuppetserverUnderTest(world.tmp / "puppetserver")
-    server.configure(
-        material_from_ssldir(node.ssldir, node.instance_id, lb_ca, lb_crl),
-        MasterSettings(
-            listen_address=LOOPBACK,
-            listen_port=port,
-            enc_command=str(BIN / "puppetha-enc"),
-            enc_socket=str(world.tmp / "enc.sock"),
-        ),
-    )
+    layout = attrs.evolve(server.layout, ssldir=str(node.ssldir))
+    material = material_from_ssldir(
+        node.ssldir, node.instance_id, (node.ssldir / "lb-ca.pem").read_text(),
+        (node.ssldir / "lb-crl.pem").read_text(),
+    )  # fmt: skip
+    assert material.lb_ca_pem == world.authority.ca(LB_CA).certificate_pem
+    # What the client wrote is what puppetha's own rules say, byte for byte.
+    written = {**master_config_files(layout, material, settings), **master_ssl_files(layout, material)}
+    for path, text in written.items():
+        assert Path(path).read_text() == text, path
+    assert "certificate-authority-service/" not in (directory / "services.d/ca.cfg").read_text()
+    # The process-level files (Debian's package ships its own) for this temporary layout.
+    conf = f"{layout.confdir}/puppet.conf"
+    process = {
+        path: text for path, text in master_files(layout, material, settings).items()
+        if path not in written and path != conf
+    }  # fmt: skip
+    write_master_files(process, layout)
+    for relative, text in TEST_MODULE.items():
+        target = Path(layout.codedir) / "environments" / settings.environment / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    server.material, server.settings = material, settings
     world.puppetserver = server
     server.start(world.settings.certificate, world.settings.private_key)
 
@@ -378,6 +419,17 @@ def master(world: World) -> Node:
     eventually(healthy, "the master being healthy", 30)
     world.master = node
     return node
+
+
+def test_an_enrolled_lb_nodes_certificate_is_what_masters_accept(world: World, master: Node) -> None:
+    lb = world.launch("lb2", "lb")
+    code, output = world.enroll(lb, "lb", "--dns-alt-names", FRONT_HOST)
+    assert code == 0, output
+    chain = x509.load_pem_x509_certificates((lb.ssldir / "certs" / "ca.pem").read_bytes())
+    assert chain[0] == world.authority.certificate(LB_CA)
+    server = world.puppetserver
+    assert server is not None
+    assert server.status(lb.certificate, lb.private_key) == 200
 
 
 def test_master_puppetserver_accepts_only_lb_certificates(world: World, master: Node) -> None:
@@ -407,6 +459,12 @@ def test_agent_enrolls_through_the_front_and_gets_its_classified_catalog(world: 
     # The master is in nginx's upstream once health and the front have caught up.
     eventually(lambda: world.front_request(agent, "/status/v1/simple") == 200, "the front serving")
     run = world.agent_run(agent)
+    assert run.returncode in (0, 2), run.stdout + run.stderr
+    assert f"hello from sg web ({agent.instance_id}, role webserver)" in run.stdout + run.stderr
+    # The first run the client printed: nginx's own port for the master that issued the agent.
+    first_master = world.settings.ports.first_master
+    assert f"first run: puppet agent --test --server {FRONT_HOST} --serverport {first_master}" in output
+    run = world.agent_run(agent, "--serverport", str(first_master))
     assert run.returncode in (0, 2), run.stdout + run.stderr
     assert f"hello from sg web ({agent.instance_id}, role webserver)" in run.stdout + run.stderr
 
