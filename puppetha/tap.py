@@ -30,7 +30,7 @@ from puppetha.enroll.service import Enrollment
 from puppetha.ha.front import FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
-from puppetha.pki.authority import CertificateAuthority, CRLRefresher
+from puppetha.pki.authority import LB_CA, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import VaultError
@@ -135,6 +135,10 @@ def enrollment_listener(
         cloud=aws,
         clock=reactor,
         allowed_keys=[KeyType(k) for k in config[("pki", "allowed_csr_keys")]],
+        # An agent's first test run goes through nginx's port for its master: the same ports the
+        # lb nodes render from the same options.
+        front_ports=FrontPorts(first_master=config[("lb", "first_master_port")],
+                               max_masters=config[("lb", "max_masters")]),
     )
     # Before the reactor runs: the listener's own certificate, issued by the root.
     credentials = ensure_server_credentials(
@@ -277,7 +281,7 @@ def front_services(config: Config, reactor: Any, store: IStore, blocking: Blocki
             Backend(host.strip("[]"), int(port))
             for host, _, port in (b.rpartition(":") for b in lb["enroll_backends"])
         ],
-        exclude_cas=["lb"],  # the lb CA signs lb nodes only; agents never chain to it
+        exclude_cas=[LB_CA],  # the lb CA signs lb nodes only; agents never chain to it
         interval=lb["interval"],
     )
     health = HealthService(

@@ -471,3 +471,9 @@ def test_swapped_sealed_key_refused(authority, store, vault, now):
     fresh = make_authority(store, vault, now)  # nothing cached
     with pytest.raises(VaultError):
         fresh.issue(MASTER, csr(), common_name=CERTNAME)
+
+
+@pytest.mark.parametrize("name", ["root", "lb"])
+def test_a_master_cannot_take_a_reserved_ca_name(authority: CertificateAuthority, name: str) -> None:
+    with pytest.raises(AuthorityError, match=f"a master cannot be called '{name}'"):
+        authority.create_master_ca(name)

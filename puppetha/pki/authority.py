@@ -197,10 +197,8 @@ class CertificateAuthority:
     def create_master_ca(self, certname: str) -> CARecord:
         """A new intermediate CA for master ``certname``, signed by the root, with its first CRL."""
         check_certname(certname)
-        # The enrollment policy refuses every name in RESERVED_CA_NAMES for a master; the lb CA
-        # may still be made here by callers that predate ensure_ca.
-        if certname == ROOT:
-            raise AuthorityError(f"a master cannot be called {ROOT!r}")
+        if certname in RESERVED_CA_NAMES:
+            raise AuthorityError(f"a master cannot be called {certname!r}")
         record = self._create_intermediate(certname)
         log.info("created CA for master {certname}", certname=certname)
         return record

@@ -190,7 +190,12 @@ class FrontPKI:
 
     def add_ca(self, name: str) -> None:
         """An intermediate under the root (a master's, or the lb CA)."""
-        self.authority.create_master_ca(name)
+        from puppetha.pki.authority import RESERVED_CA_NAMES
+
+        if name in RESERVED_CA_NAMES:
+            self.authority.ensure_ca(name)
+        else:
+            self.authority.create_master_ca(name)
 
     def leaf(
         self, ca: str, certname: str, sans: Sequence[str] = (), usage: str = "both"
