@@ -108,7 +108,6 @@ RECORDS: list[Record] = [
         ca="master-2.example.com",
         registered_at=1732450000.0,
         healthy=False,
-        direct="10.0.1.6:8140",
     ),
     Classification(scope="default"),
     CLASSIFICATION,
@@ -234,11 +233,11 @@ def test_unknown_fields_are_ignored(store: SQLiteStore, records: Records) -> Non
 
 
 def test_missing_optional_fields_take_defaults(store: SQLiteStore, records: Records) -> None:
-    value = {k: v for k, v in MASTER.to_value().items() if k not in ("healthy", "direct")}
+    value = {k: v for k, v in MASTER.to_value().items() if k != "healthy"}
     store.create("master", "master-1.example.com", value)
     got = records.get(MasterRecord, "master-1.example.com")
     assert got is not None
-    assert (got.record.healthy, got.record.direct) == (True, "")
+    assert got.record.healthy is True
 
 
 def test_node_revoked_property() -> None:

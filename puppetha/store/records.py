@@ -174,8 +174,6 @@ class MasterRecord(Record):
     ca: str
     registered_at: float
     healthy: bool = True
-    #: Where agents may reach it directly for their first test run (host:port), if anywhere.
-    direct: str = ""
 
     def key(self) -> str:
         return self.certname
