@@ -284,6 +284,10 @@ class StoreContract:
             {1: "int key"},
             {"nested": {2: "int key"}},
             {"object": object()},
+            {"tuple": (1, 2)},
+            {"surrogate": "\ud800"},
+            {"\udc00": "surrogate key"},
+            {"deep": [{"inside": "\udfff"}]},
         ],
         ids=repr,
     )
@@ -386,12 +390,27 @@ class StoreContract:
         assert [i.key for i in store.list("revoked", "root/")] == ["root/01", "root/02"]
         assert [i.key for i in store.list("revoked", "root")] == ["root", "root/01", "root/02", "rooted"]
 
+    @pytest.mark.parametrize(
+        "prefix",
+        [None, 7, b"a", "\ud800", "a\udfff"],
+        ids=["none", "int", "bytes", "surrogate", "trailing surrogate"],
+    )
+    def test_bad_prefixes_are_refused(self, store: IStore, prefix: Any) -> None:
+        store.create("node", "x", {})
+        with refused():
+            store.list("node", prefix)
+
     def test_list_empty_kind(self, store: IStore) -> None:
         assert store.list("node") == []
         assert store.list("node", "x") == []
 
     @given(data=st.data())
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=40,
+        deadline=None,
+        # Each backend's subclass runs it: the store lives across examples, and the executors differ.
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
+    )
     def test_list_prefix_property(self, store: IStore, data: st.DataObject) -> None:
         # Each example writes under a namespace of its own: the store outlives the examples.
         namespace = f"{next(_namespaces):06d}|"
@@ -508,6 +527,10 @@ class StoreContract:
             Create("node", "k", {"nan": float("nan")}),
             Replace("node", "k", ["list"], 1),  # type: ignore[arg-type]
             Check("node", "x" * 1025, 1),
+            Check("node", "k", None),  # type: ignore[arg-type]
+            Replace("node", "k", {}, True),
+            Delete("node", "k", "1"),  # type: ignore[arg-type]
+            Create("node", "k", {"surrogate": "\ud800"}),
         ],
         ids=repr,
     )
@@ -589,8 +612,8 @@ class StoreContract:
         assert results == list(range(RACERS))
         final = stores().get("counter", "serial")
         assert final is not None
-        assert final.value == {"n": RACERS * increments}
-        assert final.version == 1 + RACERS * increments
+        assert final.value == {"n": RACERS * increments}, final
+        assert final.version == 1 + RACERS * increments, final
 
 
 _namespaces = itertools.count()

@@ -15,24 +15,17 @@ from puppetha.aws.kms import CONTEXT_KEY, KmsKeyVault
 from puppetha.pki.vault import IKeyVault, VaultError
 from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import CARecord, Records, b64, unb64
-from puppetha.testing.moto import TEST_CREDENTIALS, MotoServer, client
+from puppetha.testing.moto import MotoServer, client
+from tests.aws_fixtures import moto_with_test_credentials
 
 REGION = "us-east-1"
 
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    with pytest.MonkeyPatch.context() as env:
-        # The vault and the store find credentials the way the daemon does: boto3's chain.
-        env.setenv("AWS_ACCESS_KEY_ID", TEST_CREDENTIALS["aws_access_key_id"])
-        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_CREDENTIALS["aws_secret_access_key"])
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        env.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        with MotoServer() as server:
-            yield server
+    # The vault and the store find credentials the way the daemon does: boto3's chain.
+    with moto_with_test_credentials() as server:
+        yield server
 
 
 @pytest.fixture

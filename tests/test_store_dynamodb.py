@@ -55,7 +55,8 @@ from puppetha.store.records import (
     RevokedRecord,
 )
 from puppetha.store.sqlite import SQLiteStore
-from puppetha.testing.moto import TEST_CREDENTIALS, MotoServer, client
+from puppetha.testing.moto import MotoServer, client
+from tests.aws_fixtures import boto_test_credentials
 from tests.store_contract import StoreContract, StoreFactory, assert_same_json
 
 REGION = "us-east-1"
@@ -72,14 +73,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[None]:
     """The store finds credentials the way the daemon does (boto3's chain): test ones here."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", TEST_CREDENTIALS["aws_access_key_id"])
-        env.setenv("AWS_SECRET_ACCESS_KEY", TEST_CREDENTIALS["aws_secret_access_key"])
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        env.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with boto_test_credentials():
         yield
 
 

@@ -112,6 +112,31 @@ def test_not_a_database_is_refused_and_left_alone(path: str) -> None:
     assert Path(path).read_bytes() == junk
 
 
+@pytest.mark.parametrize(
+    "stored",
+    ['["not", "an", "object"]', "{not json", '{"nan": NaN}', '{"inf": -Infinity}'],
+    ids=["list", "broken", "nan", "infinity"],
+)
+def test_stored_value_that_is_not_a_json_object_is_a_store_error(
+    path: str, store: SQLiteStore, stored: str
+) -> None:
+    # Corrupt storage is the store's fault: a StoreError, never the ValueError of bad input.
+    with sqlite3.connect(path) as other:
+        other.execute("INSERT INTO items (kind, key, version, value) VALUES ('node', 'n1', 1, ?)", (stored,))
+    with pytest.raises(StoreError, match="stored value") as refused:
+        store.get("node", "n1")
+    assert not isinstance(refused.value, ValueError)
+    with pytest.raises(StoreError, match="stored value"):
+        store.list("node")
+
+
+def test_values_are_stored_as_canonical_utf8_json(path: str, store: SQLiteStore) -> None:
+    store.create("node", "n1", {"b": "é日😀", "a": [1, 2.5, None, True]})
+    with sqlite3.connect(path) as other:
+        (text,) = other.execute("SELECT value FROM items WHERE kind = 'node' AND key = 'n1'").fetchone()
+    assert text == '{"a":[1,2.5,null,true],"b":"é日😀"}'
+
+
 @pytest.mark.parametrize("where", ["missing/store.sqlite", "."], ids=["no directory", "a directory"])
 def test_unopenable_path_is_a_store_error(tmp_path: Path, where: str) -> None:
     with pytest.raises(StoreUnavailable, match="cannot open store"):

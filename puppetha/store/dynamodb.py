@@ -12,10 +12,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import heapq
-import json
-import math
 import random
-import re
 import time
 import uuid
 import zlib
@@ -31,9 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from puppetha.store import (
-    MAX_TRANSACTION_WRITES,
     AlreadyExists,
-    Check,
     Create,
     Delete,
     IStore,
@@ -45,6 +40,15 @@ from puppetha.store import (
     Value,
     VersionConflict,
     Write,
+)
+from puppetha.store.values import (
+    decode_value,
+    encode_value,
+    validate_key,
+    validate_kind,
+    validate_prefix,
+    validate_version,
+    validate_writes,
 )
 
 log = Logger()
@@ -62,7 +66,6 @@ CHUNK_SIZE = 380_000
 #: DynamoDB's limits on one TransactWriteItems call.
 MAX_TRANSACTION_ACTIONS = 100
 MAX_TRANSACTION_BYTES = 4_000_000
-MAX_KEY_BYTES = 1024
 
 #: Error codes that mean "DynamoDB is there but will not serve us now" once botocore's own
 #: retries are spent.
@@ -90,8 +93,6 @@ _DENIED_CODES = frozenset(
 
 # Backoff jitter between contended transactions; nothing secret depends on it.
 _JITTER = random.Random()  # noqa: S311
-
-_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 class StoreAccessDenied(StoreError):
@@ -143,53 +144,6 @@ def classify_error(error: Exception, table: str, operation: str) -> StoreError:
     return StoreError(f"{operation} on {table!r} failed: {error}")
 
 
-def check_kind(kind: str) -> None:
-    if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
-        raise ValueError(f"kind must match [a-z][a-z0-9_]{{0,31}}, not {kind!r}")
-
-
-def check_key(key: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"invalid key {key!r}: a non-empty string")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise ValueError(f"invalid key {key!r}: not encodable as UTF-8") from e
-    if size > MAX_KEY_BYTES:
-        raise ValueError(f"invalid key: {size} bytes, at most {MAX_KEY_BYTES}")
-
-
-def check_json(value: object, path: str) -> None:
-    """Refuse what JSON would not give back as it was (int keys, tuples, NaN, sets...)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{path} is {value!r}, which JSON cannot hold")
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{path} has a non-string key {k!r}")
-            check_json(v, f"{path}.{k}")
-        return
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            check_json(v, f"{path}[{i}]")
-        return
-    raise ValueError(f"{path} is a {type(value).__name__}, which is not JSON")
-
-
-def encode_value(kind: str, key: str, value: Value) -> str:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"value of {kind} {key!r} must be a mapping, not {type(value).__name__}")
-    try:
-        check_json(value, "value")
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except RecursionError:
-        raise ValueError(f"value of {kind} {key!r} is nested too deeply") from None
-
-
 @frozen
 class _Encoded:
     """A value as it will be written: the head's attributes and its chunk items, if any."""
@@ -200,8 +154,8 @@ class _Encoded:
     size: int
 
 
-def _encode(kind: str, key: str, value: Value, version: int, write_id: str) -> _Encoded:
-    text = encode_value(kind, key, value)
+def _encode(kind: str, key: str, text: str, version: int, write_id: str) -> _Encoded:
+    """The head and chunks that hold ``text`` (from :func:`encode_value`) at ``version``."""
     data = text.encode("utf-8")
     head: dict[str, Any] = {
         "pk": {"S": partition_key(kind, key)},
@@ -228,26 +182,7 @@ def _encode(kind: str, key: str, value: Value, version: int, write_id: str) -> _
                 }
             )
         size = len(packed) + (len(pieces) + 1) * 200 + len(key)
-    return _Encoded(json.loads(text), head, tuple(chunks), size)
-
-
-def _key_of(write: Write) -> tuple[str, str]:
-    return (write.kind, write.key)
-
-
-def check_writes(writes: Sequence[Write]) -> None:
-    """Refuse, before anything is sent, a transaction the interface does not allow."""
-    if len(writes) > MAX_TRANSACTION_WRITES:
-        raise ValueError(f"a transaction holds at most {MAX_TRANSACTION_WRITES} writes, not {len(writes)}")
-    seen: set[tuple[str, str]] = set()
-    for write in writes:
-        if not isinstance(write, (Create, Replace, Delete, Check)):
-            raise ValueError(f"not a store write: {write!r}")
-        check_kind(write.kind)
-        check_key(write.key)
-        if _key_of(write) in seen:
-            raise ValueError(f"{write.kind} {write.key!r} is written twice in one transaction")
-        seen.add(_key_of(write))
+    return _Encoded(decode_value(text), head, tuple(chunks), size)
 
 
 @implementer(IStore)
@@ -291,8 +226,8 @@ class DynamoDBStore:
     # -- the interface ---------------------------------------------------------------------
 
     def get(self, kind: str, key: str) -> Item | None:
-        check_kind(kind)
-        check_key(key)
+        validate_kind(kind)
+        validate_key(key)
         for _ in range(5):
             head = self._get_head(kind, key)
             if head is None:
@@ -304,10 +239,10 @@ class DynamoDBStore:
         raise StoreUnavailable(f"{kind} {key!r} kept changing while being read")
 
     def create(self, kind: str, key: str, value: Value) -> Item:
-        check_kind(kind)
-        check_key(key)
+        validate_kind(kind)
+        validate_key(key)
         write_id = uuid.uuid4().hex
-        encoded = _encode(kind, key, value, 1, write_id)
+        encoded = _encode(kind, key, encode_value(value), 1, write_id)
         if encoded.chunks:
             self._single(Create(kind, key, value), encoded)
             return Item(kind, key, encoded.value, 1)
@@ -325,11 +260,11 @@ class DynamoDBStore:
         return Item(kind, key, encoded.value, 1)
 
     def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
-        check_kind(kind)
-        check_key(key)
-        _check_version(expected_version)
+        validate_kind(kind)
+        validate_key(key)
+        validate_version(expected_version)
         write_id = uuid.uuid4().hex
-        encoded = _encode(kind, key, value, expected_version + 1, write_id)
+        encoded = _encode(kind, key, encode_value(value), expected_version + 1, write_id)
         if encoded.chunks:
             self._single(Replace(kind, key, value, expected_version), encoded)
             return Item(kind, key, encoded.value, expected_version + 1)
@@ -352,15 +287,15 @@ class DynamoDBStore:
         return Item(kind, key, encoded.value, expected_version + 1)
 
     def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
-        check_kind(kind)
-        check_key(key)
+        validate_kind(kind)
+        validate_key(key)
         arguments: dict[str, Any] = {
             "TableName": self.table,
             "Key": self._key(kind, key),
             "ReturnValues": "ALL_OLD",
         }
         if expected_version is not None:
-            _check_version(expected_version)
+            validate_version(expected_version)
             arguments.update(
                 ConditionExpression="#v = :expected",
                 ExpressionAttributeNames={"#v": "v"},
@@ -379,9 +314,8 @@ class DynamoDBStore:
         return bool(old)
 
     def list(self, kind: str, prefix: str = "") -> list[Item]:
-        check_kind(kind)
-        if not isinstance(prefix, str):
-            raise ValueError(f"invalid prefix {prefix!r}")
+        validate_kind(kind)
+        validate_prefix(prefix)
         shards = SHARDS.get(kind, DEFAULT_SHARDS)
         if shards == 1:
             return self._list_shard(kind, 0, prefix)
@@ -390,10 +324,15 @@ class DynamoDBStore:
 
     def transact(self, writes: Sequence[Write]) -> None:
         writes = list(writes)
-        check_writes(writes)
+        texts = validate_writes(writes)
         if not writes:
             return
-        self._commit(writes)
+        encoded: dict[int, _Encoded] = {}
+        for index, text in texts.items():
+            write = writes[index]
+            version = write.expected_version + 1 if isinstance(write, Replace) else 1
+            encoded[index] = _encode(write.kind, write.key, text, version, uuid.uuid4().hex)
+        self._commit(writes, encoded)
 
     def close(self) -> None:
         self._closed = True
@@ -485,12 +424,12 @@ class DynamoDBStore:
         key = head["sk"]["S"]
         version = int(head["v"]["N"])
         if "value" in head:
-            return Item(kind, key, json.loads(head["value"]["S"]), version)
+            return Item(kind, key, decode_value(head["value"]["S"]), version)
         count = int(head["chunks"]["N"])
         pieces = [bytes(chunk["data"]["B"]) for chunk in self._query(f"chunk#{head['gen']['S']}", "")]
         if len(pieces) != count:
             return None
-        return Item(kind, key, json.loads(zlib.decompress(b"".join(pieces))), version)
+        return Item(kind, key, decode_value(zlib.decompress(b"".join(pieces))), version)
 
     def _query(self, pk: str, prefix: str) -> Iterator[dict[str, Any]]:
         arguments: dict[str, Any] = {
@@ -528,18 +467,8 @@ class DynamoDBStore:
         except TransactionConflict as e:
             raise e.reasons[0] from None
 
-    def _commit(self, writes: Sequence[Write], prepared: Mapping[int, _Encoded] | None = None) -> None:
-        encoded = dict(prepared or {})
-        for index, write in enumerate(writes):
-            if index in encoded:
-                continue
-            if isinstance(write, (Create, Replace)):
-                version = 1 if isinstance(write, Create) else write.expected_version + 1
-                if isinstance(write, Replace):
-                    _check_version(write.expected_version)
-                encoded[index] = _encode(write.kind, write.key, write.value, version, uuid.uuid4().hex)
-            elif write.expected_version is not None:
-                _check_version(write.expected_version)
+    def _commit(self, writes: Sequence[Write], encoded: Mapping[int, _Encoded]) -> None:
+        """Write validated ``writes`` in one transaction; ``encoded`` holds each value, by position."""
         actions = [self._action(write, encoded.get(i)) for i, write in enumerate(writes)]
         for e in encoded.values():
             actions.extend(
@@ -668,12 +597,6 @@ class DynamoDBStore:
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _check_version(version: object) -> None:
-    # Any integer is a fair question; one below 1 simply never matches.
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"expected version must be an integer, not {version!r}")
 
 
 def _code(error: ClientError) -> str:

@@ -15,25 +15,20 @@ The connection of a thread that ends is closed when the garbage collector frees 
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import sqlite3
 import stat
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from puppetha.store import (
-    MAX_TRANSACTION_WRITES,
     AlreadyExists,
-    Check,
     Create,
     Delete,
     IStore,
@@ -45,6 +40,15 @@ from puppetha.store import (
     Value,
     VersionConflict,
     Write,
+)
+from puppetha.store.values import (
+    decode_value,
+    encode_value,
+    validate_key,
+    validate_kind,
+    validate_prefix,
+    validate_version,
+    validate_writes,
 )
 
 log = Logger()
@@ -70,74 +74,6 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
         """,
     ),
 }
-
-MAX_KEY_BYTES = 1024
-_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
-
-
-def validate_kind(kind: object) -> str:
-    if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
-        raise ValueError(f"kind must match [a-z][a-z0-9_]{{0,31}}, not {kind!r}")
-    return kind
-
-
-def validate_key(key: object) -> str:
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"key must be a non-empty string, not {key!r}")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("key is not encodable as UTF-8 (lone surrogate)") from None
-    if size > MAX_KEY_BYTES:
-        raise ValueError(f"key is {size} bytes of UTF-8, more than {MAX_KEY_BYTES}")
-    return key
-
-
-def validate_version(version: object) -> int:
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"expected version must be an integer, not {version!r}")
-    return version
-
-
-def _check_json(value: object, path: str) -> None:
-    # json.dumps alone would quietly turn int keys into strings and tuples into lists, and
-    # write NaN, none of which come back as they went in.
-    if value is None or isinstance(value, (bool, int, str)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{path} is {value!r}, which JSON cannot hold")
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{path} has a non-string key {k!r}")
-            _check_json(v, f"{path}.{k}")
-        return
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_json(v, f"{path}[{i}]")
-        return
-    raise ValueError(f"{path} is a {type(value).__name__}, which is not JSON")
-
-
-def encode_value(value: object) -> str:
-    """The JSON text stored for ``value``; ``ValueError`` unless it is a JSON object."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"value must be a mapping, not {type(value).__name__}")
-    try:
-        _check_json(value, "value")
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except RecursionError:
-        raise ValueError("value is nested too deeply") from None
-
-
-def decode_value(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise StoreError("stored value is not a JSON object")
-    return value
-
 
 def _prefix_bound(prefix: str) -> str | None:
     """
@@ -374,8 +310,7 @@ class SQLiteStore:
 
     def list(self, kind: str, prefix: str = "") -> list[Item]:
         validate_kind(kind)
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a string, not {prefix!r}")
+        validate_prefix(prefix)
         bound = _prefix_bound(prefix)
 
         def read() -> list[Item]:
@@ -397,26 +332,7 @@ class SQLiteStore:
 
     def transact(self, writes: Sequence[Write]) -> None:
         writes = list(writes)
-        if len(writes) > MAX_TRANSACTION_WRITES:
-            raise ValueError(
-                f"a transaction holds at most {MAX_TRANSACTION_WRITES} writes, not {len(writes)}"
-            )
-        texts: dict[int, str] = {}
-        seen: set[tuple[str, str]] = set()
-        for i, write in enumerate(writes):
-            if not isinstance(write, (Create, Replace, Delete, Check)):
-                raise ValueError(f"not a store write: {write!r}")
-            validate_kind(write.kind)
-            validate_key(write.key)
-            if (write.kind, write.key) in seen:
-                raise ValueError(f"{write.kind} {write.key!r} is written twice in one transaction")
-            seen.add((write.kind, write.key))
-            if isinstance(write, (Create, Replace)):
-                texts[i] = encode_value(write.value)
-            if isinstance(write, (Replace, Check)) or (
-                isinstance(write, Delete) and write.expected_version is not None
-            ):
-                validate_version(write.expected_version)
+        texts = validate_writes(writes)
         if not writes:
             return
 
