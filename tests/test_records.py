@@ -24,7 +24,8 @@ from puppetha.store.records import (
     b64,
     unb64,
 )
-from puppetha.store.sqlite import SQLiteStore, validate_kind
+from puppetha.store.sqlite import SQLiteStore
+from puppetha.store.values import validate_kind
 
 SERIAL_128 = 2**128 - 1
 SERIAL_127 = 0x7A3F_0000_0000_0000_0000_0000_0000_0001

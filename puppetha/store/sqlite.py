@@ -19,6 +19,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -210,7 +211,7 @@ class SQLiteStore:
         connection = self._connection()
         # Persistent in the file; a no-op once set.  Changing it needs the file to itself,
         # which the busy timeout waits for when several processes open at once.
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._switch_to_wal(connection)
         if mode != "wal":
             raise StoreError(f"store {self.path} cannot use WAL (journal mode {mode})")
         with self._writing() as connection:
@@ -225,6 +226,18 @@ class SQLiteStore:
                 # PRAGMA takes no parameters; step is an int from this module.
                 connection.execute(f"PRAGMA user_version = {step}")
                 log.info("store {path} schema now at version {step}", path=self.path, step=step)
+
+    def _switch_to_wal(self, connection: _Connection) -> str:
+        # SQLite answers "database is locked" at once, without its busy handler, when another
+        # process is switching the same new file to WAL: wait for it here, up to busy_timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def schema_version(self) -> int:
         return self._unavailable(lambda: int(self._connection().execute("PRAGMA user_version").fetchone()[0]))
