@@ -42,6 +42,9 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0",
             "types-PyYAML",
+            # boto3's and botocore's own annotations; per-service stubs are not needed (clients are Any).
+            "boto3-stubs",
+            "botocore-stubs",
         ],
     },
     entry_points={
