@@ -13,12 +13,13 @@ import configparser
 import ipaddress
 import os
 import re
-import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from attrs import field, frozen
+
+from puppetha.pki.names import check_certname_template, check_host_port
 
 ROLES = ("enroll", "enc", "lb")
 KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -146,11 +147,7 @@ def address(value: str) -> str:
 
 
 def host_port(value: str) -> str:
-    value = value.strip()
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not host:port: {value!r}")
-    return value
+    return check_host_port(value.strip())
 
 
 _RULE = re.compile(r"^(tag:[^=\s]+=\S*|profile:arn:\S+|sg:\S+)$")
@@ -166,18 +163,7 @@ def role_rules(value: str) -> tuple[str, ...]:
 
 
 def certname_template(value: str) -> str:
-    value = value.strip()
-    allowed = {"instance_id", "account", "region", "private_ip_dashed", "private_dns"}
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(value) if f}
-    except ValueError as e:
-        raise ValueError(f"not a template: {e}") from None
-    unknown = names - allowed
-    if unknown:
-        raise ValueError(f"unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(allowed))}")
-    if "instance_id" not in names:
-        raise ValueError("must contain {instance_id}, so that every instance gets its own name")
-    return value
+    return check_certname_template(value.strip())
 
 
 def url(value: str) -> str:

@@ -167,3 +167,7 @@ def test_lb_and_enroll_on_one_host_cannot_share_the_enrollment_port(tmp_path: Pa
     assert config[("lb", "enroll_backends")] == ("127.0.0.1:8081",)
     bad_backend = refused("[daemon]\nroles = lb\n" + lb + "enroll_backends = x\n")
     assert "[lb] enroll_backends: not host:port" in bad_backend
+
+
+def test_the_front_host_must_be_a_name_a_certificate_can_carry() -> None:
+    assert "[enroll] front:" in refused("[enroll]\nfront = bad host!:8140\n")

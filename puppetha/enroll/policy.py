@@ -9,7 +9,6 @@ instance, the connection's source address and the time, and answers :class:`Admi
 from __future__ import annotations
 
 import ipaddress
-import string
 from collections.abc import Iterable, Mapping
 
 from attrs import field, frozen
@@ -18,12 +17,11 @@ from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import IdentityDocument
 from puppetha.pki.authority import RESERVED_CA_NAMES
 from puppetha.pki.certs import Usage
-from puppetha.pki.names import certname_problem, parse_san
+from puppetha.pki.names import certname_problem, check_certname_template, check_host_port, parse_san
 
 ROLES = ("agent", "master", "lb")
 
 #: Fields a certname template may use.
-TEMPLATE_FIELDS = frozenset({"instance_id", "account", "region", "private_ip_dashed", "private_dns"})
 
 #: The port a master's puppetserver listens on for the nginx nodes.
 MASTER_PORT = 8140
@@ -82,27 +80,6 @@ def _rules(rules: object) -> tuple[RoleRule, ...]:
     return tuple(r if isinstance(r, RoleRule) else RoleRule.parse(str(r)) for r in rules)
 
 
-def _template(template: str) -> str:
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        raise ValueError(f"not a certname template: {e}") from None
-    unknown = names - TEMPLATE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown template field {sorted(unknown)[0]!r}")
-    if "instance_id" not in names:
-        raise ValueError("the certname template must contain {instance_id}")
-    return template
-
-
-def _front(front: str) -> str:
-    host, sep, port = front.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"front must be host:port, not {front!r}")
-    parse_san(host.strip("[]"))
-    return front
-
-
 @frozen
 class EnrollmentPolicy:
     """The ``[aws]`` and ``[enroll]`` options that decide an enrollment."""
@@ -112,9 +89,9 @@ class EnrollmentPolicy:
     #: Seconds after ``pendingTime`` an instance may still enroll.
     max_age: float
     #: Where agents reach the masters for good (``host:port``).
-    front: str = field(validator=lambda _i, _a, v: _front(v))
+    front: str = field(validator=lambda _i, _a, v: check_host_port(v))
     require_source_match: bool = True
-    certname_template: str = field(default="{instance_id}", converter=_template)
+    certname_template: str = field(default="{instance_id}", converter=check_certname_template)
     master_rules: tuple[RoleRule, ...] = field(default=(), converter=_rules)
     lb_rules: tuple[RoleRule, ...] = field(default=(), converter=_rules)
 

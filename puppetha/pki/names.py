@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 
 from cryptography import x509
 
@@ -82,3 +83,31 @@ def san_text(name: x509.GeneralName) -> str:
     if isinstance(name, x509.IPAddress):
         return f"IP:{name.value}"
     return f"{type(name).__name__}:{name.value}"
+
+
+#: The fields a certname template may use (all read from verified identity and EC2 data).
+TEMPLATE_FIELDS = frozenset({"instance_id", "account", "region", "private_ip_dashed", "private_dns"})
+
+
+def check_certname_template(template: str) -> str:
+    """``template`` if it names only :data:`TEMPLATE_FIELDS` and the instance ID; ``ValueError``."""
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"not a template: {e}") from None
+    unknown = names - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(f"unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(TEMPLATE_FIELDS))}")
+    if "instance_id" not in names:
+        # One certname per instance: a template without the ID would hand two instances one name.
+        raise ValueError("must contain {instance_id}, so that every instance gets its own name")
+    return template
+
+
+def check_host_port(value: str) -> str:
+    """``host:port`` (``[v6]:port`` too) whose host a certificate could name; ``ValueError``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {value!r}")
+    parse_san(host.strip("[]"))
+    return value
