@@ -8,6 +8,7 @@ Blocking code, meant for test fixtures and command-line tools, never for the rea
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import socket
 import subprocess
@@ -58,7 +59,9 @@ def moto_server_command(path: str | Path | None = None) -> Path:
 
 class MotoServer:
     """
-    ``moto_server -H 127.0.0.1 -p <free port>`` as a subprocess.
+    moto's server on a free loopback port, as a subprocess: by default moto's application served
+    one request at a time (:mod:`puppetha.testing.moto_app`, atomic as AWS is), or the
+    ``moto_server`` named by ``command``.
 
     ``with MotoServer() as moto: ...`` or ``moto = MotoServer(); moto.start(); ...; moto.stop()``
     (the latter suits a session-scoped fixture).  Its output goes to ``log_path``.
@@ -86,7 +89,7 @@ class MotoServer:
     def start(self) -> MotoServer:
         if self._process is not None:
             return self
-        command = moto_server_command(self.command)
+        command = self._command()
         log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="puppetha-moto-"))
         # Another process may take the free port before moto binds it: try a few.
         failures = []
@@ -95,7 +98,7 @@ class MotoServer:
             self.log_path = log_dir / f"moto-{self.port}.log"
             with self.log_path.open("wb") as log:
                 self._process = subprocess.Popen(
-                    [str(command), "-H", "127.0.0.1", "-p", str(self.port)],
+                    [*command, "-H", "127.0.0.1", "-p", str(self.port)],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -105,6 +108,14 @@ class MotoServer:
             failures.append(self._stop_process())
         self._process = None
         raise MotoServerError(f"moto_server would not start; last output in {self.log_path}: {failures[-1]}")
+
+    def _command(self) -> list[str]:
+        """moto's own ``moto_server`` when ``command`` names one; else moto's app, one request at a time."""
+        if self.command is not None:
+            return [str(moto_server_command(self.command))]
+        if importlib.util.find_spec("moto.moto_server") is None:
+            raise MotoServerError("moto's server is not installed: pip install 'moto[server]'")
+        return [sys.executable, "-m", "puppetha.testing.moto_app"]
 
     def _wait_until_up(self, process: subprocess.Popen[bytes]) -> bool:
         deadline = time.monotonic() + self.startup_timeout
