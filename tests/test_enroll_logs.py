@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from puppetha.logs import event_as_line
 
@@ -21,14 +22,20 @@ from tests.enroll_fixtures import World  # noqa: E402 - after the rewrite hook
 pytest_plugins = ["tests.enroll_fixtures"]
 
 
+@implementer(ILogObserver)
+class Recorder(list[LogEvent]):
+    def __call__(self, event: LogEvent) -> None:
+        self.append(event)
+
+
 @pytest.fixture
 def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
+    events = Recorder()
+    globalLogPublisher.addObserver(events)
     try:
         yield events
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(events)
 
 
 def secrets_of(body: dict[str, Any]) -> list[str]:
