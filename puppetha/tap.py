@@ -9,6 +9,7 @@ returns a ``MultiService`` holding the services of the configured roles.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -107,6 +108,7 @@ def enrollment_listener(
     signing: Blocking[CertificateAuthority],
     store_calls: Blocking[Records],
     aws: Blocking[ICloud],
+    on_master: Callable[[], object],
 ) -> IService:
     """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
     certs = config[("aws", "identity_certs")]
@@ -139,6 +141,7 @@ def enrollment_listener(
         # lb nodes render from the same options.
         front_ports=FrontPorts(first_master=config[("lb", "first_master_port")],
                                max_masters=config[("lb", "max_masters")]),
+        on_master=on_master,
     )
     # Before the reactor runs: the listener's own certificate, issued by the root.
     credentials = ensure_server_credentials(
@@ -219,9 +222,16 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     aws = Blocking(reactor, aws_pool, cloud)
     store_calls = Blocking(reactor, pool, records)
 
+    # Same host: a master's registration reaches nginx at once; other hosts' lb roles see it on
+    # their next round ([lb] interval).
+    poke_front: Callable[[], object] | None = None
+    if "lb" in config.roles:
+        front, poke_front = front_services(config, reactor, store, Blocking(reactor, pool, None))
+        front.setServiceParent(root)
+
     if "enroll" in config.roles:
         enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
-                            aws=aws).setServiceParent(root)
+                            aws=aws, on_master=poke_front or (lambda: None)).setServiceParent(root)
 
     if "enc" in config.roles:
         classifier = Classifier(
@@ -240,15 +250,17 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
             mode=config[("enc", "socket_mode")],
         ).setServiceParent(root)
 
-    if "lb" in config.roles:
-        front_services(config, reactor, store, Blocking(reactor, pool, None)).setServiceParent(root)
-
     Announcement(config).setServiceParent(root)
     return root
 
 
-def front_services(config: Config, reactor: Any, store: IStore, blocking: Blocking[None]) -> MultiService:
-    """nginx kept in step with the store, and the masters' health probed (the lb role)."""
+def front_services(
+    config: Config, reactor: Any, store: IStore, blocking: Blocking[None]
+) -> tuple[MultiService, Callable[[], object]]:
+    """
+    nginx kept in step with the store, and the masters' health probed (the lb role); with the
+    function that starts a round of the front at once.
+    """
     lb = {name: value for (section, name), value in config.values.items() if section == "lb"}
     master_name = lb["master_name"] or config[("enroll", "front")].rpartition(":")[0].strip("[]")
     settings = FrontSettings(
@@ -302,4 +314,4 @@ def front_services(config: Config, reactor: Any, store: IStore, blocking: Blocki
     health.setServiceParent(services)
     log.info("front: nginx config in {directory}, agents on port {port}",
              directory=lb["nginx_dir"], port=lb["front_port"])
-    return services
+    return services, front.poke

@@ -498,3 +498,15 @@ def test_lb_policy_is_configurable(enroll_aws, aws_signer, tmp_path: Path) -> No
         assert LB_RULE  # the default world permits it: see the lb happy path
     finally:
         world.store.close()
+
+
+def test_a_registered_master_is_announced_at_once(world: World) -> None:
+    announced: list[str] = []
+    world.enrollment.on_master = lambda: announced.append("master")
+    enroll_master(world)
+    assert announced == ["master"]
+    agent = world.launch("agent")
+    assert world.enroll(agent).status == 200
+    refused_again = world.enroll(world.launch("master"), "master", signature="AAAA")
+    assert refused_again.status == 403
+    assert announced == ["master"]  # agents and refusals announce nothing

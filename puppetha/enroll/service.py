@@ -219,6 +219,7 @@ class Enrollment:
         retry_after: int = DEFAULT_RETRY_AFTER,
         stale_claim: float = DEFAULT_STALE_CLAIM,
         choose: Callable[[Sequence[str]], str] | None = None,
+        on_master: Callable[[], object] = lambda: None,
         front_ports: FrontPorts | None = None,
     ) -> None:
         self.policy = policy
@@ -233,6 +234,8 @@ class Enrollment:
         self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
+        # Called once a master is registered: an lb role on this host re-renders nginx at once.
+        self.on_master = on_master
         self._last_used: dict[str, int] = {}
         self._uses = 0
 
@@ -296,6 +299,8 @@ class Enrollment:
             issuer=outcome.issuer,
             serial=outcome.serial,
         )
+        if decision.role == "master":
+            self.on_master()
         return outcome.issued
 
     async def _verify(self, request: EnrollmentRequest) -> IdentityDocument:
