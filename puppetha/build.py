@@ -41,9 +41,12 @@ def open_store(config: Config) -> IStore:
     )
 
 
-def open_vault(config: Config, create: bool = False) -> IKeyVault:
+def open_vault(
+    config: Config, create: bool = False, has_root: Callable[[], bool] | None = None
+) -> IKeyVault:
     """
-    The vault for CA keys.  With ``create`` a missing key file is made (mode 0600); without it a
+    The vault for CA keys.  With ``create`` a missing key file is made (mode 0600), unless
+    ``has_root`` says the store already holds keys sealed by the lost one; without ``create`` a
     missing key file is an error, so that the CLI never silently creates a second key.
     """
     if config[("pki", "vault")] == "kms":
@@ -60,9 +63,20 @@ def open_vault(config: Config, create: bool = False) -> IKeyVault:
     if not os.path.exists(path):
         if not create:
             raise VaultError(f"no vault key file {path} ([pki] vault_key_file); run `puppetha ca init`")
+        if has_root is not None and has_root():
+            # A new key could never open the CA keys already sealed in the store.
+            raise VaultError(f"the store has a root CA but the vault key file {path} is missing "
+                             "([pki] vault_key_file): restore it from the backup")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         return FileKeyVault.create(path)
     return FileKeyVault(path)
+
+
+def store_has_root(records: Records) -> Callable[[], bool]:
+    from puppetha.pki.authority import ROOT
+    from puppetha.store.records import CARecord
+
+    return lambda: records.get(CARecord, ROOT) is not None
 
 
 def make_authority(

@@ -77,9 +77,13 @@ def _when(timestamp: float | None) -> str:
 
 
 def ca_init(ctx: Context, args: argparse.Namespace) -> int:
-    from puppetha.build import make_authority, open_vault
+    from puppetha.build import make_authority, open_vault, store_has_root
 
-    authority = make_authority(ctx.config, ctx.records, open_vault(ctx.config, create=True), ctx.now)
+    if store_has_root(ctx.records)():
+        # Before the vault: a refused init leaves no new key file behind.
+        raise CLIError("the store already has a root CA (see `puppetha ca show`)")
+    vault = open_vault(ctx.config, create=True, has_root=store_has_root(ctx.records))
+    authority = make_authority(ctx.config, ctx.records, vault, ctx.now)
     try:
         record = authority.init_root(ctx.config[("pki", "root_name")])
     except CAExists:

@@ -31,7 +31,7 @@ from puppetha.enroll.service import Enrollment
 from puppetha.ha.front import FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
-from puppetha.pki.authority import LB_CA, CertificateAuthority, CRLRefresher
+from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import VaultError
@@ -179,7 +179,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         config = load_config(options["config"], options.overrides())
         return make_daemon(config, reactor)
-    except (ConfigError, StoreError, VaultError) as e:
+    except (ConfigError, StoreError, VaultError, AuthorityError) as e:
         # twistd prints this one line and exits non-zero before anything listens.
         raise SystemExit(f"puppetha: {e}") from None
 
@@ -198,10 +198,11 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     ThreadPoolService(pool).setServiceParent(root)
 
     records = Records(store)
-    vault = build.open_vault(config, create=True)
+    vault = build.open_vault(config, create=True, has_root=build.store_has_root(records))
     authority = build.make_authority(config, records, vault, reactor.seconds)
     # Before the reactor runs, so that a broken store or vault stops the daemon with one line.
     root_ca = authority.ensure_root(config[("pki", "root_name")])
+    authority.check_key()
     log.info("root CA {name}, {fingerprint}", name=root_ca.name,
              fingerprint=fingerprint(x509.load_pem_x509_certificate(root_ca.certificate_pem.encode())))
 

@@ -188,3 +188,12 @@ def test_store_init_on_sqlite(state: Path) -> None:
     run = cli(state, "store", "init")
     assert run.status == 0
     assert (state / "puppetha.sqlite").exists()
+
+
+def test_ca_init_on_a_store_with_a_root_creates_no_new_vault_key(state: Path) -> None:
+    cli(state, "ca", "init")
+    (state / "ca-vault.key").unlink()
+    again = cli(state, "ca", "init")
+    assert again.status == 2
+    assert "already has a root CA" in again.err
+    assert not (state / "ca-vault.key").exists()

@@ -146,3 +146,28 @@ def test_a_missing_configuration_file_is_named(tmp_path: Path) -> None:
 def test_set_refuses_unknown_options() -> None:
     with pytest.raises(UsageError, match=r"unknown option \[pki\] colour"):
         Options().parseOptions(["--set", "pki.colour=blue"])
+
+
+def start_refused(state: Path, tmp_path: Path) -> str:
+    command = twistd("puppetha", "--state-dir", str(state), "--set", f"enc.socket={tmp_path}/enc.sock",
+                     "--set", LOOPBACK)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    return run.stderr
+
+
+def test_a_lost_vault_key_stops_the_daemon_instead_of_making_a_new_one(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    subprocess.run([*CLI, "--state-dir", str(state), "ca", "init"], check=True, capture_output=True)
+    (state / "ca-vault.key").unlink()
+    assert "vault key file" in start_refused(state, tmp_path)
+    assert not (state / "ca-vault.key").exists()
+
+
+def test_a_wrong_vault_key_stops_the_daemon_at_start(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    subprocess.run([*CLI, "--state-dir", str(state), "ca", "init"], check=True, capture_output=True)
+    key = state / "ca-vault.key"
+    key.write_bytes(bytes(32))  # another key, same size and mode
+    assert start_refused(state, tmp_path).startswith("puppetha: ")

@@ -396,6 +396,14 @@ class CertificateAuthority:
             next_update=crl.next_update_utc.timestamp() if crl.next_update_utc else 0.0,
         )
 
+    def check_key(self, name: str = ROOT) -> None:
+        """
+        Open CA ``name``'s sealed key now (and keep it in memory): a daemon with the wrong vault
+        key learns it at start-up, not at its first enrollment.  Raises :class:`VaultError` or
+        :class:`AuthorityError`.
+        """
+        self._key(name)
+
     def _key(self, name: str) -> PrivateKey:
         with self._keys_lock:
             cached = self._keys.get(name)
