@@ -402,6 +402,54 @@ def test_a_refusal_forgets_the_last_good_answer(clock, records, fleet, cloud) ->
     assert refusal(c.classify("web1.example.com")).code == "unavailable"
 
 
+def test_a_termination_seen_in_the_background_is_never_served_stale(clock, records, fleet,
+                                                                       cloud) -> None:
+    instance_id = enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    c.start()
+    answer(c.classify("web1.example.com"))
+    fleet.terminate(instance_id)
+    clock.pump([1.0] * int(TTL / 2 + 5))  # a background refresh learns of the termination
+    cloud.current = cloud.down
+    clock.pump([1.0] * int(TTL))
+    assert refusal(c.classify("web1.example.com")).code == "not-running"
+    c.stop()
+
+
+def test_a_revocation_seen_in_the_background_is_never_served_stale(clock, records, fleet, cloud,
+                                                                     store) -> None:
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    c.start()
+    answer(c.classify("web1.example.com"))
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    records.replace(evolve(found.record, revoked_at=1.0), found.version)
+    clock.pump([0.5] * int(STORE_TTL))  # a background refresh learns of the revocation
+    store.close()
+    clock.pump([0.5] * int(STORE_TTL * 2 + 2))
+    assert refusal(c.classify("web1.example.com")).code == "revoked"
+    c.stop()
+
+
+def test_an_answer_finished_after_a_revocation_is_never_served_stale(clock, records, fleet, cloud,
+                                                                      store) -> None:
+    enroll(records, fleet, "web1.example.com")
+    aws = HeldBlocking(cloud)
+    c = classifier(clock, records, cloud, cloud_blocking=aws)
+    slow = c.classify("web1.example.com")  # read the node record, waits for AWS
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    records.replace(evolve(found.record, revoked_at=1.0), found.version)
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "revoked"
+    aws.run_all()
+    assert refusal(slow).code == "revoked"  # asked before the revocation, answered after it
+    store.close()
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "unavailable"  # nothing to serve
+
+
 # -- the socket protocol ----------------------------------------------------------------------
 
 

@@ -115,6 +115,11 @@ class BatchedCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def peek(self, key: K) -> tuple[bool, V | None]:
+        """``(known, value)``: the last value fetched for ``key``, however old; asks nothing."""
+        entry = self._entries.get(key)
+        return (False, None) if entry is None else (True, entry.value)
+
     def get_many(self, keys: Iterable[K]) -> Deferred[dict[K, V | None]]:
         now = self._clock.seconds()
         found: dict[K, V | None] = {}
@@ -245,6 +250,7 @@ def describe(cloud: Any, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str
 class _LastGood:
     answer: str
     at: float
+    node: NodeRecord
 
 
 class Classifier:
@@ -308,19 +314,38 @@ class Classifier:
         except ClassificationError as e:
             raise Refused("bad-request", str(e)) from None
         try:
-            answer = await self._answer(certname)
+            try:
+                node, answer = await self._answer(certname)
+            except Refused:
+                raise
+            except Exception as e:
+                return self._stale_answer(certname, e)
+            # The caches may have learnt of a refusal while this answer was being made.
+            self._check_last_known(certname, node)
         except Refused as refusal:
             self._last_good.pop(certname, None)
             log.info("refused {certname}: {code} {message}", certname=certname,
                      code=refusal.code, message=refusal.message)
             raise
-        except Exception as e:
-            return self._stale_answer(certname, e)
-        self._last_good[certname] = _LastGood(answer, self._clock.seconds())
+        self._last_good[certname] = _LastGood(answer, self._clock.seconds(), node)
         return answer
+
+    def _check_last_known(self, certname: str, node: NodeRecord) -> None:
+        """
+        Raises :class:`Refused` when the latest state the caches hold, however old (a
+        background refresh may have seen it after the node's last answer), refuses the node.
+        """
+        known, latest = self.nodes.peek(certname)
+        if known:
+            node = _check_node(certname, latest)
+        known, info = self.instances.peek((node.region, node.instance_id))
+        if known:
+            _check_instance(certname, node, info)
 
     def _stale_answer(self, certname: str, error: Exception) -> str:
         last = self._last_good.get(certname)
+        if last is not None:
+            self._check_last_known(certname, last.node)
         age = None if last is None else self._clock.seconds() - last.at
         if last is None or age is None or age > self.stale_limit:
             log.error("cannot classify {certname}: {error}; no good answer within {limit}s",
@@ -330,21 +355,10 @@ class Classifier:
                  certname=certname, age=age, error=str(error) or repr(error))
         return last.answer
 
-    async def _answer(self, certname: str) -> str:
-        node = (await self.nodes.get_many([certname]))[certname]
-        if node is None:
-            raise Refused("unknown-node", f"{certname} is not enrolled")
-        if node.revoked:
-            raise Refused("revoked", f"{certname} was revoked")
+    async def _answer(self, certname: str) -> tuple[NodeRecord, str]:
+        node = _check_node(certname, (await self.nodes.get_many([certname]))[certname])
         key = (node.region, node.instance_id)
-        info = (await self.instances.get_many([key]))[key]
-        if info is None:
-            raise Refused("not-running", f"instance {node.instance_id} of {certname} does not exist")
-        if info.state != "running":
-            raise Refused("not-running", f"instance {node.instance_id} of {certname} is {info.state}")
-        if info.account and info.account != node.account:
-            raise Refused("not-running",
-                          f"instance {node.instance_id} belongs to another account than {certname}")
+        info = _check_instance(certname, node, (await self.instances.get_many([key]))[key])
         facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
                           info.security_groups, info.tags)
         found = await self.scopes.get_many(scopes_for(facts))
@@ -354,7 +368,26 @@ class Classifier:
                 raise Refused("invalid-classification", f"stored {scope} is invalid: {c.reason}")
             if c is not None:
                 stored[scope] = c
-        return to_enc_yaml(merge(facts, stored))
+        return node, to_enc_yaml(merge(facts, stored))
+
+
+def _check_node(certname: str, node: NodeRecord | None) -> NodeRecord:
+    if node is None:
+        raise Refused("unknown-node", f"{certname} is not enrolled")
+    if node.revoked:
+        raise Refused("revoked", f"{certname} was revoked")
+    return node
+
+
+def _check_instance(certname: str, node: NodeRecord, info: InstanceInfo | None) -> InstanceInfo:
+    if info is None:
+        raise Refused("not-running", f"instance {node.instance_id} of {certname} does not exist")
+    if info.state != "running":
+        raise Refused("not-running", f"instance {node.instance_id} of {certname} is {info.state}")
+    if info.account and info.account != node.account:
+        raise Refused("not-running",
+                      f"instance {node.instance_id} belongs to another account than {certname}")
+    return info
 
 
 class ClassifierService(Service):
