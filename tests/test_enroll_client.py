@@ -819,6 +819,9 @@ TAMPERING: dict[str, Callable[[dict[str, Any]], None]] = {
     "no CRL for the issuing CA": lambda a: a.update(crl_chain=_first_pem(a["crl_chain"], "X509 CRL")),
     "garbage CRLs": lambda a: a.update(crl_chain="-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"),
     "bad server address": lambda a: a.update(server="puppet"),
+    "test_server not a string": lambda a: a.update(test_server=["puppet:8140"]),
+    "server host with a terminal escape": lambda a: a.update(server="pup\x1b[2Jpet:8140"),
+    "server host puppet.conf would interpolate": lambda a: a.update(server="$vardir:8140"),
 }  # fmt: skip
 
 
@@ -1031,6 +1034,10 @@ def test_parse_server_url(text: str, address: tuple[str, int] | None) -> None:
         (":8140", None),
         ("pup pet:8140", None),
         ("a:b:8140", None),
+        ("pup\x1bpet:8140", None),
+        ("$vardir:8140", None),
+        ("IP:10.0.0.5:8140", None),
+        ("fd00::1:8140", ("fd00::1", 8140)),
     ],
 )
 def test_parse_host_port(text: str, address: tuple[str, int] | None) -> None:

@@ -189,15 +189,27 @@ def parse_server_url(text: str) -> ServerAddress:
 
 
 def parse_host_port(text: str) -> ServerAddress:
-    """``host:port`` or ``[v6]:port`` as the server writes ``server``; ``ValueError`` otherwise."""
+    """
+    ``host:port`` or ``[v6]:port`` as the server writes ``server``, whose host is a DNS name or IP
+    address (the rule the server holds ``[enroll] front`` to); ``ValueError`` otherwise.  The host
+    goes into puppet.conf and onto the terminal, so nothing else is let through.
+    """
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} is not host:port")
-    if any(c.isspace() for c in host) or "/" in host or (":" in host and not _is_ip(host)):
+    if not (_is_ip(host) if ":" in host else _is_name(host)):
         raise ValueError(f"{text!r} is not host:port")
     return ServerAddress(host, int(port))
+
+
+def _is_name(text: str) -> bool:
+    try:
+        parse_san(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ip(text: str) -> bool:
@@ -626,7 +638,7 @@ def check_enrollment(
     crls = _check_crls(text("crl_chain"), chain, now)
     try:
         server = parse_host_port(text("server"))
-        test_server = parse_host_port(answer.get("test_server") or text("server"))
+        test_server = parse_host_port(text("test_server") if "test_server" in answer else text("server"))
     except ValueError as e:
         raise Untrusted(f"the server's answer has a bad address: {e}") from None
     master_ca = None
