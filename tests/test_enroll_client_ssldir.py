@@ -188,6 +188,33 @@ def test_existing_ssldir_keeps_its_other_files_modes_and_owners(ca: TestCA, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ssl"]
 
 
+@pytest.mark.parametrize("subdirectory", ["certs", "private_keys", "public_keys", "certificate_requests"])
+def test_a_planted_symlink_never_sends_a_write_outside_the_ssldir(
+    ca: TestCA, tmp_path: Path, subdirectory: str
+) -> None:
+    """
+    Whoever owns the ssldir (puppet) plants ``<subdirectory> -> elsewhere``; the root-run
+    client must neither write into, delete from, nor change the mode of ``elsewhere``.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    os.chmod(elsewhere, 0o700)
+    (elsewhere / "i-1.pem").write_text("not the client's to touch")
+    ssldir = tmp_path / "ssl"
+    ssldir.mkdir()
+    (ssldir / subdirectory).symlink_to(elsewhere)
+    before = _tree(elsewhere), stat.S_IMODE(elsewhere.stat().st_mode)
+    credentials = _credentials(ca)
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, credentials, force=True)
+        changes.commit()
+    assert (_tree(elsewhere), stat.S_IMODE(elsewhere.stat().st_mode)) == before
+    if subdirectory != "certificate_requests":
+        assert not (ssldir / subdirectory).is_symlink()
+    assert (ssldir / "private_keys" / "i-1.pem").read_bytes() == credentials.private_key
+    assert stat.S_IMODE((ssldir / "private_keys").stat().st_mode) == 0o750
+
+
 def test_already_enrolled_unless_forced(ca: TestCA, tmp_path: Path) -> None:
     ssldir = tmp_path / "ssl"
     (ssldir / "certs").mkdir(parents=True)

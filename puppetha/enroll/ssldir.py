@@ -92,7 +92,9 @@ def write_ssldir(changes: Changes, ssldir: Path, credentials: PuppetCredentials,
         if "/" in file_name or file_name.startswith(".") or file_name == "crl.pem":
             raise ValueError(f"{file_name!r} is not a name for an extra ssldir file")
         _write(staged / file_name, pem, PUBLIC_FILE_MODE, owner)
-    (staged / "certificate_requests" / name).unlink(missing_ok=True)
+    requests = staged / "certificate_requests"
+    if requests.is_dir() and not requests.is_symlink():
+        (requests / name).unlink(missing_ok=True)
 
 
 def write_puppet_conf(changes: Changes, path: Path, section: str, settings: Mapping[str, str]) -> None:
@@ -332,6 +334,10 @@ def _make_parents(target: Path) -> Path:
 
 def _subdirectory(staged: Path, name: str, mode: int, owner: tuple[int, int] | None) -> Path:
     path = staged / name
+    if path.is_symlink():
+        # The copy of an ssldir its owner planted a link in: we run as root, and would otherwise
+        # chmod and write through it, wherever it points.
+        path.unlink()
     if not path.is_dir():
         path.mkdir()
         _chown(path, owner)
