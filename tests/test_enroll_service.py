@@ -510,3 +510,15 @@ def test_a_registered_master_is_announced_at_once(world: World) -> None:
     refused_again = world.enroll(world.launch("master"), "master", signature="AAAA")
     assert refused_again.status == 403
     assert announced == ["master"]  # agents and refusals announce nothing
+
+
+def test_a_failing_announcement_does_not_lose_a_recorded_enrollment(world: World) -> None:
+    """The master is recorded (a retry would be 409): its answer must reach it all the same."""
+
+    def announce() -> None:
+        raise RuntimeError("the front could not be poked")
+
+    world.enrollment.on_master = announce
+    master, answer = enroll_master(world)
+    assert load(answer.json["certificate"]).subject.rfc4514_string() == f"CN={master.instance_id}"
+    assert world.records.get(MasterRecord, master.instance_id) is not None

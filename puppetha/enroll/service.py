@@ -24,7 +24,7 @@ from typing import Any
 from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -300,7 +300,13 @@ class Enrollment:
             serial=outcome.serial,
         )
         if decision.role == "master":
-            self.on_master()
+            # The master is recorded now: a failed announcement must not cost it its answer (a
+            # retry would be 409); the lb nodes still find it on their next round.
+            maybeDeferred(self.on_master).addErrback(
+                lambda failure: log.failure(
+                    "could not announce the new master {certname}", failure, certname=decision.certname
+                )
+            )
         return outcome.issued
 
     async def _verify(self, request: EnrollmentRequest) -> IdentityDocument:
