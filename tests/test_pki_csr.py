@@ -324,3 +324,12 @@ def test_csr_made_by_puppet():
     with pytest.raises(CSRRefused) as refused:
         check_csr(puppet_csr("puppet", "i-0fffffffffffffff0"), POLICY)
     assert refused.value.code == "extension"
+
+
+def test_a_refused_name_cannot_forge_a_log_line() -> None:
+    """The refusal's message reaches the daemon's log and the client's terminal as one line."""
+    forged = "a\n2030-01-01T00:00:00+0000 [puppetha] enrolled i-0123456789abcdef0 as master\x1b[2K"
+    with pytest.raises(CSRRefused) as refused:
+        check_csr(make_csr(sans=[x509.DNSName(forged)]), CSRPolicy(CERTNAME))
+    assert refused.value.code == "san"
+    assert refused.value.message.isprintable()

@@ -167,7 +167,8 @@ def _check_sans(value: x509.SubjectAlternativeName, policy: CSRPolicy) -> None:
             raise CSRRefused("san", f"{type(name).__name__} alternative names are not accepted")
         text = san_text(name)
         if text not in allowed:
-            raise CSRRefused("san", f"{text} is not an allowed alternative name")
+            # Quoted: the name is the client's own text and this message reaches the log.
+            raise CSRRefused("san", f"{text!r} is not an allowed alternative name")
 
 
 def _utf8_value(value: x509.ExtensionType) -> str | None:
