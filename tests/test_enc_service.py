@@ -353,6 +353,29 @@ def test_a_failed_fetch_fails_its_waiters_and_keeps_old_entries(clock) -> None:
     assert len(cache) == 1
 
 
+def test_names_that_are_not_enrolled_do_not_fill_the_cache(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    for i in range(2000):  # a local client asking for made-up names
+        assert refusal(c.classify(f"nobody-{i}.example.com")).code == "unknown-node"
+    document(c.classify("web1.example.com"))
+    assert len(c.nodes) == 1
+
+
+def test_a_node_removed_from_the_store_is_remembered_as_absent(clock, records, fleet, cloud,
+                                                               store) -> None:
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    c.start()
+    answer(c.classify("web1.example.com"))
+    store.delete("node", "web1.example.com")
+    clock.pump([0.5] * int(STORE_TTL))  # a background refresh finds it gone
+    store.close()
+    clock.pump([0.5] * int(STORE_TTL * 2 + 2))
+    assert refusal(c.classify("web1.example.com")).code == "unknown-node"
+    c.stop()
+
+
 # -- stale while error ------------------------------------------------------------------------
 
 

@@ -83,7 +83,8 @@ class _Entry(Generic[V]):
 class BatchedCache(Generic[K, V]):
     """
     A TTL cache in front of a batched, asynchronous ``fetch(keys) -> {key: value}`` (absent keys
-    are cached as ``None``).  Misses that arrive while ``max_in_flight`` fetches are running
+    are cached as ``None``; with ``cache_absent=False`` only keys that were present before, so
+    keys a client makes up never take room).  Misses that arrive while ``max_in_flight`` fetches are running
     wait and leave together in the next batch; a key already being fetched is not fetched twice.
 
     :meth:`refresh` (run every ``ttl / 4`` by :class:`Classifier`) re-fetches, in the background,
@@ -95,7 +96,7 @@ class BatchedCache(Generic[K, V]):
     def __init__(self, name: str, clock: IReactorTime,
                  fetch: Callable[[list[K]], Deferred[Mapping[K, V]]], *, ttl: float,
                  hot_window: float, forget_after: float, max_batch: int = 500,
-                 max_in_flight: int = 4) -> None:
+                 max_in_flight: int = 4, cache_absent: bool = True) -> None:
         self.name = name
         self.ttl = ttl
         self._clock = clock
@@ -104,6 +105,7 @@ class BatchedCache(Generic[K, V]):
         self._forget_after = max(forget_after, ttl)
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
+        self._cache_absent = cache_absent
         self._entries: dict[K, _Entry[V]] = {}
         self._waiters: dict[K, list[Deferred[V | None]]] = {}
         self._queue: dict[K, None] = {}
@@ -191,7 +193,8 @@ class BatchedCache(Generic[K, V]):
             for key, ws in waiters:
                 value = result.get(key)
                 old = self._entries.get(key)
-                self._entries[key] = _Entry(value, started, old.requested_at if old else started)
+                if value is not None or old is not None or self._cache_absent:
+                    self._entries[key] = _Entry(value, started, old.requested_at if old else started)
                 for d in ws:
                     d.callback(value)
         self._pump()
@@ -274,11 +277,13 @@ class Classifier:
         hot = hot_window
         records = store.target
         # Store reads are cheap: refresh ahead only what is asked for often (the shared
-        # scopes), and let a node's own record be read again when it comes back.
+        # scopes), and let a node's own record be read again when it comes back.  Any local
+        # client can ask for any name: only enrolled nodes get an entry.
         self.nodes: BatchedCache[str, NodeRecord] = BatchedCache(
             "nodes", clock,
             lambda names: store.call(read_nodes, records, names),
-            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window)
+            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window,
+            cache_absent=False)
         self.scopes: BatchedCache[str, Classification | InvalidClassification] = BatchedCache(
             "classifications", clock,
             lambda scopes: store.call(read_classifications, records, scopes),
