@@ -161,6 +161,37 @@ def test_values_that_would_break_the_grammar_are_refused(master):
         render(state(master))
 
 
+@pytest.mark.parametrize(
+    "ports",
+    [
+        # nginx -t accepts both, then serves the front's pool on a master's own port ...
+        FrontPorts(front=8142),
+        # ... or fails to bind the enrollment port at reload, while the daemon thinks it is live.
+        FrontPorts(enroll=8190),
+        FrontPorts(front=8080, enroll=8080),
+        # The reserved per-master ports must all be TCP ports, or the front stops rendering
+        # (CRL updates included) when enough masters register.
+        FrontPorts(first_master=65500, max_masters=50),
+    ],
+)
+def test_a_port_plan_that_reuses_a_port_is_refused_even_before_any_master(ports):
+    settings = FrontSettings(
+        certificate="/etc/puppetha/lb/cert.pem",
+        private_key="/etc/puppetha/lb/key.pem",
+        master_name="puppet.example",
+        ports=ports,
+    )
+    with pytest.raises(RenderError):
+        render(FrontState(settings=settings, enroll_backends=(Backend("10.0.1.1", 8080),)))
+
+
+def test_the_default_port_plan_renders():
+    settings = FrontSettings(certificate="/c.pem", private_key="/k.pem", master_name="puppet.example",
+                             ports=FrontPorts(first_master=65486, max_masters=50))
+    assert "listen 0.0.0.0:65486 ssl;" in render(FrontState(settings=settings, masters=(M1,)))
+    render(state(M1, backends=(Backend("10.0.1.1", 8080),)))
+
+
 def test_render_files_names_the_generation():
     files = render_files(state(M1), b"CA", b"CRL", b"CHAIN")
     assert set(files) == {CONFIG_NAME, CA_BUNDLE, CRL_BUNDLE, SERVER_CHAIN}

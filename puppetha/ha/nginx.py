@@ -167,10 +167,26 @@ def _server(m: MasterBackend) -> str:
     return _host_port(m.address, m.port, "master address")
 
 
+def _check_ports(ports: FrontPorts) -> None:
+    # nginx -t accepts two servers on one port (the first silently takes the other's agents)
+    # and an http and a stream listener on one port (the reload then fails to bind): refuse
+    # the plan whole, whatever masters are registered yet.
+    first = _port(ports.first_master, "first master port")
+    if ports.max_masters < 1:
+        raise RenderError(f"max_masters {ports.max_masters} reserves no master port")
+    last = _port(first + ports.max_masters - 1, "last reserved master port")
+    for port, what in ((ports.front, "front port"), (ports.enroll, "enrollment port")):
+        if first <= _port(port, what) <= last:
+            raise RenderError(f"{what} {port} is one of the masters' ports {first}-{last}")
+    if ports.front == ports.enroll:
+        raise RenderError(f"the front and the enrollment port are both {ports.front}")
+
+
 def render(state: FrontState) -> str:
     """The complete ``nginx.conf`` for ``state``."""
     s = state.settings
     rt = s.runtime
+    _check_ports(s.ports)
     lines: list[str] = [
         "# Rendered by puppetha (lb role); every change here is overwritten.",
         f"load_module {_word(rt.stream_module, 'stream module')};",
