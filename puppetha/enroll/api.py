@@ -254,10 +254,16 @@ class BoundedRequest(Request):
             super().handleContentChunk(data)
 
 
+#: Seconds a connection may sit idle (Twisted's default is 12 hours): an enrollment is one short
+#: request, and a client that trickles bytes must not hold a connection for long.
+IDLE_TIMEOUT = 30
+
+
 def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime) -> Site:
     """The HTTP site of the enrollment API (wrap it in TLS: see :mod:`puppetha.enroll.listener`)."""
     # Never parse form uploads: the API takes JSON only.
-    site = Site(enrollment_resource(enrollment), parsePOSTFormSubmission=False, reactor=reactor)
+    site = Site(enrollment_resource(enrollment), parsePOSTFormSubmission=False, reactor=reactor,
+                timeout=IDLE_TIMEOUT)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False
     return site
