@@ -43,6 +43,7 @@ from puppetha.store import (
     Item,
     Replace,
     StoreError,
+    StoreUnavailable,
     TransactionConflict,
     VersionConflict,
     Write,
@@ -213,6 +214,40 @@ class StoreContract:
     def test_delete_absent_with_version_is_a_conflict(self, store: IStore) -> None:
         with pytest.raises(VersionConflict):
             store.delete("node", "n1", expected_version=1)
+
+    @pytest.mark.parametrize("impossible", [2**63, 2**64, 10**40, 2**200, -(2**200)])
+    def test_versions_no_item_can_reach_are_conflicts(self, store: IStore, impossible: int) -> None:
+        store.create("node", "n1", {"v": 1})
+        with pytest.raises(VersionConflict):
+            store.replace("node", "n1", {"v": 2}, impossible)
+        with pytest.raises(VersionConflict):
+            store.delete("node", "n1", expected_version=impossible)
+        for write in (Replace("node", "n1", {"v": 2}, impossible),
+                      Delete("node", "n1", expected_version=impossible),
+                      Check("node", "n1", impossible)):
+            with pytest.raises(TransactionConflict) as caught:
+                store.transact([write, Create("node", "n2", {})])
+            assert [type(r) for r in caught.value.reasons] == [VersionConflict]
+        assert store.get("node", "n1") == Item("node", "n1", {"v": 1}, 1)
+        assert store.get("node", "n2") is None
+
+    def test_a_closed_store_is_unavailable(self, stores: StoreFactory) -> None:
+        store = stores()
+        store.create("node", "n1", {})
+        store.close()
+        calls: list[Callable[[], object]] = [
+            lambda: store.get("node", "n1"),
+            lambda: store.create("node", "n2", {}),
+            lambda: store.replace("node", "n1", {}, 1),
+            lambda: store.delete("node", "n1"),
+            lambda: store.list("node"),
+            lambda: store.list("ca"),
+            lambda: store.transact([Create("node", "n2", {})]),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable):
+                call()
+        assert stores().get("node", "n1") == Item("node", "n1", {}, 1)
 
     def test_create_after_delete_starts_again(self, store: IStore) -> None:
         store.create("node", "n1", {"v": 1})

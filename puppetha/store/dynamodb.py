@@ -49,6 +49,7 @@ from puppetha.store.values import (
     validate_prefix,
     validate_version,
     validate_writes,
+    version_can_exist,
 )
 
 log = Logger()
@@ -265,6 +266,8 @@ class DynamoDBStore:
         validate_version(expected_version)
         write_id = uuid.uuid4().hex
         encoded = _encode(kind, key, encode_value(value), expected_version + 1, write_id)
+        if not version_can_exist(expected_version):
+            raise VersionConflict(kind, key, expected_version)
         if encoded.chunks:
             self._single(Replace(kind, key, value, expected_version), encoded)
             return Item(kind, key, encoded.value, expected_version + 1)
@@ -296,6 +299,8 @@ class DynamoDBStore:
         }
         if expected_version is not None:
             validate_version(expected_version)
+            if not version_can_exist(expected_version):
+                raise VersionConflict(kind, key, expected_version)
             arguments.update(
                 ConditionExpression="#v = :expected",
                 ExpressionAttributeNames={"#v": "v"},
@@ -319,7 +324,12 @@ class DynamoDBStore:
         shards = SHARDS.get(kind, DEFAULT_SHARDS)
         if shards == 1:
             return self._list_shard(kind, 0, prefix)
-        parts = list(self._lister.map(lambda s: self._list_shard(kind, s, prefix), range(shards)))
+        try:
+            parts = list(self._lister.map(lambda s: self._list_shard(kind, s, prefix), range(shards)))
+        except RuntimeError:
+            if self._closed:  # the lister pool is shut down with the store
+                raise StoreUnavailable(f"store on DynamoDB table {self.table!r} is closed") from None
+            raise
         return list(heapq.merge(*parts, key=lambda item: item.key))
 
     def transact(self, writes: Sequence[Write]) -> None:
@@ -327,6 +337,16 @@ class DynamoDBStore:
         texts = validate_writes(writes)
         if not writes:
             return
+        # DynamoDB would refuse the number itself (a ValidationException), not the condition.
+        impossible = [
+            VersionConflict(w.kind, w.key, w.expected_version)
+            for w in writes
+            if not isinstance(w, Create)
+            and w.expected_version is not None
+            and not version_can_exist(w.expected_version)
+        ]
+        if impossible:
+            raise TransactionConflict(impossible)
         encoded: dict[int, _Encoded] = {}
         for index, text in texts.items():
             write = writes[index]

@@ -50,6 +50,7 @@ from puppetha.store.values import (
     validate_prefix,
     validate_version,
     validate_writes,
+    version_can_exist,
 )
 
 log = Logger()
@@ -286,6 +287,8 @@ class SQLiteStore:
         validate_key(key)
         validate_version(expected_version)
         text = encode_value(value)
+        if not version_can_exist(expected_version):
+            raise VersionConflict(kind, key, expected_version)
 
         def write() -> None:
             with self._writing() as connection:
@@ -305,6 +308,8 @@ class SQLiteStore:
         validate_key(key)
         if expected_version is not None:
             validate_version(expected_version)
+            if not version_can_exist(expected_version):
+                raise VersionConflict(kind, key, expected_version)
 
         def write() -> bool:
             with self._writing() as connection:

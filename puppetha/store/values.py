@@ -61,6 +61,15 @@ def validate_version(version: object) -> int:
     return version
 
 
+#: Highest version an item can reach (SQLite's INTEGER); DynamoDB numbers hold 38 digits.
+MAX_VERSION = 2**63 - 1
+
+
+def version_can_exist(version: int) -> bool:
+    """Whether an item can be at ``version``; one that cannot is a conflict, never sent."""
+    return 1 <= version <= MAX_VERSION
+
+
 def check_json(value: object, path: str = "value") -> None:
     """
     Refuse what JSON would not give back as it was: ``json.dumps`` alone quietly turns int keys
