@@ -126,6 +126,18 @@ def test_explain_offline(cli: CLI) -> None:
     assert document["classes"] == {"ntp": {}, "apache": {"port": 8080}}
 
 
+def test_explain_refuses_as_the_enc_does_when_a_stored_classification_is_invalid(cli: CLI) -> None:
+    enroll(cli)
+    cli("classify", "set", "default", "--class", "ntp")
+    cli.records().store.create("class", "sg:web", {"scope": "sg:web", "classes": {"Bad-Name": {}}})
+    status, out, err = cli("classify", "explain", "web1.example.com", "--no-aws", "--sg", "web")
+    assert status == 2
+    assert "sg:web" in err
+    assert "invalid-classification" in err
+    assert err.count("\n") == 1
+    assert out == ""
+
+
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
     with MotoServer() as server:

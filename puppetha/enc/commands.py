@@ -14,6 +14,7 @@ from puppetha.enc.classify import (
     NodeFacts,
     check_certname,
     check_class_name,
+    check_classification,
     check_scope,
     classification_from_data,
     classification_to_yaml,
@@ -234,9 +235,14 @@ def explain_node(ctx: Context, args: argparse.Namespace) -> int:
     facts = node_facts(ctx, args)
     stored: dict[str, Classification] = {}
     for scope in scopes_for(facts):
-        found = ctx.records.get(Classification, scope)
-        if found is not None:
-            stored[scope] = found.record
+        # Checked as the ENC service checks them: an invalid one refuses the node there.
+        try:
+            found = ctx.records.get(Classification, scope)
+            if found is not None:
+                stored[scope] = check_classification(found.record)
+        except (ClassificationError, TypeError, KeyError) as e:
+            raise _cli_error(f"stored {scope} is invalid ({' '.join(str(e).split())}): the ENC "
+                             f"refuses {facts.certname} (invalid-classification)") from None
     ctx.out.write(format_explanation(facts, explain(facts, stored)))
     return 0
 
