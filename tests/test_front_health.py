@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import ssl
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
+from twisted.internet.threads import blockingCallFromThread
 
-from puppetha.ha.health import Health, HealthService, ProbeCredentials, next_health
+from puppetha.ha.health import (
+    Health,
+    HealthService,
+    ProbeCredentials,
+    StatusProbe,
+    next_health,
+    read_credentials,
+)
 from puppetha.store.records import CARecord, MasterRecord, Records
 from puppetha.store.sqlite import SQLiteStore
+from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles
+
+LB_CA = "lb"
 
 UP = Health(True)
 DOWN = Health(False)
@@ -156,3 +171,106 @@ def test_the_loop_runs_on_the_injected_clock(world: World) -> None:
     clock.advance(world.service.interval)
     assert not world.healthy("m2")
     world.service.stopService()
+
+
+def test_a_probe_that_raises_counts_against_its_master_alone(world: World) -> None:
+    world.records.create(
+        MasterRecord(certname="odd", address="10.0.0.9", port=8140, ca="odd", registered_at=9)
+    )
+    probes = world.probes
+
+    def probe(master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        if master.certname == "odd":
+            raise ValueError("cannot even start a probe of this one")
+        return probes(master, credentials)
+
+    world.service.probe = probe
+    world.probes.up["m1"] = False
+    world.round()
+    # The other masters' health still moves: m1 and broken go down, odd with them.
+    assert world.round() == ["broken", "m1", "odd"]
+    assert world.healthy("m2")
+
+
+class StatusServer:
+    """A TLS server answering like puppetserver's status API, for lb certificates only."""
+
+    def __init__(self, issued: IssuedFiles, lb_ca_pem: str) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(issued.certificate, issued.private_key)
+        context.load_verify_locations(cadata=lb_ca_pem)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_REQUIRED
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = b"running" if self.path == "/status/v1/simple" else b"no"
+                self.send_response(200 if self.path == "/status/v1/simple" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server.daemon_threads = True
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("certname", "probed_as", "up"),
+    [
+        ("m1", "m1", True),
+        # Puppet's certnames may hold '_', which IDNA (and so Twisted's optionsForClientTLS) refuses.
+        ("master_1", "master_1", True),
+        # The master's certificate is checked for the certname the store names.
+        ("m1", "m2", False),
+    ],
+)
+def test_status_probe_over_real_tls(tmp_path: Path, certname: str, probed_as: str, up: bool) -> None:
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca(certname)
+        issued = pki.leaf(certname, certname, sans=[certname, "puppet.test"], usage="server")
+        server = StatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname=probed_as, address=LOOPBACK, port=server.port, ca=certname,
+                              registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10)
+        run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+        answer = blockingCallFromThread(runner.reactor, run)
+        assert answer is up
+    finally:
+        if server is not None:
+            server.stop()
+        runner.stop()
+        pki.close()
+
+
+class ReactorThread:
+    """A private reactor running in a thread (the global reactor is never touched)."""
+
+    def __init__(self) -> None:
+        self.reactor = SelectReactor()
+        self.thread = threading.Thread(
+            target=self.reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.reactor.callFromThread(self.reactor.stop)
+        self.thread.join(timeout=10)

@@ -18,14 +18,21 @@ from typing import Any
 
 import attrs
 from attrs import frozen
+from OpenSSL import SSL
+from service_identity.cryptography import verify_certificate_hostname
 from twisted.application.service import Service
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
@@ -72,11 +79,45 @@ class ProbeCredentials:
     ca_pems: tuple[bytes, ...]
 
 
-def _connection_creator(certname: str, credentials: ProbeCredentials) -> Any:
-    """Checks the master's certificate for its certname, whatever address it was reached at."""
+@implementer(IOpenSSLClientConnectionCreator)
+class _MasterTLS:
+    """
+    TLS towards one master: its chain checked against puppetha's CAs and its certificate for
+    its certname, whatever address it was reached at.  Not ``optionsForClientTLS``: that runs
+    the name through IDNA, which refuses the ``_`` Puppet allows in certnames.
+    """
+
+    def __init__(self, certname: str, options: ssl.CertificateOptions) -> None:
+        self.certname = certname
+        self.context = options.getContext()
+
+    def clientConnectionForTLS(self, tls: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tls)
+        # The name nginx sends too (proxy_ssl_server_name), so a probe sees what nginx sees.
+        connection.set_tlsext_host_name(self.certname.encode("ascii"))
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        return connection
+
+    def _verify(self, connection: SSL.Connection, certificate: Any, error: int, depth: int, ok: int) -> bool:
+        if not ok:
+            return False
+        if depth > 0:
+            return True
+        try:
+            verify_certificate_hostname(certificate.to_cryptography(), self.certname)
+        except Exception:  # an exception raised in OpenSSL's callback would be lost
+            return False
+        return True
+
+
+def _connection_creator(certname: str, credentials: ProbeCredentials) -> _MasterTLS:
     trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in credentials.ca_pems])
     client = ssl.PrivateCertificate.loadPEM(credentials.certificate_pem + b"\n" + credentials.private_key_pem)
-    return ssl.optionsForClientTLS(certname, trustRoot=trust, clientCertificate=client)
+    options = ssl.CertificateOptions(
+        privateKey=client.privateKey.original, certificate=client.original, trustRoot=trust
+    )
+    return _MasterTLS(certname, options)
 
 
 @implementer(IStreamClientEndpoint)
@@ -247,10 +288,20 @@ class HealthService(Service):
         known = {m.record.certname for m in masters}
         for gone in set(self.health) - known:
             del self.health[gone]
-        probes = [self.probe(m.record, credentials) for m in masters]
+        probes = [self._probe_one(m.record, credentials) for m in masters]
         d: Deferred[Any] = DeferredList(probes, consumeErrors=True)
         d.addCallback(lambda results: self._decide(masters, [ok and bool(r) for ok, r in results]))
         return d
+
+    def _probe_one(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        # A probe that cannot even start fails its own master, never the whole round.
+        d: Deferred[bool] = maybeDeferred(self.probe, master, credentials)
+
+        def failed(failure: Failure) -> bool:
+            log.warn("cannot probe master {certname}: {error}", certname=master.certname, error=failure.value)
+            return False
+
+        return d.addErrback(failed)
 
     def _decide(
         self, masters: Sequence[Versioned[MasterRecord]], results: Sequence[bool]
