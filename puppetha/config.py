@@ -377,6 +377,15 @@ def _check_together(config: Config) -> None:
         # Masters' server certificates use the configured key type too.
         raise ConfigError(f"{src}: [pki] allowed_csr_keys: must include key_type "
                           f"{config[('pki', 'key_type')]}")
+    first, count = config[("lb", "first_master_port")], config[("lb", "max_masters")]
+    if first + count - 1 > 65535:
+        raise ConfigError(f"{src}: [lb] max_masters: ports {first}..{first + count - 1} go past 65535")
+    for name in ("front_port", "enroll_port"):
+        if first <= config[("lb", name)] < first + count:
+            raise ConfigError(f"{src}: [lb] {name}: {config[('lb', name)]} is inside the masters' ports "
+                              f"{first}..{first + count - 1} ([lb] first_master_port, max_masters)")
+    if config[("lb", "front_port")] == config[("lb", "enroll_port")]:
+        raise ConfigError(f"{src}: [lb] enroll_port: the same port as front_port")
     if "lb" in config.roles:
         for name in ("certificate", "private_key"):
             value = config[("lb", name)]
@@ -449,7 +458,8 @@ def markdown_reference() -> str:
         "",
         "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
         "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
-        "`crl_refresh_margin` must be shorter than `crl_lifetime`.",
+        "`crl_refresh_margin` must be shorter than `crl_lifetime`; the lb ports (front, enrollment",
+        "and the masters' range) must not overlap or pass 65535.",
     ]
     for section in SECTIONS:
         lines += ["", f"## [{section}]", "", "| option | default | meaning |", "|---|---|---|"]

@@ -171,3 +171,16 @@ def test_lb_and_enroll_on_one_host_cannot_share_the_enrollment_port(tmp_path: Pa
 
 def test_the_front_host_must_be_a_name_a_certificate_can_carry() -> None:
     assert "[enroll] front:" in refused("[enroll]\nfront = bad host!:8140\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[lb]\nfront_port = 8145\n", "[lb] front_port: 8145 is inside the masters' ports 8141..8190"),
+        ("[lb]\nenroll_port = 8141\n", "[lb] enroll_port: 8141 is inside the masters' ports"),
+        ("[lb]\nenroll_port = 8140\n", "[lb] enroll_port: the same port as front_port"),
+        ("[lb]\nfirst_master_port = 65500\n", "[lb] max_masters: ports 65500..65549 go past 65535"),
+    ],
+)
+def test_the_lb_port_plan_is_checked_before_start(content: str, expected: str) -> None:
+    assert expected in refused(content)
