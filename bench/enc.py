@@ -147,7 +147,7 @@ async def load(socket_path: str, names: list[str], clients: int, seconds: float 
             writer.write(name.encode() + b"\n")
             answer = await reader.read()
             writer.close()
-            assert answer.startswith(b"OK\n"), answer[:200]
+            assert answer.startswith(b"OK "), answer[:200]
             done += 1
 
     start = time.perf_counter()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,45 @@ def test_the_script_imports_nothing_heavy() -> None:
 
 if __name__ == "__main__":
     serve(*sys.argv[1:4])
+
+
+def answer_once(path: Path, answer: bytes) -> threading.Thread:
+    """A daemon stand-in on ``path`` that reads one request and answers ``answer`` raw."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(512)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+YAML = b"classes:\n  ntp: {}\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "stdout"),
+    [
+        (b"OK %d\n" % len(YAML) + YAML, 0, YAML),
+        # The daemon stopped mid-answer: what arrived is no classification.
+        (b"OK %d\n" % (len(YAML) + 100) + YAML, 1, b""),
+        (b"OK\n" + YAML, 1, b""),
+    ],
+)
+def test_the_script_prints_only_whole_answers(tmp_path: Path, answer: bytes, status: int,
+                                              stdout: bytes) -> None:
+    path = tmp_path / "enc.sock"
+    thread = answer_once(path, answer)
+    run = subprocess.run([str(SCRIPT), "--socket", str(path), "web1.example.com"],
+                         capture_output=True, timeout=30, check=False)
+    thread.join(timeout=10)
+    assert (run.returncode, run.stdout) == (status, stdout)
+    if status:
+        assert run.stderr.count(b"\n") == 1

@@ -47,7 +47,7 @@ def _parse(argv: list[str]) -> tuple[str, str] | str:
 
 
 def classify(path: str, certname: str, timeout: float = TIMEOUT) -> bytes:
-    """The daemon's answer, raw: ``OK\\n<yaml>`` or ``ERR <code> <message>\\n``."""
+    """The daemon's answer, raw: ``OK <length>\\n<yaml>`` or ``ERR <code> <message>\\n``."""
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         return _fail(f"{certname}: cannot ask the daemon at {path}: {e}")
     head, _, body = answer.partition(b"\n")
-    if head == b"OK":
+    if head.startswith(b"OK "):
+        if head[3:] != b"%d" % len(body):
+            # Cut short (the daemon stopped mid-answer): a partial classification is no answer.
+            return _fail(f"{certname}: incomplete answer from the daemon at {path}")
         sys.stdout.buffer.write(body)
         sys.stdout.flush()
         return 0

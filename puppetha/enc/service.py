@@ -479,7 +479,10 @@ class ENCProtocol(Protocol):
         self._cancel_timer()
 
     def _classified(self, answer: str) -> None:
-        self._answer(b"OK\n" + answer.encode("utf-8"))
+        # The length lets the script tell a whole answer from one cut short, which must never
+        # reach puppetserver as a classification with classes missing.
+        data = answer.encode("utf-8")
+        self._answer(b"OK %d\n" % len(data) + data)
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(Refused):
