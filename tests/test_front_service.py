@@ -146,3 +146,18 @@ class Synchronous:
             return succeed(f(*args, **kwargs))
         except Exception:
             return fail()
+
+
+def test_leftovers_of_a_crashed_install_are_cleared(tmp_path: Path) -> None:
+    generations = Generations(tmp_path / "front")
+    control = RecordingControl()
+    generations.install({"nginx.conf": b"one"}, control)
+    staging = tmp_path / "front" / ".staging-crashed"
+    staging.mkdir()
+    (staging / "nginx.conf").write_bytes(b"half")
+    spare_link = tmp_path / "front" / ".live-999999"
+    spare_link.symlink_to("gen-gone")
+    generations.install({"nginx.conf": b"two"}, control)
+    assert not staging.exists()
+    assert not spare_link.is_symlink()
+    assert (tmp_path / "front" / "live" / "nginx.conf").read_bytes() == b"two"

@@ -204,9 +204,17 @@ class Generations:
             os.close(fd)
 
     def _prune(self, keep: set[str | None]) -> None:
+        # Rounds never overlap, so any staging directory or spare link still here was left by a
+        # daemon that died mid-install.
+        leftovers = (".staging-", f".{LIVE}-")
         for path in self.directory.iterdir():
             if path.name.startswith(_GENERATION_PREFIX) and path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(leftovers):
+                if path.is_symlink() or not path.is_dir():
+                    path.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- decide ------------------------------------------------------------------------------------
