@@ -173,7 +173,7 @@ def _revoke(ctx: Context, certname: str, reason: str) -> NodeRecord:
     node = found.record
     if node.revoked:
         return node
-    crl = ctx.authority.revoke(node.issuer, node.serial, node.certname, reason)
+    crl = ctx.authority.revoke(node.issuer, node.serial, node.certname, reason, not_after=node.not_after)
     for _ in range(10):
         revoked = NodeRecord.from_value({**node.to_value(), "revoked_at": ctx.now()})
         try:

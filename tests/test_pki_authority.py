@@ -28,6 +28,7 @@ from puppetha.pki.authority import (
     CRLRefresher,
     UnknownCA,
     crls_due,
+    still_listed,
 )
 from puppetha.pki.certs import PP_INSTANCE_ID, Usage, puppet_extension
 from puppetha.pki.crl import crl_number
@@ -477,3 +478,41 @@ def test_swapped_sealed_key_refused(authority, store, vault, now):
 def test_a_master_cannot_take_a_reserved_ca_name(authority: CertificateAuthority, name: str) -> None:
     with pytest.raises(AuthorityError, match=f"a master cannot be called '{name}'"):
         authority.create_master_ca(name)
+
+
+D = DAY.total_seconds()
+
+
+@pytest.mark.parametrize(
+    ("not_after", "listed"),
+    [
+        (None, True),  # expiry unknown: listed for ever
+        (T0 + 400 * D, True),  # not expired yet
+        (T0 + 360 * D, True),  # expired, but less than one CRL period ago
+        (T0 + 300 * D, False),  # expired long ago: dropped
+    ],
+)
+def test_still_listed(not_after, listed) -> None:
+    record = RevokedRecord(ca=MASTER, serial=7, revoked_at=T0, not_after=not_after)
+    assert (still_listed([record], T0 + 365 * D, 7 * DAY) == [record]) is listed
+
+
+def test_crls_stop_listing_certificates_long_expired(authority, now):
+    leaf = authority.issue(MASTER, csr(), common_name=CERTNAME)
+    expiry = leaf.not_valid_after_utc.timestamp()
+    authority.revoke(MASTER, leaf.serial_number, CERTNAME, not_after=expiry)
+
+    def listed() -> bool:
+        crl = x509.load_pem_x509_crl(authority.crl(MASTER).crl_pem.encode())
+        return leaf.serial_number in {r.serial_number for r in crl}
+
+    assert listed()
+    now.t = expiry + 1  # expired: still on the CRLs issued after its expiry
+    authority.refresh_crls(timedelta(days=8))
+    assert listed()
+    now.t = expiry + 8 * D
+    authority.refresh_crls(timedelta(days=8))
+    assert not listed()
+    # The record of the revocation is kept.
+    kept = Records(authority.records.store).list(RevokedRecord)
+    assert [v.record.serial for v in kept] == [leaf.serial_number]

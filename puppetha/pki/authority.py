@@ -86,6 +86,18 @@ def crls_due(crls: Iterable[CRLRecord], now: float, margin: timedelta) -> list[s
     return sorted(crl.ca for crl in crls if crl.next_update <= limit)
 
 
+def still_listed(
+    revoked: Iterable[RevokedRecord], now: float, crl_lifetime: timedelta
+) -> list[RevokedRecord]:
+    """
+    The revocations a CRL signed at ``now`` lists: all but those whose certificate expired more
+    than one CRL period ago, so each still appears on a CRL issued after its expiry and CRLs do
+    not grow for ever.
+    """
+    horizon = now - crl_lifetime.total_seconds()
+    return [r for r in revoked if r.not_after is None or r.not_after > horizon]
+
+
 def master_ca_subject(certname: str) -> x509.Name:
     # Distinct from the master's own server certificate (CN=certname alone), so no chain
     # builder mistakes one for the other.
@@ -291,7 +303,14 @@ class CertificateAuthority:
         )
         return cert
 
-    def revoke(self, ca_name: str, serial: int, certname: str = "", reason: str = "unspecified") -> CRLRecord:
+    def revoke(
+        self,
+        ca_name: str,
+        serial: int,
+        certname: str = "",
+        reason: str = "unspecified",
+        not_after: float | None = None,
+    ) -> CRLRecord:
         """
         Record ``serial`` (issued by ``ca_name``) as revoked and publish the CA's next CRL.
         Revoking a serial again keeps the first record and still re-signs.  Returns the new CRL.
@@ -302,7 +321,8 @@ class CertificateAuthority:
         cert = self.certificate(ca_name)
         key = self._key(ca_name)
         revocation = RevokedRecord(
-            ca=ca_name, serial=serial, revoked_at=self.now(), certname=certname, reason=reason
+            ca=ca_name, serial=serial, revoked_at=self.now(), certname=certname, reason=reason,
+            not_after=not_after,
         )
         for _ in range(self.max_attempts):
             current = self._crl_record(ca_name)
@@ -383,7 +403,10 @@ class CertificateAuthority:
         crl = build_crl(
             cert,
             key,
-            [Revocation(r.serial, _at(r.revoked_at), r.reason) for r in revoked],
+            [
+                Revocation(r.serial, _at(r.revoked_at), r.reason)
+                for r in still_listed(revoked, self.now(), self.crl_lifetime)
+            ],
             number=number,
             now=_at(self.now()),
             lifetime=self.crl_lifetime,

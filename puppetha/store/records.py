@@ -95,6 +95,9 @@ class RevokedRecord(Record):
     revoked_at: float
     certname: str = ""
     reason: str = "unspecified"
+    #: When the revoked certificate expires (None: unknown, listed for ever).  Once it has
+    #: expired and one more CRL period has passed, CRLs no longer list it (RFC 5280, 3.3).
+    not_after: float | None = None
 
     def key(self) -> str:
         return f"{self.ca}/{self.serial:032x}"
