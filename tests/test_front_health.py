@@ -274,3 +274,24 @@ class ReactorThread:
     def stop(self) -> None:
         self.reactor.callFromThread(self.reactor.stop)
         self.thread.join(timeout=10)
+
+
+def test_stopping_waits_for_the_round_in_progress(world: World) -> None:
+    pending: list[Deferred[bool]] = []
+
+    def slow_probe(master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        pending.append(d)
+        return d
+
+    world.service.probe = slow_probe
+    world.service.startService()
+    assert pending  # the first round is waiting on its probes
+    stopped: list[object] = []
+    result = world.service.stopService()
+    assert result is not None
+    result.addCallback(stopped.append)
+    assert stopped == []
+    for d in pending:
+        d.callback(True)
+    assert stopped == [None]

@@ -258,18 +258,24 @@ class HealthService(Service):
         self.on_change = on_change
         self.health: dict[str, Health] = {}
         self._loop: LoopingCall | None = None
+        self._stopped: Deferred[LoopingCall] | None = None
 
     def startService(self) -> None:
         super().startService()
         self._loop = LoopingCall(self.round)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
+        self._stopped = self._loop.start(self.interval, now=True)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return None
+        loop, stopped = self._loop, self._stopped
+        self._loop = self._stopped = None
+        if loop is None or stopped is None:
+            return None
+        if loop.running:
+            loop.stop()
+        # Fires once a round in progress has written its flags: the store closes after us.
+        return stopped.addCallback(lambda _: None)
 
     def round(self) -> Deferred[list[str]]:
         """One probe of every master; fires with the certnames whose flag this round changed."""
