@@ -273,8 +273,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "nginx_temp_dir", path, "/var/lib/nginx", "Where nginx buffers request bodies."),
     Option("lb", "nginx_access_log", path, "/var/log/nginx/puppetha-access.log",
            "nginx's access log for the front (empty: none)."),
-    Option("lb", "interval", duration, "10s",
-           "How often the front re-reads the store (changes made on this host apply at once)."),
+    Option("lb", "interval", duration, "2s",
+           "How often the front re-reads the store: a change made on another host (a master "
+           "enrolled, a node revoked, a CRL re-signed) reaches nginx within it; one made on this "
+           "host at once. A round that changes nothing writes nothing and does not reload nginx."),
     Option("lb", "health_interval", duration, "5s", "How often every master's status is probed."),
     Option("lb", "health_fall", integer(1, 100), "3", "Failed probes in a row that take a master out."),
     Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
