@@ -522,3 +522,24 @@ def test_a_failing_announcement_does_not_lose_a_recorded_enrollment(world: World
     master, answer = enroll_master(world)
     assert load(answer.json["certificate"]).subject.rfc4514_string() == f"CN={master.instance_id}"
     assert world.records.get(MasterRecord, master.instance_id) is not None
+
+
+def test_after_the_operators_reset_a_node_enrolls_again_with_a_new_certificate(world: World) -> None:
+    """What `puppetha node reset` does: revoke, forget the claim and the node record."""
+    master, _ = enroll_master(world)
+    agent = world.launch("agent")
+    first = world.enroll(agent)
+    assert first.status == 200
+    for instance, role in ((agent, "agent"), (master, "master")):
+        node = world.records.get(NodeRecord, instance.instance_id)
+        assert node is not None
+        world.authority.revoke(node.record.issuer, node.record.serial, node.record.certname,
+                               "superseded", not_after=node.record.not_after)
+        world.store.delete(EnrollmentClaim.KIND, f"{instance.instance_id}/{role}")
+        world.store.delete(NodeRecord.KIND, instance.instance_id)
+    world.clock.advance(60)
+    assert world.enroll(master, "master").status == 200
+    again = world.enroll(agent)
+    assert again.status == 200, again.body
+    assert again.json["certificate"] != first.json["certificate"]
+    assert "OK" in world.verify(again.json)
