@@ -1121,3 +1121,63 @@ class _Stub:
 
     def url(self, host: str = "127.0.0.1") -> str:
         raise AssertionError("no server")
+
+
+class FakeTime:
+    """The client's clock and sleep, so waiting tests take no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def run_waiting(imds: FakeIMDS, server: FakeEnrollServer, host: Host, wait: str,
+                clock: FakeTime) -> tuple[int, str, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = [
+        "--role", "agent", "--server", server.url(), "--ca-fingerprint", server.ca.pin,
+        "--imds-url", imds.url, "--timeout", "10", "--wait", wait, *host.args(),
+    ]  # fmt: skip
+    code = client.run(argv, stdout=stdout, stderr=stderr, sleep=clock.sleep, monotonic=clock.monotonic)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_wait_tries_again_while_the_server_is_unavailable(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    answers = [(503, json.dumps({"error": "no-master", "message": "no healthy master yet"}).encode())] * 3
+    enroll_server.responder = lambda request: answers.pop() if answers else enroll_server.issue(request)
+    clock = FakeTime()
+    code, out, err = run_waiting(imds, enroll_server, host, "60", clock)
+    assert code == EXIT_OK, err
+    assert out.startswith(f"enrolled {INSTANCE_ID} as agent")
+    assert clock.slept == [2.0, 4.0, 8.0]
+    assert err.count("trying again") == 3
+    assert len(enroll_server.posts) == 4
+
+
+def test_wait_gives_up_at_its_deadline(imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host) -> None:
+    enroll_server.responder = lambda request: (503, b'{"error": "aws-unavailable", "message": "down"}')
+    clock = FakeTime()
+    before = host.snapshot()
+    code, _, err = run_waiting(imds, enroll_server, host, "10", clock)
+    assert code == EXIT_UNAVAILABLE
+    assert clock.slept == [2.0, 4.0]  # a third pause (8 s) would end past the 10 s
+    assert err.splitlines()[-1] == "puppetha-enroll: enrollment refused: aws-unavailable: down"
+    assert host.snapshot() == before
+
+
+def test_wait_never_retries_a_refusal(imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host) -> None:
+    enroll_server.responder = lambda request: (409, b'{"error": "already-enrolled", "message": "once"}')
+    clock = FakeTime()
+    code, _, _ = run_waiting(imds, enroll_server, host, "600", clock)
+    assert code == EXIT_REFUSED
+    assert clock.slept == []
+    assert len(enroll_server.posts) == 1

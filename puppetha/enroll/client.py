@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +85,11 @@ MAX_ANSWER = 4 * 1024 * 1024
 _PIN = re.compile(r"sha256:([0-9a-f]{64})")
 
 
+#: Pauses between tries with ``--wait``: doubling from the first to the longest.
+FIRST_PAUSE = 2.0
+LONGEST_PAUSE = 30.0
+
+
 class EnrollError(Exception):
     """A failure reported as one line; ``exit_code`` tells a caller whether to retry."""
 
@@ -148,6 +154,8 @@ class Options:
     #: Masters: the address puppetserver listens on; ``None``: the instance's private IP.
     listen_address: str | None = None
     listen_port: int = MASTER_PORT
+    #: Seconds to keep trying while the server or the metadata service is unavailable.
+    wait: float = 0.0
 
     @property
     def puppetserver_dir(self) -> Path:
@@ -251,6 +259,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request")
     parser.add_argument("--force", action="store_true", help="replace an existing certificate")
+    parser.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="keep trying for this long while the server or the metadata service is unavailable "
+        "(exit 3 cases), e.g. while the fleet's first master is still coming up (default: 0)",
+    )
     master = parser.add_argument_group("masters", "where puppetserver's files go (--role master only)")
     master.add_argument(
         "--puppetserver-confdir", type=Path,
@@ -291,6 +304,8 @@ def parse_options(argv: Sequence[str]) -> Options:
                 parse_san(name)
         if not 0 < args.timeout <= 3600:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
+        if not 0 <= args.wait <= 86400:
+            raise ValueError("--wait must be between 0 and 86400 seconds")
         given = [name for name in _MASTER_ONLY if getattr(args, name) is not None]
         if given and args.role != "master":
             raise ValueError(f"--{given[0].replace('_', '-')} is for masters only")
@@ -320,6 +335,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         enc_socket=args.enc_socket or "",
         listen_address=args.listen_address,
         listen_port=args.listen_port or MASTER_PORT,
+        wait=args.wait,
     )
 
 
@@ -903,16 +919,30 @@ def run(
     stdout: TextIO,
     stderr: TextIO,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> int:
     """The command, without touching the process: returns the exit code."""
     try:
         options = parse_options(argv)
-        enrollment = enroll(
-            options,
-            imds=MetadataService(options.imds_url, options.timeout),
-            server=EnrollmentServer(options.server, options.timeout),
-            now=now,
-        )
+        deadline = monotonic() + options.wait
+        pause = FIRST_PAUSE
+        while True:
+            try:
+                enrollment = enroll(
+                    options,
+                    imds=MetadataService(options.imds_url, options.timeout),
+                    server=EnrollmentServer(options.server, options.timeout),
+                    now=now,
+                )
+                break
+            except Unavailable as e:
+                # Only what may pass: a refusal or an untrusted server never gets better.
+                if monotonic() + pause > deadline:
+                    raise
+                print(f"puppetha-enroll: {e.message}; trying again in {pause:.0f}s", file=stderr)
+                sleep(pause)
+                pause = min(pause * 2, LONGEST_PAUSE)
     except EnrollError as e:
         print(f"puppetha-enroll: {e.message}", file=stderr)
         return e.exit_code
