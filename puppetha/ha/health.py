@@ -30,7 +30,6 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -39,6 +38,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from puppetha.ha.front import RunsBlocking
+from puppetha.repeat import Repeating
 from puppetha.store import IStore, VersionConflict
 from puppetha.store.records import CARecord, MasterRecord, Records, Versioned
 
@@ -257,25 +257,16 @@ class HealthService(Service):
         self.rise = rise
         self.on_change = on_change
         self.health: dict[str, Health] = {}
-        self._loop: LoopingCall | None = None
-        self._stopped: Deferred[LoopingCall] | None = None
+        self._repeating = Repeating(self.round, clock, interval)
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.round)
-        self._loop.clock = self.clock
-        self._stopped = self._loop.start(self.interval, now=True)
+        self._repeating.start()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        loop, stopped = self._loop, self._stopped
-        self._loop = self._stopped = None
-        if loop is None or stopped is None:
-            return None
-        if loop.running:
-            loop.stop()
         # Fires once a round in progress has written its flags: the store closes after us.
-        return stopped.addCallback(lambda _: None)
+        return self._repeating.stop()
 
     def round(self) -> Deferred[list[str]]:
         """One probe of every master; fires with the certnames whose flag this round changed."""

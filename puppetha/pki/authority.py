@@ -26,7 +26,6 @@ from cryptography.x509.oid import NameOID
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +35,7 @@ from puppetha.pki.crl import Revocation, build_crl, check_reason
 from puppetha.pki.keys import KeyType, PrivateKey, load_private_key, private_key_pem, same_public_key
 from puppetha.pki.names import check_certname
 from puppetha.pki.vault import IKeyVault
+from puppetha.repeat import Repeating
 from puppetha.store import Create, Replace, TransactionConflict, VersionConflict
 from puppetha.store.records import (
     CARecord,
@@ -463,25 +463,16 @@ class CRLRefresher(Service):
         self.clock = clock
         self.interval = interval
         self.margin = margin
-        self._loop: LoopingCall | None = None
-        self._stopped: Deferred[LoopingCall] | None = None
+        self._repeating = Repeating(self._refresh, clock, interval.total_seconds())
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._refresh)
-        self._loop.clock = self.clock
-        self._stopped = self._loop.start(self.interval.total_seconds(), now=True)
+        self._repeating.start()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        loop, stopped = self._loop, self._stopped
-        self._loop = self._stopped = None
-        if loop is None or stopped is None:
-            return None
-        if loop.running:
-            loop.stop()
         # Fires once a run in progress has finished.
-        return stopped.addCallback(lambda _: None)
+        return self._repeating.stop()
 
     def _refresh(self) -> Deferred[None]:
         d = maybeDeferred(self.authority_call, self.margin)

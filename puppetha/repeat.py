@@ -1,0 +1,36 @@
+"""A task repeated on an injected clock, whose stop waits for the run in progress."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+
+class Repeating:
+    """
+    Runs ``f`` every ``seconds`` on ``clock``, the first time at :meth:`start`.  A run that
+    returns a Deferred is waited for before the next is scheduled, and :meth:`stop` fires only
+    once it has finished, so a service that stops before the store closes never leaves a write
+    half-done.  ``f`` handles its own failures (a failure would end the repetition).
+    """
+
+    def __init__(self, f: Callable[[], Any], clock: IReactorTime, seconds: float) -> None:
+        self._loop = LoopingCall(f)
+        self._loop.clock = clock
+        self.seconds = seconds
+        self._finished: Deferred[LoopingCall] | None = None
+
+    def start(self) -> None:
+        self._finished = self._loop.start(self.seconds, now=True)
+
+    def stop(self) -> Deferred[None] | None:
+        finished, self._finished = self._finished, None
+        if finished is None:
+            return None
+        if self._loop.running:
+            self._loop.stop()
+        return finished.addCallback(lambda _: None)
