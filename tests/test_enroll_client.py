@@ -76,6 +76,21 @@ class TestCA:
     def crl(self, ca: x509.Certificate, key: PrivateKey) -> x509.CertificateRevocationList:
         return build_crl(ca, key, [], number=1, now=NOW, lifetime=timedelta(days=7))
 
+    def agent_leaf(self, certname: str) -> tuple[PrivateKey, x509.Certificate]:
+        """A fresh key and a client certificate for it from the master's CA."""
+        key = KeyType.EC_P256.generate()
+        cert = certs.issue_leaf(
+            client.make_csr(key, certname, ()),
+            common_name=certname,
+            sans=(),
+            usage=certs.Usage.CLIENT,
+            issuer_cert=self.master_ca,
+            issuer_key=self.master_key,
+            now=NOW,
+            lifetime=LIFETIME,
+        )
+        return key, cert
+
     def server_credentials(
         self, directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
     ) -> Path:
@@ -784,17 +799,7 @@ def _tamper(server: FakeEnrollServer, change: Callable[[dict[str, Any]], None]) 
 
 
 def _other_key_certificate(ca: TestCA) -> str:
-    key = KeyType.EC_P256.generate()
-    cert = certs.issue_leaf(
-        client.make_csr(key, INSTANCE_ID, ()),
-        common_name=INSTANCE_ID,
-        sans=(),
-        usage=certs.Usage.CLIENT,
-        issuer_cert=ca.master_ca,
-        issuer_key=ca.master_key,
-        now=NOW,
-        lifetime=LIFETIME,
-    )
+    _, cert = ca.agent_leaf(INSTANCE_ID)
     return pem(cert).decode()
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from puppetha.enroll import client
 from puppetha.enroll.ssldir import (
     AlreadyEnrolled,
     Changes,
@@ -23,9 +22,8 @@ from puppetha.enroll.ssldir import (
     write_puppet_conf,
     write_ssldir,
 )
-from puppetha.pki import certs
-from puppetha.pki.keys import KeyType, private_key_pem
-from tests.test_enroll_client import LIFETIME, NOW, TestCA, pem
+from puppetha.pki.keys import private_key_pem
+from tests.test_enroll_client import TestCA, pem
 
 SETTINGS = {"certname": "i-1", "server": "puppet", "serverport": "8140", "ssldir": "/var/lib/puppet/ssl"}
 
@@ -98,17 +96,7 @@ def test_merge_puppet_conf_refuses_what_would_not_read_back(section: str, settin
 
 
 def _credentials(ca: TestCA, certname: str = "i-1") -> PuppetCredentials:
-    key = KeyType.EC_P256.generate()
-    cert = certs.issue_leaf(
-        client.make_csr(key, certname, ()),
-        common_name=certname,
-        sans=(),
-        usage=certs.Usage.CLIENT,
-        issuer_cert=ca.master_ca,
-        issuer_key=ca.master_key,
-        now=NOW,
-        lifetime=LIFETIME,
-    )
+    key, cert = ca.agent_leaf(certname)
     return PuppetCredentials(
         certname=certname,
         private_key=private_key_pem(key),

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from puppetha.ha.health import (
 )
 from puppetha.store.records import CARecord, MasterRecord, Records
 from puppetha.store.sqlite import SQLiteStore
-from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles
+from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
 
 LB_CA = "lb"
 
@@ -192,16 +191,10 @@ def test_a_probe_that_raises_counts_against_its_master_alone(world: World) -> No
     assert world.healthy("m2")
 
 
-class StatusServer:
+class StatusServer(LbOnlyServer):
     """A TLS server answering like puppetserver's status API, for lb certificates only."""
 
     def __init__(self, issued: IssuedFiles, lb_ca_pem: str) -> None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(issued.certificate, issued.private_key)
-        context.load_verify_locations(cadata=lb_ca_pem)
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        context.verify_mode = ssl.CERT_REQUIRED
-
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
@@ -215,16 +208,7 @@ class StatusServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.server.daemon_threads = True
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(issued, lb_ca_pem, Handler)
 
 
 @pytest.mark.parametrize(

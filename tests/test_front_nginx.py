@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,14 @@ from twisted.internet.task import Clock
 from puppetha.ha.front import Applied, FrontService, NginxRefused, decide_front, discover_front
 from puppetha.ha.nginx import Backend, FrontSettings
 from puppetha.store.records import MasterRecord, Records
-from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, NginxUnderTest, loopback_ports
+from puppetha.testing.nginx import (
+    LOOPBACK,
+    FrontPKI,
+    IssuedFiles,
+    LbOnlyServer,
+    NginxUnderTest,
+    loopback_ports,
+)
 
 FRONT_NAME = "puppet.test"
 LB_CA = "lb"
@@ -40,19 +47,13 @@ class Synchronous:
             return fail()
 
 
-class FakeMaster:
+class FakeMaster(LbOnlyServer):
     """A TLS server standing in for puppetserver's lb-only listener."""
 
     def __init__(self, name: str, issued: IssuedFiles, lb_ca_pem: str) -> None:
         self.name = name
         self.release = threading.Event()
         self.slow_started = threading.Event()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(issued.certificate, issued.private_key)
-        # Only the lb CA: agents' certificates must never get through directly.
-        context.load_verify_locations(cadata=lb_ca_pem)
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        context.verify_mode = ssl.CERT_REQUIRED
         master = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,17 +86,11 @@ class FakeMaster:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.server.daemon_threads = True
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(issued, lb_ca_pem, Handler)
 
     def stop(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
 
 @attrs.define

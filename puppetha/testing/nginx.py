@@ -11,9 +11,12 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from attrs import frozen
@@ -243,3 +246,28 @@ class IssuedFiles:
     private_key: str
     #: The issuing CA up to the root.
     chain: str
+
+
+class LbOnlyServer:
+    """
+    An HTTPS server on loopback that, like a master's puppetserver, completes a handshake only
+    with a client certificate from the lb CA; ``handler`` answers the requests.
+    """
+
+    def __init__(self, issued: IssuedFiles, lb_ca_pem: str, handler: type[BaseHTTPRequestHandler]) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(issued.certificate, issued.private_key)
+        # Only the lb CA: agents' certificates must never get through directly.
+        context.load_verify_locations(cadata=lb_ca_pem)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+        self.server.daemon_threads = True
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
