@@ -22,7 +22,11 @@ setup(
         "puppetha.testing",
         "twisted.plugins",
     ],
-    package_data={"twisted": ["plugins/puppetha_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/puppetha_plugin.py"],
+        # AWS's identity-signing certificates, trusted when [aws] identity_certs is unset.
+        "puppetha.aws": ["identity_certs/*.pem", "identity_certs/*.ini"],
+    },
     install_requires=[
         "twisted[tls]>=24.7",
         "attrs>=23.1",

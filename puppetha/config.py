@@ -227,7 +227,7 @@ OPTIONS: tuple[Option, ...] = (
            "AWS account ids whose instances may enroll. Empty: none may (deny by default)."),
     Option("aws", "identity_certs", path, "",
            "INI file naming AWS's identity-document signing certificate per region (docs/aws.md). "
-           "Empty: no region is trusted, every enrollment is refused."),
+           "Empty: the certificates shipped with puppetha, every region AWS publishes."),
     Option("enroll", "listen", endpoint, "tcp:8080",
            "Where the enrollment API listens (TLS is added by the daemon)."),
     Option("enroll", "server_names", words, "puppet",

@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from puppetha import build
 from puppetha.aws.cloud import ICloud
 from puppetha.aws.identity import TrustStore
+from puppetha.aws.shipped import SHIPPED_TRUST_FILE
 from puppetha.config import OPTIONS, Config, ConfigError, load_config
 from puppetha.enc.service import Classifier, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
@@ -113,11 +114,9 @@ def enrollment_listener(
     """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
     certs = config[("aws", "identity_certs")]
     try:
-        trust = TrustStore.from_file(certs) if certs else TrustStore({})
+        trust = TrustStore.from_file(certs or SHIPPED_TRUST_FILE)
     except ValueError as e:
         raise ConfigError(f"{config.source}: [aws] identity_certs: {e}") from None
-    if not trust.regions:
-        log.warn("no AWS region is trusted ([aws] identity_certs): every enrollment will be refused")
     if not config[("aws", "accounts")]:
         log.warn("no AWS account may enroll ([aws] accounts): every enrollment will be refused")
     policy = EnrollmentPolicy(
