@@ -310,7 +310,8 @@ def front_services(
         clock=reactor,
         blocking=blocking,
         store=store,
-        probe=StatusProbe(reactor),
+        # The very name nginx checks: a master nginx would answer 502 for is not healthy.
+        probe=StatusProbe(reactor, master_name=master_name),
         certificate=lb["certificate"],
         private_key=lb["private_key"],
         interval=lb["health_interval"],
