@@ -477,7 +477,8 @@ def markdown_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "puppetha reads one INI file (`twistd -n puppetha --config /etc/puppetha/puppetha.conf`).",
+        "puppetha reads one INI file",
+        "(`twistd --nodaemon --pidfile= puppetha --config /etc/puppetha/puppetha.conf`).",
         "The daemon and the `puppetha` CLI take the first of: `--config PATH`, the file named by",
         "`$PUPPETHA_CONFIG`, `/etc/puppetha/puppetha.conf` if it exists (one that exists but cannot",
         "be read is an error, never a fall back), else the embedded defaults below. The whole file",

@@ -128,9 +128,13 @@ def test_every_twistd_command_in_the_docs_writes_no_pid_file_in_its_working_dire
     unit = (ROOT / "etc" / "puppetha.service").read_text()
     commands = [line.replace("\\\n", " ") for line in re.findall(r"^ExecStart=(?:.*\\\n)*.*$", unit, re.M)]
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S):
+        text = page.read_text()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
             commands += [line for line in block.splitlines() if re.search(r"\btwistd\b", line)
                          and "--help" not in line]
+        # Inline: `twistd -n puppetha ...` in a sentence is a command line too.
+        commands += [span for span in re.findall(r"`([^`\n]*\btwistd\b[^`\n]*)`", text)
+                     if re.search(r"(^|\s)(-n|--nodaemon)(\s|$)", span)]
     assert commands
     for command in commands:
         assert "--pidfile" in command, command
