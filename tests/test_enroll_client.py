@@ -709,6 +709,8 @@ def test_server_name_is_checked(imds: FakeIMDS, ca: TestCA, host: Host, tmp_path
         other_name.close()
     assert code == EXIT_UNTRUSTED
     assert "IP address mismatch" in err
+    # The operator is told where the name is missing.
+    assert "its certificate does not name 127.0.0.1: the server's [enroll] server_names must list it" in err
     assert other_name.posts == []
 
 
