@@ -9,12 +9,13 @@ returns the exit status; a refusal is a :class:`CLIError`, printed as one line o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TextIO
 
-from puppetha.config import Config, ConfigError, load_config
+from puppetha.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, ConfigError, find_config, load_config
 from puppetha.pki.vault import VaultError
 from puppetha.store import StoreError
 
@@ -41,11 +42,13 @@ class Context:
     """What a command may use; everything is opened on first use, so ``--help`` touches nothing."""
 
     def __init__(self, config_path: str | None, overrides: dict[tuple[str, str], str],
-                 out: TextIO, now: Callable[[], float]) -> None:
+                 out: TextIO, now: Callable[[], float], err: TextIO | None = None) -> None:
         self._config_path = config_path
         self._overrides = overrides
         self.out = out
         self.now = now
+        #: Where to say which store a command opened; None when the operator named it already.
+        self._say_store = err
         self._opened: list[IStore] = []
 
     @cached_property
@@ -58,6 +61,10 @@ class Context:
 
         store = open_store(self.config)
         self._opened.append(store)
+        if self._say_store is not None:
+            # A command on the wrong store exits 0 too: say which one, on stderr (stdout stays data).
+            print(f"puppetha: store {describe_store(self.config)} (config: {self.config.source})",
+                  file=self._say_store)
         return store
 
     @cached_property
@@ -77,6 +84,12 @@ class Context:
             store.close()
 
 
+def describe_store(config: Config) -> str:
+    if config[("store", "backend")] == "sqlite":
+        return f"sqlite:{config[('store', 'path')]}"
+    return f"dynamodb:{config[('store', 'table')]} ({config[('aws', 'region')]})"
+
+
 Handler = Callable[[Context, argparse.Namespace], int]
 
 
@@ -93,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate a puppetha fleet: its CAs, nodes, CRLs, classifications and store.",
     )
     parser.add_argument("--config", metavar="PATH",
-                        help="the daemon's configuration file (default: the embedded defaults)")
+                        help=f"the daemon's configuration file (default: ${CONFIG_ENV}, else "
+                        f"{DEFAULT_CONFIG_PATH} if it exists, else the embedded defaults)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="override [daemon] state_dir of the configuration")
     subparsers = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
@@ -103,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
-         err: TextIO | None = None, now: Callable[[], float] | None = None) -> int:
+         err: TextIO | None = None, now: Callable[[], float] | None = None, *,
+         environ: Mapping[str, str] | None = None, default_config: str = DEFAULT_CONFIG_PATH) -> int:
     import time
 
     out = out or sys.stdout
@@ -114,7 +129,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     except SystemExit as e:
         return int(e.code or 0)
     overrides = {("daemon", "state_dir"): args.state_dir} if args.state_dir else {}
-    ctx = Context(args.config, overrides, out, now or time.time)
+    config_path = find_config(args.config, os.environ if environ is None else environ, default_config)
+    # Named on the command line: the operator knows which store; found otherwise: say it.
+    named = bool(args.config or args.state_dir)
+    ctx = Context(config_path, overrides, out, now or time.time, err=None if named else err)
     try:
         status: int = args.func(ctx, args)
         return status

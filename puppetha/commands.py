@@ -67,6 +67,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(func=store_migrate)
 
 
+def _span(seconds: float) -> str:
+    """A duration as the configuration writes it (``1h``, ``90m``, ``45s``)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -205,7 +213,12 @@ def node_reset(ctx: Context, args: argparse.Namespace) -> int:
     claim = EnrollmentClaim(node.instance_id, node.role, node.certname, 0.0)
     ctx.store.delete(EnrollmentClaim.KIND, claim.key())
     ctx.store.delete(NodeRecord.KIND, node.certname)
-    print(f"reset {args.certname}: instance {node.instance_id} may enroll again as {node.role}",
+    # The claim is gone, but the age check still applies: an instance launched longer ago than
+    # max_age is refused however often it is reset.
+    max_age = ctx.config[("enroll", "max_age")]
+    print(f"reset {args.certname}: instance {node.instance_id} may enroll again as {node.role}, "
+          f"but only within [enroll] max_age ({_span(max_age)}) of its launch; an instance launched "
+          "earlier is refused (403 too-old): raise max_age for its enrollment or replace the instance",
           file=ctx.out)
     return 0
 

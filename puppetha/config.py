@@ -24,6 +24,10 @@ from puppetha.pki.names import check_certname_template, check_host_port
 ROLES = ("enroll", "enc", "lb")
 KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072", "rsa-4096")
 DEFAULT_STATE_DIR = "/var/lib/puppetha"
+#: Where the daemon and the CLI look for the configuration when none is named.
+DEFAULT_CONFIG_PATH = "/etc/puppetha/puppetha.conf"
+#: Names the configuration file when ``--config`` does not.
+CONFIG_ENV = "PUPPETHA_CONFIG"
 
 
 class ConfigError(Exception):
@@ -305,6 +309,8 @@ class Config:
 
     source: str
     values: Mapping[tuple[str, str], Any] = field(repr=False)
+    #: The options the file or the command line set; the rest are defaults.
+    given: frozenset[tuple[str, str]] = field(default=frozenset(), repr=False, eq=False)
 
     def __getitem__(self, key: tuple[str, str]) -> Any:
         return self.values[key]
@@ -358,7 +364,7 @@ def config_from_string(
             values[key] = option.parse(text_value)
         except ValueError as e:
             raise ConfigError(f"{where}: [{option.section}] {option.name}: {e}") from None
-    config = Config(source=source, values=values)
+    config = Config(source=source, values=values, given=frozenset(raw))
     _check_together(config)
     return config
 
@@ -395,6 +401,12 @@ def _check_together(config: Config) -> None:
                 raise ConfigError(f"{src}: [lb] {name}: required with role lb")
             if not os.path.isfile(value):
                 raise ConfigError(f"{src}: [lb] {name}: no such file: {value}")
+        if not {("enroll", "front"), ("lb", "master_name")} & config.given:
+            # nginx and the health probe check the masters' certificates for this name; the
+            # default host `puppet` is in no master's certificate, so every agent would get 502.
+            raise ConfigError(f"{src}: [lb] master_name: role lb needs the front's name: set "
+                              "[enroll] front (or [lb] master_name) to the name in the masters' "
+                              "certificates")
         for backend in config[("lb", "enroll_backends")]:
             try:
                 host_port(backend)
@@ -407,6 +419,23 @@ def _check_together(config: Config) -> None:
                               "[lb] enroll_backends")
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
+
+
+def find_config(
+    explicit: str | None, environ: Mapping[str, str], default: str = DEFAULT_CONFIG_PATH
+) -> str | None:
+    """
+    Which file to read: ``--config``, else ``$PUPPETHA_CONFIG``, else ``default`` if it exists,
+    else None (the embedded defaults).  An existing default file that cannot be read is an error
+    later, never a silent fall back to a second, empty store.
+    """
+    if explicit:
+        return explicit
+    if environ.get(CONFIG_ENV):
+        return environ[CONFIG_ENV]
+    if os.path.lexists(default):
+        return default
+    return None
 
 
 def load_config(
@@ -448,10 +477,13 @@ def markdown_reference() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "puppetha reads one INI file (`twistd -n puppetha --config /etc/puppetha/puppetha.conf`);",
-        "without `--config` it runs on the embedded defaults below. The whole file is validated",
-        "before anything starts: an unknown section or option, a bad value or a missing file stops",
-        "the daemon with one line naming the file, the section and the option.",
+        "puppetha reads one INI file",
+        "(`twistd --nodaemon --pidfile= puppetha --config /etc/puppetha/puppetha.conf`).",
+        "The daemon and the `puppetha` CLI take the first of: `--config PATH`, the file named by",
+        "`$PUPPETHA_CONFIG`, `/etc/puppetha/puppetha.conf` if it exists (one that exists but cannot",
+        "be read is an error, never a fall back), else the embedded defaults below. The whole file",
+        "is validated before anything starts: an unknown section or option, a bad value or a",
+        "missing file stops the daemon with one line naming the file, the section and the option.",
         "`--state-dir DIR` overrides `[daemon] state_dir`, on the daemon and on the `puppetha` CLI.",
         "",
         "Durations are written `30s`, `10m`, `2h`, `7d` or `5y`; lists are comma or space",
@@ -461,7 +493,8 @@ def markdown_reference() -> str:
         "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
         "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
         "`crl_refresh_margin` must be shorter than `crl_lifetime`; the lb ports (front, enrollment",
-        "and the masters' range) must not overlap or pass 65535.",
+        "and the masters' range) must not overlap or pass 65535; role `lb` needs `[enroll] front` or",
+        "`[lb] master_name` set (the default host `puppet` is in no master's certificate).",
     ]
     for section in SECTIONS:
         lines += ["", f"## [{section}]", "", "| option | default | meaning |", "|---|---|---|"]

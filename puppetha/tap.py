@@ -9,7 +9,7 @@ returns a ``MultiService`` holding the services of the configured roles.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from puppetha import build
 from puppetha.aws.cloud import ICloud
 from puppetha.aws.identity import TrustStore
 from puppetha.aws.shipped import SHIPPED_TRUST_FILE
-from puppetha.config import OPTIONS, Config, ConfigError, load_config
+from puppetha.config import DEFAULT_CONFIG_PATH, OPTIONS, Config, ConfigError, find_config, load_config
 from puppetha.enc.service import Classifier, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
@@ -47,16 +47,25 @@ class Options(usage.Options):
     synopsis = "[--config PATH] [--state-dir DIR] [--set SECTION.OPTION=VALUE ...]"
     longdesc = (
         "Run the puppetha daemon: the roles named in [daemon] roles of the configuration "
-        "(enroll, enc, lb). Without --config it runs on its embedded defaults."
+        "(enroll, enc, lb). Without --config it reads $PUPPETHA_CONFIG, else "
+        "/etc/puppetha/puppetha.conf if it exists, else runs on its embedded defaults."
     )
     optParameters = [
-        ["config", "c", None, "The configuration file (default: the embedded defaults)."],
+        ["config", "c", None, "The configuration file (default: $PUPPETHA_CONFIG, else "
+         "/etc/puppetha/puppetha.conf if it exists, else the embedded defaults)."],
         ["state-dir", None, None, "Override [daemon] state_dir."],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None,
+                 default_config: str = DEFAULT_CONFIG_PATH) -> None:
         super().__init__()
         self["overrides"] = {}
+        self.environ = os.environ if environ is None else environ
+        self.default_config = default_config
+
+    def config_path(self) -> str | None:
+        """The file to read (see :func:`puppetha.config.find_config`), None for the embedded defaults."""
+        return find_config(self["config"], self.environ, self.default_config)
 
     def opt_set(self, assignment: str) -> None:
         """Override one option: --set enc.socket=/tmp/enc.sock (may be repeated)."""
@@ -176,7 +185,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     try:
-        config = load_config(options["config"], options.overrides())
+        config = load_config(options.config_path(), options.overrides())
         return make_daemon(config, reactor)
     except (ConfigError, StoreError, VaultError, AuthorityError) as e:
         # twistd prints this one line and exits non-zero before anything listens.
@@ -300,7 +309,8 @@ def front_services(
         clock=reactor,
         blocking=blocking,
         store=store,
-        probe=StatusProbe(reactor),
+        # The very name nginx checks: a master nginx would answer 502 for is not healthy.
+        probe=StatusProbe(reactor, master_name=master_name),
         certificate=lb["certificate"],
         private_key=lb["private_key"],
         interval=lb["health_interval"],

@@ -161,6 +161,9 @@ def test_reset_revokes_and_lets_the_instance_enroll_again(state: Path) -> None:
     node = enroll_by_hand(state)
     run = cli(state, "node", "reset", node.certname)
     assert run.status == 0, run.err
+    # The age check still holds after a reset: the operator is told so, with the limit.
+    assert "[enroll] max_age (1h)" in run.out
+    assert "refused (403 too-old)" in run.out
     config = load_config(None, {("daemon", "state_dir"): str(state)})
     store = open_store(config)
     try:
@@ -197,3 +200,41 @@ def test_ca_init_on_a_store_with_a_root_creates_no_new_vault_key(state: Path) ->
     assert again.status == 2
     assert "already has a root CA" in again.err
     assert not (state / "ca-vault.key").exists()
+
+
+def test_without_config_the_cli_uses_the_fleets_file_and_says_which_store(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    default = tmp_path / "puppetha.conf"
+    default.write_text(f"[daemon]\nstate_dir = {fleet}\n")
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["classify", "set", "default", "--class", "ntp"], out=out, err=err,
+                  environ={}, default_config=str(default))
+    assert status == 0, err.getvalue()
+    assert err.getvalue() == f"puppetha: store sqlite:{fleet}/puppetha.sqlite (config: {default})\n"
+    listed = cli(fleet, "classify", "show", "default")
+    assert "ntp" in listed.out
+
+
+def test_puppetha_config_names_the_file_when_the_flag_does_not(tmp_path: Path) -> None:
+    other = tmp_path / "other.conf"
+    other.write_text(f"[daemon]\nstate_dir = {tmp_path / 'other'}\n")
+    default = tmp_path / "puppetha.conf"
+    default.write_text(f"[daemon]\nstate_dir = {tmp_path / 'default'}\n")
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["store", "init"], out=out, err=err,
+                  environ={"PUPPETHA_CONFIG": str(other)}, default_config=str(default))
+    assert status == 0, err.getvalue()
+    assert f"(config: {other})" in err.getvalue()
+    assert (tmp_path / "other" / "puppetha.sqlite").exists()
+    assert not (tmp_path / "default").exists()
+
+
+def test_a_fleet_file_the_operator_cannot_read_stops_the_cli_before_any_store(tmp_path: Path) -> None:
+    default = tmp_path / "puppetha.conf"
+    default.mkdir()  # unreadable as a file whoever runs the test
+    out, err = io.StringIO(), io.StringIO()
+    status = main(["--state-dir", str(tmp_path / "s"), "classify", "set", "default", "--class", "ntp"],
+                  out=out, err=err, environ={}, default_config=str(default))
+    assert status == 2
+    assert err.getvalue().startswith(f"puppetha: {default}: cannot read the configuration")
+    assert not (tmp_path / "s").exists()

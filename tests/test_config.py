@@ -12,6 +12,7 @@ from puppetha.config import (
     config_from_string,
     duration,
     example_config,
+    find_config,
     load_config,
     markdown_reference,
 )
@@ -159,7 +160,8 @@ def test_the_lb_role_needs_its_certificate_and_key(tmp_path: Path) -> None:
 def test_lb_and_enroll_on_one_host_cannot_share_the_enrollment_port(tmp_path: Path) -> None:
     (tmp_path / "lb.pem").write_text("x")
     (tmp_path / "lb.key").write_text("x")
-    lb = f"[lb]\ncertificate = {tmp_path}/lb.pem\nprivate_key = {tmp_path}/lb.key\n"
+    lb = (f"[lb]\ncertificate = {tmp_path}/lb.pem\nprivate_key = {tmp_path}/lb.key\n"
+          "master_name = puppet.test\n")
     message = refused("[daemon]\nroles = enroll, lb\n[enroll]\nlisten = tcp:8080\n" + lb)
     assert "[enroll] listen: port 8080 is nginx's [lb] enroll_port" in message
     config = config_from_string("[daemon]\nroles = enroll, lb\n[enroll]\nlisten = tcp:8081\n"
@@ -184,3 +186,45 @@ def test_the_front_host_must_be_a_name_a_certificate_can_carry() -> None:
 )
 def test_the_lb_port_plan_is_checked_before_start(content: str, expected: str) -> None:
     assert expected in refused(content)
+
+
+@pytest.mark.parametrize(
+    ("named", "environ", "default_exists", "found"),
+    [
+        ("/srv/given.conf", {"PUPPETHA_CONFIG": "/srv/env.conf"}, True, "/srv/given.conf"),
+        (None, {"PUPPETHA_CONFIG": "/srv/env.conf"}, True, "/srv/env.conf"),
+        (None, {}, True, "DEFAULT"),
+        (None, {"PUPPETHA_CONFIG": ""}, True, "DEFAULT"),
+        (None, {}, False, None),
+    ],
+)
+def test_the_configuration_is_found_by_flag_environment_or_default_file(
+    tmp_path: Path, named: str | None, environ: dict[str, str], default_exists: bool, found: str | None
+) -> None:
+    default = tmp_path / "puppetha.conf"
+    if default_exists:
+        default.write_text("")
+    expected = str(default) if found == "DEFAULT" else found
+    assert find_config(named, environ, str(default)) == expected
+
+
+def test_a_default_file_the_user_cannot_read_is_an_error_not_the_embedded_defaults(tmp_path: Path) -> None:
+    default = tmp_path / "puppetha.conf"
+    default.mkdir()  # unreadable as a file, for root too
+    with pytest.raises(ConfigError, match="cannot read the configuration"):
+        load_config(find_config(None, {}, str(default)))
+
+
+def test_an_lb_node_must_name_the_front_or_the_masters_name(tmp_path: Path) -> None:
+    (tmp_path / "lb.pem").write_text("x")
+    (tmp_path / "lb.key").write_text("x")
+    lb = f"[daemon]\nroles = lb\n[lb]\ncertificate = {tmp_path}/lb.pem\nprivate_key = {tmp_path}/lb.key\n"
+    # The default front host `puppet` is in no master's certificate: nginx would answer 502.
+    assert "[lb] master_name: role lb needs the front's name" in refused(lb)
+    named = config_from_string(lb + "master_name = puppet.example.net\n")
+    assert named[("lb", "master_name")] == "puppet.example.net"
+    fronted = config_from_string(lb + "[enroll]\nfront = puppet.example.net:8140\n")
+    assert fronted[("enroll", "front")] == "puppet.example.net:8140"
+    # Said on the command line counts as said.
+    overridden = config_from_string(lb, overrides={("enroll", "front"): "puppet.example.net:8140"})
+    assert overridden[("enroll", "front")] == "puppet.example.net:8140"

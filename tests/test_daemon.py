@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import signal
 import socket as socketlib
 import ssl
@@ -141,6 +142,26 @@ def test_a_missing_configuration_file_is_named(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode != 0
     assert "none.conf: cannot read the configuration" in run.stderr
+
+
+def test_the_daemon_reads_puppetha_config_when_no_flag_names_a_file(tmp_path: Path) -> None:
+    conf = tmp_path / "env.conf"
+    conf.write_text("[store]\nbackend = postgres\n")
+    run = subprocess.run(twistd("puppetha"), env={**os.environ, "PUPPETHA_CONFIG": str(conf)},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode != 0
+    assert f"{conf}: [store] backend: 'postgres' is not one of" in run.stderr
+
+
+def test_without_a_flag_the_daemon_reads_the_fleet_file_if_there_is_one(tmp_path: Path) -> None:
+    fleet = tmp_path / "puppetha.conf"
+    fleet.write_text("")
+    assert Options(environ={}, default_config=str(fleet)).config_path() == str(fleet)
+    # No file at all: the embedded defaults (the README's demo runs so).
+    assert Options(environ={}, default_config=str(tmp_path / "none.conf")).config_path() is None
+    named = Options(environ={"PUPPETHA_CONFIG": str(fleet)}, default_config=str(tmp_path / "none.conf"))
+    named.parseOptions(["--config", str(tmp_path / "given.conf")])
+    assert named.config_path() == str(tmp_path / "given.conf")
 
 
 def test_set_refuses_unknown_options() -> None:

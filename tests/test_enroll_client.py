@@ -566,7 +566,7 @@ def test_master_gets_puppetservers_files_with_debians_defaults(
     assert "certificate-authority-service/certificate-authority-service" not in services
     assert host.puppet_conf.read_text() == (
         f"[main]\ncertname = {INSTANCE_ID}\nserver = localhost\nserverport = 8140\nssldir = {ssldir}\n"
-        "\n[server]\nnode_terminus = exec\nexternal_nodes = /usr/bin/puppetha-enc\n"
+        "\n[server]\nnode_terminus = exec\nexternal_nodes = /usr/local/bin/puppetha-enc\n"
     ).replace("localhost", enroll_server.front.rpartition(":")[0])
     for path in (confdir / "conf.d/webserver.conf", confdir / "services.d/ca.cfg"):
         assert mode(path) == 0o644
@@ -709,6 +709,8 @@ def test_server_name_is_checked(imds: FakeIMDS, ca: TestCA, host: Host, tmp_path
         other_name.close()
     assert code == EXIT_UNTRUSTED
     assert "IP address mismatch" in err
+    # The operator is told where the name is missing.
+    assert "its certificate does not name 127.0.0.1: the server's [enroll] server_names must list it" in err
     assert other_name.posts == []
 
 

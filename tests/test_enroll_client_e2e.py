@@ -197,7 +197,7 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     assert "allow-header-cert-info: true" in (confdir / "conf.d/auth.conf").read_text()
     assert "certificate-authority-disabled-service" in (confdir / "services.d/ca.cfg").read_text()
     assert (master_host / "puppet.conf").read_text().endswith(
-        "[server]\nnode_terminus = exec\nexternal_nodes = /usr/bin/puppetha-enc\n"
+        "[server]\nnode_terminus = exec\nexternal_nodes = /usr/local/bin/puppetha-enc\n"
     )
 
     agent_host = tmp_path / "agent"

@@ -245,6 +245,37 @@ def test_status_probe_over_real_tls(tmp_path: Path, certname: str, probed_as: st
         pki.close()
 
 
+@pytest.mark.parametrize(
+    ("master_name", "up"),
+    [
+        ("puppet.test", True),
+        # nginx checks the masters for [lb] master_name; a certificate without it gets 502 there,
+        # so the probe must not call that master healthy.
+        ("puppet", False),
+    ],
+)
+def test_status_probe_checks_the_name_nginx_checks(tmp_path: Path, master_name: str, up: bool) -> None:
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1", "puppet.test"], usage="server")
+        server = StatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10, master_name=master_name)
+        run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) is up
+    finally:
+        if server is not None:
+            server.stop()
+        runner.stop()
+        pki.close()
+
+
 class ReactorThread:
     """A private reactor running in a thread (the global reactor is never touched)."""
 

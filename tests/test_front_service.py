@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 
-from puppetha.ha.front import Applied, FrontService, Generations, NginxControl, NginxRefused
+from puppetha.ha.front import (
+    Applied,
+    FrontService,
+    Generations,
+    NginxControl,
+    NginxRefused,
+    NginxReloadFailed,
+)
 from puppetha.ha.nginx import FrontSettings
 from puppetha.store.records import MasterRecord, Records
 from puppetha.testing.nginx import FrontPKI
@@ -24,6 +32,7 @@ class RecordingControl(NginxControl):
         super().__init__("/nonexistent/nginx")
         self.calls: list[str] = []
         self.refuse = False
+        self.running = True
 
     def test(self, config: str, generation: str = "") -> None:
         self.calls.append("test")
@@ -32,6 +41,8 @@ class RecordingControl(NginxControl):
 
     def reload(self, config: str) -> None:
         self.calls.append("reload")
+        if not self.running:
+            raise NginxReloadFailed("nginx: [error] open() \"/run/nginx.pid\" failed (2: No such file)")
 
 
 class Held:
@@ -161,3 +172,33 @@ def test_leftovers_of_a_crashed_install_are_cleared(tmp_path: Path) -> None:
     assert not staging.exists()
     assert not spare_link.is_symlink()
     assert (tmp_path / "front" / "live" / "nginx.conf").read_bytes() == b"two"
+
+
+def test_nginx_not_running_yet_is_said_once_then_when_it_is_reached(tmp_path: Path, pki: FrontPKI) -> None:
+    service, control, clock = make_service(tmp_path, pki, Synchronous())
+    control.running = False
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        service.startService()
+        for _ in range(5):
+            clock.advance(10)
+        errors = [e for e in events if e["log_level"] == LogLevel.error]
+        assert len(errors) == 1
+        assert "nginx could not be reloaded" in formatEvent(errors[0])
+        assert control.calls.count("reload") == 6  # still tried every round
+        control.running = True
+        clock.advance(10)
+        reached = [formatEvent(e) for e in events if "nginx reached" in formatEvent(e)]
+        assert len(reached) == 1
+        assert service.reloaded == service.generations.live()
+        # A second episode is said again.
+        control.running = False
+        pki.revoke(pki.leaf("m1", "agent1", usage="client"))
+        clock.advance(10)
+        clock.advance(10)
+        assert len([e for e in events if e["log_level"] == LogLevel.error]) == 2
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        service.stopService()

@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dns-alt-names",
         help="masters and lb nodes: comma-separated names for the CSR "
-        "(default: the private DNS name and the --server host)",
+        "(default: the private DNS name and the --server host; name the front when --server is "
+        "not the front, as for the first lb node)",
     )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request")
     parser.add_argument("--force", action="store_true", help="replace an existing certificate")
@@ -493,6 +494,10 @@ def refusal_line(status: int, body: bytes) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:500]
 
 
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH = (62, 64)
+
+
 class EnrollmentServer:
     """The enrollment API at one address, trusted only through the pinned root."""
 
@@ -516,8 +521,14 @@ class EnrollmentServer:
             response = connection.getresponse()
             return response.status, _read_limited(response)
         except ssl.SSLCertVerificationError as e:
+            hint = ""
+            if e.verify_code in _NAME_MISMATCH:
+                # The usual cause is the server's configuration, not an attack: say where to look.
+                hint = (f"; its certificate does not name {self.address.host}: the server's "
+                        "[enroll] server_names must list it")
             raise Untrusted(
                 f"the server at {self.address} is not verified by the pinned root CA ({e.verify_message})"
+                + hint
             ) from None
         except (OSError, http.client.HTTPException) as e:
             raise Unavailable(

@@ -157,7 +157,7 @@ class MasterSettings:
     listen_address: str
     listen_port: int = 8140
     #: The ENC command puppetserver runs with the certname as its last argument.
-    enc_command: str = "/usr/bin/puppetha-enc"
+    enc_command: str = "/usr/local/bin/puppetha-enc"
     #: The ENC socket, passed as ``--socket`` (empty: the script's default).
     enc_socket: str = ""
     max_jruby_instances: int = 1

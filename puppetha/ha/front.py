@@ -400,6 +400,8 @@ class FrontService(Service):
         #: The generation nginx was last signalled to load (None: not yet, or the signal failed).
         self.reloaded: str | None = None
         self._last_left_out: Mapping[str, str] = {}
+        #: Whether nginx could not be signalled since it was last reached: said once, not every round.
+        self._nginx_unreachable = False
 
     def startService(self) -> None:
         super().startService()
@@ -483,6 +485,9 @@ class FrontService(Service):
         return applied
 
     def _acted(self, applied: Applied, decision: FrontDecision) -> Applied:
+        if self._nginx_unreachable:
+            self._nginx_unreachable = False
+            log.info("nginx reached: it serves {generation}", generation=applied.generation)
         if applied.changed:
             healthy = [m.certname for m in decision.state.masters if m.healthy]
             log.info(
@@ -498,6 +503,10 @@ class FrontService(Service):
             log.error("nginx refused the new configuration, keeping the old one: {error}",
                       error=str(failure.value))
         elif failure.check(NginxReloadFailed):
-            log.error("nginx could not be reloaded: {error}", error=str(failure.value))
+            # Until nginx runs (an lb node's first boot) every round fails alike: one line per episode.
+            if not self._nginx_unreachable:
+                self._nginx_unreachable = True
+                log.error("nginx could not be reloaded: {error}; trying every round, said again once "
+                          "it is reached", error=str(failure.value))
         else:
             log.failure("front reconcile failed", failure)

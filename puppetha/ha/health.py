@@ -159,18 +159,24 @@ def _quiet_pool(reactor: Any) -> HTTPConnectionPool:
 
 
 class StatusProbe:
-    """Asks one master's puppetserver whether it is running."""
+    """
+    Asks one master's puppetserver whether it is running.  ``master_name`` is the name nginx
+    checks in every master's certificate (``proxy_ssl_name``, ``[lb] master_name``): a master
+    whose certificate lacks it gets 502 from nginx, so the probe must find it down too.
+    Without it the probe checks the master's certname.
+    """
 
-    def __init__(self, reactor: Any, timeout: float = 5.0) -> None:
+    def __init__(self, reactor: Any, timeout: float = 5.0, master_name: str | None = None) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        self.master_name = master_name
 
     def __call__(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
         endpoint = _MasterEndpoint(
             self.reactor,
             master.address,
             master.port,
-            _connection_creator(master.certname, credentials),
+            _connection_creator(self.master_name or master.certname, credentials),
             self.timeout,
         )
         agent = Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint), pool=_quiet_pool(self.reactor))
