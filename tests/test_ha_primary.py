@@ -80,7 +80,6 @@ class Reachable:
         pass
 
 
-@implementer(ICloud)
 class ElasticIPs:
     """The Elastic IP as AWS keeps it; each node reaches it through its own :class:`CloudLink`."""
 
@@ -91,6 +90,8 @@ class ElasticIPs:
 
 @implementer(ICloud)
 class CloudLink:
+    """One node's way to AWS, which a test can cut or throttle."""
+
     def __init__(self, eips: ElasticIPs) -> None:
         self.eips = eips
         self.cut = False
