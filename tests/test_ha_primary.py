@@ -159,6 +159,7 @@ class Node:
             monotonic=clock.seconds,
             wall=lambda: 1_764_000_000 + clock.seconds(),
             blocking=Synchronous(),
+            aws=Synchronous(),
             lease=Lease(records, name, duration=SETTINGS.lease_duration, margin=SETTINGS.lease_margin,
                         monotonic=clock.seconds, wall=clock.seconds),
             records=records,

@@ -97,6 +97,7 @@ class FailoverService(Service):
         monotonic: Callable[[], float],
         wall: Callable[[], float],
         blocking: RunsBlocking,
+        aws: RunsBlocking,
         lease: Lease,
         records: Records,
         settings: FailoverSettings,
@@ -115,6 +116,7 @@ class FailoverService(Service):
         self.monotonic = monotonic
         self.wall = wall
         self.blocking = blocking
+        self.aws = aws
         self.lease = lease
         self.records = records
         self.settings = settings
@@ -385,13 +387,13 @@ class FailoverService(Service):
             attempt += 1
             at = self.monotonic()
             try:
-                association = yield self.blocking.call(
+                association = yield self.aws.call(
                     self.cloud.associate_address, eip.region, eip.allocation_id, eip.instance_id
                 )
                 self.acting_log.write("associate", token=token, at=at, done=self.monotonic(),
                                       allocation_id=eip.allocation_id, instance_id=eip.instance_id,
                                       association_id=association)
-                owner = yield self.blocking.call(self.cloud.describe_address, eip.region, eip.allocation_id)
+                owner = yield self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
             except CloudError as e:
                 self.acting_log.write("associate-failed", token=token, at=at, done=self.monotonic(),
                                       error=str(e))
