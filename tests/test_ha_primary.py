@@ -7,7 +7,6 @@ an Elastic IP behind ICloud.  Checks the acting logs: never two nodes acting at 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from puppetha.ha.primary import PRIMARY, STANDBY, ActingLog, ElasticIP, Failover
 from puppetha.store import IStore, Item, StoreUnavailable, Value, Write
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.store.sqlite import SQLiteStore
+from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
 
 SETTINGS = FailoverSettings()
 ALLOCATION = "eipalloc-0123"
@@ -200,24 +200,12 @@ class Cluster:
             self.clock.advance(step)
 
     def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
-
-    def acting_intervals(self) -> dict[tuple[str, int], tuple[float, float]]:
-        """(node, token) -> (from, last until) as the acting log says."""
-        spans: dict[tuple[str, int], tuple[float, float]] = {}
-        for e in self.events():
-            if e["event"] in ("acting", "stopped"):
-                spans[(e["node"], e["token"])] = (e["start"], e["until"])
-        return spans
+        return read_events(self.log_path)
 
     def assert_never_two_primaries(self) -> None:
-        spans = sorted(self.acting_intervals().items(), key=lambda kv: kv[1][0])
-        for (one, (_, end)), (other, (start, _)) in itertools.pairwise(spans):
-            assert end <= start, f"{one} acted until {end}, {other} from {start}"
-        for e in self.events():
-            if e["event"] == "associate":
-                start, until = self.acting_intervals()[(e["node"], e["token"])]
-                assert start <= e["at"] < until, f"associate outside the window: {e}"
+        events = self.events()
+        assert overlaps(windows(events)) == []
+        assert stray_associations(events) == []
 
 
 @pytest.fixture
