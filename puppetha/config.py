@@ -300,7 +300,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
     Option("ha", "elastic_ip", elastic_ip, "",
            "The allocation id (eipalloc-...) of the Elastic IP agents reach the front on. Empty: no "
-           "failover (an lb node serves, and the address is moved by hand). Set on every lb node."),
+           "failover (an lb node serves, and the address is moved by hand). Set on every lb node, "
+           "and where `puppetha status` runs."),
     Option("ha", "instance_id", instance_id, "",
            "This lb node's EC2 instance id: its name among the lb nodes and where the address goes "
            "when it takes over. Required with elastic_ip."),
@@ -460,10 +461,9 @@ def _check_together(config: Config) -> None:
 
 def _check_ha(config: Config) -> None:
     src = config.source
-    if not config[("ha", "elastic_ip")]:
+    # Other hosts (and `puppetha status`) may name the Elastic IP too; only lb nodes act on it.
+    if not config[("ha", "elastic_ip")] or "lb" not in config.roles:
         return
-    if "lb" not in config.roles:
-        raise ConfigError(f"{src}: [ha] elastic_ip: only lb nodes fail over (add lb to [daemon] roles)")
     for name in ("instance_id", "address"):
         if not config[("ha", name)]:
             raise ConfigError(f"{src}: [ha] {name}: required with elastic_ip")
@@ -526,8 +526,8 @@ def markdown_reference() -> str:
         "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
         "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
         "`crl_refresh_margin` must be shorter than `crl_lifetime`; the lb ports (front, enrollment",
-        "and the masters' range) must not overlap or pass 65535; `[ha] elastic_ip` needs the lb",
-        "role, `instance_id` and `address`, a `lease_margin` under `lease_duration` and a",
+        "and the masters' range) must not overlap or pass 65535; on an lb node, `[ha] elastic_ip`",
+        "needs `instance_id` and `address`, a `lease_margin` under `lease_duration` and a",
         "`renew_interval` under their difference.",
     ]
     for section in SECTIONS:

@@ -6,6 +6,7 @@ Elastic IP (as moto says); SIGTERM the new primary and the restarted node takes 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -154,6 +155,23 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         assert stored is not None
         return stored.record
 
+    conf = tmp_path / "cli.conf"
+    conf.write_text(
+        f"[store]\npath = {common['store.path']}\n[pki]\nvault_key_file = {common['pki.vault_key_file']}\n"
+        f"[aws]\nendpoint_url = {moto.endpoint_url}\nregion = {REGION}\n"
+        f"[ha]\nelastic_ip = {allocation}\n"
+    )
+
+    def status() -> dict[str, Any]:
+        # Its own process, as an operator runs it.  (A second SQLiteStore in this process would
+        # open and close the file beside the first one's connection, and POSIX drops every lock
+        # this process holds on a file when any descriptor of it closes.)
+        command = [sys.executable, "-m", "puppetha.cli", "--config", str(conf), "status", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
     try:
         a.start()
         a.start_nginx()
@@ -161,13 +179,21 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         b.start()
         b.start_nginx()
         # The standby hears the primary: its record says so.
-        def hears(node: LbNode, other: LbNode) -> bool:
+        def hears(node: LbNode, other: LbNode, since: float = 0.0) -> bool:
             stored = Records(pki.store).get(LbNodeRecord, node.instance_id)
-            return stored is not None and other.instance_id in stored.record.heard
+            return (stored is not None and stored.record.updated_at > since
+                    and other.instance_id in stored.record.heard)
         eventually(lambda: hears(b, a), "the standby hearing the primary", logs)
         time.sleep(2)  # a few renewals: the standby must not take over from a live primary
         assert owner() == a.instance_id
         assert lease().token == 1
+        before = status()
+        assert before["primary"] == a.instance_id
+        assert before["elastic_ip"]["owner"] == a.instance_id
+        assert before["elastic_ip"]["agrees_with_lease"] is True
+        assert {n["node"]: n["state"] for n in before["lb_nodes"]} == {a.instance_id: "primary",
+                                                                       b.instance_id: "standby"}
+        assert all(n["heartbeat_age"] is not None for n in before["lb_nodes"])
 
         a.signal(signal.SIGKILL)
         eventually(lambda: owner() == b.instance_id, "the standby taking the address after kill -9", logs)
@@ -175,8 +201,10 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         assert [e["token"] for e in b.events() if e["event"] == "associate"] == [2]
 
         # The killed node comes back as a standby and leaves the address where it is.
+        restarted = time.time()
         a.start()
-        eventually(lambda: hears(a, b), "the restarted node hearing the primary", logs)
+        # Its record from before the kill still says it heard b: wait for a fresh one.
+        eventually(lambda: hears(a, b, since=restarted), "the restarted node hearing the primary", logs)
         assert owner() == b.instance_id
 
         assert b.signal(signal.SIGTERM) in (0, -signal.SIGTERM)  # twistd re-raises it once stopped
@@ -184,6 +212,11 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         eventually(lambda: owner() == a.instance_id, "the handover after SIGTERM", logs)
         assert (lease().holder, lease().token) == (a.instance_id, 3)
         assert "token 2 was released" in a.log.read_text()
+        eventually(lambda: status()["lb_nodes"][0]["state"] != "taking-over", "a's record updated", logs)
+        after = status()
+        assert (after["primary"], after["lease"]["token"]) == (a.instance_id, 3)
+        assert after["elastic_ip"]["owner"] == a.instance_id
+        assert {n["node"]: n["state"] for n in after["lb_nodes"]}[b.instance_id] == "stopped"
     finally:
         a.stop_all()
         b.stop_all()
