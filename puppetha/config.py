@@ -326,6 +326,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ha", "standby_poll", duration, "1s",
            "How often a standby reads the lease while the primary's heartbeats arrive."),
     Option("ha", "suspect_poll", duration, "0.05s", "How often a suspecting standby reads the lease."),
+    Option("ha", "address_check", duration, "2s",
+           "How often the primary checks that the Elastic IP is still on its instance (and takes "
+           "it back if not)."),
     Option("ha", "acting_log", path, "",
            "A file where the node appends (JSON lines, monotonic clock) each time it acted as "
            "primary and each AssociateAddress, with the lease token. Empty: none."),

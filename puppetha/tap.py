@@ -290,6 +290,7 @@ def failover_service(
         suspect_poll=ha["suspect_poll"],
         heartbeat_interval=ha["heartbeat_interval"],
         suspect_after=ha["suspect_after"],
+        address_check=ha["address_check"],
     )
     # Before the reactor runs, like the root CA: a vault that cannot open the key stops the daemon.
     key = ensure_heartbeat_key(records, vault, reactor.seconds())

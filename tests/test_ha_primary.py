@@ -327,3 +327,16 @@ def test_a_node_that_cannot_reach_aws_never_reports_primary(cluster: Cluster) ->
     assert a.service.holding is not None  # it holds the lease ...
     assert a.service.state != PRIMARY  # ... but the address is not confirmed
     assert cluster.eips.owner is None
+
+
+def test_the_primary_takes_back_an_address_moved_behind_its_back(cluster: Cluster) -> None:
+    """An operator's move, or a deposed node's AssociateAddress that AWS served late."""
+    a = cluster.add("i-a", "10.0.0.1")
+    a.service.startService()
+    cluster.run(1)
+    cluster.eips.owner = "i-elsewhere"
+    cluster.run(SETTINGS.address_check + 0.5)
+    assert cluster.eips.owner == "i-a"
+    assert a.service.state == PRIMARY
+    assert [e["token"] for e in cluster.events() if e["event"] == "associate"] == [1, 1]
+    cluster.assert_never_two_primaries()
