@@ -13,15 +13,18 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from puppetha.aws.kms import KmsKeyVault
+from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
-from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer
+from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer, client
 from puppetha.testing.nginx import NGINX, FrontPKI, loopback_ports, require_nginx
 from tests.aws_fixtures import moto_with_test_credentials
 
@@ -124,17 +127,31 @@ class LbNode:
             self.nginx.wait(timeout=30)
 
 
-def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path, moto: MotoServer) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "dynamodb"])
+def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(
+    tmp_path: Path, moto: MotoServer, backend: str
+) -> None:
     require_nginx()
     fleet = Fleet(moto.endpoint_url, REGION)
     allocation = fleet.allocate_address()
     instances = [fleet.launch("lb").instance_id for _ in range(2)]
-    pki = FrontPKI(tmp_path / "pki")
+    if backend == "sqlite":
+        pki = FrontPKI(tmp_path / "pki")
+        shared = {"store.path": str(tmp_path / "pki" / "store.sqlite"),
+                  "pki.vault_key_file": str(tmp_path / "pki" / "vault.key")}
+    else:
+        table = f"puppetha-ha-{uuid.uuid4().hex[:8]}"
+        store = DynamoDBStore(table, REGION, moto.endpoint_url)
+        store.create_table(deletion_protection=False)
+        key_id = str(client("kms", moto.endpoint_url, REGION).create_key()["KeyMetadata"]["KeyId"])
+        pki = FrontPKI(tmp_path / "pki", store=store,
+                       vault=KmsKeyVault(key_id=key_id, region=REGION, endpoint_url=moto.endpoint_url))
+        shared = {"store.backend": "dynamodb", "store.table": table, "pki.vault": "kms",
+                  "pki.kms_key_id": key_id}
     pki.add_ca("lb")
     common = {
         "daemon.roles": "lb",
-        "store.path": str(tmp_path / "pki" / "store.sqlite"),
-        "pki.vault_key_file": str(tmp_path / "pki" / "vault.key"),
+        **shared,
         "enroll.front": "puppet:8140",
         "aws.endpoint_url": moto.endpoint_url,
         "aws.region": REGION,
@@ -156,11 +173,13 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         return stored.record
 
     conf = tmp_path / "cli.conf"
-    conf.write_text(
-        f"[store]\npath = {common['store.path']}\n[pki]\nvault_key_file = {common['pki.vault_key_file']}\n"
-        f"[aws]\nendpoint_url = {moto.endpoint_url}\nregion = {REGION}\n"
-        f"[ha]\nelastic_ip = {allocation}\n"
-    )
+    sections: dict[str, list[str]] = {}
+    for name, value in {**shared, "aws.endpoint_url": moto.endpoint_url, "aws.region": REGION,
+                        "ha.elastic_ip": allocation}.items():
+        section, option = name.split(".")
+        sections.setdefault(section, []).append(f"{option} = {value}")
+    conf.write_text("".join(f"[{section}]\n" + "\n".join(lines) + "\n"
+                            for section, lines in sections.items()))
 
     def status() -> dict[str, Any]:
         # Its own process, as an operator runs it.  (A second SQLiteStore in this process would
