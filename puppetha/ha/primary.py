@@ -284,7 +284,8 @@ class FailoverService(Service):
         self.token_seen = max(self.token_seen, holding.token)
         self._acting_from = holding.renew_started
         self.state = TAKING_OVER
-        log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason)
+        log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason,
+                 acted_from=holding.renew_started)
         self._acting(holding)
         self._send_heartbeat()
 
@@ -336,8 +337,9 @@ class FailoverService(Service):
             return
         until = min(self.monotonic(), holding.acting_until)
         self.acting_log.write("stopped", token=holding.token, start=self._acting_from, until=until)
+        start = self._acting_from if self._acting_from is not None else until
         log.info("stopped acting as primary (token {token}, acted {acted:.3f}s): {reason}",
-                 token=holding.token, acted=until - (self._acting_from or until), reason=reason)
+                 token=holding.token, acted=until - start, reason=reason, acted_from=start, acted_until=until)
         self._acting_from = None
         self.confirmed = None
         self.state = STANDBY if not self._stopping else STOPPED
