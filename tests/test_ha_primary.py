@@ -396,3 +396,23 @@ def test_no_two_primaries_whatever_the_clocks_say(
     assert len(holders) == 1
     assert lease_of(cluster).token == 4
     cluster.assert_never_two_primaries()
+
+
+def test_a_primary_that_could_not_renew_in_time_takes_its_own_lease_back_at_once(cluster: Cluster) -> None:
+    """A store that stalls for longer than the window, but not for a lapse: no failover, no flap."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    a.reach.cut = True
+    cluster.run(0.7)
+    assert a.service.holding is None  # the window passed: it stopped acting
+    a.reach.cut = False
+    cluster.run(3)
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    assert lease_of(cluster).holder == "i-a"
+    assert lease_of(cluster).token == 2  # taken back under a new token, without waiting a lapse
+    assert cluster.eips.history == ["i-a"]  # the address was still there: no remap
+    assert set(windows(cluster.events())) == {("i-a", 1), ("i-a", 2)}
+    cluster.assert_never_two_primaries()
