@@ -28,7 +28,7 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
-from puppetha.ha.front import FrontService, Generations, NginxControl
+from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
@@ -281,6 +281,7 @@ def front_services(
             user=lb["nginx_user"] or None,
             temp_dir=lb["nginx_temp_dir"],
             access_log=lb["nginx_access_log"] or None,
+            live_dir=os.path.join(lb["nginx_dir"], LIVE),
         ),
     )
     front = FrontService(

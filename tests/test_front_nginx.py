@@ -6,11 +6,14 @@ like puppetserver's lb-only listener, accept only certificates of the lb CA.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
+import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -18,11 +21,13 @@ from typing import Any
 
 import attrs
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from puppetha.ha.front import Applied, FrontService, NginxRefused, decide_front, discover_front
-from puppetha.ha.nginx import Backend, FrontSettings
+from puppetha.ha.nginx import CA_PATHS, Backend, FrontSettings
 from puppetha.store.records import MasterRecord, Records
 from puppetha.testing.nginx import (
     LOOPBACK,
@@ -139,6 +144,7 @@ class Front:
         path: str = "/",
         issued: IssuedFiles | None = None,
         headers: dict[str, str] | None = None,
+        method: str = "GET",
     ) -> tuple[int, Any]:
         connection = http.client.HTTPSConnection(
             FRONT_NAME, port, context=self.client_context(issued), timeout=30
@@ -149,7 +155,7 @@ class Front:
             connection.sock, server_hostname=FRONT_NAME
         )
         try:
-            connection.request("GET", path, headers=headers or {})
+            connection.request(method, path, headers=headers or {})
             response = connection.getresponse()
             body = response.read()
         finally:
@@ -163,8 +169,6 @@ class Front:
 
     def eventually(self, check: Callable[[], bool], what: str, attempts: int = 200) -> None:
         """nginx reloads asynchronously: wait for the new behaviour, bounded by attempts."""
-        import time
-
         for _ in range(attempts):
             if check():
                 return
@@ -233,10 +237,101 @@ def test_forged_identity_headers_are_overwritten(front: Front) -> None:
     assert body["dn_headers"] == ["CN=agent1"]
 
 
-def test_client_without_certificate_is_refused(front: Front) -> None:
-    status, body = front.get(front.settings.ports.front, "/")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/status/v1/simple",
+        "/puppet/v3/catalog/agent1?environment=production",
+        # Near misses of the two CA paths.
+        "/puppet-ca/v1/certificate_revocation_list/ca/",
+        "/puppet-ca/v1/certificate/ca.pem",
+    ],
+)
+def test_client_without_certificate_is_refused_everywhere_but_the_ca_paths(front: Front, path: str) -> None:
+    status, body = front.get(front.settings.ports.front, path)
+    assert status in (400, 403)
+    assert body["error"] in ("certificate-required", "forbidden")
+    # Forged identity headers do not stand in for a certificate either.
+    forged = {"X-Client-Verify": "SUCCESS", "X-Client-DN": "CN=agent1"}
+    assert front.get(front.settings.ports.front, path, headers=forged)[0] in (400, 403)
+    # The masters' own ports still demand a certificate in the handshake.
+    status, body = front.get(front.settings.ports.first_master, path)
     assert status == 400
     assert "No required SSL certificate" in body
+
+
+def test_agents_fetch_every_ca_and_every_crl_without_a_certificate(front: Front) -> None:
+    (ca_path, _), (crl_path, _) = CA_PATHS
+    status, body = front.get(front.settings.ports.front, crl_path)
+    assert status == 200
+    blocks = re.findall(r"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", body, re.S)
+    crls = [x509.load_pem_x509_crl(b.encode()) for b in blocks]
+    authority = front.pki.authority
+    # Every CA's, the lb CA's included: agents check the lb node's chain with it.
+    expected = {authority.crl(name).crl_pem.strip() for name in ("root", "m1", "m9", LB_CA)}
+    assert {c.public_bytes(Encoding.PEM).decode().strip() for c in crls} == expected
+    status, body = front.get(front.settings.ports.front, ca_path)
+    assert status == 200
+    served = {c.subject for c in x509.load_pem_x509_certificates(body.encode())}
+    assert served == {authority.certificate(name).subject for name in ("root", "m1", "m9", LB_CA)}
+    # The same with a certificate: an agent's regular connection.
+    assert front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 200
+
+
+def test_the_crl_path_honours_if_modified_since(front: Front) -> None:
+    crl_path = CA_PATHS[1][0]
+    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    assert front.get(front.settings.ports.front, crl_path, headers={"If-Modified-Since": later})[0] == 304
+    # An agent that refreshed before the last change (even one whose clock runs a few minutes
+    # ahead of this node's) gets the new bundle.
+    before_change = email.utils.formatdate(time.time() + 60, usegmt=True)
+    front.pki.revoke(front.pki.leaf("m9", "agent2", usage="client"))
+    front.reconcile()
+
+    def fresh() -> bool:
+        status, body = front.get(
+            front.settings.ports.front, crl_path, headers={"If-Modified-Since": before_change}
+        )
+        return status == 200 and front.pki.authority.crl("m9").crl_pem.strip() in body
+
+    front.eventually(fresh, "the new CRL served to an agent that refreshed before it")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_the_ca_paths_are_read_only(front: Front, method: str) -> None:
+    for path, _ in CA_PATHS:
+        assert front.get(front.settings.ports.front, path, issued=front.agent, method=method)[0] == 403
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/puppet-ca/v1/certificate_status/agent1",
+        "/puppet-ca/v1/certificate_request/agent1",
+        "/puppet-ca/v1/certificate/agent1",
+        "/puppet-ca;x/v1/certificate_status/agent1",
+        "/status/../puppet-ca/v1/certificate_status/agent1",
+        "/puppet-ca%2Fv1/certificate_status/agent1",
+    ],
+)
+def test_nothing_else_of_the_ca_api_reaches_a_master(front: Front, path: str) -> None:
+    for port in (front.settings.ports.front, front.settings.ports.first_master):
+        status, body = front.get(port, path, issued=front.agent)
+        assert status == 403, (port, body)
+        assert body["error"] == "forbidden"
+
+
+def test_a_revoked_certificate_is_refused_even_on_the_ca_paths(front: Front) -> None:
+    crl_path = CA_PATHS[1][0]
+    assert front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 200
+    front.pki.revoke(front.agent)
+    front.reconcile()
+    front.eventually(
+        lambda: front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 400,
+        "the revoked agent refused on the CRL path",
+    )
+    assert front.agent_get("/")[0] == 400
 
 
 def test_certificate_of_a_foreign_ca_is_refused(front: Front, tmp_path: Path) -> None:

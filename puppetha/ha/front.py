@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from puppetha.ha.nginx import (
+    AGENT_BUNDLE_MTIME_AHEAD,
+    AGENT_CA_BUNDLE,
+    AGENT_CRL_BUNDLE,
     CONFIG_NAME,
     Backend,
     FrontSettings,
@@ -180,6 +184,10 @@ class Generations:
                     os.fsync(f.fileno())
                 # Certificates and CRLs only: public material, readable by nginx's workers.
                 os.chmod(path, 0o644)
+                if file_name in (AGENT_CA_BUNDLE, AGENT_CRL_BUNDLE):
+                    # nginx answers agents' If-Modified-Since from this time (see nginx.py).
+                    ahead = time.time() + AGENT_BUNDLE_MTIME_AHEAD
+                    os.utime(path, (ahead, ahead))
             if target.exists():
                 shutil.rmtree(target)
             os.rename(staging, target)
@@ -330,6 +338,9 @@ def decide_front(
 ) -> FrontDecision:
     """The generation the store calls for.  Masters whose CA is not trusted stay out."""
     trust = decide_trust(inputs.cas, inputs.crls, exclude_cas)
+    # What agents refresh: every CA with a whole chain of CRLs, the excluded ones included
+    # (agents check the lb node's chain, which the lb CA signs).
+    agents = decide_trust(inputs.cas, inputs.crls)
     masters = [
         MasterBackend(
             certname=m.certname,
@@ -342,7 +353,11 @@ def decide_front(
     ]
     state = FrontState(settings=settings, masters=tuple(masters), enroll_backends=tuple(enroll_backends))
     chain = server_chain(inputs.certificate_pem, inputs.cas)
-    return FrontDecision(render_files(state, trust.ca_pem, trust.crl_pem, chain), trust, state)
+    files = render_files(
+        state, trust.ca_pem, trust.crl_pem, chain,
+        agent_ca_bundle=agents.ca_pem, agent_crl_bundle=agents.crl_pem,
+    )  # fmt: skip
+    return FrontDecision(files, trust, state)
 
 
 def discover_front(store: IStore, settings: FrontSettings) -> FrontInputs:

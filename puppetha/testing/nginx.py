@@ -21,7 +21,7 @@ from pathlib import Path
 
 from attrs import frozen
 
-from puppetha.ha.front import NGINX, Generations, NginxControl
+from puppetha.ha.front import LIVE, NGINX, Generations, NginxControl
 from puppetha.ha.nginx import STREAM_MODULE, FrontPorts, NginxRuntime
 
 LOOPBACK = "127.0.0.1"
@@ -114,6 +114,7 @@ class NginxUnderTest:
             user="root",
             worker_processes="1",
             worker_shutdown_timeout=60,
+            live_dir=str(directory / "front" / LIVE),
         )
         self.generations = Generations(directory / "front")
         self.control = NginxControl(binary, error_log=self.error_log)
