@@ -280,6 +280,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "health_interval", duration, "5s", "How often every master's status is probed."),
     Option("lb", "health_fall", integer(1, 100), "3", "Failed probes in a row that take a master out."),
     Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
+    Option("master", "ssldir", path, "",
+           "On a master: the ssldir whose CRL files the daemon keeps in step with the store "
+           "(crl.pem: every CA's; lb-crl.pem: the lb CA's, which puppetserver checks lb nodes "
+           "against). Empty: none (not a master)."),
+    Option("master", "crl_interval", duration, "10s",
+           "How often a master's CRL files are compared with the store: a revoked lb node is "
+           "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
@@ -405,6 +412,9 @@ def _check_together(config: Config) -> None:
             raise ConfigError(f"{src}: [enroll] listen: port {listen.group(1)} is nginx's "
                               "[lb] enroll_port on this host; listen elsewhere and list it in "
                               "[lb] enroll_backends")
+    ssldir = config[("master", "ssldir")]
+    if ssldir and not os.path.isdir(ssldir):
+        raise ConfigError(f"{src}: [master] ssldir: no such directory: {ssldir}")
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
 

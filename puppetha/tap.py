@@ -33,6 +33,7 @@ from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
+from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import VaultError
 from puppetha.store import IStore, StoreError
@@ -215,6 +216,16 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         interval=min(timedelta(hours=1), margin / 4),
         margin=margin,
     ).setServiceParent(root)
+
+    if config[("master", "ssldir")]:
+        # A master: puppetserver's CRL files follow the store (a revoked lb node is refused).
+        CRLFilesService(
+            clock=reactor,
+            blocking=Blocking(reactor, pool, None),
+            store=store,
+            files=master_crl_files(config[("master", "ssldir")]),
+            interval=config[("master", "crl_interval")],
+        ).setServiceParent(root)
 
     cloud = build.make_cloud(config)
     # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
