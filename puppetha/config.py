@@ -217,9 +217,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("pki", "root_name", text, "puppetha Root CA", "Common name of the root CA."),
     Option("pki", "ca_lifetime", duration, "10y", "Validity of the root and the masters' CAs."),
     Option("pki", "cert_lifetime", duration, "5y", "Validity of node certificates."),
-    Option("pki", "crl_lifetime", duration, "7d", "A CRL's nextUpdate after it is signed."),
-    Option("pki", "crl_refresh_margin", duration, "3d",
-           "A CRL is re-signed once its nextUpdate is closer than this."),
+    Option("pki", "crl_lifetime", duration, "6y",
+           "A CRL's nextUpdate after it is signed. Long on purpose: a host whose copy has expired "
+           "cannot even fetch a new one (docs/pki.md)."),
+    Option("pki", "crl_refresh_margin", duration, "5y",
+           "A CRL is re-signed once its nextUpdate is closer than this, so every copy a host "
+           "fetches is good for at least this long: how long an instance may stay stopped and "
+           "still run. Keep it at least cert_lifetime."),
     Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
     Option("aws", "endpoint_url", url, "",
            "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
