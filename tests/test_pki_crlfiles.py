@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -88,6 +90,39 @@ def test_a_new_file_takes_the_directorys_owner(tmp_path: Path) -> None:
     assert replace_file(str(tmp_path / "crl.pem"), b"x")
     st = (tmp_path / "crl.pem").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (NEW_FILE_MODE, 65534, 65533)
+
+
+def test_without_root_the_file_keeps_its_group_and_mode() -> None:
+    # A master's ssldir: 0771, puppet's group; the daemon's user is in that group, not root.
+    group, daemon_user = 65533, 65534
+    top = Path(tempfile.mkdtemp(prefix="crlfiles-"))  # pytest's tmp_path is root's alone
+    try:
+        os.chmod(top, 0o755)  # noqa: S103 -- the other user must reach the ssldir
+        ssldir = top / "ssl"
+        ssldir.mkdir()
+        os.chown(ssldir, 0, group)
+        os.chmod(ssldir, 0o771)  # noqa: S103 -- Puppet's own ssldir mode
+        target = ssldir / "lb-crl.pem"
+        target.write_bytes(b"old")
+        os.chown(target, 0, group)
+        os.chmod(target, 0o644)
+        child = os.fork()
+        if child == 0:  # pragma: no cover -- the child reports through its exit status
+            try:
+                os.setgroups([group])
+                os.setgid(daemon_user)
+                os.setuid(daemon_user)
+                os._exit(0 if replace_file(str(target), b"new") else 2)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        st = target.stat()
+        assert target.read_bytes() == b"new"
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o644, daemon_user, group)
+        assert sorted(p.name for p in ssldir.iterdir()) == ["lb-crl.pem"]
+    finally:
+        shutil.rmtree(top)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_staging(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ factory when that path changes; a rename into place is such a change.  See docs/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -83,7 +84,8 @@ def replace_file(path: str, data: bytes) -> bool:
     Blocking: make ``path`` hold ``data``; ``False`` (nothing written) when it already does.
 
     Written to a temporary file in the same directory, flushed to disk, given the old file's
-    owner and mode (a new file: :data:`NEW_FILE_MODE` and the directory's owner), and renamed
+    owner and mode (a new file: :data:`NEW_FILE_MODE` and the directory's owner; without root,
+    only the group), and renamed
     over ``path``: a reader (puppetserver, nginx, an agent) sees the old bytes or the new, never
     a half-written CRL.
     """
@@ -105,7 +107,13 @@ def replace_file(path: str, data: bytes) -> bool:
             f.write(data)
             f.flush()
             if (uid, gid) != (os.geteuid(), os.getegid()):
-                os.fchown(f.fileno(), uid, gid)
+                try:
+                    os.fchown(f.fileno(), uid, gid)
+                except PermissionError:
+                    # Not root (the daemon's own user, in the ssldir's group): the file becomes
+                    # ours, in the old group, with the old mode, so puppetserver still reads it.
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(f.fileno(), -1, gid)
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.rename(staging, target)
