@@ -9,15 +9,18 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import os
 import re
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -25,8 +28,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 
-from puppetha.ha.front import Applied, FrontService, NginxRefused, decide_front, discover_front
+from puppetha.ha.front import (
+    Applied,
+    FrontService,
+    Generations,
+    NginxControl,
+    NginxRefused,
+    decide_front,
+    discover_front,
+    unreachable_for,
+)
 from puppetha.ha.nginx import CA_PATHS, Backend, FrontSettings
 from puppetha.store.records import MasterRecord, Records
 from puppetha.testing.nginx import (
@@ -467,3 +480,75 @@ def test_enrollment_passes_through_with_the_proxy_protocol(front: Front) -> None
 
     front.eventually(connected, "the enrollment port")
     listener.close()
+
+
+class NoNginx(NginxControl):
+    def test(self, config: str, generation: str = "") -> None:
+        pass
+
+    def reload(self, config: str) -> None:
+        pass
+
+
+def test_the_generations_directory_is_made_enterable_whatever_the_umask(tmp_path: Path) -> None:
+    generations = Generations(tmp_path / "front")
+    previous = os.umask(0o077)  # the systemd unit's
+    try:
+        generations.install({"nginx.conf": b"", "agents-crl.pem": b"CRL"}, NoNginx())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "front").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "front" / "live" / "agents-crl.pem").stat().st_mode & 0o777 == 0o644
+
+
+def test_workers_that_are_not_root_serve_the_ca_paths_from_a_reachable_directory(tmp_path: Path) -> None:
+    """
+    nginx's workers (www-data on Debian) open the bundles themselves: the generations must sit
+    where that user may enter, and the front tells, at start, when they do not.
+    """
+    top = Path(tempfile.mkdtemp(prefix="front-"))  # pytest's tmp_path is root's alone
+    try:
+        os.chmod(top, 0o755)  # noqa: S103 -- nginx's workers must reach the bundles
+        pki = FrontPKI(tmp_path / "pki")
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=[FRONT_NAME, LOOPBACK])
+        (tmp_path / "pki" / "root.pem").write_text(pki.authority.root().certificate_pem)
+        nginx = NginxUnderTest(top / "nginx")
+        nginx.runtime = attrs.evolve(nginx.runtime, user="www-data")
+        settings = FrontSettings(
+            certificate=lb.certificate, private_key=lb.private_key, master_name=FRONT_NAME,
+            ports=loopback_ports(max_masters=1), runtime=nginx.runtime,
+        )  # fmt: skip
+        assert unreachable_for(Path(nginx.runtime.live_dir), "www-data") is None
+        first = decide_front(settings, discover_front(pki.store, settings), [], [LB_CA])
+        nginx.generations.install(first.files, nginx.control, reload=False)
+        nginx.start(wait_ports=(settings.ports.front,))
+        try:
+            front = Front(pki, nginx, None, settings, {}, lb, lb, settings.ports.enroll)  # type: ignore[arg-type]
+            status, body = front.get(settings.ports.front, CA_PATHS[1][0])
+            assert status == 200
+            assert pki.authority.crl(LB_CA).crl_pem.strip() in body
+            # The same generations under a directory only root may enter: www-data gets nothing,
+            # and the check says which directory is in the way.
+            os.chmod(top, 0o700)
+            assert unreachable_for(Path(nginx.runtime.live_dir), "www-data") == str(top)
+            assert front.get(settings.ports.front, CA_PATHS[1][0])[0] == 403
+            events: list[LogEvent] = []
+            observer = cast(ILogObserver, events.append)
+            globalLogPublisher.addObserver(observer)
+            service = FrontService(
+                clock=Clock(), blocking=Synchronous(), store=pki.store, settings=settings,
+                generations=nginx.generations, control=nginx.control,
+            )  # fmt: skip
+            try:
+                service.startService()
+                service.stopService()
+            finally:
+                globalLogPublisher.removeObserver(observer)
+            said = [e for e in events if e.get("log_level") == LogLevel.error]
+            assert [e["directory"] for e in said] == [str(top)]
+        finally:
+            nginx.stop()
+            pki.close()
+    finally:
+        shutil.rmtree(top)

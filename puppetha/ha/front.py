@@ -14,9 +14,12 @@ directory, so each generation is self-contained.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -146,7 +149,10 @@ class Generations:
         and (with ``reload``) signal nginx.  Raises :class:`NginxRefused` (nothing live changed) or
         :class:`NginxReloadFailed` (the new generation is live; nginx did not get the signal).
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            # nginx's workers open the agent bundles themselves (not as root).
+            os.chmod(self.directory, 0o755)  # noqa: S103
         name = generation_name(files)
         previous = self.live()
         if previous == name and self._intact(name, files):
@@ -223,6 +229,35 @@ class Generations:
                     path.unlink(missing_ok=True)
                 else:
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def unreachable_for(path: Path, user: str) -> str | None:
+    """
+    The first existing directory on the way to ``path`` that ``user`` may not enter (nginx's
+    workers open the agent bundles as that user), or ``None``.  Directories not made yet are
+    made world-enterable by :class:`Generations`.  An unknown user is nginx's to refuse.
+    """
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if account.pw_uid == 0:
+        return None
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            return str(directory)
+    return None
 
 
 # -- decide ------------------------------------------------------------------------------------
@@ -418,6 +453,16 @@ class FrontService(Service):
 
     def startService(self) -> None:
         super().startService()
+        user = self.settings.runtime.user
+        blocked = unreachable_for(Path(self.settings.runtime.live_dir), user) if user else None
+        if blocked is not None:
+            log.error(
+                "nginx's workers ({user}) cannot enter {directory}: agents cannot refresh their "
+                "CRLs through this front; put [lb] nginx_dir where {user} may enter, or run "
+                "nginx as this daemon's user",
+                user=user,
+                directory=blocked,
+            )
         self._loop = LoopingCall(self.poke)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)
