@@ -239,9 +239,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("pki", "root_name", text, "puppetha Root CA", "Common name of the root CA."),
     Option("pki", "ca_lifetime", duration, "10y", "Validity of the root and the masters' CAs."),
     Option("pki", "cert_lifetime", duration, "5y", "Validity of node certificates."),
-    Option("pki", "crl_lifetime", duration, "7d", "A CRL's nextUpdate after it is signed."),
-    Option("pki", "crl_refresh_margin", duration, "3d",
-           "A CRL is re-signed once its nextUpdate is closer than this."),
+    Option("pki", "crl_lifetime", duration, "6y",
+           "A CRL's nextUpdate after it is signed. Long on purpose: a host whose copy has expired "
+           "cannot even fetch a new one (docs/pki.md)."),
+    Option("pki", "crl_refresh_margin", duration, "5y",
+           "A CRL is re-signed once its nextUpdate is closer than this, so every copy a host "
+           "fetches is good for at least this long: how long an instance may stay stopped and "
+           "still run. Keep it at least cert_lifetime."),
     Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
     Option("aws", "endpoint_url", url, "",
            "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
@@ -336,6 +340,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("ha", "acting_log", path, "",
            "A file where the node appends (JSON lines, monotonic clock) each time it acted as "
            "primary and each AssociateAddress, with the lease token. Empty: none."),
+    Option("master", "ssldir", path, "",
+           "On a master: the ssldir whose CRL files the daemon keeps in step with the store "
+           "(crl.pem: every CA's; lb-crl.pem: the lb CA's, which puppetserver checks lb nodes "
+           "against). Empty: none (not a master)."),
+    Option("master", "crl_interval", duration, "10s",
+           "How often a master's CRL files are compared with the store: a revoked lb node is "
+           "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
@@ -470,6 +481,9 @@ def _check_together(config: Config) -> None:
                               "[lb] enroll_port on this host; listen elsewhere and list it in "
                               "[lb] enroll_backends")
     _check_ha(config)
+    ssldir = config[("master", "ssldir")]
+    if ssldir and not os.path.isdir(ssldir):
+        raise ConfigError(f"{src}: [master] ssldir: no such directory: {ssldir}")
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
 

@@ -32,7 +32,7 @@ from puppetha.enroll.listener import enrollment_service, ensure_server_credentia
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
 from puppetha.ha.failover import FailoverSettings
-from puppetha.ha.front import FrontService, Generations, NginxControl
+from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.heartbeat import HeartbeatProtocol, ensure_heartbeat_key
 from puppetha.ha.lease import Lease
@@ -40,6 +40,7 @@ from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
+from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import IKeyVault, VaultError
 from puppetha.store import IStore, StoreError
@@ -241,6 +242,16 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         margin=margin,
     ).setServiceParent(root)
 
+    if config[("master", "ssldir")]:
+        # A master: puppetserver's CRL files follow the store (a revoked lb node is refused).
+        CRLFilesService(
+            clock=reactor,
+            blocking=Blocking(reactor, pool, None),
+            store=store,
+            files=master_crl_files(config[("master", "ssldir")]),
+            interval=config[("master", "crl_interval")],
+        ).setServiceParent(root)
+
     cloud = build.make_cloud(config)
     # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
     aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
@@ -362,6 +373,7 @@ def front_services(
             user=lb["nginx_user"] or None,
             temp_dir=lb["nginx_temp_dir"],
             access_log=lb["nginx_access_log"] or None,
+            live_dir=os.path.join(lb["nginx_dir"], LIVE),
         ),
     )
     front = FrontService(

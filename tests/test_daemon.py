@@ -192,3 +192,24 @@ def test_a_wrong_vault_key_stops_the_daemon_at_start(tmp_path: Path) -> None:
     key = state / "ca-vault.key"
     key.write_bytes(bytes(32))  # another key, same size and mode
     assert start_refused(state, tmp_path).startswith("puppetha: ")
+
+
+def test_on_a_master_the_daemon_keeps_puppetservers_crl_file_in_step_with_the_store(tmp_path: Path) -> None:
+    state, ssldir = tmp_path / "state", tmp_path / "ssl"
+    ssldir.mkdir()
+    (ssldir / "crl.pem").write_text("written at enrollment, since re-signed\n")
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            twistd("puppetha", "--state-dir", str(state), "--set", "daemon.roles=enc",
+                   "--set", f"enc.socket={tmp_path}/enc.sock",
+                   "--set", f"master.ssldir={ssldir}", "--set", "master.crl_interval=1s"),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, f"wrote the store's CRLs to {ssldir}/crl.pem")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    crls = subprocess.run([*CLI, "--state-dir", str(state), "crl", "show", "--pem"],
+                          capture_output=True, text=True, check=True).stdout
+    assert (ssldir / "crl.pem").read_text() == crls

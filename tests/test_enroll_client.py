@@ -425,6 +425,8 @@ def test_agent_enrolls_and_gets_a_ready_ssldir(
 
     assert host.puppet_conf.read_text() == (
         f"[agent]\ncertname = {INSTANCE_ID}\nserver = puppet\nserverport = 8140\nssldir = {ssl_dir}\n"
+        # The agent refreshes its CRLs (and CA bundle) from the front's CA paths.
+        "ca_server = puppet\nca_port = 8140\ncrl_refresh_interval = 30m\nca_refresh_interval = 1d\n"
     )
     # Nothing left staged beside the targets.
     assert sorted(p.name for p in ssl_dir.parent.iterdir()) == ["ssl"]
@@ -566,6 +568,7 @@ def test_master_gets_puppetservers_files_with_debians_defaults(
     assert "certificate-authority-service/certificate-authority-service" not in services
     assert host.puppet_conf.read_text() == (
         f"[main]\ncertname = {INSTANCE_ID}\nserver = localhost\nserverport = 8140\nssldir = {ssldir}\n"
+        "ca_server = localhost\nca_port = 8140\ncrl_refresh_interval = 30m\nca_refresh_interval = 1d\n"
         "\n[server]\nnode_terminus = exec\nexternal_nodes = /usr/local/bin/puppetha-enc\n"
     ).replace("localhost", enroll_server.front.rpartition(":")[0])
     for path in (confdir / "conf.d/webserver.conf", confdir / "services.d/ca.cfg"):
@@ -640,6 +643,13 @@ def test_master_answer_without_a_good_lb_ca_writes_nothing(
     assert not (host.ssldir / "certs" / client.MASTER_CA_FILE).exists()
 
 
+def test_the_crl_refresh_interval_is_the_operators_choice(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    assert run(imds, enroll_server, host, "--crl-refresh-interval", "5m")[0] == EXIT_OK
+    assert "\ncrl_refresh_interval = 5m\n" in host.puppet_conf.read_text()
+
+
 def test_existing_puppet_conf_and_ssldir_content_are_kept(
     imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
 ) -> None:
@@ -654,6 +664,7 @@ def test_existing_puppet_conf_and_ssldir_content_are_kept(
     assert host.puppet_conf.read_text() == (
         "# site settings\n[main]\nlogdir = /var/log/puppet\n\n[agent]\nserver = puppet\nruninterval = 1h\n"
         f"certname = {INSTANCE_ID}\nserverport = 8140\nssldir = {host.ssldir}\n"
+        "ca_server = puppet\nca_port = 8140\ncrl_refresh_interval = 30m\nca_refresh_interval = 1d\n"
     )
     assert mode(host.puppet_conf) == 0o640
     assert (host.ssldir / "certs/other.pem").read_text() == "kept"
@@ -949,6 +960,9 @@ def test_failure_writing_puppet_conf_leaves_the_ssldir_as_it_was(
         (["--role", "master", "--listen-address", "master.internal"], "--listen-address must be an IP"),
         (["--role", "master", "--enc-script", "puppetha-enc"], "--enc-script must be an absolute path"),
         (["--role", "master", "--listen-port", "0"], "--listen-port 0 is not a TCP port"),
+        (["--crl-refresh-interval", "never"], "--crl-refresh-interval must be a Puppet duration"),
+        (["--crl-refresh-interval", "0"], "--crl-refresh-interval must be a Puppet duration"),
+        (["--crl-refresh-interval", "30m\nserver = evil"], "--crl-refresh-interval must be a Puppet"),
     ],
 )
 def test_bad_arguments_are_local_errors(argv: list[str], message: str, host: Host) -> None:

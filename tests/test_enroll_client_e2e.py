@@ -217,6 +217,7 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     assert conf == (
         f"[agent]\ncertname = {agent.instance_id}\nserver = localhost\nserverport = 8140\n"
         f"ssldir = {agent_host / 'ssl'}\n"
+        "ca_server = localhost\nca_port = 8140\ncrl_refresh_interval = 30m\nca_refresh_interval = 1d\n"
     )
 
     # Debian's puppet agent checks the key, certificate, chain and every CA's CRL with its own code.

@@ -6,23 +6,41 @@ like puppetserver's lb-only listener, accept only certificates of the lb CA.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
+import os
+import re
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 
-from puppetha.ha.front import Applied, FrontService, NginxRefused, decide_front, discover_front
-from puppetha.ha.nginx import Backend, FrontSettings
+from puppetha.ha.front import (
+    Applied,
+    FrontService,
+    Generations,
+    NginxControl,
+    NginxRefused,
+    decide_front,
+    discover_front,
+    unreachable_for,
+)
+from puppetha.ha.nginx import CA_PATHS, Backend, FrontSettings
 from puppetha.store.records import MasterRecord, Records
 from puppetha.testing.nginx import (
     LOOPBACK,
@@ -139,6 +157,7 @@ class Front:
         path: str = "/",
         issued: IssuedFiles | None = None,
         headers: dict[str, str] | None = None,
+        method: str = "GET",
     ) -> tuple[int, Any]:
         connection = http.client.HTTPSConnection(
             FRONT_NAME, port, context=self.client_context(issued), timeout=30
@@ -149,7 +168,7 @@ class Front:
             connection.sock, server_hostname=FRONT_NAME
         )
         try:
-            connection.request("GET", path, headers=headers or {})
+            connection.request(method, path, headers=headers or {})
             response = connection.getresponse()
             body = response.read()
         finally:
@@ -163,8 +182,6 @@ class Front:
 
     def eventually(self, check: Callable[[], bool], what: str, attempts: int = 200) -> None:
         """nginx reloads asynchronously: wait for the new behaviour, bounded by attempts."""
-        import time
-
         for _ in range(attempts):
             if check():
                 return
@@ -233,10 +250,101 @@ def test_forged_identity_headers_are_overwritten(front: Front) -> None:
     assert body["dn_headers"] == ["CN=agent1"]
 
 
-def test_client_without_certificate_is_refused(front: Front) -> None:
-    status, body = front.get(front.settings.ports.front, "/")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/status/v1/simple",
+        "/puppet/v3/catalog/agent1?environment=production",
+        # Near misses of the two CA paths.
+        "/puppet-ca/v1/certificate_revocation_list/ca/",
+        "/puppet-ca/v1/certificate/ca.pem",
+    ],
+)
+def test_client_without_certificate_is_refused_everywhere_but_the_ca_paths(front: Front, path: str) -> None:
+    status, body = front.get(front.settings.ports.front, path)
+    assert status in (400, 403)
+    assert body["error"] in ("certificate-required", "forbidden")
+    # Forged identity headers do not stand in for a certificate either.
+    forged = {"X-Client-Verify": "SUCCESS", "X-Client-DN": "CN=agent1"}
+    assert front.get(front.settings.ports.front, path, headers=forged)[0] in (400, 403)
+    # The masters' own ports still demand a certificate in the handshake.
+    status, body = front.get(front.settings.ports.first_master, path)
     assert status == 400
     assert "No required SSL certificate" in body
+
+
+def test_agents_fetch_every_ca_and_every_crl_without_a_certificate(front: Front) -> None:
+    (ca_path, _), (crl_path, _) = CA_PATHS
+    status, body = front.get(front.settings.ports.front, crl_path)
+    assert status == 200
+    blocks = re.findall(r"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", body, re.S)
+    crls = [x509.load_pem_x509_crl(b.encode()) for b in blocks]
+    authority = front.pki.authority
+    # Every CA's, the lb CA's included: agents check the lb node's chain with it.
+    expected = {authority.crl(name).crl_pem.strip() for name in ("root", "m1", "m9", LB_CA)}
+    assert {c.public_bytes(Encoding.PEM).decode().strip() for c in crls} == expected
+    status, body = front.get(front.settings.ports.front, ca_path)
+    assert status == 200
+    served = {c.subject for c in x509.load_pem_x509_certificates(body.encode())}
+    assert served == {authority.certificate(name).subject for name in ("root", "m1", "m9", LB_CA)}
+    # The same with a certificate: an agent's regular connection.
+    assert front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 200
+
+
+def test_the_crl_path_honours_if_modified_since(front: Front) -> None:
+    crl_path = CA_PATHS[1][0]
+    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    assert front.get(front.settings.ports.front, crl_path, headers={"If-Modified-Since": later})[0] == 304
+    # An agent that refreshed before the last change (even one whose clock runs a few minutes
+    # ahead of this node's) gets the new bundle.
+    before_change = email.utils.formatdate(time.time() + 60, usegmt=True)
+    front.pki.revoke(front.pki.leaf("m9", "agent2", usage="client"))
+    front.reconcile()
+
+    def fresh() -> bool:
+        status, body = front.get(
+            front.settings.ports.front, crl_path, headers={"If-Modified-Since": before_change}
+        )
+        return status == 200 and front.pki.authority.crl("m9").crl_pem.strip() in body
+
+    front.eventually(fresh, "the new CRL served to an agent that refreshed before it")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_the_ca_paths_are_read_only(front: Front, method: str) -> None:
+    for path, _ in CA_PATHS:
+        assert front.get(front.settings.ports.front, path, issued=front.agent, method=method)[0] == 403
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/puppet-ca/v1/certificate_status/agent1",
+        "/puppet-ca/v1/certificate_request/agent1",
+        "/puppet-ca/v1/certificate/agent1",
+        "/puppet-ca;x/v1/certificate_status/agent1",
+        "/status/../puppet-ca/v1/certificate_status/agent1",
+        "/puppet-ca%2Fv1/certificate_status/agent1",
+    ],
+)
+def test_nothing_else_of_the_ca_api_reaches_a_master(front: Front, path: str) -> None:
+    for port in (front.settings.ports.front, front.settings.ports.first_master):
+        status, body = front.get(port, path, issued=front.agent)
+        assert status == 403, (port, body)
+        assert body["error"] == "forbidden"
+
+
+def test_a_revoked_certificate_is_refused_even_on_the_ca_paths(front: Front) -> None:
+    crl_path = CA_PATHS[1][0]
+    assert front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 200
+    front.pki.revoke(front.agent)
+    front.reconcile()
+    front.eventually(
+        lambda: front.get(front.settings.ports.front, crl_path, issued=front.agent)[0] == 400,
+        "the revoked agent refused on the CRL path",
+    )
+    assert front.agent_get("/")[0] == 400
 
 
 def test_certificate_of_a_foreign_ca_is_refused(front: Front, tmp_path: Path) -> None:
@@ -372,3 +480,75 @@ def test_enrollment_passes_through_with_the_proxy_protocol(front: Front) -> None
 
     front.eventually(connected, "the enrollment port")
     listener.close()
+
+
+class NoNginx(NginxControl):
+    def test(self, config: str, generation: str = "") -> None:
+        pass
+
+    def reload(self, config: str) -> None:
+        pass
+
+
+def test_the_generations_directory_is_made_enterable_whatever_the_umask(tmp_path: Path) -> None:
+    generations = Generations(tmp_path / "front")
+    previous = os.umask(0o077)  # the systemd unit's
+    try:
+        generations.install({"nginx.conf": b"", "agents-crl.pem": b"CRL"}, NoNginx())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "front").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "front" / "live" / "agents-crl.pem").stat().st_mode & 0o777 == 0o644
+
+
+def test_workers_that_are_not_root_serve_the_ca_paths_from_a_reachable_directory(tmp_path: Path) -> None:
+    """
+    nginx's workers (www-data on Debian) open the bundles themselves: the generations must sit
+    where that user may enter, and the front tells, at start, when they do not.
+    """
+    top = Path(tempfile.mkdtemp(prefix="front-"))  # pytest's tmp_path is root's alone
+    try:
+        os.chmod(top, 0o755)  # noqa: S103 -- nginx's workers must reach the bundles
+        pki = FrontPKI(tmp_path / "pki")
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=[FRONT_NAME, LOOPBACK])
+        (tmp_path / "pki" / "root.pem").write_text(pki.authority.root().certificate_pem)
+        nginx = NginxUnderTest(top / "nginx")
+        nginx.runtime = attrs.evolve(nginx.runtime, user="www-data")
+        settings = FrontSettings(
+            certificate=lb.certificate, private_key=lb.private_key, master_name=FRONT_NAME,
+            ports=loopback_ports(max_masters=1), runtime=nginx.runtime,
+        )  # fmt: skip
+        assert unreachable_for(Path(nginx.runtime.live_dir), "www-data") is None
+        first = decide_front(settings, discover_front(pki.store, settings), [], [LB_CA])
+        nginx.generations.install(first.files, nginx.control, reload=False)
+        nginx.start(wait_ports=(settings.ports.front,))
+        try:
+            front = Front(pki, nginx, None, settings, {}, lb, lb, settings.ports.enroll)  # type: ignore[arg-type]
+            status, body = front.get(settings.ports.front, CA_PATHS[1][0])
+            assert status == 200
+            assert pki.authority.crl(LB_CA).crl_pem.strip() in body
+            # The same generations under a directory only root may enter: www-data gets nothing,
+            # and the check says which directory is in the way.
+            os.chmod(top, 0o700)
+            assert unreachable_for(Path(nginx.runtime.live_dir), "www-data") == str(top)
+            assert front.get(settings.ports.front, CA_PATHS[1][0])[0] == 403
+            events: list[LogEvent] = []
+            observer = cast(ILogObserver, events.append)
+            globalLogPublisher.addObserver(observer)
+            service = FrontService(
+                clock=Clock(), blocking=Synchronous(), store=pki.store, settings=settings,
+                generations=nginx.generations, control=nginx.control,
+            )  # fmt: skip
+            try:
+                service.startService()
+                service.stopService()
+            finally:
+                globalLogPublisher.removeObserver(observer)
+            said = [e for e in events if e.get("log_level") == LogLevel.error]
+            assert [e["directory"] for e in said] == [str(top)]
+        finally:
+            nginx.stop()
+            pki.close()
+    finally:
+        shutil.rmtree(top)

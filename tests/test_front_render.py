@@ -6,7 +6,10 @@ import pytest
 
 from puppetha.ha.front import decide_trust, generation_name
 from puppetha.ha.nginx import (
+    AGENT_CA_BUNDLE,
+    AGENT_CRL_BUNDLE,
     CA_BUNDLE,
+    CA_PATHS,
     CONFIG_NAME,
     CRL_BUNDLE,
     SERVER_CHAIN,
@@ -88,7 +91,7 @@ def test_front_upstream_holds_the_healthy_masters(masters, front_upstream):
 def test_no_healthy_master_answers_503_and_keeps_direct_routes():
     text = render(state(MasterBackend("m1", "10.0.0.1", 8140, healthy=False)))
     assert "upstream puppetha_masters" not in text
-    assert "return 503;" in text
+    assert "return 503 '{\"error\": \"no-master\"" in text
     assert "listen 0.0.0.0:8141 ssl;" in text
     assert upstream_servers(text, "puppetha_master_0") == ["10.0.0.1:8140"]
 
@@ -97,8 +100,12 @@ def test_every_server_verifies_clients_and_overwrites_the_identity_headers():
     text = render(state(M1, M2))
     servers = text.split("    server {")[1:]
     assert len(servers) == 3  # the front and one per master
-    for server in servers:
+    # The front lets a client without a certificate through the handshake (agents fetch the
+    # CRL so); its proxying location refuses it.  The masters' own ports demand one.
+    assert "ssl_verify_client optional;" in servers[0]
+    for server in servers[1:]:
         assert "ssl_verify_client on;" in server
+    for server in servers:
         assert "ssl_verify_depth 2;" in server
         assert f"ssl_client_certificate {CA_BUNDLE};" in server
         assert f"ssl_crl {CRL_BUNDLE};" in server
@@ -113,6 +120,49 @@ def test_every_server_verifies_clients_and_overwrites_the_identity_headers():
         assert f"proxy_set_header Host {name};" in server
     # nginx inherits no proxy_set_header into a level that has its own: none at http level.
     assert "\n    proxy_set_header" not in text
+
+
+def locations(server: str) -> dict[str, str]:
+    """A server block's locations by their match ("= /path", "^~ /prefix", "/")."""
+    found = {}
+    for block in server.split("        location ")[1:]:
+        match, _, body = block.partition(" {")
+        found[match] = body.split("\n        }\n", 1)[0]
+    return found
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_the_front_serves_only_the_two_ca_paths_without_a_certificate(healthy):
+    text = render(state(MasterBackend("m1", "10.0.0.1", 8140, healthy=healthy)))
+    front = text.split("    server {")[1]
+    by_match = locations(front)
+    assert set(by_match) == {
+        "= /puppet-ca/v1/certificate/ca",
+        "= /puppet-ca/v1/certificate_revocation_list/ca",
+        "^~ /puppet-ca",
+        "/",
+    }
+    live = SETTINGS.runtime.live_dir
+    for path, bundle in CA_PATHS:
+        served = by_match[f"= {path}"]
+        assert f"alias {live}/{bundle};" in served
+        assert "limit_except GET { deny all; }" in served
+        assert "if_modified_since before;" in served
+        assert "proxy_pass" not in served
+    assert "return 403" in by_match["^~ /puppet-ca"]
+    assert "proxy_pass" not in by_match["^~ /puppet-ca"]
+    # Everything else: a verified certificate or a refusal, before anything is proxied.
+    rest = by_match["/"]
+    assert rest.index("if ($ssl_client_verify != SUCCESS)") < rest.index("return 400")
+    if healthy:
+        assert rest.index("return 400") < rest.index("proxy_pass")
+
+
+def test_the_masters_own_ports_serve_none_of_the_ca_api():
+    text = render(state(M1))
+    direct = text.split("    server {")[2]
+    assert set(locations(direct)) == {"^~ /puppet-ca", "/"}
+    assert "alias" not in direct
 
 
 def test_towards_the_masters_nginx_shows_the_lb_certificate_and_checks_theirs():
@@ -193,8 +243,9 @@ def test_the_default_port_plan_renders():
 
 
 def test_render_files_names_the_generation():
-    files = render_files(state(M1), b"CA", b"CRL", b"CHAIN")
-    assert set(files) == {CONFIG_NAME, CA_BUNDLE, CRL_BUNDLE, SERVER_CHAIN}
+    files = render_files(state(M1), b"CA", b"CRL", b"CHAIN", agent_ca_bundle=b"ACA", agent_crl_bundle=b"ACRL")
+    assert set(files) == {CONFIG_NAME, CA_BUNDLE, CRL_BUNDLE, SERVER_CHAIN, AGENT_CA_BUNDLE, AGENT_CRL_BUNDLE}
+    assert files[AGENT_CRL_BUNDLE] == b"ACRL"
     assert generation_name(files) == generation_name(dict(files))
     assert generation_name(files) != generation_name({**files, CRL_BUNDLE: b"CRL2"})
 

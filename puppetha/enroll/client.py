@@ -128,6 +128,14 @@ class ServerAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+#: Puppet's default ``runinterval``: an agent run fetches the CRLs at most this often, and an lb
+#: node revoked is distrusted by agents within it.
+DEFAULT_CRL_REFRESH_INTERVAL = "30m"
+#: Puppet's own default (for agents that know the setting, from Puppet 7.28 and 8): the CA
+#: bundle changes only when a CA is added.
+CA_REFRESH_INTERVAL = "1d"
+
+
 @frozen
 class Options:
     role: str
@@ -156,6 +164,9 @@ class Options:
     listen_port: int = MASTER_PORT
     #: Seconds to keep trying while the server or the metadata service is unavailable.
     wait: float = 0.0
+    #: Puppet's ``crl_refresh_interval`` (a Puppet duration): how often the agent fetches every
+    #: CA's CRL from the front.
+    crl_refresh_interval: str = DEFAULT_CRL_REFRESH_INTERVAL
 
     @property
     def puppetserver_dir(self) -> Path:
@@ -261,6 +272,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request")
     parser.add_argument("--force", action="store_true", help="replace an existing certificate")
     parser.add_argument(
+        "--crl-refresh-interval", default=DEFAULT_CRL_REFRESH_INTERVAL,
+        help="how often puppet fetches every CA's CRL from the front "
+        f"(a Puppet duration; default: {DEFAULT_CRL_REFRESH_INTERVAL})",
+    )
+    parser.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS",
         help="keep trying for this long while the server or the metadata service is unavailable "
         "(exit 3 cases), e.g. while the fleet's first master is still coming up (default: 0)",
@@ -307,6 +323,11 @@ def parse_options(argv: Sequence[str]) -> Options:
             raise ValueError("--timeout must be between 0 and 3600 seconds")
         if not 0 <= args.wait <= 86400:
             raise ValueError("--wait must be between 0 and 86400 seconds")
+        if not re.fullmatch(r"[1-9][0-9]{0,8}[smhdy]?", args.crl_refresh_interval):
+            raise ValueError(
+                f"--crl-refresh-interval must be a Puppet duration (30m, 1h, 3600), "
+                f"not {args.crl_refresh_interval!r}"
+            )
         given = [name for name in _MASTER_ONLY if getattr(args, name) is not None]
         if given and args.role != "master":
             raise ValueError(f"--{given[0].replace('_', '-')} is for masters only")
@@ -337,6 +358,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         listen_address=args.listen_address,
         listen_port=args.listen_port or MASTER_PORT,
         wait=args.wait,
+        crl_refresh_interval=args.crl_refresh_interval,
     )
 
 
@@ -767,6 +789,13 @@ def puppet_settings(options: Options, enrollment: Enrollment) -> dict[str, str]:
         "server": enrollment.server.host,
         "serverport": str(enrollment.server.port),
         "ssldir": str(options.ssldir.absolute()),
+        # Puppet refreshes its CRLs (and, from 7.28, its CA bundle) from the CA API; the front
+        # serves those two paths and nothing else of it (docs/front.md).  Without these the
+        # agent keeps the CRLs written here until they expire, and then stops.
+        "ca_server": enrollment.server.host,
+        "ca_port": str(enrollment.server.port),
+        "crl_refresh_interval": options.crl_refresh_interval,
+        "ca_refresh_interval": CA_REFRESH_INTERVAL,
     }
 
 

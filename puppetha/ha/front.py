@@ -14,11 +14,15 @@ directory, so each generation is self-contained.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from puppetha.ha.nginx import (
+    AGENT_BUNDLE_MTIME_AHEAD,
+    AGENT_CA_BUNDLE,
+    AGENT_CRL_BUNDLE,
     CONFIG_NAME,
     Backend,
     FrontSettings,
@@ -142,7 +149,10 @@ class Generations:
         and (with ``reload``) signal nginx.  Raises :class:`NginxRefused` (nothing live changed) or
         :class:`NginxReloadFailed` (the new generation is live; nginx did not get the signal).
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            # nginx's workers open the agent bundles themselves (not as root).
+            os.chmod(self.directory, 0o755)  # noqa: S103
         name = generation_name(files)
         previous = self.live()
         if previous == name and self._intact(name, files):
@@ -180,6 +190,10 @@ class Generations:
                     os.fsync(f.fileno())
                 # Certificates and CRLs only: public material, readable by nginx's workers.
                 os.chmod(path, 0o644)
+                if file_name in (AGENT_CA_BUNDLE, AGENT_CRL_BUNDLE):
+                    # nginx answers agents' If-Modified-Since from this time (see nginx.py).
+                    ahead = time.time() + AGENT_BUNDLE_MTIME_AHEAD
+                    os.utime(path, (ahead, ahead))
             if target.exists():
                 shutil.rmtree(target)
             os.rename(staging, target)
@@ -215,6 +229,35 @@ class Generations:
                     path.unlink(missing_ok=True)
                 else:
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def unreachable_for(path: Path, user: str) -> str | None:
+    """
+    The first existing directory on the way to ``path`` that ``user`` may not enter (nginx's
+    workers open the agent bundles as that user), or ``None``.  Directories not made yet are
+    made world-enterable by :class:`Generations`.  An unknown user is nginx's to refuse.
+    """
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if account.pw_uid == 0:
+        return None
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_uid == account.pw_uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            return str(directory)
+    return None
 
 
 # -- decide ------------------------------------------------------------------------------------
@@ -330,6 +373,9 @@ def decide_front(
 ) -> FrontDecision:
     """The generation the store calls for.  Masters whose CA is not trusted stay out."""
     trust = decide_trust(inputs.cas, inputs.crls, exclude_cas)
+    # What agents refresh: every CA with a whole chain of CRLs, the excluded ones included
+    # (agents check the lb node's chain, which the lb CA signs).
+    agents = decide_trust(inputs.cas, inputs.crls)
     masters = [
         MasterBackend(
             certname=m.certname,
@@ -342,7 +388,11 @@ def decide_front(
     ]
     state = FrontState(settings=settings, masters=tuple(masters), enroll_backends=tuple(enroll_backends))
     chain = server_chain(inputs.certificate_pem, inputs.cas)
-    return FrontDecision(render_files(state, trust.ca_pem, trust.crl_pem, chain), trust, state)
+    files = render_files(
+        state, trust.ca_pem, trust.crl_pem, chain,
+        agent_ca_bundle=agents.ca_pem, agent_crl_bundle=agents.crl_pem,
+    )  # fmt: skip
+    return FrontDecision(files, trust, state)
 
 
 def discover_front(store: IStore, settings: FrontSettings) -> FrontInputs:
@@ -405,6 +455,16 @@ class FrontService(Service):
 
     def startService(self) -> None:
         super().startService()
+        user = self.settings.runtime.user
+        blocked = unreachable_for(Path(self.settings.runtime.live_dir), user) if user else None
+        if blocked is not None:
+            log.error(
+                "nginx's workers ({user}) cannot enter {directory}: agents cannot refresh their "
+                "CRLs through this front; put [lb] nginx_dir where {user} may enter, or run "
+                "nginx as this daemon's user",
+                user=user,
+                directory=blocked,
+            )
         self._loop = LoopingCall(self.poke)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)

@@ -28,6 +28,24 @@ CRL_BUNDLE = "crl.pem"
 #: agents that hold only the root and their own CA can check it.
 SERVER_CHAIN = "server.pem"
 CONFIG_NAME = "nginx.conf"
+#: What agents refresh from the CA API paths (:data:`CA_PATHS`): every CA's certificate and
+#: every CA's CRL, the lb CA's included (agents check the lb node's chain with it).
+AGENT_CA_BUNDLE = "agents-ca.pem"
+AGENT_CRL_BUNDLE = "agents-crl.pem"
+
+#: The only paths of Puppet's CA API the front serves, to anyone, read-only: what a Puppet
+#: agent fetches to refresh its CA and CRL bundles (``ca_refresh_interval``,
+#: ``crl_refresh_interval``).  It fetches the CRL without its client certificate.
+CA_PATHS = (
+    ("/puppet-ca/v1/certificate/ca", AGENT_CA_BUNDLE),
+    ("/puppet-ca/v1/certificate_revocation_list/ca", AGENT_CRL_BUNDLE),
+)
+#: How far ahead of its write the agent bundles' modification time is set.  nginx answers 304
+#: when the file is no newer than an agent's ``If-Modified-Since`` (the agent's own clock at its
+#: last refresh): dating the file ahead means an lb node whose clock lags an agent's by up to this
+#: much still hands that agent a CRL published after its last refresh.  The cost: for this long
+#: after a change, agents download the bundle again instead of getting 304.
+AGENT_BUNDLE_MTIME_AHEAD = 600.0
 
 #: The upstream of healthy masters behind the front port.
 MASTERS_UPSTREAM = "puppetha_masters"
@@ -88,6 +106,9 @@ class NginxRuntime:
     stream_module: str = STREAM_MODULE
     #: How long an old worker may finish requests in flight after a reload.
     worker_shutdown_timeout: int = 600
+    #: The ``live`` link of the generations (``<[lb] nginx_dir>/live``): nginx serves the agent
+    #: bundles from there, by absolute path (``alias`` does not resolve against the config).
+    live_dir: str = "/var/lib/puppetha/nginx/live"
 
 
 @frozen
@@ -207,21 +228,66 @@ def render(state: FrontState) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _tls_server(s: FrontSettings) -> list[str]:
+def _tls_server(s: FrontSettings, verify: str = "on") -> list[str]:
     return [
         f"        ssl_certificate {SERVER_CHAIN};",
         f"        ssl_certificate_key {_word(s.private_key, 'key path')};",
         f"        ssl_client_certificate {CA_BUNDLE};",
         f"        ssl_crl {CRL_BUNDLE};",
-        "        ssl_verify_client on;",
+        # "optional" still refuses (400) a certificate that is presented and fails: a revoked
+        # or foreign one never gets further than the handshake, on any path.
+        f"        ssl_verify_client {verify};",
         "        ssl_verify_depth 2;",
     ]
 
 
-def _proxy(upstream: str, ssl_name: str) -> list[str]:
+def _json_return(status: int, code: str, message: str) -> str:
+    return f"return {status} '{{\"error\": \"{code}\", \"message\": \"{message}\"}}';"
+
+
+#: Every location of the front but the CA paths: nothing without a verified certificate.
+_REQUIRE_CERTIFICATE = [
+    "            if ($ssl_client_verify != SUCCESS) {",
+    "                " + _json_return(400, "certificate-required",
+                                      "a client certificate from the fleet is required"),
+    "            }",
+]
+
+
+def _ca_locations(rt: NginxRuntime | None) -> list[str]:
+    """The CA paths served from the live bundles (front), and the rest of the CA API refused."""
+    lines = []
+    if rt is not None:
+        live = _word(rt.live_dir.rstrip("/"), "live dir")
+        lines.append("        # Puppet agents refresh their CA and CRL bundles here, certificate or not.")
+    for path, bundle in CA_PATHS if rt is not None else ():
+        lines += [
+            f"        location = {path} {{",
+            "            limit_except GET { deny all; }",
+            f"            alias {live}/{bundle};",
+            "            default_type text/plain;",
+            # 304 unless the bundle is newer than the agent's last refresh.
+            "            if_modified_since before;",
+            "            etag off;",
+            "        }",
+        ]
+    lines += [
+        # Prefix without the slash: "/puppet-ca;x/..." and the like are Puppet's CA API to
+        # puppetserver (Jetty drops path parameters), so they end here too.
+        "        location ^~ /puppet-ca {",
+        "            default_type application/json;",
+        "            " + _json_return(403, "forbidden", "the CA API is not served here"),
+        "        }",
+    ]
+    return lines
+
+
+def _proxy(upstream: str, ssl_name: str, require_certificate: bool = False) -> list[str]:
     name = _word(ssl_name, "master name")
-    lines = [
-        "        location / {",
+    lines = ["        location / {"]
+    if require_certificate:
+        lines += ["            default_type application/json;", *_REQUIRE_CERTIFICATE]
+    lines += [
         f"            proxy_pass https://{upstream};",
         f"            proxy_ssl_name {name};",
         # All headers here: a level with any proxy_set_header inherits none from above.
@@ -291,13 +357,18 @@ def _http(state: FrontState) -> list[str]:
         "    server {",
         f"        listen {_host_port(s.ports.address, s.ports.front, 'front')} ssl;",
     ]
-    lines += _tls_server(s)
+    lines += _tls_server(s, verify="optional")
+    lines += _ca_locations(rt)
     if healthy:
-        lines += _proxy(MASTERS_UPSTREAM, s.master_name)
+        lines += _proxy(MASTERS_UPSTREAM, s.master_name, require_certificate=True)
     else:
         lines += [
             "        # No healthy master: answer at once instead of hanging agents.",
-            "        location / { return 503; }",
+            "        location / {",
+            "            default_type application/json;",
+            *_REQUIRE_CERTIFICATE,
+            "            " + _json_return(503, "no-master", "no healthy master"),
+            "        }",
         ]
     lines += ["    }", ""]
 
@@ -308,6 +379,7 @@ def _http(state: FrontState) -> list[str]:
             f"        listen {_host_port(s.ports.address, port, 'master port')} ssl;",
         ]
         lines += _tls_server(s)
+        lines += _ca_locations(None)
         lines += _proxy(f"puppetha_master_{i}", certname)
         lines += ["    }", ""]
     lines += ["}", ""]
@@ -342,7 +414,13 @@ def _stream(state: FrontState) -> list[str]:
 
 
 def render_files(
-    state: FrontState, ca_bundle: bytes, crl_bundle: bytes, server_chain: bytes
+    state: FrontState,
+    ca_bundle: bytes,
+    crl_bundle: bytes,
+    server_chain: bytes,
+    *,
+    agent_ca_bundle: bytes,
+    agent_crl_bundle: bytes,
 ) -> dict[str, bytes]:
     """A whole generation: the config and the certificate files it names, by file name."""
     return {
@@ -350,5 +428,7 @@ def render_files(
         SERVER_CHAIN: server_chain,
         CA_BUNDLE: ca_bundle,
         CRL_BUNDLE: crl_bundle,
+        AGENT_CA_BUNDLE: agent_ca_bundle,
+        AGENT_CRL_BUNDLE: agent_crl_bundle,
     }
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from attrs import frozen
 
-from puppetha.ha.front import NGINX, Generations, NginxControl
+from puppetha.ha.front import LIVE, NGINX, Generations, NginxControl
 from puppetha.ha.nginx import STREAM_MODULE, FrontPorts, NginxRuntime
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ class NginxUnderTest:
             user="root",
             worker_processes="1",
             worker_shutdown_timeout=60,
+            live_dir=str(directory / "front" / LIVE),
         )
         self.generations = Generations(directory / "front")
         self.control = NginxControl(binary, error_log=self.error_log)
