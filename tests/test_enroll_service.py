@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import socket
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.puppetserver import check_lb_ca
-from puppetha.enroll.service import reset_enrollment
+from puppetha.enroll.service import reset_enrollment, revoke_identity
 from puppetha.ha.nginx import FrontPorts
 from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
+from puppetha.store import IStore
+from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
+from tests.aws_fixtures import boto_test_credentials
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
@@ -398,11 +402,21 @@ def test_reset_allows_a_new_enrollment(ready: World) -> None:
     assert reset_enrollment(ready.records, agent.instance_id, role="master") == []
 
 
-def test_same_instance_may_enroll_once_per_role(ready: World) -> None:
+def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
+    """One instance, one identity: an lb node may not also become an agent unless allowed."""
     lb = ready.launch("lb", security_groups=["lb-nodes"])
     assert ready.enroll(lb, "lb").status == 200
     assert ready.enroll(lb, "lb").status == 409
-    assert ready.enroll(lb, "agent").status == 200
+    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", ready.state())
+    node = ready.records.get(NodeRecord, lb.instance_id)
+    assert node is not None
+    assert node.record.roles == ("lb",)
+
+
+def test_the_privileged_role_is_refused_after_the_agent_one_too(ready: World) -> None:
+    master = ready.launch("master")
+    assert ready.enroll(master, "agent").status == 200
+    refused(ready, ready.enroll(master, "master"), 409, "another-role", ready.state())
 
 
 # -- CSR refusals ------------------------------------------------------------------------------
@@ -543,3 +557,71 @@ def test_after_the_operators_reset_a_node_enrolls_again_with_a_new_certificate(w
     assert again.status == 200, again.body
     assert again.json["certificate"] != first.json["certificate"]
     assert "OK" in world.verify(again.json)
+
+
+# -- one instance, one identity: revocation covers every certificate --------------------------
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def second_roles(request: pytest.FixtureRequest, enroll_aws, aws_signer, tmp_path: Path) -> Iterator[World]:
+    """A world whose operator allows second roles, on each store backend."""
+    make_store = None
+    if request.param == "dynamodb":
+        credentials = request.getfixturevalue("dynamodb_credentials")
+        assert credentials is not None
+
+        def make_store(tmp: Path) -> IStore:
+            table = f"puppetha-{tmp.name}"[:200]
+            store = DynamoDBStore(table, "us-east-1", enroll_aws.moto.endpoint_url)
+            store.create_table(deletion_protection=False)
+            return store
+
+    built = build_world(enroll_aws, aws_signer, tmp_path, policy=make_policy(allow_second_role=True),
+                        make_store=make_store)
+    yield built
+    built.store.close()
+
+
+@pytest.fixture
+def dynamodb_credentials() -> Iterator[object]:
+    with boto_test_credentials() as env:
+        yield env
+
+
+def test_role_switch_then_revoke_leaves_no_certificate_of_the_instance_verifying(second_roles: World) -> None:
+    world = second_roles
+    master, as_master = enroll_master(world)
+    as_agent = world.enroll(master, "agent")
+    assert as_agent.status == 200, as_agent.body
+    node = world.records.get(NodeRecord, master.instance_id)
+    assert node is not None
+    assert node.record.roles == ("master", "agent")
+    assert {c.serial for c in node.record.certificates} == {
+        load(as_master.json["certificate"]).serial_number, load(as_agent.json["certificate"]).serial_number}
+    for answer in (as_master, as_agent):
+        assert "OK" in world.verify(answer.json)
+
+    done = revoke_identity(world.records, world.authority, master.instance_id, "keyCompromise",
+                           world.clock.seconds)
+    assert done is not None
+    assert done.deregistered == (master.instance_id,)
+    crls = world.authority.crl_chain_pem().decode()
+    for answer in (as_master, as_agent):
+        verdict = world.verify({**answer.json, "crl_chain": crls})
+        assert "certificate revoked" in verdict, verdict
+    after = world.records.get(NodeRecord, master.instance_id)
+    assert after is not None
+    assert after.record.revoked
+    # Gone from the registry in the same transaction: no new agents are sent to it.
+    assert world.records.get(MasterRecord, master.instance_id) is None
+    assert world.enroll(world.launch("agent")).error == "no-master"
+    refused(world, world.enroll(master, "master"), 409, "already-enrolled", world.state())
+
+
+def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> None:
+    world = second_roles
+    both = world.launch("master", security_groups=["lb-nodes"])
+    assert world.enroll(both, "master").status == 200
+    assert revoke_identity(world.records, world.authority, both.instance_id, "unspecified",
+                           world.clock.seconds) is not None
+    refused(world, world.enroll(both, "lb"), 409, "revoked", world.state())

@@ -39,9 +39,10 @@ from puppetha.enroll.policy import (
     Refuse,
     decide,
     precheck,
+    role_conflict,
 )
 from puppetha.ha.nginx import FrontPorts, MasterBackend, master_ports
-from puppetha.pki.authority import LB_CA, RESERVED_CA_NAMES, ROOT, CertificateAuthority
+from puppetha.pki.authority import LB_CA, RESERVED_CA_NAMES, ROOT, CertificateAuthority, ToRevoke
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.pki.csr import CSRPolicy, CSRRefused, check_csr
 from puppetha.pki.keys import KeyType
@@ -56,7 +57,16 @@ from puppetha.store import (
     VersionConflict,
     Write,
 )
-from puppetha.store.records import CARecord, CRLRecord, EnrollmentClaim, MasterRecord, NodeRecord, Records
+from puppetha.store.records import (
+    CARecord,
+    CRLRecord,
+    EnrollmentClaim,
+    IssuedCertificate,
+    MasterRecord,
+    NodeRecord,
+    Records,
+    Versioned,
+)
 from puppetha.threads import Blocking
 
 log = Logger()
@@ -345,6 +355,10 @@ class Enrollment:
         """Create the claim; returns its version.  ``EnrollmentRefused`` 409 if it exists."""
         records = self.records.target
         now = self.clock.seconds()
+        held = [c.record.role for c in records.list(EnrollmentClaim, prefix=f"{admit.instance_id}/")]
+        conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
         claim = EnrollmentClaim(
             instance_id=admit.instance_id, role=admit.role, certname=admit.certname, claimed_at=now
         )
@@ -475,6 +489,18 @@ class Enrollment:
             claimed_at=now,
             state="issued",
         )
+        issued = IssuedCertificate(
+            serial=cert.serial_number,
+            issuer=issuer,
+            role=admit.role,
+            certname=admit.certname,
+            issued_at=now,
+            not_after=cert.not_valid_after_utc.timestamp(),
+        )
+        known_node = records.get(NodeRecord, admit.certname)
+        history: tuple[IssuedCertificate, ...] = ()
+        if known_node is not None:
+            history = self._history(admit, known_node.record)
         node = NodeRecord(
             certname=admit.certname,
             instance_id=admit.instance_id,
@@ -486,11 +512,19 @@ class Enrollment:
             issuer=issuer,
             certificate_pem=certificate_pem,
             enrolled_at=now,
-            not_after=cert.not_valid_after_utc.timestamp(),
+            not_after=issued.not_after,
+            certificates=(*history, issued),
+        )
+        # The transaction checks the node is still at the version read: of two roles racing
+        # onto one identity, the second sees the first (and its role) or fails.
+        node_write: Write = (
+            Create(NodeRecord.KIND, node.key(), node.to_value())
+            if known_node is None
+            else Replace(NodeRecord.KIND, node.key(), node.to_value(), known_node.version)
         )
         writes: list[Write] = [
             Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version),
-            _upsert(records, node, same_owner=lambda old: old.get("instance_id") == admit.instance_id),
+            node_write,
         ]
         if admit.role == "master":
             # A master enrolling again keeps its place in the registration order, and with it
@@ -506,6 +540,23 @@ class Enrollment:
             )
             writes.append(_upsert(records, master, same_owner=lambda old: True))
         return writes
+
+    def _history(self, admit: Admit, known: NodeRecord) -> tuple[IssuedCertificate, ...]:
+        """The certificates the identity already holds, or a refusal to add one more."""
+        if known.instance_id != admit.instance_id:
+            raise EnrollmentRefused(
+                409, "already-enrolled", f"the certname {admit.certname} belongs to another instance"
+            )
+        if known.revoked:
+            raise EnrollmentRefused(
+                409, "revoked",
+                f"{admit.certname} was revoked; an operator can allow a new enrollment with "
+                "`puppetha node reset`",
+            )
+        conflict = role_conflict(admit.instance_id, admit.role, known.roles, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
+        return known.certificates
 
     async def _compensate(self, admit: Admit, claim_version: int, issuer: str) -> None:
         try:
@@ -572,12 +623,110 @@ def _upsert(records: Records, record: NodeRecord | MasterRecord, same_owner: Cal
     return Replace(record.KIND, record.key(), record.to_value(), current.version)
 
 
+class IdentityChanged(Exception):
+    """The instance was issued another certificate while it was being revoked: plan again."""
+
+
+@frozen
+class RevokedIdentity:
+    """What :func:`revoke_identity` did."""
+
+    instance_id: str
+    #: The instance's node records, as now stored (revoked).
+    nodes: tuple[NodeRecord, ...]
+    #: Every certificate of the instance, each now on its issuer's CRL.
+    certificates: tuple[IssuedCertificate, ...]
+    #: The CRLs published, by CA name.
+    crls: dict[str, CRLRecord]
+    #: Masters removed from the registry (no new agents, off the front).
+    deregistered: tuple[str, ...]
+
+
+def identity_of(records: Records, name: str) -> tuple[str, list[Versioned[NodeRecord]]]:
+    """
+    The instance named by ``name`` (a certname or an instance id) and every node record it
+    holds: the one under ``name`` and those its enrollment claims name (a certname template
+    changed between two enrollments gives one instance two certnames).  Blocking.
+    """
+    node = records.get(NodeRecord, name)
+    instance_id = node.record.instance_id if node is not None else name
+    certnames = {c.record.certname for c in records.list(EnrollmentClaim, prefix=f"{instance_id}/")}
+    if node is not None:
+        certnames.add(name)
+    found = []
+    for certname in sorted(certnames):
+        current = node if node is not None and certname == name else records.get(NodeRecord, certname)
+        if current is not None and current.record.instance_id == instance_id:
+            found.append(current)
+    return instance_id, found
+
+
+def revoke_identity(
+    records: Records, authority: CertificateAuthority, name: str, reason: str, now: Callable[[], float]
+) -> RevokedIdentity | None:
+    """
+    ``puppetha node revoke``: revoke every certificate the instance named by ``name`` was ever
+    issued, in every role, mark its node records revoked and deregister it as a master, all in
+    one store transaction.  ``None`` when no node has that name.  Blocking.
+    """
+    for _ in range(10):
+        instance_id, nodes = identity_of(records, name)
+        if not nodes:
+            return None
+        plan = _IdentityRevocation(records, {n.record.certname: n.record.certificates for n in nodes}, now)
+        certificates = tuple(dict.fromkeys(c for n in nodes for c in n.record.certificates))
+        try:
+            crls = authority.revoke_all(
+                [ToRevoke(c.issuer, c.serial, c.certname, c.not_after) for c in certificates],
+                reason,
+                plan.writes,
+            )
+        except IdentityChanged:
+            continue
+        for certname in plan.deregistered:
+            log.info("deregistered the revoked master {certname}", certname=certname)
+        return RevokedIdentity(instance_id, tuple(plan.stored), certificates, crls, tuple(plan.deregistered))
+    raise StoreError(f"the records of {name} kept changing while it was being revoked; try again")
+
+
+class _IdentityRevocation:
+    """The writes beside the CRLs of one revocation, read again on every attempt."""
+
+    def __init__(
+        self, records: Records, planned: dict[str, tuple[IssuedCertificate, ...]], now: Callable[[], float]
+    ) -> None:
+        self.records = records
+        self.planned = planned
+        self.now = now
+        self.stored: list[NodeRecord] = []
+        self.deregistered: list[str] = []
+
+    def writes(self) -> list[Write]:
+        self.stored.clear()
+        self.deregistered.clear()
+        writes: list[Write] = []
+        for certname, certs in self.planned.items():
+            current = self.records.get(NodeRecord, certname)
+            if current is None or current.record.certificates != certs:
+                raise IdentityChanged(certname)
+            node = current.record
+            if not node.revoked:
+                node = NodeRecord.from_value({**node.to_value(), "revoked_at": self.now()})
+                writes.append(Replace(NodeRecord.KIND, certname, node.to_value(), current.version))
+            self.stored.append(node)
+            master = self.records.get(MasterRecord, certname)
+            if master is not None:
+                writes.append(Delete(MasterRecord.KIND, certname, master.version))
+                self.deregistered.append(certname)
+        return writes
+
+
 def reset_enrollment(records: Records, name: str, role: str | None = None) -> list[str]:
     """
-    ``puppetha node reset``: remove the enrollment claims of a node (by certname or instance
-    id; one ``role`` or all), so the instance may enroll again.  Returns the claims removed.
-    Its node record and certificate stay until the new enrollment replaces them; revoke the
-    old certificate separately if it must stop working.  Blocking.
+    Remove the enrollment claims of a node (by certname or instance id; one ``role`` or all),
+    so the instance may enroll again.  Returns the claims removed.  ``puppetha node reset``
+    revokes the instance first (:func:`revoke_identity`) and removes its node records too.
+    Blocking.
     """
     instance_id = name
     node = records.get(NodeRecord, name)
@@ -595,5 +744,3 @@ def reset_enrollment(records: Records, name: str, role: str | None = None) -> li
     if removed:
         log.info("reset enrollment claims {claims}", claims=removed)
     return removed
-
-

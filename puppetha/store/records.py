@@ -10,7 +10,7 @@ kind           key                             record
 ``crl``        CA name                         :class:`CRLRecord` (number, signed CRL)
 ``revoked``    ``<ca>/<serial hex>``           :class:`RevokedRecord`
 ``claim``      ``<instance id>/<role>``        :class:`EnrollmentClaim`
-``node``       certname                        :class:`NodeRecord`
+``node``       certname                        :class:`NodeRecord` (the instance's identity)
 ``master``     certname                        :class:`MasterRecord`
 ``class``      scope (``default``, ``sg:..``)  :class:`Classification`
 ``lease``      lease name                      :class:`LeaseRecord`
@@ -132,7 +132,44 @@ class EnrollmentClaim(Record):
 
 
 @frozen
+class IssuedCertificate:
+    """One certificate issued to an instance: what revoking the instance must revoke."""
+
+    serial: int
+    #: Name of the issuing CA.
+    issuer: str
+    role: str
+    certname: str
+    issued_at: float
+    not_after: float
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["serial"] = f"{self.serial:x}"
+        return value
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> IssuedCertificate:
+        names = {f.name for f in fields(cls)}
+        found = {k: v for k, v in value.items() if k in names}
+        found["serial"] = int(found["serial"], 16)
+        return cls(**found)
+
+
+def _certificates(value: object) -> tuple[IssuedCertificate, ...]:
+    if not isinstance(value, tuple | list):
+        raise TypeError("certificates are a sequence")
+    return tuple(c if isinstance(c, IssuedCertificate) else IssuedCertificate.from_value(c) for c in value)
+
+
+@frozen
 class NodeRecord(Record):
+    """
+    An instance's one identity, under its certname.  The top-level fields describe its latest
+    certificate; ``certificates`` holds every certificate ever issued to it, in every role,
+    so that revoking the instance revokes them all.
+    """
+
     KIND: ClassVar[str] = "node"
     certname: str
     instance_id: str
@@ -146,6 +183,15 @@ class NodeRecord(Record):
     enrolled_at: float
     not_after: float
     revoked_at: float | None = None
+    certificates: tuple[IssuedCertificate, ...] = field(default=(), converter=_certificates)
+
+    def __attrs_post_init__(self) -> None:
+        # Records of the older shape held only the latest certificate: that one, at least,
+        # belongs to the history.
+        if not any(c.serial == self.serial and c.issuer == self.issuer for c in self.certificates):
+            latest = IssuedCertificate(self.serial, self.issuer, self.role, self.certname,
+                                       self.enrolled_at, self.not_after)
+            object.__setattr__(self, "certificates", (*self.certificates, latest))
 
     def key(self) -> str:
         return self.certname
@@ -154,9 +200,15 @@ class NodeRecord(Record):
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every role the instance has held a certificate for, in the order they were issued."""
+        return tuple(dict.fromkeys(c.role for c in self.certificates))
+
     def to_value(self) -> dict[str, Any]:
-        value = asdict(self)
+        value = asdict(self, recurse=False)
         value["serial"] = f"{self.serial:x}"
+        value["certificates"] = [c.to_value() for c in self.certificates]
         return value
 
     @classmethod
