@@ -6,18 +6,26 @@ atomic); :meth:`Changes.commit` then renames the staged copies over the targets 
 if any step fails, puts back what the earlier steps replaced.  A crash or an error before
 ``commit`` leaves only hidden staging entries (``.NAME.new-*``), never a half-written ssldir.
 
+The ssldir belongs to another user (Debian's ``puppet``, which runs puppetserver on masters), who
+may also own its parent; we run as root.  So nothing there is reached by path as root: a
+:class:`StagedDirectory` is a root-owned 0700 directory reached only through file descriptors
+(``openat`` with ``O_NOFOLLOW``, ``fchmod``, ``fchown``), an existing ssldir is copied into it the
+same way, and its top is given its final mode and owner only just before the rename that puts
+it in place.  A link planted in the ssldir is copied as a link and never followed.
+
 A master's enrollment adds puppetserver's own files (its ``conf.d`` and ``services.d`` settings,
 the ``[server]`` section of puppet.conf) as further :class:`Changes` steps beside the ssldir.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -75,26 +83,25 @@ def write_ssldir(changes: Changes, ssldir: Path, credentials: PuppetCredentials,
         check_not_enrolled(ssldir, credentials.certname)
     name = f"{credentials.certname}.pem"
     staged = changes.stage_directory(ssldir, SSLDIR_MODE)
-    owner = changes.owner_for(ssldir)
-    certs = _subdirectory(staged, "certs", PUBLIC_DIR_MODE, owner)
-    private_keys = _subdirectory(staged, "private_keys", PRIVATE_DIR_MODE, owner)
-    public_keys = _subdirectory(staged, "public_keys", PUBLIC_DIR_MODE, owner)
-    _write(private_keys / name, credentials.private_key, PRIVATE_KEY_MODE, owner)
-    _write(public_keys / name, credentials.public_key, PUBLIC_FILE_MODE, owner)
-    _write(certs / name, credentials.certificate, PUBLIC_FILE_MODE, owner)
-    _write(certs / "ca.pem", credentials.ca_chain, PUBLIC_FILE_MODE, owner)
-    _write(staged / "crl.pem", credentials.crl_chain, PUBLIC_FILE_MODE, owner)
+    certs = staged.subdirectory("certs", PUBLIC_DIR_MODE)
+    private_keys = staged.subdirectory("private_keys", PRIVATE_DIR_MODE)
+    public_keys = staged.subdirectory("public_keys", PUBLIC_DIR_MODE)
+    private_keys.write(name, credentials.private_key, PRIVATE_KEY_MODE)
+    public_keys.write(name, credentials.public_key, PUBLIC_FILE_MODE)
+    certs.write(name, credentials.certificate, PUBLIC_FILE_MODE)
+    certs.write("ca.pem", credentials.ca_chain, PUBLIC_FILE_MODE)
+    staged.write("crl.pem", credentials.crl_chain, PUBLIC_FILE_MODE)
     for file_name, pem in credentials.extra_certificates.items():
         if "/" in file_name or file_name.startswith(".") or file_name in ("ca.pem", name):
             raise ValueError(f"{file_name!r} is not a name for an extra certificate")
-        _write(certs / file_name, pem, PUBLIC_FILE_MODE, owner)
+        certs.write(file_name, pem, PUBLIC_FILE_MODE)
     for file_name, pem in credentials.extra_files.items():
         if "/" in file_name or file_name.startswith(".") or file_name == "crl.pem":
             raise ValueError(f"{file_name!r} is not a name for an extra ssldir file")
-        _write(staged / file_name, pem, PUBLIC_FILE_MODE, owner)
-    requests = staged / "certificate_requests"
-    if requests.is_dir() and not requests.is_symlink():
-        (requests / name).unlink(missing_ok=True)
+        staged.write(file_name, pem, PUBLIC_FILE_MODE)
+    requests = staged.existing_subdirectory("certificate_requests")
+    if requests is not None:
+        requests.remove(name)
 
 
 def write_puppet_conf(changes: Changes, path: Path, section: str, settings: Mapping[str, str]) -> None:
@@ -183,11 +190,109 @@ def merge_puppet_conf(text: str, section: str, settings: Mapping[str, str]) -> s
     return "\n".join(out) + "\n"
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class StagedDirectory:
+    """
+    A directory being staged, reached only through its file descriptor: what an attacker does
+    to the paths around it cannot redirect a write, a chmod or a chown.  Everything made in it
+    gets its final mode and ``owner`` at once; that is safe because the top of the staging tree
+    stays root-owned 0700 until :meth:`Changes.commit` (nobody else can reach inside).
+    """
+
+    def __init__(self, fd: int, owner: tuple[int, int] | None) -> None:
+        self.fd = fd
+        self.owner = owner
+        self._children: list[StagedDirectory] = []
+
+    def subdirectory(self, name: str, mode: int) -> StagedDirectory:
+        """The directory ``name`` (made if missing; a link or a file there is replaced)."""
+        _check_name(name)
+        try:
+            fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            fd = self._make_directory(name)
+        except OSError as e:
+            if not isinstance(e, NotADirectoryError) and e.errno != errno.ELOOP:
+                raise
+            # A link (ELOOP with O_NOFOLLOW) or a file where Puppet keeps a directory: the copy of
+            # an ssldir its owner planted it in.  Replaced, never followed.
+            os.unlink(name, dir_fd=self.fd)
+            fd = self._make_directory(name)
+        child = StagedDirectory(fd, self.owner)
+        self._children.append(child)
+        os.fchmod(fd, mode)
+        return child
+
+    def existing_subdirectory(self, name: str) -> StagedDirectory | None:
+        """The directory ``name`` if it is one (not a link to one), else ``None``."""
+        _check_name(name)
+        try:
+            fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=self.fd)
+        except OSError:
+            return None
+        child = StagedDirectory(fd, self.owner)
+        self._children.append(child)
+        return child
+
+    def write(self, name: str, content: bytes, mode: int) -> None:
+        """The file ``name`` with ``content``, created with ``mode`` (whatever was there is replaced)."""
+        _check_name(name)
+        self.remove(name)
+        # Created with its final mode: a private key is never readable by others, not even briefly.
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                     dir_fd=self.fd)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+            _fchown(f.fileno(), self.owner)
+
+    def remove(self, name: str) -> None:
+        """Remove the file or link ``name``, if there is one (never what a link points to)."""
+        _check_name(name)
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            shutil.rmtree(name, dir_fd=self.fd)
+
+    def close(self) -> None:
+        """fsync and close this directory and every one opened under it."""
+        for child in self._children:
+            child.close()
+        self._children.clear()
+        if self.fd >= 0:
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def _make_directory(self, name: str) -> int:
+        os.mkdir(name, 0o700, dir_fd=self.fd)
+        fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=self.fd)
+        _fchown(fd, self.owner)
+        return fd
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"{name!r} is not a file name")
+
+
 @frozen
 class _Step:
     target: Path
     staged: Path
     is_directory: bool
+    #: A staged directory: its handle, and the mode and owner its top takes just before commit.
+    handle: StagedDirectory | None = None
+    mode: int = 0
+    owner: tuple[int, int] | None = None
 
 
 class Changes:
@@ -228,25 +333,44 @@ class Changes:
             return st.st_uid, st.st_gid
         return None
 
-    def stage_directory(self, target: Path, mode: int) -> Path:
-        """A staging copy of ``target`` (empty if it does not exist) to edit; replaces it on commit."""
+    def stage_directory(self, target: Path, mode: int) -> StagedDirectory:
+        """
+        A staging copy of ``target`` (empty if it does not exist) to edit; replaces it on commit.
+        The copy keeps the modes and owners of what it copies; its top takes ``target``'s (or
+        ``mode`` and the owner of the nearest parent) only at commit.
+        """
         parent = _make_parents(target)
         staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=parent))
-        self._steps.append(_Step(target, staged, is_directory=True))
-        if target.is_dir():
-            _copy_tree(target, staged)
-        else:
-            os.chmod(staged, mode)
-            _chown(staged, self.owner_for(target))
-        return staged
+        fd = os.open(staged, _DIRECTORY_FLAGS)
+        owner = self.owner_for(target)
+        handle = StagedDirectory(fd, owner)
+        try:
+            source = os.open(target, _DIRECTORY_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            source = -1
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            source = -1  # the ssldir itself a link: replaced by a directory, never followed
+        if source >= 0:
+            try:
+                st = os.fstat(source)
+                mode = stat.S_IMODE(st.st_mode) & 0o777
+                owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+                _copy_into(source, handle.fd)
+            finally:
+                os.close(source)
+        self._steps.append(_Step(target, staged, True, handle, mode, owner))
+        return handle
 
     def stage_file(self, target: Path, content: bytes, mode: int) -> None:
         """Stage ``content`` for ``target``; an existing file's mode and owner are kept."""
         parent = _make_parents(target)
         owner = self.owner_for(target)
         try:
-            st = target.stat()
-            mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+            st = target.lstat()
+            if stat.S_ISREG(st.st_mode):
+                mode, owner = stat.S_IMODE(st.st_mode) & 0o777, (st.st_uid, st.st_gid)
         except FileNotFoundError:
             pass
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.new-", dir=parent)
@@ -257,56 +381,85 @@ class Changes:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        _chown(staged, owner)
+            if os.geteuid() == 0:
+                _fchown(f.fileno(), owner)
 
     def commit(self) -> None:
         """Rename every staged copy over its target; on failure, undo the steps already done."""
         done: list[tuple[_Step, Path | None]] = []
         try:
             for step in self._steps:
-                _fsync_tree(step.staged)
+                if step.handle is not None:
+                    _finish(step, step.handle)
                 done.append((step, _swap_in(step)))
         except BaseException:
             for step, backup in reversed(done):
                 _swap_back(step, backup)
             for step in self._steps[len(done) :]:
-                _remove(step.staged)
+                _abandon(step)
             raise
         finally:
             self._committed = True
             self._steps.clear()
-        for _, backup in done:
+        for _step, backup in done:
             if backup is not None:
                 _remove(backup)
 
     def abandon(self) -> None:
         """Remove everything staged; the targets are untouched."""
         for step in self._steps:
-            _remove(step.staged)
+            _abandon(step)
         self._steps.clear()
+
+
+def _finish(step: _Step, handle: StagedDirectory) -> None:
+    """The staged directory's top takes its final mode and owner: from here on it is theirs."""
+    os.fchmod(handle.fd, step.mode)
+    if os.geteuid() == 0:
+        _fchown(handle.fd, step.owner)
+    handle.close()
+
+
+def _abandon(step: _Step) -> None:
+    if step.handle is not None:
+        step.handle.close()
+    _remove(step.staged)
 
 
 def _swap_in(step: _Step) -> Path | None:
     """Put ``step.staged`` at ``step.target``; returns where the old target was kept, if any."""
     backup: Path | None = None
-    if os.path.lexists(step.target):
-        backup = _backup_name(step.target)
-        if step.is_directory:
-            os.rename(step.target, backup)
-        else:
-            # A hard link keeps the old file for undo while the rename below replaces the target
-            # atomically, so readers never find it missing.
-            os.link(step.target, backup)
+    parent = os.open(step.target.parent, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
     try:
-        os.replace(step.staged, step.target)
-    except BaseException:
-        if backup is not None and step.is_directory:
-            os.rename(backup, step.target)
-        elif backup is not None:
-            backup.unlink()
-        raise
-    _fsync_directory(step.target.parent)
+        name, staged = step.target.name, step.staged.name
+        if _lexists(name, parent):
+            backup = _backup_name(step.target)
+            if step.is_directory:
+                os.rename(name, backup.name, src_dir_fd=parent, dst_dir_fd=parent)
+            else:
+                # A hard link keeps the old file for undo while the rename below replaces the
+                # target atomically, so readers never find it missing.
+                os.link(name, backup.name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+        try:
+            os.rename(staged, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            if backup is not None and step.is_directory:
+                os.rename(backup.name, name, src_dir_fd=parent, dst_dir_fd=parent)
+            elif backup is not None:
+                os.unlink(backup.name, dir_fd=parent)
+            raise
+        os.fsync(parent)
+    finally:
+        os.close(parent)
     return backup
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _swap_back(step: _Step, backup: Path | None) -> None:
@@ -332,77 +485,81 @@ def _make_parents(target: Path) -> Path:
     return parent
 
 
-def _subdirectory(staged: Path, name: str, mode: int, owner: tuple[int, int] | None) -> Path:
-    path = staged / name
-    if path.is_symlink():
-        # The copy of an ssldir its owner planted a link in: we run as root, and would otherwise
-        # chmod and write through it, wherever it points.
-        path.unlink()
-    if not path.is_dir():
-        path.mkdir()
-        _chown(path, owner)
-    os.chmod(path, mode)
-    return path
-
-
-def _write(path: Path, content: bytes, mode: int, owner: tuple[int, int] | None) -> None:
-    path.unlink(missing_ok=True)
-    # Created with its final mode: a private key is never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(content)
-    _chown(path, owner)
-
-
-def _chown(path: Path, owner: tuple[int, int] | None) -> None:
+def _fchown(fd: int, owner: tuple[int, int] | None) -> None:
     if owner is not None:
-        os.chown(path, *owner, follow_symlinks=False)
+        os.fchown(fd, *owner)
 
 
-def _copy_tree(source: Path, staged: Path) -> None:
-    """Copy ``source``'s contents into ``staged`` with modes and owners (copytree keeps no owners)."""
-    shutil.copytree(source, staged, symlinks=True, dirs_exist_ok=True)
-    for original, copy in _pairs(source, staged):
-        st = os.lstat(original)
-        if not stat.S_ISLNK(st.st_mode):
-            os.chmod(copy, stat.S_IMODE(st.st_mode))
-        if os.geteuid() == 0:
-            os.chown(copy, st.st_uid, st.st_gid, follow_symlinks=False)
-
-
-def _pairs(source: Path, copy: Path) -> Iterator[tuple[Path, Path]]:
-    yield source, copy
-    for root, dirs, files in os.walk(source):
-        relative = Path(root).relative_to(source)
-        for name in (*dirs, *files):
-            yield Path(root) / name, copy / relative / name
-
-
-def _fsync_tree(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            if not os.path.islink(full):
-                fd = os.open(full, os.O_RDONLY)
+def _copy_into(source: int, copy: int) -> None:
+    """
+    Copy the directory open at ``source`` into the one open at ``copy``, entry by entry through
+    file descriptors, with modes (less setuid, setgid and sticky bits) and owners.  Links are
+    copied as links, never followed; a directory is entered only with ``O_NOFOLLOW``; a file is
+    copied only if, once opened, it is a regular file with one link (a hard link to a file
+    elsewhere is not Puppet's and is not copied, nor is anything but files, directories and links).
+    """
+    as_root = os.geteuid() == 0
+    for entry in os.scandir(source):
+        name = entry.name
+        try:
+            st = os.stat(name, dir_fd=source, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                os.symlink(os.readlink(name, dir_fd=source), name, dir_fd=copy)
+            except FileNotFoundError:
+                continue
+            if as_root:
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=copy, follow_symlinks=False)
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                inner = os.open(name, _DIRECTORY_FLAGS, dir_fd=source)
+            except OSError:
+                continue  # swapped for something else since: not copied
+            try:
+                found = os.fstat(inner)
+                os.mkdir(name, 0o700, dir_fd=copy)
+                made = os.open(name, _DIRECTORY_FLAGS, dir_fd=copy)
                 try:
-                    os.fsync(fd)
+                    _copy_into(inner, made)
+                    os.fchmod(made, stat.S_IMODE(found.st_mode) & 0o777)
+                    if as_root:
+                        os.fchown(made, found.st_uid, found.st_gid)
                 finally:
-                    os.close(fd)
-        _fsync_directory(Path(root))
+                    os.close(made)
+            finally:
+                os.close(inner)
+        elif stat.S_ISREG(st.st_mode):
+            _copy_file(name, source, copy, as_root)
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _copy_file(name: str, source: int, copy: int, as_root: bool) -> None:
     try:
-        os.fsync(fd)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=source)
+    except OSError:
+        return  # gone, or swapped for a link or a FIFO since: not copied
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+            return
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=copy)
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                os.write(out, chunk)
+            os.fchmod(out, stat.S_IMODE(found.st_mode) & 0o777)
+            if as_root:
+                os.fchown(out, found.st_uid, found.st_gid)
+            os.fsync(out)
+        finally:
+            os.close(out)
     finally:
         os.close(fd)
 
 
 def _remove(path: Path) -> None:
+    # rmtree works through file descriptors and never follows a link; a link itself is unlinked.
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -413,6 +570,7 @@ __all__: Sequence[str] = (
     "AlreadyEnrolled",
     "Changes",
     "PuppetCredentials",
+    "StagedDirectory",
     "certificate_path",
     "check_not_enrolled",
     "merge_puppet_conf",
