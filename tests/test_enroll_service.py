@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.puppetserver import check_lb_ca
-from puppetha.enroll.service import reset_enrollment, revoke_identity
+from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
 from puppetha.ha.nginx import FrontPorts
 from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
@@ -361,14 +361,23 @@ def test_master_not_permitted(ready: World) -> None:
 # -- one enrollment per instance and role -----------------------------------------------------
 
 
-def test_replay_is_refused(ready: World) -> None:
+def test_a_replay_with_the_same_key_gets_the_same_certificate_and_issues_nothing(ready: World) -> None:
+    """The answer was lost (timeout, crash, a failed write): the holder of the key asks again."""
     agent = ready.launch()
     body = json.dumps(ready.body_for(agent)).encode()
     first = ready.call("/v1/enroll", body, source=agent.private_ip)
     assert first.status == 200
     before = ready.state()
     again = ready.call("/v1/enroll", body, source=agent.private_ip)
-    refused(ready, again, 409, "already-enrolled", before)
+    assert again.status == 200, again.body
+    assert again.json == first.json
+    assert ready.state() == before
+
+
+def test_another_key_is_refused_after_the_enrollment(ready: World) -> None:
+    agent = ready.launch()
+    assert ready.enroll(agent).status == 200
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", ready.state())
 
 
 def test_race_of_two_enrollments_exactly_one_wins(ready: World) -> None:
@@ -625,3 +634,50 @@ def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> Non
     assert revoke_identity(world.records, world.authority, both.instance_id, "unspecified",
                            world.clock.seconds) is not None
     refused(world, world.enroll(both, "lb"), 409, "revoked", world.state())
+
+
+# -- idempotent per key: a crash or a lost answer does not strand an instance ------------------
+
+
+def _key_id(csr_pem: bytes) -> str:
+    return public_key_id(x509.load_pem_x509_csr(csr_pem))
+
+
+def test_an_unfinished_claim_is_resumed_at_once_by_the_same_key(ready: World) -> None:
+    """What a daemon killed between claim and record leaves: the same key goes on, no waiting."""
+    agent = ready.launch()
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = make_csr(agent.instance_id, key=key)
+    ready.records.create(EnrollmentClaim(agent.instance_id, "agent", agent.instance_id,
+                                         ready.clock.seconds(), public_key=_key_id(csr)))
+    before = ready.state()
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", before)  # another key
+    answer = ready.enroll(agent, csr=make_csr(agent.instance_id, key=key))  # same key, new CSR
+    assert answer.status == 200, answer.body
+    assert "OK" in ready.verify(answer.json)
+    claim = ready.records.get(EnrollmentClaim, f"{agent.instance_id}/agent")
+    assert claim is not None
+    assert (claim.record.state, claim.record.certificate_pem) == ("issued", answer.json["certificate"])
+
+
+def test_a_master_asking_again_with_its_key_gets_its_whole_answer_again(world: World) -> None:
+    master = world.launch("master")
+    key = ec.generate_private_key(ec.SECP256R1())
+    first = world.enroll(master, "master", csr=make_csr(master.instance_id, key=key, sans=[
+        x509.DNSName(master.private_dns), x509.DNSName("puppet.example.net")]))
+    assert first.status == 200, first.body
+    before = world.state()
+    again = world.enroll(master, "master", csr=make_csr(master.instance_id, key=key))
+    assert again.status == 200, again.body
+    assert again.json == first.json
+    assert again.json["ca_certificate"]
+    assert world.state() == before
+
+
+def test_a_revoked_node_asking_again_with_its_key_is_refused(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    assert ready.call("/v1/enroll", body, source=agent.private_ip).status == 200
+    assert revoke_identity(ready.records, ready.authority, agent.instance_id, "keyCompromise",
+                           ready.clock.seconds) is not None
+    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", ready.state())

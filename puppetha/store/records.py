@@ -117,7 +117,10 @@ class RevokedRecord(Record):
 
 @frozen
 class EnrollmentClaim(Record):
-    """Written with create-if-absent before anything is signed: one enrollment per instance and role."""
+    """
+    Written with create-if-absent before anything is signed: one enrollment per instance and
+    role, and per key (the holder of the key it names may ask again).
+    """
 
     KIND: ClassVar[str] = "claim"
     instance_id: str
@@ -126,6 +129,12 @@ class EnrollmentClaim(Record):
     claimed_at: float
     #: ``claimed`` while signing, ``issued`` once the node record exists.
     state: str = "claimed"
+    #: SHA-256 (hex) of the CSR's public key (SubjectPublicKeyInfo, DER): the same instance and
+    #: role asking again with this key resumes the claim, or gets the same certificate again.
+    public_key: str = ""
+    #: Once issued: the certificate and its issuing CA, to answer again.
+    certificate_pem: str = ""
+    issuer: str = ""
 
     def key(self) -> str:
         return f"{self.instance_id}/{self.role}"
