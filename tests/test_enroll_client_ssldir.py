@@ -377,3 +377,37 @@ def test_the_ssldirs_owner_racing_the_client_changes_no_file_outside_the_ssldir(
         assert written > 0
     finally:
         shutil.rmtree(base)
+
+
+def test_an_ssldir_from_an_image_layer_on_overlayfs_is_written(ca: TestCA, tmp_path: Path) -> None:
+    """
+    overlayfs refuses to rename a directory of a lower layer (EXDEV): an ssldir that came with
+    the image is updated entry by entry instead, with the same result.
+    """
+    lower, upper, work, merged = (tmp_path / name for name in ("lower", "upper", "work", "merged"))
+    for path in (upper, work, merged):
+        path.mkdir()
+    (lower / "ssl" / "certs").mkdir(parents=True)
+    (lower / "ssl" / "certs" / "other.pem").write_text("other")
+    (lower / "ssl" / "certificate_requests").mkdir()
+    (lower / "ssl" / "certificate_requests" / "i-1.pem").write_text("old request")
+    mount = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+         str(merged)], capture_output=True, text=True, check=False)
+    assert mount.returncode == 0, f"overlayfs must be mountable here: {mount.stderr}"
+    try:
+        ssldir = merged / "ssl"
+        credentials = _credentials(ca)
+        with Changes() as changes:
+            write_ssldir(changes, ssldir, credentials, force=False)
+            changes.commit()
+        assert (ssldir / "private_keys" / "i-1.pem").read_bytes() == credentials.private_key
+        assert (ssldir / "certs" / "i-1.pem").read_bytes() == credentials.certificate
+        assert (ssldir / "certs" / "other.pem").read_text() == "other"
+        assert not (ssldir / "certificate_requests" / "i-1.pem").exists()
+        modes = {name: mode for name, (mode, _, _) in _tree(ssldir).items()}
+        assert (modes["private_keys"], modes["private_keys/i-1.pem"]) == (0o750, 0o600)
+        assert stat.S_IMODE(ssldir.stat().st_mode) == 0o755  # the image's own
+        assert sorted(p.name for p in merged.iterdir()) == ["ssl"]  # no staging left behind
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)

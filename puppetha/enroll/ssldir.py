@@ -387,11 +387,20 @@ class Changes:
     def commit(self) -> None:
         """Rename every staged copy over its target; on failure, undo the steps already done."""
         done: list[tuple[_Step, Path | None]] = []
+        merged: list[_Step] = []
         try:
             for step in self._steps:
                 if step.handle is not None:
                     _finish(step, step.handle)
-                done.append((step, _swap_in(step)))
+                try:
+                    done.append((step, _swap_in(step)))
+                except OSError as e:
+                    if e.errno != errno.EXDEV or not step.is_directory:
+                        raise
+                    # overlayfs will not rename a directory of a lower layer (an ssldir that came
+                    # with the image): the staged entries move into it one by one instead.
+                    _merge_in(step)
+                    merged.append(step)
         except BaseException:
             for step, backup in reversed(done):
                 _swap_back(step, backup)
@@ -404,6 +413,8 @@ class Changes:
         for _step, backup in done:
             if backup is not None:
                 _remove(backup)
+        for step in merged:
+            _remove(step.staged)
 
     def abandon(self) -> None:
         """Remove everything staged; the targets are untouched."""
@@ -452,6 +463,77 @@ def _swap_in(step: _Step) -> Path | None:
     finally:
         os.close(parent)
     return backup
+
+
+def _merge_in(step: _Step) -> None:
+    """
+    Move what is staged for the directory ``step.target`` into it entry by entry (each file
+    replaced atomically, what the staging left out removed), through file descriptors, then
+    give it the staged top's mode and owner.  Not undone if a later step fails.
+    """
+    parent = os.open(step.target.parent, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        staged = os.open(step.staged.name, _DIRECTORY_FLAGS, dir_fd=parent)
+        try:
+            target = os.open(step.target.name, _DIRECTORY_FLAGS, dir_fd=parent)
+            try:
+                _merge(staged, target)
+                os.fchmod(target, step.mode)
+                if os.geteuid() == 0:
+                    _fchown(target, step.owner)
+                os.fsync(target)
+            finally:
+                os.close(target)
+        finally:
+            os.close(staged)
+    finally:
+        os.close(parent)
+
+
+def _merge(staged: int, target: int) -> None:
+    names = set(os.listdir(staged))
+    for name in os.listdir(target):
+        if name not in names:
+            _remove_at(name, target)
+    for name in sorted(names):
+        st = os.stat(name, dir_fd=staged, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                inner_target = os.open(name, _DIRECTORY_FLAGS, dir_fd=target)
+            except OSError as e:
+                if not isinstance(e, FileNotFoundError | NotADirectoryError) and e.errno != errno.ELOOP:
+                    raise
+                _remove_at(name, target)
+                os.rename(name, name, src_dir_fd=staged, dst_dir_fd=target)
+                continue
+            try:
+                inner_staged = os.open(name, _DIRECTORY_FLAGS, dir_fd=staged)
+                try:
+                    _merge(inner_staged, inner_target)
+                finally:
+                    os.close(inner_staged)
+                os.fchmod(inner_target, stat.S_IMODE(st.st_mode))
+                if os.geteuid() == 0:
+                    os.fchown(inner_target, st.st_uid, st.st_gid)
+                os.fsync(inner_target)
+            finally:
+                os.close(inner_target)
+        else:
+            try:
+                os.rename(name, name, src_dir_fd=staged, dst_dir_fd=target)
+            except IsADirectoryError:
+                _remove_at(name, target)
+                os.rename(name, name, src_dir_fd=staged, dst_dir_fd=target)
+
+
+def _remove_at(name: str, dir_fd: int) -> None:
+    """Remove the entry ``name`` of the directory open at ``dir_fd``; a link is never followed."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(name, dir_fd=dir_fd)
 
 
 def _lexists(name: str, dir_fd: int) -> bool:
