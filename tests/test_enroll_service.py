@@ -681,3 +681,14 @@ def test_a_revoked_node_asking_again_with_its_key_is_refused(ready: World) -> No
     assert revoke_identity(ready.records, ready.authority, agent.instance_id, "keyCompromise",
                            ready.clock.seconds) is not None
     refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", ready.state())
+
+
+def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registered(world: World) -> None:
+    """A registration left over from a revocation made before masters were deregistered with it."""
+    master, _ = enroll_master(world)
+    node = world.records.get(NodeRecord, master.instance_id)
+    assert node is not None
+    world.authority.revoke(node.record.issuer, node.record.serial, node.record.certname)
+    world.records.replace(NodeRecord.from_value({**node.record.to_value(), "revoked_at": 1.0}), node.version)
+    assert world.records.get(MasterRecord, master.instance_id) is not None
+    refused(world, world.enroll(world.launch("agent")), 503, "no-master", world.state())

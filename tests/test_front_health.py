@@ -297,7 +297,8 @@ def test_status_probe_finds_a_master_with_a_revoked_certificate_down(tmp_path: P
 
         def probed() -> Any:
             credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
-            return blockingCallFromThread(runner.reactor, lambda: probe(master, credentials))
+            run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+            return blockingCallFromThread(runner.reactor, run)
 
         assert probed() is True
         pki.revoke(issued)

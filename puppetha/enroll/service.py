@@ -703,7 +703,17 @@ def _already_enrolled(admit: Admit) -> EnrollmentRefused:
 def _healthy_master_cas(records: Records) -> list[str]:
     masters = [m.record for m in records.list(MasterRecord) if m.record.healthy]
     cas = {c.record.name for c in records.list(CARecord)}
-    return sorted({m.ca for m in masters if m.ca in cas and m.ca not in RESERVED_CA_NAMES})
+    return sorted({
+        m.ca for m in masters
+        if m.ca in cas and m.ca not in RESERVED_CA_NAMES and not _revoked_node(records, m.certname)
+    })
+
+
+def _revoked_node(records: Records, certname: str) -> bool:
+    # `node revoke` deregisters a master with its revocation; a registration left from before
+    # that (or written by an older daemon) must not get new agents either.
+    node = records.get(NodeRecord, certname)
+    return node is not None and node.record.revoked
 
 
 def _upsert(records: Records, record: NodeRecord | MasterRecord, same_owner: Callable[[Any], bool]) -> Write:
