@@ -1,6 +1,6 @@
 """
 A crash cannot strand an instance: a real ``twistd puppetha`` is killed with SIGKILL in the middle
-of a burst of enrollments (moto as AWS, the SQLite store), started again, and then every
+of a burst of enrollments (moto as AWS; the SQLite store, and DynamoDB on moto), started again, and then every
 instance that has no certificate yet enrolls on its first retry, with the key it asked with.
 """
 
@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from puppetha.aws.cloud import InstanceInfo
+from puppetha.store import IStore
+from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import EnrollmentClaim, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
-from puppetha.testing.moto import ROLE_TAG, Fleet, MotoServer
+from puppetha.testing.moto import ROLE_TAG, Fleet, MotoServer, client
 
 BIN = Path(sys.executable).parent
 REGION = "us-east-1"
@@ -69,28 +71,42 @@ class Instance:
 
 
 class Daemon:
-    def __init__(self, state: Path, moto: MotoServer, trust_file: Path) -> None:
+    def __init__(self, state: Path, moto: MotoServer, trust_file: Path, backend: str) -> None:
         self.state = state
         self.port = free_port()
         self.log = state / "daemon.log"
-        settings = {
-            "aws.endpoint_url": moto.endpoint_url,
-            "aws.accounts": DEFAULT_ACCOUNT,
-            "aws.identity_certs": str(trust_file),
-            "daemon.roles": "enroll",
-            "enroll.listen": f"tcp:{self.port}:interface=127.0.0.1",
-            "enroll.server_names": "127.0.0.1",
-            "enroll.front": "puppet.example.net:8140",
-            "enroll.master_policy": f"tag:{ROLE_TAG}=master",
+        self.backend = backend
+        self.table = f"puppetha-crash-{os.getpid()}-{self.port}"
+        self.endpoint_url = moto.endpoint_url
+        self.conf = state / "puppetha.conf"
+        vault = ""
+        if backend == "dynamodb":
+            # A shared store holds CA keys sealed by KMS only.
+            kms = client("kms", moto.endpoint_url, REGION)
+            vault = f"vault = kms\nkms_key_id = {kms.create_key()['KeyMetadata']['KeyId']}\n"
+        self.conf.write_text(
+            f"[pki]\n{vault}"
+            f"[daemon]\nstate_dir = {state / 'daemon'}\nroles = enroll\n"
+            f"[store]\nbackend = {backend}\ntable = {self.table}\n"
+            f"[aws]\nendpoint_url = {moto.endpoint_url}\naccounts = {DEFAULT_ACCOUNT}\n"
+            f"identity_certs = {trust_file}\n"
+            f"[enroll]\nlisten = tcp:{self.port}:interface=127.0.0.1\nserver_names = 127.0.0.1\n"
+            f"front = puppet.example.net:8140\nmaster_policy = tag:{ROLE_TAG}=master\n"
             # Every instance here connects from 127.0.0.1, not from its private IP in moto's VPC.
-            "enroll.require_source_match": "false",
-            "enc.socket": str(state / "enc.sock"),
-        }
+            "require_source_match = false\n"
+            f"[enc]\nsocket = {state / 'enc.sock'}\n"
+        )
         self.command = [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(self.log),
-                        "puppetha", "--state-dir", str(state / "daemon")]
-        for name, value in settings.items():
-            self.command += ["--set", f"{name}={value}"]
+                        "puppetha", "--config", str(self.conf)]
         self.process: subprocess.Popen[bytes] | None = None
+        if backend == "dynamodb":
+            subprocess.run([str(BIN / "puppetha"), "--config", str(self.conf), "store", "init"],
+                           env={**os.environ, **MOTO_ENV}, check=True, capture_output=True)
+
+    def open_store(self) -> IStore:
+        if self.backend == "dynamodb":
+            return DynamoDBStore(self.table, REGION, self.endpoint_url)
+        return SQLiteStore(str(self.state / "daemon" / "puppetha.sqlite"))
 
     def start(self) -> None:
         self.log.unlink(missing_ok=True)
@@ -179,14 +195,14 @@ def launch_agents(fleet: Fleet, count: int) -> list[InstanceInfo]:
     return [found[i] for i in ids]
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[Daemon, Fleet, FakeAWSSigner]]:
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Daemon, Fleet, FakeAWSSigner]]:
     with pytest.MonkeyPatch.context() as env:
         for name, value in MOTO_ENV.items():
             env.setenv(name, value)
         with MotoServer() as moto:
             signer = FakeAWSSigner.create(REGION)
-            daemon = Daemon(tmp_path, moto, signer.write_trust_file(tmp_path / "aws"))
+            daemon = Daemon(tmp_path, moto, signer.write_trust_file(tmp_path / "aws"), request.param)
             try:
                 yield daemon, Fleet(moto.endpoint_url, REGION), signer
             finally:
@@ -234,7 +250,7 @@ def test_after_a_kill_9_in_a_burst_every_instance_enrolls_on_its_first_retry(wor
     stranded = [a for a in agents if a.certificate is None]
 
     # What the kill left behind: claims without an answer that reached their instance.
-    store = SQLiteStore(str(daemon.state / "daemon" / "puppetha.sqlite"))
+    store = daemon.open_store()
     try:
         records = Records(store)
         claims = {c.record.instance_id: c.record for c in records.list(EnrollmentClaim)}
@@ -260,7 +276,7 @@ def test_after_a_kill_9_in_a_burst_every_instance_enrolls_on_its_first_retry(wor
             status, answer = daemon.enroll(context, agent)
             assert status == 200
             assert certificate_for(agent, answer) == agent.certificate
-    store = SQLiteStore(str(daemon.state / "daemon" / "puppetha.sqlite"))
+    store = daemon.open_store()
     try:
         nodes = {n.record.instance_id: n.record for n in Records(store).list(NodeRecord)}
     finally:
@@ -269,5 +285,6 @@ def test_after_a_kill_9_in_a_burst_every_instance_enrolls_on_its_first_retry(wor
         assert agent.certificate is not None
         assert nodes[agent.info.instance_id].serial == agent.certificate.serial_number
         assert len(nodes[agent.info.instance_id].certificates) == 1
-    print(f"burst of {AGENTS}: killed after {KILL_AFTER} answers; {len(stranded)} without an answer, "
+    print(f"{daemon.backend}: burst of {AGENTS}: killed after {KILL_AFTER} answers; "
+          f"{len(stranded)} without an answer, "
           f"{len(lost)} of them with a claim ({len(unfinished)} unfinished); all enrolled on the first retry")
