@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import evolve
@@ -29,6 +30,7 @@ from puppetha.store import IStore
 from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
+from puppetha.threads import Blocking
 from tests.aws_fixtures import boto_test_credentials
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
@@ -36,6 +38,8 @@ pytest.register_assert_rewrite("tests.enroll_fixtures")
 from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
     FRONT,
     LB_RULE,
+    InlinePool,
+    InlineReactor,
     SwitchableStore,
     World,
     build_world,
@@ -692,3 +696,86 @@ def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registe
     world.records.replace(NodeRecord.from_value({**node.record.to_value(), "revoked_at": 1.0}), node.version)
     assert world.records.get(MasterRecord, master.instance_id) is not None
     refused(world, world.enroll(world.launch("agent")), 503, "no-master", world.state())
+
+
+class TakenOverOnce(SwitchableStore):
+    """Before the first recording transaction, another attempt with the same key takes the claim."""
+
+    armed = False
+
+    def transact(self, writes: Any) -> None:
+        if self.armed and any(getattr(w, "kind", "") == "claim" for w in writes):
+            self.armed = False
+            claim = next(w for w in writes if getattr(w, "kind", "") == "claim")
+            current = self.inner.get("claim", claim.key)
+            assert current is not None
+            self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+        self.inner.transact(writes)
+
+
+def test_an_attempt_whose_claim_was_taken_over_by_its_own_key_is_told_to_ask_again(
+    enroll_aws, aws_signer, tmp_path: Path
+) -> None:
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=TakenOverOnce)
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, TakenOverOnce)
+        store.armed = True
+        agent = world.launch()
+        key = ec.generate_private_key(ec.SECP256R1())
+        first = world.enroll(agent, csr=make_csr(agent.instance_id, key=key))
+        assert (first.status, first.error) == (503, "in-progress"), first.body
+        assert first.headers["retry-after"] == "2"
+        assert world.records.get(NodeRecord, agent.instance_id) is None
+        again = world.enroll(agent, csr=make_csr(agent.instance_id, key=key))
+        assert again.status == 200, again.body
+        assert "OK" in world.verify(again.json)
+    finally:
+        world.store.close()
+
+
+class HeldPool(InlinePool):
+    """Signing "threads" that run only when the test lets them, the first call of a given name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[str, Any, Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
+        self.held.append((getattr(func, "__name__", ""), onResult, func, args, kwargs))
+
+    def release(self, name: str) -> None:
+        index = next(i for i, held in enumerate(self.held) if held[0] == name)
+        _, on_result, func, args, kwargs = self.held.pop(index)
+        super().callInThreadWithCallback(on_result, func, *args, **kwargs)
+
+    def names(self) -> list[str]:
+        return [held[0] for held in self.held]
+
+
+def test_the_same_key_asking_while_its_enrollment_is_being_signed_is_told_to_ask_again(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    pool = HeldPool()
+    ready.enrollment.authority = Blocking(InlineReactor(), pool, ready.authority)
+
+    def admit() -> None:
+        pool.release("verify_identity")
+        ready.clock.advance(0.1)  # DescribeInstances
+        pool.release("_check_csr")
+
+    first = ready.start("/v1/enroll", body, source=agent.private_ip)
+    admit()
+    assert pool.names() == ["_issue"]  # claimed, and being signed
+    second = ready.start("/v1/enroll", body, source=agent.private_ip)
+    admit()
+    assert pool.names() == ["_issue"]  # the second did not go on to sign
+    pool.release("_issue")
+    one, two = ready.finish(first, second)
+    assert one.status == 200, one.body
+    assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
+    ready.enrollment.authority = Blocking(InlineReactor(), InlinePool(), ready.authority)
+    again = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert again.status == 200
+    assert again.json["certificate"] == one.json["certificate"]
