@@ -104,6 +104,11 @@ class LocalError(EnrollError):
     exit_code = EXIT_LOCAL
 
 
+class WriteFailed(LocalError):
+    """The answer checked out but the puppet files could not be written: the key is kept, and
+    ``--wait`` tries again with it (the server answers again with the same certificate)."""
+
+
 class Refused(EnrollError):
     exit_code = EXIT_REFUSED
 
@@ -837,7 +842,9 @@ def install(
             changes.commit()
     except AlreadyEnrolled as e:
         raise LocalError(str(e)) from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise WriteFailed(f"cannot write the puppet files: {_describe(e)}") from None
+    except ValueError as e:
         raise LocalError(f"cannot write the puppet files: {_describe(e)}") from None
 
 
@@ -945,7 +952,7 @@ def run(
                     key=key,
                 )
                 break
-            except Unavailable as e:
+            except (Unavailable, WriteFailed) as e:
                 # Only what may pass: a refusal or an untrusted server never gets better.
                 if monotonic() + pause > deadline:
                     raise
