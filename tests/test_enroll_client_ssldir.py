@@ -411,3 +411,24 @@ def test_an_ssldir_from_an_image_layer_on_overlayfs_is_written(ca: TestCA, tmp_p
         assert sorted(p.name for p in merged.iterdir()) == ["ssl"]  # no staging left behind
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_no_descriptor_is_left_open_whatever_the_outcome(ca: TestCA, tmp_path: Path) -> None:
+    """Staging works through descriptors: committed, abandoned or failed, it closes them all."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    ssldir, conf = tmp_path / "ssl", tmp_path / "puppet.conf"
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=False)
+        write_puppet_conf(changes, conf, "agent", SETTINGS)
+        changes.commit()
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=True)
+    blocked = tmp_path / "blocked"
+    (blocked / "inside").mkdir(parents=True)
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=True)
+        changes.stage_file(blocked, b"x", 0o644)
+        with pytest.raises(OSError, match="blocked"):
+            changes.commit()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "puppet.conf", "ssl"]

@@ -22,14 +22,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 #: Puppet's own modes for the ssldir and its parts.
 SSLDIR_MODE = 0o771
@@ -287,7 +287,11 @@ def _check_name(name: str) -> None:
 @frozen
 class _Step:
     target: Path
-    staged: Path
+    #: The staged copy's name in the target's directory, ``parent``: a descriptor opened when
+    #: staging began, so that every later rename and removal happens in that same directory
+    #: whatever is done to the path meanwhile.
+    staged: str
+    parent: int
     is_directory: bool
     #: A staged directory: its handle, and the mode and owner its top takes just before commit.
     handle: StagedDirectory | None = None
@@ -339,13 +343,20 @@ class Changes:
         The copy keeps the modes and owners of what it copies; its top takes ``target``'s (or
         ``mode`` and the owner of the nearest parent) only at commit.
         """
-        parent = _make_parents(target)
-        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=parent))
-        fd = os.open(staged, _DIRECTORY_FLAGS)
+        parent = _open_parent(target)
+        staged = _unique_name(target, "new")
+        try:
+            os.mkdir(staged, 0o700, dir_fd=parent)
+            fd = os.open(staged, _DIRECTORY_FLAGS, dir_fd=parent)
+        except BaseException:
+            os.close(parent)
+            raise
         owner = self.owner_for(target)
         handle = StagedDirectory(fd, owner)
+        step = _Step(target, staged, parent, True, handle, SSLDIR_MODE, owner)
+        self._steps.append(step)
         try:
-            source = os.open(target, _DIRECTORY_FLAGS)
+            source = os.open(target.name, _DIRECTORY_FLAGS, dir_fd=parent)
         except (FileNotFoundError, NotADirectoryError):
             source = -1
         except OSError as e:
@@ -360,22 +371,27 @@ class Changes:
                 _copy_into(source, handle.fd)
             finally:
                 os.close(source)
-        self._steps.append(_Step(target, staged, True, handle, mode, owner))
+        self._steps[-1] = evolve(step, mode=mode, owner=owner)
         return handle
 
     def stage_file(self, target: Path, content: bytes, mode: int) -> None:
         """Stage ``content`` for ``target``; an existing file's mode and owner are kept."""
-        parent = _make_parents(target)
-        owner = self.owner_for(target)
+        parent = _open_parent(target)
         try:
-            st = target.lstat()
-            if stat.S_ISREG(st.st_mode):
-                mode, owner = stat.S_IMODE(st.st_mode) & 0o777, (st.st_uid, st.st_gid)
-        except FileNotFoundError:
-            pass
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.new-", dir=parent)
-        staged = Path(name)
-        self._steps.append(_Step(target, staged, is_directory=False))
+            owner = self.owner_for(target)
+            try:
+                st = os.stat(target.name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    mode, owner = stat.S_IMODE(st.st_mode) & 0o777, (st.st_uid, st.st_gid)
+            except FileNotFoundError:
+                pass
+            staged = _unique_name(target, "new")
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
+        except BaseException:
+            os.close(parent)
+            raise
+        self._steps.append(_Step(target, staged, parent, is_directory=False))
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
             f.write(content)
@@ -386,8 +402,9 @@ class Changes:
 
     def commit(self) -> None:
         """Rename every staged copy over its target; on failure, undo the steps already done."""
-        done: list[tuple[_Step, Path | None]] = []
+        done: list[tuple[_Step, str | None]] = []
         merged: list[_Step] = []
+        processed = 0
         try:
             for step in self._steps:
                 if step.handle is not None:
@@ -401,20 +418,26 @@ class Changes:
                     # with the image): the staged entries move into it one by one instead.
                     _merge_in(step)
                     merged.append(step)
+                processed += 1
         except BaseException:
             for step, backup in reversed(done):
                 _swap_back(step, backup)
-            for step in self._steps[len(done) :]:
+            for step in merged:
+                _abandon(step)  # what was merged in stays: it cannot be taken back
+            for step in self._steps[processed:]:
                 _abandon(step)
             raise
         finally:
             self._committed = True
             self._steps.clear()
-        for _step, backup in done:
-            if backup is not None:
-                _remove(backup)
+        for step, backup in done:
+            try:
+                if backup is not None:
+                    _remove_at(backup, step.parent)
+            finally:
+                os.close(step.parent)
         for step in merged:
-            _remove(step.staged)
+            _abandon(step)
 
     def abandon(self) -> None:
         """Remove everything staged; the targets are untouched."""
@@ -434,34 +457,33 @@ def _finish(step: _Step, handle: StagedDirectory) -> None:
 def _abandon(step: _Step) -> None:
     if step.handle is not None:
         step.handle.close()
-    _remove(step.staged)
-
-
-def _swap_in(step: _Step) -> Path | None:
-    """Put ``step.staged`` at ``step.target``; returns where the old target was kept, if any."""
-    backup: Path | None = None
-    parent = os.open(step.target.parent, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
     try:
-        name, staged = step.target.name, step.staged.name
-        if _lexists(name, parent):
-            backup = _backup_name(step.target)
-            if step.is_directory:
-                os.rename(name, backup.name, src_dir_fd=parent, dst_dir_fd=parent)
-            else:
-                # A hard link keeps the old file for undo while the rename below replaces the
-                # target atomically, so readers never find it missing.
-                os.link(name, backup.name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-        try:
-            os.rename(staged, name, src_dir_fd=parent, dst_dir_fd=parent)
-        except BaseException:
-            if backup is not None and step.is_directory:
-                os.rename(backup.name, name, src_dir_fd=parent, dst_dir_fd=parent)
-            elif backup is not None:
-                os.unlink(backup.name, dir_fd=parent)
-            raise
-        os.fsync(parent)
+        _remove_at(step.staged, step.parent)
     finally:
-        os.close(parent)
+        os.close(step.parent)
+
+
+def _swap_in(step: _Step) -> str | None:
+    """Put the staged copy at ``step.target``; returns the name the old target was kept under."""
+    parent, name = step.parent, step.target.name
+    backup: str | None = None
+    if _lexists(name, parent):
+        backup = _unique_name(step.target, "old")
+        if step.is_directory:
+            os.rename(name, backup, src_dir_fd=parent, dst_dir_fd=parent)
+        else:
+            # A hard link keeps the old file for undo while the rename below replaces the
+            # target atomically, so readers never find it missing.
+            os.link(name, backup, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+    try:
+        os.rename(step.staged, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException:
+        if backup is not None and step.is_directory:
+            os.rename(backup, name, src_dir_fd=parent, dst_dir_fd=parent)
+        elif backup is not None:
+            os.unlink(backup, dir_fd=parent)
+        raise
+    os.fsync(parent)
     return backup
 
 
@@ -471,23 +493,19 @@ def _merge_in(step: _Step) -> None:
     replaced atomically, what the staging left out removed), through file descriptors, then
     give it the staged top's mode and owner.  Not undone if a later step fails.
     """
-    parent = os.open(step.target.parent, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
+    staged = os.open(step.staged, _DIRECTORY_FLAGS, dir_fd=step.parent)
     try:
-        staged = os.open(step.staged.name, _DIRECTORY_FLAGS, dir_fd=parent)
+        target = os.open(step.target.name, _DIRECTORY_FLAGS, dir_fd=step.parent)
         try:
-            target = os.open(step.target.name, _DIRECTORY_FLAGS, dir_fd=parent)
-            try:
-                _merge(staged, target)
-                os.fchmod(target, step.mode)
-                if os.geteuid() == 0:
-                    _fchown(target, step.owner)
-                os.fsync(target)
-            finally:
-                os.close(target)
+            _merge(staged, target)
+            os.fchmod(target, step.mode)
+            if os.geteuid() == 0:
+                _fchown(target, step.owner)
+            os.fsync(target)
         finally:
-            os.close(staged)
+            os.close(target)
     finally:
-        os.close(parent)
+        os.close(staged)
 
 
 def _merge(staged: int, target: int) -> None:
@@ -544,27 +562,29 @@ def _lexists(name: str, dir_fd: int) -> bool:
     return True
 
 
-def _swap_back(step: _Step, backup: Path | None) -> None:
-    if backup is None:
-        _remove(step.target)
-    elif step.is_directory:
-        _remove(step.target)
-        os.rename(backup, step.target)
-    else:
-        os.replace(backup, step.target)
+def _swap_back(step: _Step, backup: str | None) -> None:
+    parent, name = step.parent, step.target.name
+    try:
+        if backup is None:
+            _remove_at(name, parent)
+        elif step.is_directory:
+            _remove_at(name, parent)
+            os.rename(backup, name, src_dir_fd=parent, dst_dir_fd=parent)
+        else:
+            os.rename(backup, name, src_dir_fd=parent, dst_dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
-def _backup_name(target: Path) -> Path:
-    # mkdtemp reserves a unique name; the rename then takes its place.
-    reserved = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    reserved.rmdir()
-    return reserved
+def _unique_name(target: Path, what: str) -> str:
+    return f".{target.name}.{what}-{secrets.token_hex(6)}"
 
 
-def _make_parents(target: Path) -> Path:
+def _open_parent(target: Path) -> int:
+    """The target's directory (made if missing), opened once for every step on it."""
     parent = target.parent
     parent.mkdir(mode=PUBLIC_DIR_MODE, parents=True, exist_ok=True)
-    return parent
+    return os.open(parent, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
 
 
 def _fchown(fd: int, owner: tuple[int, int] | None) -> None:
@@ -638,14 +658,6 @@ def _copy_file(name: str, source: int, copy: int, as_root: bool) -> None:
             os.close(out)
     finally:
         os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    # rmtree works through file descriptors and never follows a link; a link itself is unlinked.
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 __all__: Sequence[str] = (
