@@ -400,7 +400,11 @@ class Enrollment:
         """
         records = self.records.target
         now = self.clock.seconds()
-        held = [c.record.role for c in records.list(EnrollmentClaim, prefix=f"{admit.instance_id}/")]
+        # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
+        held = [] if self.policy.allow_second_role else [
+            role for role in ROLES
+            if role != admit.role and records.get(EnrollmentClaim, f"{admit.instance_id}/{role}") is not None
+        ]
         conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
         if conflict is not None:
             raise EnrollmentRefused.of(conflict)
