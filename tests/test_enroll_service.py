@@ -779,3 +779,16 @@ def test_the_same_key_asking_while_its_enrollment_is_being_signed_is_told_to_ask
     again = ready.call("/v1/enroll", body, source=agent.private_ip)
     assert again.status == 200
     assert again.json["certificate"] == one.json["certificate"]
+
+
+def test_an_agent_asking_again_is_answered_while_no_master_is_healthy(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    first = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert first.status == 200
+    for master in ready.records.list(MasterRecord):
+        ready.records.replace(evolve(master.record, healthy=False), master.version)
+    assert ready.enroll(ready.launch()).error == "no-master"
+    again = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert again.status == 200, again.body
+    assert again.json["certificate"] == first.json["certificate"]

@@ -304,7 +304,6 @@ class Enrollment:
         )
         if isinstance(decision, Refuse):
             raise EnrollmentRefused.of(decision)
-        issuer = await self._issuer_for(decision)
         csr: x509.CertificateSigningRequest = await self.authority.call(
             self._check_csr, decision, request.csr
         )
@@ -328,7 +327,11 @@ class Enrollment:
                 )
                 return again
             claim = claimed
+            # Chosen only now: an instance answered again above needs no healthy master.  Until
+            # chosen, the undo below needs only a master's own CA name (agents have none to undo).
+            issuer = decision.certname
             try:
+                issuer = await self._issuer_for(decision)
                 outcome: _Outcome = await self.authority.call(
                     self._issue, decision, csr, key_id, issuer, claim
                 )
