@@ -9,15 +9,18 @@ import json
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
 from puppetha.cli import EXIT_FAILED, CLIError, Context
 from puppetha.pki.authority import ROOT, CAExists, UnknownCA
 from puppetha.pki.certs import fingerprint
-from puppetha.store import VersionConflict
-from puppetha.store.records import CARecord, CRLRecord, EnrollmentClaim, NodeRecord, Versioned
+from puppetha.store import StoreError
+from puppetha.store.records import CARecord, CRLRecord, MasterRecord, NodeRecord, Versioned
+
+if TYPE_CHECKING:
+    from puppetha.enroll.service import RevokedIdentity
 
 REASONS = ("unspecified", "keyCompromise", "superseded", "cessationOfOperation", "affiliationChanged")
 
@@ -42,7 +45,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("certname")
     p.add_argument("--pem", action="store_true", help="print its certificate instead")
     p.set_defaults(func=node_show)
-    p = node_sub.add_parser("revoke", help="revoke a node's certificate and publish the CRL")
+    p = node_sub.add_parser(
+        "revoke", help="revoke every certificate of the node's instance, deregister it, publish the CRLs")
     p.add_argument("certname")
     p.add_argument("--reason", choices=REASONS, default="unspecified")
     p.set_defaults(func=node_revoke)
@@ -145,19 +149,25 @@ def _node_dict(node: NodeRecord) -> dict[str, Any]:
         "enrolled_at": _when(node.enrolled_at),
         "not_after": _when(node.not_after),
         "revoked_at": _when(node.revoked_at) if node.revoked else None,
+        "roles": list(node.roles),
+        "certificates": [
+            {"serial": f"{c.serial:x}", "issuer": c.issuer, "role": c.role, "certname": c.certname,
+             "issued_at": _when(c.issued_at), "not_after": _when(c.not_after)}
+            for c in node.certificates
+        ],
     }
 
 
 def node_list(ctx: Context, args: argparse.Namespace) -> int:
     nodes = [v.record for v in ctx.records.list(NodeRecord)]
     if args.role:
-        nodes = [n for n in nodes if n.role == args.role]
+        nodes = [n for n in nodes if args.role in n.roles]
     if args.json:
         for node in nodes:
             print(json.dumps(_node_dict(node), sort_keys=True), file=ctx.out)
         return 0
     rows = [("CERTNAME", "ROLE", "INSTANCE", "ISSUER", "ENROLLED", "STATUS")]
-    rows += [(n.certname, n.role, n.instance_id, n.issuer, _when(n.enrolled_at),
+    rows += [(n.certname, ",".join(n.roles), n.instance_id, n.issuer, _when(n.enrolled_at),
               "revoked" if n.revoked else "valid") for n in nodes]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -170,53 +180,59 @@ def node_show(ctx: Context, args: argparse.Namespace) -> int:
     if args.pem:
         ctx.out.write(node.certificate_pem)
         return 0
-    for key, value in _node_dict(node).items():
+    shown = _node_dict(node)
+    certificates = shown.pop("certificates")
+    shown["roles"] = ",".join(shown["roles"])
+    for key, value in shown.items():
         print(f"{key:12} {value if value is not None else '-'}", file=ctx.out)
+    # Every certificate the instance holds, and so every one `node revoke` revokes.
+    for c in certificates:
+        print(f"certificate  {c['serial']}  {c['role']}  issued by {c['issuer']} at {c['issued_at']}, "
+              f"valid until {c['not_after']}", file=ctx.out)
     return 0
 
 
-def _revoke(ctx: Context, certname: str, reason: str) -> NodeRecord:
-    """Publish the revocation first (what protects the fleet), then mark the node record."""
-    found = _node(ctx, certname)
-    node = found.record
-    if node.revoked:
-        return node
-    crl = ctx.authority.revoke(node.issuer, node.serial, node.certname, reason, not_after=node.not_after)
-    for _ in range(10):
-        revoked = NodeRecord.from_value({**node.to_value(), "revoked_at": ctx.now()})
-        try:
-            ctx.records.replace(revoked, found.version)
-        except VersionConflict:
-            found = _node(ctx, certname)
-            node = found.record
-            if node.revoked:
-                break
-            continue
-        print(f"revoked {certname} (serial {node.serial:x}); CRL {crl.number} of {node.issuer}",
-              file=ctx.out)
-        return revoked
-    else:
-        raise CLIError(f"the record of {certname} kept changing; try again", status=EXIT_FAILED)
-    return node
+def _revoke(ctx: Context, certname: str, reason: str) -> RevokedIdentity:
+    """Every certificate of the instance on its CRL, its records revoked, in one transaction."""
+    from puppetha.enroll.service import revoke_identity
+
+    try:
+        done = revoke_identity(ctx.records, ctx.authority, certname, reason, ctx.now)
+    except StoreError as e:
+        raise CLIError(str(e), status=EXIT_FAILED) from None
+    if done is None:
+        raise CLIError(f"no node named {certname!r}")
+    serials = ", ".join(f"{c.serial:x} ({c.role}, {c.issuer})" for c in done.certificates)
+    crls = ", ".join(f"CRL {crl.number} of {ca}" for ca, crl in sorted(done.crls.items()))
+    print(f"revoked {certname}: instance {done.instance_id}, serials {serials}; {crls}", file=ctx.out)
+    for master in done.deregistered:
+        print(f"deregistered master {master}", file=ctx.out)
+    return done
 
 
 def node_revoke(ctx: Context, args: argparse.Namespace) -> int:
     node = _node(ctx, args.certname).record
-    if node.revoked:
+    if node.revoked and ctx.records.get(MasterRecord, node.certname) is None:
         raise CLIError(f"{args.certname} was already revoked at {_when(node.revoked_at)}")
     _revoke(ctx, args.certname, args.reason)
     return 0
 
 
 def node_reset(ctx: Context, args: argparse.Namespace) -> int:
-    node = _revoke(ctx, args.certname, "superseded")
-    claim = EnrollmentClaim(node.instance_id, node.role, node.certname, 0.0)
-    ctx.store.delete(EnrollmentClaim.KIND, claim.key())
-    ctx.store.delete(NodeRecord.KIND, node.certname)
-    # The claim is gone, but the age check still applies: an instance launched longer ago than
+    from puppetha.enroll.service import identity_of, reset_enrollment
+
+    _node(ctx, args.certname)
+    done = _revoke(ctx, args.certname, "superseded")
+    removed = reset_enrollment(ctx.records, done.instance_id)
+    _, nodes = identity_of(ctx.records, args.certname)
+    for found in nodes:
+        ctx.store.delete(NodeRecord.KIND, found.record.certname)
+    roles = sorted({c.role for c in done.certificates} | {key.partition("/")[2] for key in removed})
+    # The claims are gone, but the age check still applies: an instance launched longer ago than
     # max_age is refused however often it is reset.
     max_age = ctx.config[("enroll", "max_age")]
-    print(f"reset {args.certname}: instance {node.instance_id} may enroll again as {node.role}, "
+    print(f"reset {args.certname}: instance {done.instance_id} may enroll again "
+          f"(it held {', '.join(roles)}), "
           f"but only within [enroll] max_age ({_span(max_age)}) of its launch; an instance launched "
           "earlier is refused (403 too-old): raise max_age for its enrollment or replace the instance",
           file=ctx.out)

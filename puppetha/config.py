@@ -272,6 +272,9 @@ OPTIONS: tuple[Option, ...] = (
            "Who may enroll as a master: tag:KEY=VALUE, profile:ARN or sg:GROUP rules, any one "
            "suffices. Empty: nobody."),
     Option("enroll", "lb_policy", role_rules, "", "Who may enroll as an nginx node; as master_policy."),
+    Option("enroll", "allow_second_role", boolean, "false",
+           "Let an instance that has enrolled in one role enroll in another too (a master that is "
+           "also an agent). Off: refused with 409. Revoking a node revokes all its certificates."),
     Option("enroll", "front", host_port, "puppet:8140",
            "The address agents use for good (the Elastic IP's name and the front port)."),
     Option("lb", "certificate", path, "",

@@ -153,6 +153,7 @@ def enrollment_listener(
         certname_template=config[("enroll", "certname_template")],
         master_rules=config[("enroll", "master_policy")],
         lb_rules=config[("enroll", "lb_policy")],
+        allow_second_role=config[("enroll", "allow_second_role")],
     )
     enrollment = Enrollment(
         policy=policy,

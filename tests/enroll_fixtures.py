@@ -227,7 +227,7 @@ class World:
     moto: MotoServer
     fleet: Fleet
     signer: FakeAWSSigner
-    store: SQLiteStore
+    store: IStore
     records: Records
     authority: CountingAuthority
     clock: Clock
@@ -376,16 +376,17 @@ def build_world(
     tmp: Path,
     *,
     policy: EnrollmentPolicy | None = None,
-    store_wrapper: Callable[[SQLiteStore], IStore] | None = None,
+    store_wrapper: Callable[[IStore], IStore] | None = None,
     cloud: Boto3Cloud | None = None,
     front_ports: FrontPorts | None = None,
+    make_store: Callable[[Path], IStore] | None = None,
 ) -> World:
     # moto is not reset between tests (reloading its EC2 backend costs seconds): every test
     # launches its own instances, whose ids never repeat.
     clock = Clock()
     # Start near the real time: moto stamps launches with it, and openssl verifies with it.
     clock.advance(time.time())
-    store = SQLiteStore(str(tmp / "puppetha.sqlite"))
+    store: IStore = make_store(tmp) if make_store else SQLiteStore(str(tmp / "puppetha.sqlite"))
     records = Records(store_wrapper(store) if store_wrapper else store)
     authority = make_authority(records, tmp, clock)
     policy = policy or make_policy()

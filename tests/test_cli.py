@@ -9,6 +9,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -20,7 +21,7 @@ from puppetha.cli import main
 from puppetha.config import load_config
 from puppetha.pki.certs import Usage
 from puppetha.pki.keys import KeyType
-from puppetha.store.records import EnrollmentClaim, NodeRecord, Records
+from puppetha.store.records import EnrollmentClaim, IssuedCertificate, MasterRecord, NodeRecord, Records
 
 NOW = 1_795_000_000.0
 
@@ -238,3 +239,69 @@ def test_a_fleet_file_the_operator_cannot_read_stops_the_cli_before_any_store(tm
     assert status == 2
     assert err.getvalue().startswith(f"puppetha: {default}: cannot read the configuration")
     assert not (tmp_path / "s").exists()
+
+
+def test_revoke_covers_every_certificate_of_the_instance_and_deregisters_its_master(state: Path) -> None:
+    """A master that also enrolled as an agent: `node revoke` leaves neither certificate valid."""
+    cli(state, "ca", "init")
+    agent = enroll_by_hand(state, "i-0both")
+    config = load_config(None, {("daemon", "state_dir"): str(state)})
+    store = open_store(config)
+    records = Records(store)
+    authority = make_authority(config, records, open_vault(config), lambda: NOW)
+    ca = authority.create_master_ca("i-0both")
+    key = KeyType.EC_P256.generate()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "i-0both")]))
+           .sign(key, hashes.SHA256()))
+    master_cert = authority.issue("i-0both", csr, common_name="i-0both", usage=Usage.BOTH)
+    found = records.get(NodeRecord, "i-0both")
+    assert found is not None
+    both = attrs.evolve(found.record, certificates=(
+        IssuedCertificate(master_cert.serial_number, "i-0both", "master", "i-0both", NOW, NOW + 1e7),
+        *found.record.certificates))
+    records.replace(both, found.version)
+    records.create(MasterRecord("i-0both", "10.0.0.5", 8140, "i-0both", NOW))
+    store.close()
+
+    shown = cli(state, "node", "show", "i-0both").out
+    assert "roles        master,agent" in shown
+    assert shown.count("certificate  ") == 2
+    assert "i-0both" in cli(state, "node", "list", "--role", "master").out
+
+    run = cli(state, "node", "revoke", "i-0both")
+    assert run.status == 0, run.err
+    assert "deregistered master i-0both" in run.out
+    bundle = cli(state, "crl", "show", "--pem").out
+    crls = [x509.load_pem_x509_crl(f"-----BEGIN X509 CRL-----{part}".encode())
+            for part in bundle.split("-----BEGIN X509 CRL-----")[1:]]
+    revoked = {(crl.issuer, entry.serial_number) for crl in crls for entry in crl}
+    master_ca = x509.load_pem_x509_certificate(ca.certificate_pem.encode())
+    assert (master_ca.subject, master_cert.serial_number) in revoked
+    assert (x509.load_pem_x509_certificate(agent.certificate_pem.encode()).issuer, agent.serial) in revoked
+    store = open_store(config)
+    try:
+        assert store.get("master", "i-0both") is None
+    finally:
+        store.close()
+    assert "already revoked" in cli(state, "node", "revoke", "i-0both").err
+
+
+def test_revoking_a_node_of_the_older_shape_still_deregisters_its_master(state: Path) -> None:
+    cli(state, "ca", "init")
+    node = enroll_by_hand(state, "i-0old")
+    config = load_config(None, {("daemon", "state_dir"): str(state)})
+    store = open_store(config)
+    value = {k: v for k, v in node.to_value().items() if k != "certificates"}
+    store.replace("node", "i-0old", value, 1)
+    Records(store).create(MasterRecord("i-0old", "10.0.0.5", 8140, "i-0old", NOW))
+    store.close()
+    run = cli(state, "node", "revoke", "i-0old")
+    assert run.status == 0, run.err
+    assert "deregistered master i-0old" in run.out
+    store = open_store(config)
+    try:
+        assert store.get("master", "i-0old") is None
+        assert store.get("revoked", f"master-1/{node.serial:032x}") is not None
+    finally:
+        store.close()

@@ -1202,3 +1202,47 @@ def test_wait_never_retries_a_refusal(imds: FakeIMDS, enroll_server: FakeEnrollS
     assert code == EXIT_REFUSED
     assert clock.slept == []
     assert len(enroll_server.posts) == 1
+
+
+def test_wait_asks_again_about_an_enrollment_in_progress_with_the_same_key(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    """The server resumes a claim, or answers again, only for the key it was made with."""
+    in_progress = (503, json.dumps({"error": "in-progress", "message": "ask again"}).encode())
+    answers = [in_progress] * 2
+    enroll_server.responder = lambda request: answers.pop() if answers else enroll_server.issue(request)
+    clock = FakeTime()
+    code, _, err = run_waiting(imds, enroll_server, host, "60", clock)
+    assert code == EXIT_OK, err
+    assert len(enroll_server.posts) == 3
+    keys = {
+        x509.load_pem_x509_csr(json.loads(post)["csr"].encode()).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for post in enroll_server.posts
+    }
+    assert len(keys) == 1
+
+
+def test_wait_writes_again_with_the_same_key_after_a_failed_write(
+    imds: FakeIMDS, enroll_server: FakeEnrollServer, host: Host
+) -> None:
+    """A write that failed on the instance loses the answer: the retry asks with the same key."""
+    host.puppet_conf.mkdir(parents=True)  # in the way: puppet.conf cannot be read or replaced
+
+    class Clearing(FakeTime):
+        def sleep(self, seconds: float) -> None:
+            super().sleep(seconds)
+            host.puppet_conf.rmdir()
+
+    clock = Clearing()
+    code, _, err = run_waiting(imds, enroll_server, host, "60", clock)
+    assert code == EXIT_OK, err
+    assert "cannot write the puppet files" in err
+    assert len(enroll_server.posts) == 2
+    keys = {
+        x509.load_pem_x509_csr(json.loads(post)["csr"].encode()).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for post in enroll_server.posts
+    }
+    assert len(keys) == 1
+    assert host.puppet_conf.is_file()

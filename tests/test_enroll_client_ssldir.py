@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,151 @@ def test_puppet_reads_what_we_write(ca: TestCA, tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "CRL" in done.stdout + done.stderr
+
+
+# The ssldir's owner (Debian's `puppet`, running puppetserver on a master) attacking the root-run
+# client while it stages: it plants links in the ssldir, swaps them for plain 0666 files, and
+# swaps the staging directories in the parent it also owns for links elsewhere.
+ATTACKER = r"""
+import os, sys
+ssldir, parent, victim, stop, report = sys.argv[1:6]
+victim_dir = os.path.dirname(victim)
+swaps = 0
+while not os.path.exists(stop):
+    certs = os.path.join(ssldir, "certs")
+    try:
+        link = os.path.join(certs, "x")
+        try:
+            os.unlink(link)
+        except OSError:
+            pass
+        os.symlink(victim, link)
+        plain = os.path.join(certs, ".x")
+        with open(plain, "w"):
+            pass
+        os.chmod(plain, 0o666)
+        os.replace(plain, link)
+        os.symlink(victim, os.path.join(certs, ".y"))
+        os.replace(os.path.join(certs, ".y"), link)
+        swaps += 1
+    except OSError:
+        pass
+    try:
+        for name in os.listdir(parent):
+            if name.startswith(".ssl.new-") or name.startswith(".ssl.old-"):
+                try:
+                    os.rename(os.path.join(parent, name), os.path.join(parent, "moved" + name))
+                    os.symlink(victim_dir, os.path.join(parent, name))
+                    swaps += 1
+                except OSError:
+                    pass
+    except OSError:
+        pass
+with open(report, "w") as f:
+    f.write(str(swaps))
+"""
+
+
+def test_the_ssldirs_owner_racing_the_client_changes_no_file_outside_the_ssldir(ca: TestCA) -> None:
+    """A real two-process race, the attacker running as `nobody`: no file outside the ssldir changes."""
+    assert os.geteuid() == 0, "these tests run as root"
+    base = Path(tempfile.mkdtemp(prefix="ident-race-"))
+    try:
+        os.chmod(base, 0o755)  # noqa: S103 - the attacker (nobody) must reach its own directory
+        victim_dir = base / "victim"
+        victim_dir.mkdir(mode=0o755)
+        victim = victim_dir / "shadow"
+        victim.write_text("root's secret\n")
+        os.chmod(victim, 0o600)
+        before = (victim.lstat(), victim.read_bytes(), sorted(os.listdir(victim_dir)))
+        parent = base / "var-lib-puppet"
+        ssldir = parent / "ssl"
+        (ssldir / "certs").mkdir(parents=True)
+        for path in (parent, ssldir, ssldir / "certs"):
+            os.chown(path, 65534, 65534)
+        credentials = _credentials(ca)
+        stop, report = base / "stop", parent / "attacker-report"
+        # Debian's own interpreter: nobody may not run the one under /root.
+        assert os.access("/usr/bin/python3", os.X_OK), "the attacker needs Debian's python3"
+        attacker = subprocess.Popen(
+            ["/usr/bin/python3", "-c", ATTACKER, *map(str, (ssldir, parent, victim, stop, report))],
+            user="nobody", group="nogroup", extra_groups=[],
+        )
+        written = 0
+        try:
+            for _ in range(200):
+                try:
+                    with Changes() as changes:
+                        write_ssldir(changes, ssldir, credentials, force=True)
+                        changes.commit()
+                except OSError:
+                    continue  # the attacker may break an enrollment in its own directory
+                written += 1
+        finally:
+            stop.touch()
+            assert attacker.wait(timeout=60) == 0
+        after = victim.lstat()
+        assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (0o600, 0, 0)
+        assert after.st_ino == before[0].st_ino
+        assert victim.read_bytes() == before[1]
+        assert sorted(os.listdir(victim_dir)) == before[2]
+        # The race really ran: the attacker swapped, and enrollments went through it.
+        assert int(report.read_text()) > 100
+        assert written > 0
+    finally:
+        shutil.rmtree(base)
+
+
+def test_an_ssldir_from_an_image_layer_on_overlayfs_is_written(ca: TestCA, tmp_path: Path) -> None:
+    """
+    overlayfs refuses to rename a directory of a lower layer (EXDEV): an ssldir that came with
+    the image is updated entry by entry instead, with the same result.
+    """
+    lower, upper, work, merged = (tmp_path / name for name in ("lower", "upper", "work", "merged"))
+    for path in (upper, work, merged):
+        path.mkdir()
+    (lower / "ssl" / "certs").mkdir(parents=True)
+    (lower / "ssl" / "certs" / "other.pem").write_text("other")
+    (lower / "ssl" / "certificate_requests").mkdir()
+    (lower / "ssl" / "certificate_requests" / "i-1.pem").write_text("old request")
+    mount = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+         str(merged)], capture_output=True, text=True, check=False)
+    assert mount.returncode == 0, f"overlayfs must be mountable here: {mount.stderr}"
+    try:
+        ssldir = merged / "ssl"
+        credentials = _credentials(ca)
+        with Changes() as changes:
+            write_ssldir(changes, ssldir, credentials, force=False)
+            changes.commit()
+        assert (ssldir / "private_keys" / "i-1.pem").read_bytes() == credentials.private_key
+        assert (ssldir / "certs" / "i-1.pem").read_bytes() == credentials.certificate
+        assert (ssldir / "certs" / "other.pem").read_text() == "other"
+        assert not (ssldir / "certificate_requests" / "i-1.pem").exists()
+        modes = {name: mode for name, (mode, _, _) in _tree(ssldir).items()}
+        assert (modes["private_keys"], modes["private_keys/i-1.pem"]) == (0o750, 0o600)
+        assert stat.S_IMODE(ssldir.stat().st_mode) == 0o755  # the image's own
+        assert sorted(p.name for p in merged.iterdir()) == ["ssl"]  # no staging left behind
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_no_descriptor_is_left_open_whatever_the_outcome(ca: TestCA, tmp_path: Path) -> None:
+    """Staging works through descriptors: committed, abandoned or failed, it closes them all."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    ssldir, conf = tmp_path / "ssl", tmp_path / "puppet.conf"
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=False)
+        write_puppet_conf(changes, conf, "agent", SETTINGS)
+        changes.commit()
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=True)
+    blocked = tmp_path / "blocked"
+    (blocked / "inside").mkdir(parents=True)
+    with Changes() as changes:
+        write_ssldir(changes, ssldir, _credentials(ca), force=True)
+        changes.stage_file(blocked, b"x", 0o644)
+        with pytest.raises(OSError, match="blocked"):
+            changes.commit()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "puppet.conf", "ssl"]

@@ -60,15 +60,19 @@ def test_enrollments_log_names_not_secrets(world: World, logged: list[LogEvent])
     body = world.body_for(agent)
     answer = world.call("/v1/enroll", json.dumps(body).encode(), source=agent.private_ip)
     assert answer.status == 200
-    # A replay and a forged request are refused, and logged as such.
-    assert world.call("/v1/enroll", json.dumps(body).encode(), source=agent.private_ip).status == 409
+    # A replay gets the same certificate again; another key and a forged request are refused,
+    # and logged as such.
+    assert world.call("/v1/enroll", json.dumps(body).encode(), source=agent.private_ip).status == 200
+    other_key = world.body_for(agent)
+    assert world.call("/v1/enroll", json.dumps(other_key).encode(), source=agent.private_ip).status == 409
     forged = {**body, "signature": body["signature"][:-8] + "AAAAAAA="}
     assert world.call("/v1/enroll", json.dumps(forged).encode(), source=agent.private_ip).status == 403
 
     text = every_line(logged)
     assert agent.instance_id in text  # the operator can follow who enrolled
     assert "refused" in text
-    for secret in secrets_of(body) + secrets_of(master_body):
+    assert "again" in text
+    for secret in secrets_of(body) + secrets_of(other_key) + secrets_of(master_body):
         assert secret not in text, f"logged: {secret[:30]}..."
     issued = answer.json["certificate"].splitlines()[1]
     assert issued not in text

@@ -10,8 +10,10 @@ import base64
 import json
 import os
 import socket
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from attrs import evolve
@@ -20,18 +22,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.puppetserver import check_lb_ca
-from puppetha.enroll.service import reset_enrollment
+from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
 from puppetha.ha.nginx import FrontPorts
 from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
+from puppetha.store import IStore
+from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
+from puppetha.threads import Blocking
+from tests.aws_fixtures import boto_test_credentials
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
 from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
     FRONT,
     LB_RULE,
+    InlinePool,
+    InlineReactor,
     SwitchableStore,
     World,
     build_world,
@@ -357,14 +365,23 @@ def test_master_not_permitted(ready: World) -> None:
 # -- one enrollment per instance and role -----------------------------------------------------
 
 
-def test_replay_is_refused(ready: World) -> None:
+def test_a_replay_with_the_same_key_gets_the_same_certificate_and_issues_nothing(ready: World) -> None:
+    """The answer was lost (timeout, crash, a failed write): the holder of the key asks again."""
     agent = ready.launch()
     body = json.dumps(ready.body_for(agent)).encode()
     first = ready.call("/v1/enroll", body, source=agent.private_ip)
     assert first.status == 200
     before = ready.state()
     again = ready.call("/v1/enroll", body, source=agent.private_ip)
-    refused(ready, again, 409, "already-enrolled", before)
+    assert again.status == 200, again.body
+    assert again.json == first.json
+    assert ready.state() == before
+
+
+def test_another_key_is_refused_after_the_enrollment(ready: World) -> None:
+    agent = ready.launch()
+    assert ready.enroll(agent).status == 200
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", ready.state())
 
 
 def test_race_of_two_enrollments_exactly_one_wins(ready: World) -> None:
@@ -398,11 +415,21 @@ def test_reset_allows_a_new_enrollment(ready: World) -> None:
     assert reset_enrollment(ready.records, agent.instance_id, role="master") == []
 
 
-def test_same_instance_may_enroll_once_per_role(ready: World) -> None:
+def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
+    """One instance, one identity: an lb node may not also become an agent unless allowed."""
     lb = ready.launch("lb", security_groups=["lb-nodes"])
     assert ready.enroll(lb, "lb").status == 200
     assert ready.enroll(lb, "lb").status == 409
-    assert ready.enroll(lb, "agent").status == 200
+    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", ready.state())
+    node = ready.records.get(NodeRecord, lb.instance_id)
+    assert node is not None
+    assert node.record.roles == ("lb",)
+
+
+def test_the_privileged_role_is_refused_after_the_agent_one_too(ready: World) -> None:
+    master = ready.launch("master")
+    assert ready.enroll(master, "agent").status == 200
+    refused(ready, ready.enroll(master, "master"), 409, "another-role", ready.state())
 
 
 # -- CSR refusals ------------------------------------------------------------------------------
@@ -543,3 +570,225 @@ def test_after_the_operators_reset_a_node_enrolls_again_with_a_new_certificate(w
     assert again.status == 200, again.body
     assert again.json["certificate"] != first.json["certificate"]
     assert "OK" in world.verify(again.json)
+
+
+# -- one instance, one identity: revocation covers every certificate --------------------------
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def second_roles(request: pytest.FixtureRequest, enroll_aws, aws_signer, tmp_path: Path) -> Iterator[World]:
+    """A world whose operator allows second roles, on each store backend."""
+    make_store = None
+    if request.param == "dynamodb":
+        credentials = request.getfixturevalue("dynamodb_credentials")
+        assert credentials is not None
+
+        def make_store(tmp: Path) -> IStore:
+            table = f"puppetha-{tmp.name}"[:200]
+            store = DynamoDBStore(table, "us-east-1", enroll_aws.moto.endpoint_url)
+            store.create_table(deletion_protection=False)
+            return store
+
+    built = build_world(enroll_aws, aws_signer, tmp_path, policy=make_policy(allow_second_role=True),
+                        make_store=make_store)
+    yield built
+    built.store.close()
+
+
+@pytest.fixture
+def dynamodb_credentials() -> Iterator[object]:
+    with boto_test_credentials() as env:
+        yield env
+
+
+def test_role_switch_then_revoke_leaves_no_certificate_of_the_instance_verifying(second_roles: World) -> None:
+    world = second_roles
+    master, as_master = enroll_master(world)
+    as_agent = world.enroll(master, "agent")
+    assert as_agent.status == 200, as_agent.body
+    node = world.records.get(NodeRecord, master.instance_id)
+    assert node is not None
+    assert node.record.roles == ("master", "agent")
+    assert {c.serial for c in node.record.certificates} == {
+        load(as_master.json["certificate"]).serial_number, load(as_agent.json["certificate"]).serial_number}
+    for answer in (as_master, as_agent):
+        assert "OK" in world.verify(answer.json)
+
+    done = revoke_identity(world.records, world.authority, master.instance_id, "keyCompromise",
+                           world.clock.seconds)
+    assert done is not None
+    assert done.deregistered == (master.instance_id,)
+    crls = world.authority.crl_chain_pem().decode()
+    for answer in (as_master, as_agent):
+        verdict = world.verify({**answer.json, "crl_chain": crls})
+        assert "certificate revoked" in verdict, verdict
+    after = world.records.get(NodeRecord, master.instance_id)
+    assert after is not None
+    assert after.record.revoked
+    # Gone from the registry in the same transaction: no new agents are sent to it.
+    assert world.records.get(MasterRecord, master.instance_id) is None
+    assert world.enroll(world.launch("agent")).error == "no-master"
+    refused(world, world.enroll(master, "master"), 409, "already-enrolled", world.state())
+
+
+def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> None:
+    world = second_roles
+    both = world.launch("master", security_groups=["lb-nodes"])
+    assert world.enroll(both, "master").status == 200
+    assert revoke_identity(world.records, world.authority, both.instance_id, "unspecified",
+                           world.clock.seconds) is not None
+    refused(world, world.enroll(both, "lb"), 409, "revoked", world.state())
+
+
+# -- idempotent per key: a crash or a lost answer does not strand an instance ------------------
+
+
+def _key_id(csr_pem: bytes) -> str:
+    return public_key_id(x509.load_pem_x509_csr(csr_pem))
+
+
+def test_an_unfinished_claim_is_resumed_at_once_by_the_same_key(ready: World) -> None:
+    """What a daemon killed between claim and record leaves: the same key goes on, no waiting."""
+    agent = ready.launch()
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = make_csr(agent.instance_id, key=key)
+    ready.records.create(EnrollmentClaim(agent.instance_id, "agent", agent.instance_id,
+                                         ready.clock.seconds(), public_key=_key_id(csr)))
+    before = ready.state()
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", before)  # another key
+    answer = ready.enroll(agent, csr=make_csr(agent.instance_id, key=key))  # same key, new CSR
+    assert answer.status == 200, answer.body
+    assert "OK" in ready.verify(answer.json)
+    claim = ready.records.get(EnrollmentClaim, f"{agent.instance_id}/agent")
+    assert claim is not None
+    assert (claim.record.state, claim.record.certificate_pem) == ("issued", answer.json["certificate"])
+
+
+def test_a_master_asking_again_with_its_key_gets_its_whole_answer_again(world: World) -> None:
+    master = world.launch("master")
+    key = ec.generate_private_key(ec.SECP256R1())
+    first = world.enroll(master, "master", csr=make_csr(master.instance_id, key=key, sans=[
+        x509.DNSName(master.private_dns), x509.DNSName("puppet.example.net")]))
+    assert first.status == 200, first.body
+    before = world.state()
+    again = world.enroll(master, "master", csr=make_csr(master.instance_id, key=key))
+    assert again.status == 200, again.body
+    assert again.json == first.json
+    assert again.json["ca_certificate"]
+    assert world.state() == before
+
+
+def test_a_revoked_node_asking_again_with_its_key_is_refused(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    assert ready.call("/v1/enroll", body, source=agent.private_ip).status == 200
+    assert revoke_identity(ready.records, ready.authority, agent.instance_id, "keyCompromise",
+                           ready.clock.seconds) is not None
+    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", ready.state())
+
+
+def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registered(world: World) -> None:
+    """A registration left over from a revocation made before masters were deregistered with it."""
+    master, _ = enroll_master(world)
+    node = world.records.get(NodeRecord, master.instance_id)
+    assert node is not None
+    world.authority.revoke(node.record.issuer, node.record.serial, node.record.certname)
+    world.records.replace(NodeRecord.from_value({**node.record.to_value(), "revoked_at": 1.0}), node.version)
+    assert world.records.get(MasterRecord, master.instance_id) is not None
+    refused(world, world.enroll(world.launch("agent")), 503, "no-master", world.state())
+
+
+class TakenOverOnce(SwitchableStore):
+    """Before the first recording transaction, another attempt with the same key takes the claim."""
+
+    armed = False
+
+    def transact(self, writes: Any) -> None:
+        if self.armed and any(getattr(w, "kind", "") == "claim" for w in writes):
+            self.armed = False
+            claim = next(w for w in writes if getattr(w, "kind", "") == "claim")
+            current = self.inner.get("claim", claim.key)
+            assert current is not None
+            self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+        self.inner.transact(writes)
+
+
+def test_an_attempt_whose_claim_was_taken_over_by_its_own_key_is_told_to_ask_again(
+    enroll_aws, aws_signer, tmp_path: Path
+) -> None:
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=TakenOverOnce)
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, TakenOverOnce)
+        store.armed = True
+        agent = world.launch()
+        key = ec.generate_private_key(ec.SECP256R1())
+        first = world.enroll(agent, csr=make_csr(agent.instance_id, key=key))
+        assert (first.status, first.error) == (503, "in-progress"), first.body
+        assert first.headers["retry-after"] == "2"
+        assert world.records.get(NodeRecord, agent.instance_id) is None
+        again = world.enroll(agent, csr=make_csr(agent.instance_id, key=key))
+        assert again.status == 200, again.body
+        assert "OK" in world.verify(again.json)
+    finally:
+        world.store.close()
+
+
+class HeldPool(InlinePool):
+    """Signing "threads" that run only when the test lets them, the first call of a given name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[str, Any, Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
+        self.held.append((getattr(func, "__name__", ""), onResult, func, args, kwargs))
+
+    def release(self, name: str) -> None:
+        index = next(i for i, held in enumerate(self.held) if held[0] == name)
+        _, on_result, func, args, kwargs = self.held.pop(index)
+        super().callInThreadWithCallback(on_result, func, *args, **kwargs)
+
+    def names(self) -> list[str]:
+        return [held[0] for held in self.held]
+
+
+def test_the_same_key_asking_while_its_enrollment_is_being_signed_is_told_to_ask_again(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    pool = HeldPool()
+    ready.enrollment.authority = Blocking(InlineReactor(), pool, ready.authority)
+
+    def admit() -> None:
+        pool.release("verify_identity")
+        ready.clock.advance(0.1)  # DescribeInstances
+        pool.release("_check_csr")
+
+    first = ready.start("/v1/enroll", body, source=agent.private_ip)
+    admit()
+    assert pool.names() == ["_issue"]  # claimed, and being signed
+    second = ready.start("/v1/enroll", body, source=agent.private_ip)
+    admit()
+    assert pool.names() == ["_issue"]  # the second did not go on to sign
+    pool.release("_issue")
+    one, two = ready.finish(first, second)
+    assert one.status == 200, one.body
+    assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
+    ready.enrollment.authority = Blocking(InlineReactor(), InlinePool(), ready.authority)
+    again = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert again.status == 200
+    assert again.json["certificate"] == one.json["certificate"]
+
+
+def test_an_agent_asking_again_is_answered_while_no_master_is_healthy(ready: World) -> None:
+    agent = ready.launch()
+    body = json.dumps(ready.body_for(agent)).encode()
+    first = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert first.status == 200
+    for master in ready.records.list(MasterRecord):
+        ready.records.replace(evolve(master.record, healthy=False), master.version)
+    assert ready.enroll(ready.launch()).error == "no-master"
+    again = ready.call("/v1/enroll", body, source=agent.private_ip)
+    assert again.status == 200, again.body
+    assert again.json["certificate"] == first.json["certificate"]

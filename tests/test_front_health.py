@@ -310,3 +310,32 @@ def test_stopping_waits_for_the_round_in_progress(world: World) -> None:
     for d in pending:
         d.callback(True)
     assert stopped == [None]
+
+
+def test_status_probe_finds_a_master_with_a_revoked_certificate_down(tmp_path: Path) -> None:
+    """nginx checks every CA's CRL (ssl_crl): so does the probe, or health says up while nginx says 502."""
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1", "puppet.test"], usage="server")
+        server = StatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10)
+
+        def probed() -> Any:
+            credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+            run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+            return blockingCallFromThread(runner.reactor, run)
+
+        assert probed() is True
+        pki.revoke(issued)
+        assert probed() is False
+    finally:
+        if server is not None:
+            server.stop()
+        runner.stop()
+        pki.close()

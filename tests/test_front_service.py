@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 
+from puppetha.enroll.service import revoke_identity
 from puppetha.ha.front import (
     Applied,
     FrontService,
@@ -23,7 +24,7 @@ from puppetha.ha.front import (
     NginxReloadFailed,
 )
 from puppetha.ha.nginx import FrontSettings
-from puppetha.store.records import MasterRecord, Records
+from puppetha.store.records import MasterRecord, NodeRecord, Records
 from puppetha.testing.nginx import FrontPKI
 
 
@@ -202,3 +203,23 @@ def test_nginx_not_running_yet_is_said_once_then_when_it_is_reached(tmp_path: Pa
     finally:
         globalLogPublisher.removeObserver(observer)
         service.stopService()
+
+
+def test_a_revoked_master_leaves_the_front_within_one_round(tmp_path: Path, pki: FrontPKI) -> None:
+    """`node revoke` deregisters the master in its own transaction: the next round drops it."""
+    issued = pki.leaf("m1", "m1", sans=["puppet.test"], usage="server")
+    certificate = Path(issued.certificate).read_text()
+    Records(pki.store).create(NodeRecord(
+        certname="m1", instance_id="i-0m1", role="master", account="123456789012", region="us-east-1",
+        private_ip="10.0.0.1", serial=issued.serial, issuer="m1", certificate_pem=certificate,
+        enrolled_at=1.0, not_after=2e9))
+    Records(pki.store).create(
+        MasterRecord(certname="m1", address="10.0.0.1", port=8140, ca="m1", registered_at=1))
+    service, _, clock = make_service(tmp_path, pki, Synchronous())
+    service.startService()
+    nginx_conf = tmp_path / "front" / "live" / "nginx.conf"
+    assert "10.0.0.1:8140" in nginx_conf.read_text()
+    assert revoke_identity(pki.records, pki.authority, "m1", "keyCompromise", clock.seconds) is not None
+    clock.advance(10)
+    assert "10.0.0.1:8140" not in nginx_conf.read_text()
+    service.stopService()

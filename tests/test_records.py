@@ -14,6 +14,7 @@ from puppetha.store.records import (
     Classification,
     CRLRecord,
     EnrollmentClaim,
+    IssuedCertificate,
     LeaseRecord,
     MasterRecord,
     NodeRecord,
@@ -219,6 +220,37 @@ def test_replace_of_absent_record_conflicts(records: Records) -> None:
     with pytest.raises(VersionConflict):
         records.replace(Classification(scope="default"), 1)
     assert records.get(Classification, "default") is None
+
+
+def test_a_node_record_of_the_older_shape_reads_with_its_certificate_as_history(
+    store: SQLiteStore, records: Records
+) -> None:
+    """Records written before identities kept every certificate: the latest one is the history."""
+    value = {k: v for k, v in NODE.to_value().items() if k != "certificates"}
+    store.create("node", NODE.certname, value)
+    got = records.get(NodeRecord, NODE.certname)
+    assert got is not None
+    assert got.record.certificates == (
+        IssuedCertificate(SERIAL_127, NODE.issuer, "agent", NODE.certname, NODE.enrolled_at, NODE.not_after),
+    )
+    assert got.record.roles == ("agent",)
+
+
+def test_a_node_keeps_every_certificate_of_every_role(tmp_path: Path) -> None:
+    master_cert = IssuedCertificate(SERIAL_128, "a.example.com", "master", "a.example.com", 1.0, 2.0)
+    node = attrs.evolve(NODE, certificates=(master_cert,))
+    assert node.certificates[0] == master_cert
+    assert node.certificates[1].serial == SERIAL_127
+    assert node.roles == ("master", "agent")
+    path = str(tmp_path / "again.sqlite")
+    store = SQLiteStore(path)
+    Records(store).create(node)
+    assert [c["serial"] for c in store.get("node", node.certname).value["certificates"]] == [  # type: ignore[union-attr]
+        f"{SERIAL_128:x}", f"{SERIAL_127:x}"]
+    store.close()
+    again = SQLiteStore(path)
+    assert Records(again).get(NodeRecord, node.certname) == Versioned(node, 1)
+    again.close()
 
 
 def test_get_missing(records: Records) -> None:

@@ -104,6 +104,11 @@ class LocalError(EnrollError):
     exit_code = EXIT_LOCAL
 
 
+class WriteFailed(LocalError):
+    """The answer checked out but the puppet files could not be written: the key is kept, and
+    ``--wait`` tries again with it (the server answers again with the same certificate)."""
+
+
 class Refused(EnrollError):
     exit_code = EXIT_REFUSED
 
@@ -877,7 +882,9 @@ def install(
             changes.commit()
     except AlreadyEnrolled as e:
         raise LocalError(str(e)) from None
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise WriteFailed(f"cannot write the puppet files: {_describe(e)}") from None
+    except ValueError as e:
         raise LocalError(f"cannot write the puppet files: {_describe(e)}") from None
 
 
@@ -890,7 +897,12 @@ def enroll(
     imds: MetadataService,
     server: EnrollmentServer,
     now: Callable[[], datetime],
+    key: PrivateKey | None = None,
 ) -> Enrollment:
+    """
+    One attempt.  ``key``: the private key to ask with; a retry passes the same one, so the
+    server resumes its claim or answers again with the certificate it issued for that key.
+    """
     identity = read_identity(imds, with_private_dns=options.role != "agent")
     certname = options.certname or identity.instance_id
     if (problem := certname_problem(certname)) is not None:
@@ -908,7 +920,7 @@ def enroll(
     except ValueError as e:
         raise LocalError(f"cannot ask for that name: {e}; name others with --dns-alt-names") from None
     root = pinned_root(server.ca_bundle(), options.ca_fingerprint)
-    key = options.key_type.generate()
+    key = key or options.key_type.generate()
     csr = make_csr(key, certname, alt_names)
     answer = server.enroll(
         root,
@@ -967,6 +979,9 @@ def run(
         options = parse_options(argv)
         deadline = monotonic() + options.wait
         pause = FIRST_PAUSE
+        # One key for every try: a lost answer or an enrollment still in progress on the server
+        # (503 in-progress) is picked up again with it, never refused as another enrollment.
+        key = options.key_type.generate()
         while True:
             try:
                 enrollment = enroll(
@@ -974,9 +989,10 @@ def run(
                     imds=MetadataService(options.imds_url, options.timeout),
                     server=EnrollmentServer(options.server, options.timeout),
                     now=now,
+                    key=key,
                 )
                 break
-            except Unavailable as e:
+            except (Unavailable, WriteFailed) as e:
                 # Only what may pass: a refusal or an untrusted server never gets better.
                 if monotonic() + pause > deadline:
                     raise

@@ -94,6 +94,8 @@ class EnrollmentPolicy:
     certname_template: str = field(default="{instance_id}", converter=check_certname_template)
     master_rules: tuple[RoleRule, ...] = field(default=(), converter=_rules)
     lb_rules: tuple[RoleRule, ...] = field(default=(), converter=_rules)
+    #: Whether an instance holding a certificate for one role may enroll in another as well.
+    allow_second_role: bool = False
 
     @property
     def front_host(self) -> str:
@@ -230,6 +232,24 @@ def decide(
         private_ip=instance.private_ip,
         sans=granted_sans(role, certname, instance, policy),
         usage=USAGES[role],
+    )
+
+
+def role_conflict(
+    instance_id: str, role: str, held: Iterable[str], policy: EnrollmentPolicy
+) -> Refuse | None:
+    """
+    Refuse ``role`` to an instance that already holds (or is being issued) a certificate for
+    another role, unless the operator allows second roles.  One instance is one identity:
+    revoking it revokes every certificate it holds, whatever the role.
+    """
+    others = sorted(set(held) - {role})
+    if not others or policy.allow_second_role:
+        return None
+    return Refuse(
+        409, "another-role",
+        f"instance {instance_id} has already enrolled as {others[0]}; a second role needs "
+        "[enroll] allow_second_role, or `puppetha node reset` of the instance first",
     )
 
 

@@ -17,6 +17,7 @@ corrected retry can succeed and nothing stays issued or stored.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -39,9 +40,10 @@ from puppetha.enroll.policy import (
     Refuse,
     decide,
     precheck,
+    role_conflict,
 )
 from puppetha.ha.nginx import FrontPorts, MasterBackend, master_ports
-from puppetha.pki.authority import LB_CA, RESERVED_CA_NAMES, ROOT, CertificateAuthority
+from puppetha.pki.authority import LB_CA, RESERVED_CA_NAMES, ROOT, CertificateAuthority, ToRevoke
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.pki.csr import CSRPolicy, CSRRefused, check_csr
 from puppetha.pki.keys import KeyType
@@ -56,13 +58,25 @@ from puppetha.store import (
     VersionConflict,
     Write,
 )
-from puppetha.store.records import CARecord, CRLRecord, EnrollmentClaim, MasterRecord, NodeRecord, Records
+from puppetha.store.records import (
+    CARecord,
+    CRLRecord,
+    EnrollmentClaim,
+    IssuedCertificate,
+    MasterRecord,
+    NodeRecord,
+    Records,
+    Versioned,
+)
 from puppetha.threads import Blocking
 
 log = Logger()
 
 #: Seconds a client is told to wait before retrying a 503.
 DEFAULT_RETRY_AFTER = 10
+
+#: Seconds a client is told to wait before asking again about an enrollment in progress.
+IN_PROGRESS_RETRY_AFTER = 2
 
 #: A claim still ``claimed`` this long after it was made belongs to an attempt that died
 #: (daemon killed mid-way); a new attempt may take it over (compare-and-set on its version).
@@ -238,6 +252,8 @@ class Enrollment:
         self.on_master = on_master
         self._last_used: dict[str, int] = {}
         self._uses = 0
+        # Claims this daemon is working on (reactor thread only), with the key they are for.
+        self._in_flight: dict[str, str] = {}
 
     # -- the enrollment
 
@@ -267,6 +283,14 @@ class Enrollment:
     def _unavailable(self, code: str, message: str) -> EnrollmentRefused:
         return EnrollmentRefused(503, code, f"{message}; try again later", retry_after=self.retry_after)
 
+    def _in_progress(self, admit: Admit) -> EnrollmentRefused:
+        return EnrollmentRefused(
+            503, "in-progress",
+            f"the enrollment of {admit.instance_id} as {admit.role} with this key is in progress; "
+            "ask again with the same key",
+            retry_after=IN_PROGRESS_RETRY_AFTER,
+        )
+
     async def _admit_and_issue(self, request: EnrollmentRequest, source: str | None) -> IssuedEnrollment:
         if request.role not in ROLES:
             raise EnrollmentRefused(400, "unknown-role", f"role must be one of {', '.join(ROLES)}")
@@ -280,14 +304,43 @@ class Enrollment:
         )
         if isinstance(decision, Refuse):
             raise EnrollmentRefused.of(decision)
-        issuer = await self._issuer_for(decision)
-        claim = await self.records.call(self._claim, decision)
+        csr: x509.CertificateSigningRequest = await self.authority.call(
+            self._check_csr, decision, request.csr
+        )
+        key_id = public_key_id(csr)
+        claim_key = f"{decision.instance_id}/{decision.role}"
+        if claim_key in self._in_flight:
+            # This daemon is signing for that claim right now: the same key is told to come back
+            # (it then resumes, or gets the certificate), another key is refused as ever.
+            if self._in_flight[claim_key] == key_id:
+                raise self._in_progress(decision)
+            raise _already_enrolled(decision)
+        self._in_flight[claim_key] = key_id
         try:
-            outcome: _Outcome = await self.authority.call(self._issue, decision, request.csr, issuer, claim)
-        except BaseException:
-            failure = Failure()
-            await self._compensate(decision, claim, issuer)
-            failure.raiseException()
+            claimed = await self.records.call(self._claim, decision, key_id)
+            if isinstance(claimed, EnrollmentClaim):
+                again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
+                log.info(
+                    "answered {certname} as {role} again with its certificate (same key): "
+                    "instance {instance_id}",
+                    certname=decision.certname, role=decision.role, instance_id=decision.instance_id,
+                )
+                return again
+            claim = claimed
+            # Chosen only now: an instance answered again above needs no healthy master.  Until
+            # chosen, the undo below needs only a master's own CA name (agents have none to undo).
+            issuer = decision.certname
+            try:
+                issuer = await self._issuer_for(decision)
+                outcome: _Outcome = await self.authority.call(
+                    self._issue, decision, csr, key_id, issuer, claim
+                )
+            except BaseException:
+                failure = Failure()
+                await self._compensate(decision, claim, issuer)
+                failure.raiseException()
+        finally:
+            self._in_flight.pop(claim_key, None)
         log.info(
             "enrolled {certname} as {role}: instance {instance_id}, account {account}, {region}, "
             "issued by {issuer}, serial {serial:x}",
@@ -341,39 +394,55 @@ class Enrollment:
 
     # -- blocking steps (on the pool)
 
-    def _claim(self, admit: Admit) -> int:
-        """Create the claim; returns its version.  ``EnrollmentRefused`` 409 if it exists."""
+    def _claim(self, admit: Admit, key_id: str) -> int | EnrollmentClaim:
+        """
+        Create the claim for the key ``key_id``; returns its version, or the claim already issued
+        to that key (to answer again).  A claim left ``claimed`` with the same key (its attempt
+        died, or its answer was lost) is taken over at once; with another key only once stale.
+        ``EnrollmentRefused`` 409 otherwise.
+        """
         records = self.records.target
         now = self.clock.seconds()
+        # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
+        held = [] if self.policy.allow_second_role else [
+            role for role in ROLES
+            if role != admit.role and records.get(EnrollmentClaim, f"{admit.instance_id}/{role}") is not None
+        ]
+        conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
         claim = EnrollmentClaim(
-            instance_id=admit.instance_id, role=admit.role, certname=admit.certname, claimed_at=now
+            instance_id=admit.instance_id, role=admit.role, certname=admit.certname, claimed_at=now,
+            public_key=key_id,
         )
         try:
             return records.create(claim).version
         except AlreadyExists:
             pass
         existing = records.get(EnrollmentClaim, claim.key())
-        if (
-            existing is not None
-            and existing.record.state == "claimed"
-            and now - existing.record.claimed_at > self.stale_claim
-        ):
+        if existing is None:
+            raise _already_enrolled(admit)  # reset meanwhile: the client may simply ask again
+        same_key = existing.record.public_key == key_id
+        if existing.record.state == "issued":
+            if same_key and existing.record.certificate_pem:
+                return existing.record
+            raise _already_enrolled(admit)
+        if same_key or now - existing.record.claimed_at > self.stale_claim:
             try:
                 version = records.replace(claim, existing.version).version
             except VersionConflict:
                 pass
             else:
-                log.warn("took over the stale enrollment claim {claim}", claim=claim.key())
+                log.warn(
+                    "took over the {how} enrollment claim {claim}",
+                    how="unfinished" if same_key else "stale", claim=claim.key(),
+                )
                 return version
-        raise EnrollmentRefused(
-            409, "already-enrolled",
-            f"instance {admit.instance_id} has already enrolled as {admit.role} "
-            "(an operator can allow a new enrollment with `puppetha node reset`)",
-        )
+        raise _already_enrolled(admit)
 
-    def _issue(self, admit: Admit, csr_pem: bytes, issuer: str, claim_version: int) -> _Outcome:
+    def _check_csr(self, admit: Admit, csr_pem: bytes) -> x509.CertificateSigningRequest:
         try:
-            csr = check_csr(
+            return check_csr(
                 csr_pem,
                 CSRPolicy(
                     certname=admit.certname,
@@ -384,36 +453,35 @@ class Enrollment:
             )
         except CSRRefused as e:
             raise EnrollmentRefused(400, f"csr-{e.code}", e.message) from None
-        authority = self.authority.target
+
+    def _answer_again(self, admit: Admit, claim: EnrollmentClaim) -> IssuedEnrollment:
+        """The answer for the certificate ``claim`` already holds (the client lost the first)."""
         records = self.records.target
-        # Made by the first enrollment of any kind (once; racing daemons agree), so that every
-        # crl_chain below holds its CRL: agents check it on the lb node's chain, masters trust it.
-        authority.ensure_ca(LB_CA)
-        ca_certificate = ""
+        node = records.get(NodeRecord, claim.certname)
+        cert = x509.load_pem_x509_certificate(claim.certificate_pem.encode("ascii"))
+        if node is None or node.record.instance_id != admit.instance_id or all(
+            c.serial != cert.serial_number for c in node.record.certificates
+        ):
+            raise _already_enrolled(admit)
+        if node.record.revoked:
+            raise EnrollmentRefused(
+                409, "revoked",
+                f"{claim.certname} was revoked; an operator can allow a new enrollment with "
+                "`puppetha node reset`",
+            )
+        return self._answer(records, admit, claim.issuer, claim.certificate_pem)
+
+    def _answer(self, records: Records, admit: Admit, issuer: str, certificate_pem: str) -> IssuedEnrollment:
+        authority = self.authority.target
+        ca_certificate = lb_ca_chain = lb_crl = ""
         if admit.role == "master":
-            # A master enrolling again (after a reset) keeps its CA: the agents it signed stay valid.
-            existing = records.get(CARecord, admit.certname)
-            ca = existing.record if existing is not None else authority.create_master_ca(admit.certname)
-            ca_certificate = ca.certificate_pem
-        cert = authority.issue(
-            issuer,
-            csr,
-            common_name=admit.certname,
-            sans=admit.sans,
-            usage=admit.usage,
-            extensions=[puppet_extension(PP_INSTANCE_ID, admit.instance_id)],
-        )
-        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+            ca_certificate = authority.ca(admit.certname).certificate_pem
+            lb_ca_chain = authority.ca_chain_pem(LB_CA).decode("ascii")
+            lb_crl = authority.crl(LB_CA).crl_pem
         test_server = self.policy.front
         if admit.role == "agent":
             test_server = self._first_run_server(records, issuer)
-        lb_ca_chain = lb_crl = ""
-        if admit.role == "master":
-            lb_ca_chain = authority.ca_chain_pem(LB_CA).decode("ascii")
-            lb_crl = authority.crl(LB_CA).crl_pem
-        # Everything the answer needs is read before the transaction, so that once the node is
-        # recorded nothing can fail and leave an issued enrollment its client never received.
-        issued = IssuedEnrollment(
+        return IssuedEnrollment(
             certname=admit.certname,
             role=admit.role,
             certificate=certificate_pem,
@@ -425,14 +493,42 @@ class Enrollment:
             lb_ca_chain=lb_ca_chain,
             lb_crl=lb_crl,
         )
+
+    def _issue(
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, claim_version: int
+    ) -> _Outcome:
+        authority = self.authority.target
+        records = self.records.target
+        # Made by the first enrollment of any kind (once; racing daemons agree), so that every
+        # crl_chain below holds its CRL: agents check it on the lb node's chain, masters trust it.
+        authority.ensure_ca(LB_CA)
+        if admit.role == "master" and records.get(CARecord, admit.certname) is None:
+            # A master enrolling again (after a reset) keeps its CA: the agents it signed stay valid.
+            authority.create_master_ca(admit.certname)
+        cert = authority.issue(
+            issuer,
+            csr,
+            common_name=admit.certname,
+            sans=admit.sans,
+            usage=admit.usage,
+            extensions=[puppet_extension(PP_INSTANCE_ID, admit.instance_id)],
+        )
+        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        # Everything the answer needs is read before the transaction, so that once the node is
+        # recorded nothing can fail and leave an issued enrollment its client never received.
+        issued = self._answer(records, admit, issuer, certificate_pem)
         now = self.clock.seconds()
         writes = self._record_writes(
             records, admit, cert=cert, certificate_pem=certificate_pem, issuer=issuer,
-            claim_version=claim_version, now=now,
+            key_id=key_id, claim_version=claim_version, now=now,
         )
         try:
             records.store.transact(writes)
         except TransactionConflict as e:
+            claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+            if claim is not None and claim.record.public_key == key_id:
+                # Another attempt with this key (a retry, another daemon) took the claim over.
+                raise self._in_progress(admit) from e
             raise EnrollmentRefused(
                 409, "already-enrolled",
                 f"the enrollment of {admit.certname} changed while it was being signed",
@@ -465,6 +561,7 @@ class Enrollment:
         cert: x509.Certificate,
         certificate_pem: str,
         issuer: str,
+        key_id: str,
         claim_version: int,
         now: float,
     ) -> list[Write]:
@@ -474,7 +571,22 @@ class Enrollment:
             certname=admit.certname,
             claimed_at=now,
             state="issued",
+            public_key=key_id,
+            certificate_pem=certificate_pem,
+            issuer=issuer,
         )
+        issued = IssuedCertificate(
+            serial=cert.serial_number,
+            issuer=issuer,
+            role=admit.role,
+            certname=admit.certname,
+            issued_at=now,
+            not_after=cert.not_valid_after_utc.timestamp(),
+        )
+        known_node = records.get(NodeRecord, admit.certname)
+        history: tuple[IssuedCertificate, ...] = ()
+        if known_node is not None:
+            history = self._history(admit, known_node.record)
         node = NodeRecord(
             certname=admit.certname,
             instance_id=admit.instance_id,
@@ -486,11 +598,19 @@ class Enrollment:
             issuer=issuer,
             certificate_pem=certificate_pem,
             enrolled_at=now,
-            not_after=cert.not_valid_after_utc.timestamp(),
+            not_after=issued.not_after,
+            certificates=(*history, issued),
+        )
+        # The transaction checks the node is still at the version read: of two roles racing
+        # onto one identity, the second sees the first (and its role) or fails.
+        node_write: Write = (
+            Create(NodeRecord.KIND, node.key(), node.to_value())
+            if known_node is None
+            else Replace(NodeRecord.KIND, node.key(), node.to_value(), known_node.version)
         )
         writes: list[Write] = [
             Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version),
-            _upsert(records, node, same_owner=lambda old: old.get("instance_id") == admit.instance_id),
+            node_write,
         ]
         if admit.role == "master":
             # A master enrolling again keeps its place in the registration order, and with it
@@ -506,6 +626,23 @@ class Enrollment:
             )
             writes.append(_upsert(records, master, same_owner=lambda old: True))
         return writes
+
+    def _history(self, admit: Admit, known: NodeRecord) -> tuple[IssuedCertificate, ...]:
+        """The certificates the identity already holds, or a refusal to add one more."""
+        if known.instance_id != admit.instance_id:
+            raise EnrollmentRefused(
+                409, "already-enrolled", f"the certname {admit.certname} belongs to another instance"
+            )
+        if known.revoked:
+            raise EnrollmentRefused(
+                409, "revoked",
+                f"{admit.certname} was revoked; an operator can allow a new enrollment with "
+                "`puppetha node reset`",
+            )
+        conflict = role_conflict(admit.instance_id, admit.role, known.roles, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
+        return known.certificates
 
     async def _compensate(self, admit: Admit, claim_version: int, issuer: str) -> None:
         try:
@@ -554,10 +691,36 @@ class Enrollment:
         return self.records.call(store.get, CARecord.KIND, ROOT).addCallback(lambda _: None)
 
 
+def public_key_id(csr: x509.CertificateSigningRequest) -> str:
+    """SHA-256 (hex) of the CSR's SubjectPublicKeyInfo (DER): what a claim remembers of the key."""
+    spki = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _already_enrolled(admit: Admit) -> EnrollmentRefused:
+    return EnrollmentRefused(
+        409, "already-enrolled",
+        f"instance {admit.instance_id} has already enrolled as {admit.role} "
+        "(an operator can allow a new enrollment with `puppetha node reset`)",
+    )
+
+
 def _healthy_master_cas(records: Records) -> list[str]:
     masters = [m.record for m in records.list(MasterRecord) if m.record.healthy]
     cas = {c.record.name for c in records.list(CARecord)}
-    return sorted({m.ca for m in masters if m.ca in cas and m.ca not in RESERVED_CA_NAMES})
+    return sorted({
+        m.ca for m in masters
+        if m.ca in cas and m.ca not in RESERVED_CA_NAMES and not _revoked_node(records, m.certname)
+    })
+
+
+def _revoked_node(records: Records, certname: str) -> bool:
+    # `node revoke` deregisters a master with its revocation; a registration left from before
+    # that (or written by an older daemon) must not get new agents either.
+    node = records.get(NodeRecord, certname)
+    return node is not None and node.record.revoked
 
 
 def _upsert(records: Records, record: NodeRecord | MasterRecord, same_owner: Callable[[Any], bool]) -> Write:
@@ -572,12 +735,110 @@ def _upsert(records: Records, record: NodeRecord | MasterRecord, same_owner: Cal
     return Replace(record.KIND, record.key(), record.to_value(), current.version)
 
 
+class IdentityChanged(Exception):
+    """The instance was issued another certificate while it was being revoked: plan again."""
+
+
+@frozen
+class RevokedIdentity:
+    """What :func:`revoke_identity` did."""
+
+    instance_id: str
+    #: The instance's node records, as now stored (revoked).
+    nodes: tuple[NodeRecord, ...]
+    #: Every certificate of the instance, each now on its issuer's CRL.
+    certificates: tuple[IssuedCertificate, ...]
+    #: The CRLs published, by CA name.
+    crls: dict[str, CRLRecord]
+    #: Masters removed from the registry (no new agents, off the front).
+    deregistered: tuple[str, ...]
+
+
+def identity_of(records: Records, name: str) -> tuple[str, list[Versioned[NodeRecord]]]:
+    """
+    The instance named by ``name`` (a certname or an instance id) and every node record it
+    holds: the one under ``name`` and those its enrollment claims name (a certname template
+    changed between two enrollments gives one instance two certnames).  Blocking.
+    """
+    node = records.get(NodeRecord, name)
+    instance_id = node.record.instance_id if node is not None else name
+    certnames = {c.record.certname for c in records.list(EnrollmentClaim, prefix=f"{instance_id}/")}
+    if node is not None:
+        certnames.add(name)
+    found = []
+    for certname in sorted(certnames):
+        current = node if node is not None and certname == name else records.get(NodeRecord, certname)
+        if current is not None and current.record.instance_id == instance_id:
+            found.append(current)
+    return instance_id, found
+
+
+def revoke_identity(
+    records: Records, authority: CertificateAuthority, name: str, reason: str, now: Callable[[], float]
+) -> RevokedIdentity | None:
+    """
+    ``puppetha node revoke``: revoke every certificate the instance named by ``name`` was ever
+    issued, in every role, mark its node records revoked and deregister it as a master, all in
+    one store transaction.  ``None`` when no node has that name.  Blocking.
+    """
+    for _ in range(10):
+        instance_id, nodes = identity_of(records, name)
+        if not nodes:
+            return None
+        plan = _IdentityRevocation(records, {n.record.certname: n.record.certificates for n in nodes}, now)
+        certificates = tuple(dict.fromkeys(c for n in nodes for c in n.record.certificates))
+        try:
+            crls = authority.revoke_all(
+                [ToRevoke(c.issuer, c.serial, c.certname, c.not_after) for c in certificates],
+                reason,
+                plan.writes,
+            )
+        except IdentityChanged:
+            continue
+        for certname in plan.deregistered:
+            log.info("deregistered the revoked master {certname}", certname=certname)
+        return RevokedIdentity(instance_id, tuple(plan.stored), certificates, crls, tuple(plan.deregistered))
+    raise StoreError(f"the records of {name} kept changing while it was being revoked; try again")
+
+
+class _IdentityRevocation:
+    """The writes beside the CRLs of one revocation, read again on every attempt."""
+
+    def __init__(
+        self, records: Records, planned: dict[str, tuple[IssuedCertificate, ...]], now: Callable[[], float]
+    ) -> None:
+        self.records = records
+        self.planned = planned
+        self.now = now
+        self.stored: list[NodeRecord] = []
+        self.deregistered: list[str] = []
+
+    def writes(self) -> list[Write]:
+        self.stored.clear()
+        self.deregistered.clear()
+        writes: list[Write] = []
+        for certname, certs in self.planned.items():
+            current = self.records.get(NodeRecord, certname)
+            if current is None or current.record.certificates != certs:
+                raise IdentityChanged(certname)
+            node = current.record
+            if not node.revoked:
+                node = NodeRecord.from_value({**node.to_value(), "revoked_at": self.now()})
+                writes.append(Replace(NodeRecord.KIND, certname, node.to_value(), current.version))
+            self.stored.append(node)
+            master = self.records.get(MasterRecord, certname)
+            if master is not None:
+                writes.append(Delete(MasterRecord.KIND, certname, master.version))
+                self.deregistered.append(certname)
+        return writes
+
+
 def reset_enrollment(records: Records, name: str, role: str | None = None) -> list[str]:
     """
-    ``puppetha node reset``: remove the enrollment claims of a node (by certname or instance
-    id; one ``role`` or all), so the instance may enroll again.  Returns the claims removed.
-    Its node record and certificate stay until the new enrollment replaces them; revoke the
-    old certificate separately if it must stop working.  Blocking.
+    Remove the enrollment claims of a node (by certname or instance id; one ``role`` or all),
+    so the instance may enroll again.  Returns the claims removed.  ``puppetha node reset``
+    revokes the instance first (:func:`revoke_identity`) and removes its node records too.
+    Blocking.
     """
     instance_id = name
     node = records.get(NodeRecord, name)
@@ -595,5 +856,3 @@ def reset_enrollment(records: Records, name: str, role: str | None = None) -> li
     if removed:
         log.info("reset enrollment claims {claims}", claims=removed)
     return removed
-
-

@@ -18,7 +18,8 @@ from typing import Any
 
 import attrs
 from attrs import frozen
-from OpenSSL import SSL
+from cryptography import x509
+from OpenSSL import SSL, crypto
 from service_identity.cryptography import verify_certificate_hostname
 from twisted.application.service import Service
 from twisted.internet import ssl
@@ -40,7 +41,7 @@ from zope.interface import implementer
 from puppetha.ha.front import RunsBlocking
 from puppetha.repeat import Repeating
 from puppetha.store import IStore, VersionConflict
-from puppetha.store.records import CARecord, MasterRecord, Records, Versioned
+from puppetha.store.records import CARecord, CRLRecord, MasterRecord, Records, Versioned
 
 log = Logger()
 
@@ -77,6 +78,8 @@ class ProbeCredentials:
     certificate_pem: bytes
     private_key_pem: bytes
     ca_pems: tuple[bytes, ...]
+    #: Every CA's CRL: a master whose certificate is revoked is down, as nginx would refuse it.
+    crl_pems: tuple[bytes, ...] = ()
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -117,7 +120,14 @@ def _connection_creator(certname: str, credentials: ProbeCredentials) -> _Master
     options = ssl.CertificateOptions(
         privateKey=client.privateKey.original, certificate=client.original, trustRoot=trust
     )
-    return _MasterTLS(certname, options)
+    creator = _MasterTLS(certname, options)
+    store = creator.context.get_cert_store()
+    if credentials.crl_pems and store is not None:
+        for pem in credentials.crl_pems:
+            store.add_crl(x509.load_pem_x509_crl(pem))
+        # Every CA of the master's chain, as nginx checks it (ssl_crl with every CA's CRL).
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
+    return creator
 
 
 @implementer(IStreamClientEndpoint)
@@ -223,6 +233,7 @@ def read_credentials(certificate: str, private_key: str, store: IStore) -> Probe
         certificate_pem=Path(certificate).read_bytes(),
         private_key_pem=Path(private_key).read_bytes(),
         ca_pems=tuple(v.record.certificate_pem.encode("ascii") for v in Records(store).list(CARecord)),
+        crl_pems=tuple(v.record.crl_pem.encode("ascii") for v in Records(store).list(CRLRecord)),
     )
 
 

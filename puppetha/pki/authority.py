@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
@@ -36,7 +37,7 @@ from puppetha.pki.keys import KeyType, PrivateKey, load_private_key, private_key
 from puppetha.pki.names import check_certname
 from puppetha.pki.vault import IKeyVault
 from puppetha.repeat import Repeating
-from puppetha.store import Create, Replace, TransactionConflict, VersionConflict
+from puppetha.store import Create, Replace, TransactionConflict, VersionConflict, Write
 from puppetha.store.records import (
     CARecord,
     CRLRecord,
@@ -78,6 +79,17 @@ class CAExists(AuthorityError):
 
 class StoreContention(AuthorityError):
     """Concurrent writers kept changing a CRL faster than this one could follow."""
+
+
+@frozen
+class ToRevoke:
+    """A certificate to revoke: its issuing CA and serial (and, for the records, whose it is)."""
+
+    ca: str
+    serial: int
+    certname: str = ""
+    #: When the certificate expires (None: unknown, listed for ever).
+    not_after: float | None = None
 
 
 def crls_due(crls: Iterable[CRLRecord], now: float, margin: timedelta) -> list[str]:
@@ -315,37 +327,65 @@ class CertificateAuthority:
         Record ``serial`` (issued by ``ca_name``) as revoked and publish the CA's next CRL.
         Revoking a serial again keeps the first record and still re-signs.  Returns the new CRL.
         """
+        crls = self.revoke_all([ToRevoke(ca_name, serial, certname, not_after)], reason)
+        return crls[ca_name]
+
+    def revoke_all(
+        self,
+        revocations: Sequence[ToRevoke],
+        reason: str = "unspecified",
+        also: Callable[[], Sequence[Write]] = lambda: (),
+    ) -> dict[str, CRLRecord]:
+        """
+        Record every one of ``revocations`` and publish the next CRL of each CA concerned, with
+        the writes ``also`` returns (read again on each attempt), all in one store transaction:
+        either every certificate is revoked and the rest written, or nothing is.  Returns the new
+        CRLs by CA name.
+        """
         check_reason(reason)
-        if not 0 < serial < _MAX_SERIAL:
-            raise ValueError(f"{serial} is not a certificate serial number")
-        cert = self.certificate(ca_name)
-        key = self._key(ca_name)
-        revocation = RevokedRecord(
-            ca=ca_name, serial=serial, revoked_at=self.now(), certname=certname, reason=reason,
-            not_after=not_after,
-        )
+        by_ca: dict[str, list[ToRevoke]] = {}
+        for r in revocations:
+            if not 0 < r.serial < _MAX_SERIAL:
+                raise ValueError(f"{r.serial} is not a certificate serial number")
+            by_ca.setdefault(r.ca, []).append(r)
+        signers = {name: (self.certificate(name), self._key(name)) for name in by_ca}
         for _ in range(self.max_attempts):
-            current = self._crl_record(ca_name)
-            revoked = self._revoked(ca_name)
-            writes: list[Create | Replace] = []
-            if all(r.serial != serial for r in revoked):
-                revoked.append(revocation)
-                writes.append(Create(RevokedRecord.KIND, revocation.key(), revocation.to_value()))
-            crl = self._sign_crl(ca_name, cert, key, revoked, number=current.record.number + 1)
-            writes.append(Replace(CRLRecord.KIND, crl.key(), crl.to_value(), current.version))
+            now = self.now()
+            writes: list[Write] = []
+            crls: dict[str, CRLRecord] = {}
+            for name, wanted in sorted(by_ca.items()):
+                current = self._crl_record(name)
+                revoked = self._revoked(name)
+                for r in wanted:
+                    if any(known.serial == r.serial for known in revoked):
+                        continue
+                    record = RevokedRecord(
+                        ca=name, serial=r.serial, revoked_at=now, certname=r.certname, reason=reason,
+                        not_after=r.not_after,
+                    )
+                    revoked.append(record)
+                    writes.append(Create(RevokedRecord.KIND, record.key(), record.to_value()))
+                cert, key = signers[name]
+                crl = self._sign_crl(name, cert, key, revoked, number=current.record.number + 1)
+                writes.append(Replace(CRLRecord.KIND, crl.key(), crl.to_value(), current.version))
+                crls[name] = crl
+            writes.extend(also())
             try:
                 self.records.store.transact(writes)
             except TransactionConflict:
                 continue
-            log.info(
-                "revoked serial {serial:x} ({certname}) of {ca}, CRL {number}",
-                serial=serial,
-                certname=certname,
-                ca=ca_name,
-                number=crl.number,
-            )
-            return crl
-        raise StoreContention(f"could not publish the CRL of {ca_name!r} after {self.max_attempts} tries")
+            for r in revocations:
+                log.info(
+                    "revoked serial {serial:x} ({certname}) of {ca}, CRL {number}",
+                    serial=r.serial,
+                    certname=r.certname,
+                    ca=r.ca,
+                    number=crls[r.ca].number,
+                )
+            return crls
+        raise StoreContention(
+            f"could not publish the CRLs of {', '.join(sorted(by_ca))} after {self.max_attempts} tries"
+        )
 
     def refresh_crls(self, margin: timedelta) -> list[str]:
         """

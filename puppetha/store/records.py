@@ -10,7 +10,7 @@ kind           key                             record
 ``crl``        CA name                         :class:`CRLRecord` (number, signed CRL)
 ``revoked``    ``<ca>/<serial hex>``           :class:`RevokedRecord`
 ``claim``      ``<instance id>/<role>``        :class:`EnrollmentClaim`
-``node``       certname                        :class:`NodeRecord`
+``node``       certname                        :class:`NodeRecord` (the instance's identity)
 ``master``     certname                        :class:`MasterRecord`
 ``class``      scope (``default``, ``sg:..``)  :class:`Classification`
 ``lease``      lease name                      :class:`LeaseRecord`
@@ -119,7 +119,10 @@ class RevokedRecord(Record):
 
 @frozen
 class EnrollmentClaim(Record):
-    """Written with create-if-absent before anything is signed: one enrollment per instance and role."""
+    """
+    Written with create-if-absent before anything is signed: one enrollment per instance and
+    role, and per key (the holder of the key it names may ask again).
+    """
 
     KIND: ClassVar[str] = "claim"
     instance_id: str
@@ -128,13 +131,56 @@ class EnrollmentClaim(Record):
     claimed_at: float
     #: ``claimed`` while signing, ``issued`` once the node record exists.
     state: str = "claimed"
+    #: SHA-256 (hex) of the CSR's public key (SubjectPublicKeyInfo, DER): the same instance and
+    #: role asking again with this key resumes the claim, or gets the same certificate again.
+    public_key: str = ""
+    #: Once issued: the certificate and its issuing CA, to answer again.
+    certificate_pem: str = ""
+    issuer: str = ""
 
     def key(self) -> str:
         return f"{self.instance_id}/{self.role}"
 
 
 @frozen
+class IssuedCertificate:
+    """One certificate issued to an instance: what revoking the instance must revoke."""
+
+    serial: int
+    #: Name of the issuing CA.
+    issuer: str
+    role: str
+    certname: str
+    issued_at: float
+    not_after: float
+
+    def to_value(self) -> dict[str, Any]:
+        value = asdict(self)
+        value["serial"] = f"{self.serial:x}"
+        return value
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> IssuedCertificate:
+        names = {f.name for f in fields(cls)}
+        found = {k: v for k, v in value.items() if k in names}
+        found["serial"] = int(found["serial"], 16)
+        return cls(**found)
+
+
+def _certificates(value: object) -> tuple[IssuedCertificate, ...]:
+    if not isinstance(value, tuple | list):
+        raise TypeError("certificates are a sequence")
+    return tuple(c if isinstance(c, IssuedCertificate) else IssuedCertificate.from_value(c) for c in value)
+
+
+@frozen
 class NodeRecord(Record):
+    """
+    An instance's one identity, under its certname.  The top-level fields describe its latest
+    certificate; ``certificates`` holds every certificate ever issued to it, in every role,
+    so that revoking the instance revokes them all.
+    """
+
     KIND: ClassVar[str] = "node"
     certname: str
     instance_id: str
@@ -148,6 +194,15 @@ class NodeRecord(Record):
     enrolled_at: float
     not_after: float
     revoked_at: float | None = None
+    certificates: tuple[IssuedCertificate, ...] = field(default=(), converter=_certificates)
+
+    def __attrs_post_init__(self) -> None:
+        # Records of the older shape held only the latest certificate: that one, at least,
+        # belongs to the history.
+        if not any(c.serial == self.serial and c.issuer == self.issuer for c in self.certificates):
+            latest = IssuedCertificate(self.serial, self.issuer, self.role, self.certname,
+                                       self.enrolled_at, self.not_after)
+            object.__setattr__(self, "certificates", (*self.certificates, latest))
 
     def key(self) -> str:
         return self.certname
@@ -156,9 +211,15 @@ class NodeRecord(Record):
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every role the instance has held a certificate for, in the order they were issued."""
+        return tuple(dict.fromkeys(c.role for c in self.certificates))
+
     def to_value(self) -> dict[str, Any]:
-        value = asdict(self)
+        value = asdict(self, recurse=False)
         value["serial"] = f"{self.serial:x}"
+        value["certificates"] = [c.to_value() for c in self.certificates]
         return value
 
     @classmethod
