@@ -180,6 +180,42 @@ async def load(socket_path: str, names: list[str], clients: int, seconds: float 
     return done, time.perf_counter() - start
 
 
+def answer_writing(node: int = 7, rounds: int = 2000) -> tuple[float, float]:
+    """
+    Microseconds to write one node's ENC answer, as the service does (``to_enc_yaml``) and
+    with PyYAML's block style for the same document (the baseline): the bench fleet's shape.
+    """
+    import timeit
+
+    import yaml
+
+    from puppetha.enc.classify import NodeFacts, _Dumper, merge, to_enc_yaml
+
+    info = MemoryCloud(node + 1).instances[instance_id(node)]
+    facts = NodeFacts(certname(node), info.instance_id, ACCOUNT, REGION, "agent", info.security_groups,
+                      info.tags)
+    group = GROUPS[node % 8].group_name
+    stored = {c.scope: c for c in (
+        Classification("default", {"ntp": {}, "ssh": {"port": 22}}, {"dc": "eu1"}, "production"),
+        Classification(f"sg:{group}", {f"profile::{group}": {"enabled": True}}),
+        Classification(f"tag:role=role{node % 10}", {f"role::r{node % 10}": {"workers": node % 10}},
+                       {"tier": node % 10}),
+        Classification(f"node:{certname(node)}", parameters={"rack": f"r{node % 40}"}),
+    )}
+    result = merge(facts, stored)
+    document = {"classes": result.classes, "parameters": result.parameters,
+                "environment": result.environment}
+
+    def pyyaml() -> str:
+        return yaml.dump(document, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
+                         explicit_start=True)
+
+    assert to_enc_yaml(result) == pyyaml()
+    ours = timeit.timeit(lambda: to_enc_yaml(result), number=rounds) / rounds
+    theirs = timeit.timeit(pyyaml, number=rounds) / rounds
+    return ours * 1e6, theirs * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=200)
@@ -234,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             p50, p99 = statistics.median(times), pct(times, 99)
             print(f"  {label:30s} p50 {p50 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms  "
                   f"p50/baseline {p50 / base:4.2f}")
+
+        ours, pyyaml = answer_writing()
+        print(f"\nwriting one answer's YAML: to_enc_yaml {ours:.1f} us, PyYAML's block style "
+              f"{pyyaml:.1f} us (baseline): x{ours / pyyaml:.2f}")
 
         names = [certname(i) for i in range(args.nodes)]
         random.shuffle(names)

@@ -441,27 +441,39 @@ def _scalar(value: object, key: bool = False) -> str:
     raise _NotPlain
 
 
+def _is_mapping(value: object) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # dicts first: ABC checks are slow
+
+
+def _is_sequence(value: object) -> bool:
+    return type(value) is list or isinstance(value, list | tuple)
+
+
 def _block_mapping(mapping: Mapping[str, Any], indent: int) -> list[str]:
     """A non-empty mapping in block style at column ``indent``, one string per line."""
     lines: list[str] = []
     pad = " " * indent
     for key in sorted(mapping):
         value = mapping[key]
-        head = f"{pad}{_scalar(key, key=True)}:"
-        if isinstance(value, Mapping):
+        written_key = _written.get(key)  # the common case without a call
+        if not written_key or len(key) >= 128:
+            written_key = _scalar(key, key=True)
+        if type(value) is str:
+            lines.append(f"{pad}{written_key}: {_written.get(value) or _scalar(value)}\n")
+        elif _is_mapping(value):
             if value:
-                lines.append(head + "\n")
+                lines.append(f"{pad}{written_key}:\n")
                 lines += _block_mapping(value, indent + 2)
             else:
-                lines.append(head + " {}\n")
-        elif isinstance(value, list | tuple):
+                lines.append(f"{pad}{written_key}: {{}}\n")
+        elif _is_sequence(value):
             if value:
-                lines.append(head + "\n")
+                lines.append(f"{pad}{written_key}:\n")
                 lines += _block_sequence(value, indent)  # PyYAML does not indent these
             else:
-                lines.append(head + " []\n")
+                lines.append(f"{pad}{written_key}: []\n")
         else:
-            lines.append(f"{head} {_scalar(value)}\n")
+            lines.append(f"{pad}{written_key}: {_scalar(value)}\n")
     return lines
 
 
@@ -469,16 +481,17 @@ def _block_sequence(items: Sequence[Any], indent: int) -> list[str]:
     lines: list[str] = []
     pad = " " * indent
     for item in items:
-        if isinstance(item, Mapping | list | tuple) and item:
+        if type(item) is str:
+            lines.append(f"{pad}- {_written.get(item) or _scalar(item)}\n")
+        elif _is_mapping(item) or _is_sequence(item):
+            if not item:
+                lines.append(f"{pad}- {{}}\n" if _is_mapping(item) else f"{pad}- []\n")
+                continue
             # The first line of a nested collection goes on the dash's line.
-            inner = (_block_mapping(item, indent + 2) if isinstance(item, Mapping)
+            inner = (_block_mapping(item, indent + 2) if _is_mapping(item)
                      else _block_sequence(item, indent + 2))
             lines.append(f"{pad}- {inner[0][indent + 2:]}")
             lines += inner[1:]
-        elif isinstance(item, Mapping):
-            lines.append(f"{pad}- {{}}\n")
-        elif isinstance(item, list | tuple):
-            lines.append(f"{pad}- []\n")
         else:
             lines.append(f"{pad}- {_scalar(item)}\n")
     return lines
