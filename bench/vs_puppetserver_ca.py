@@ -29,7 +29,6 @@ import http.client
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import ssl
@@ -584,7 +583,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if not shutil.which(JAVA):
-        raise SystemExit(f"{JAVA} is missing")
-    socket.setdefaulttimeout(120)
     raise SystemExit(main())
