@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         out, _ = server.communicate(timeout=30)
         print(f"server: {out.strip()}")
+        shutil.rmtree(work, ignore_errors=True)
     print("\nrerun: .venv/bin/python bench/enc.py"
           f" --calls {args.calls} --nodes {args.nodes} --clients {args.clients} --seconds {args.seconds:g}")
     return 0
