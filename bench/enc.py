@@ -1,8 +1,12 @@
 """
 ENC benchmark.
 
-1. ``puppetha-enc`` wall time per call (p50/p99), beside the floor: a do-nothing script run by
-   the same interpreter that prints a fixed YAML.  Measured in the same run.
+1. The ENC script's wall time per call (p50/p99) in the form puppetserver runs it
+   (``python -IS script.pyc``, :mod:`puppetha.enc.launcher`), as ``python -IS script.py`` and
+   as the ``puppetha-enc`` console script, against the baseline ``python -I -S -c pass`` of the
+   same interpreter, and a script that prints a fixed YAML; the fast form also against a
+   stand-in daemon (a thread of the benchmark answering at once), which leaves out the
+   daemon's own time.  Interleaved call by call, in the same run.
 2. The service's classifications per second over the UNIX socket, many concurrent clients,
    10,000 enrolled and classified nodes in a SQLite store.  AWS: an in-memory ICloud in the
    server process (every instance running, 3 security groups and 2 tags each), so the numbers
@@ -20,21 +24,27 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from puppetha.aws.cloud import InstanceInfo, SecurityGroup
+from puppetha.enc.launcher import compile_script, fast_command
 from puppetha.store import Create
 from puppetha.store.records import Classification, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
+#: What the ENC script's start-up is measured against: the interpreter doing nothing.
+BASELINE = "python -I -S -c pass (baseline)"
 GROUPS = [SecurityGroup(f"sg-{i:017x}", f"group{i}") for i in range(8)]
 
 
@@ -110,6 +120,22 @@ def serve(socket_path: str, store_path: str, nodes: int) -> None:
     reactor.run()
 
 
+def answer_forever(path: str, answer: bytes) -> None:
+    """A stand-in daemon in a thread of this process: the same answer to every request."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(64)
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(512)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
 def timed_calls(argv: list[str], calls: int) -> list[float]:
     times = []
     for _ in range(calls):
@@ -155,6 +181,42 @@ async def load(socket_path: str, names: list[str], clients: int, seconds: float 
     return done, time.perf_counter() - start
 
 
+def answer_writing(node: int = 7, rounds: int = 2000) -> tuple[float, float]:
+    """
+    Microseconds to write one node's ENC answer, as the service does (``to_enc_yaml``) and
+    with PyYAML's block style for the same document (the baseline): the bench fleet's shape.
+    """
+    import timeit
+
+    import yaml
+
+    from puppetha.enc.classify import NodeFacts, _Dumper, merge, to_enc_yaml
+
+    info = MemoryCloud(node + 1).instances[instance_id(node)]
+    facts = NodeFacts(certname(node), info.instance_id, ACCOUNT, REGION, "agent", info.security_groups,
+                      info.tags)
+    group = GROUPS[node % 8].group_name
+    stored = {c.scope: c for c in (
+        Classification("default", {"ntp": {}, "ssh": {"port": 22}}, {"dc": "eu1"}, "production"),
+        Classification(f"sg:{group}", {f"profile::{group}": {"enabled": True}}),
+        Classification(f"tag:role=role{node % 10}", {f"role::r{node % 10}": {"workers": node % 10}},
+                       {"tier": node % 10}),
+        Classification(f"node:{certname(node)}", parameters={"rack": f"r{node % 40}"}),
+    )}
+    result = merge(facts, stored)
+    document = {"classes": result.classes, "parameters": result.parameters,
+                "environment": result.environment}
+
+    def pyyaml() -> str:
+        return yaml.dump(document, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
+                         explicit_start=True)
+
+    assert to_enc_yaml(result) == pyyaml()
+    ours = timeit.timeit(lambda: to_enc_yaml(result), number=rounds) / rounds
+    theirs = timeit.timeit(pyyaml, number=rounds) / rounds
+    return ours * 1e6, theirs * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=200)
@@ -185,23 +247,34 @@ def main(argv: list[str] | None = None) -> int:
                                 capture_output=True, check=True).stdout
         floor = work / "floor.py"
         floor.write_text(f"import sys\nsys.stdout.write({sample.decode()!r})\n")
+        compile_script()
+        fast = fast_command().split()
+        fixed_socket = str(work / "fixed.sock")
+        answer_forever(fixed_socket, b"OK %d\n" % len(sample) + sample)
 
         runs = {
-            "floor (fixed YAML)": [sys.executable, str(floor)],
-            "puppetha-enc (entry point)": [str(script), "--socket", socket_path, certname(2)],
-            "script.py (direct path)": [sys.executable, str(direct), "--socket", socket_path,
-                                        certname(3)],
+            BASELINE: [sys.executable, "-I", "-S", "-c", "pass"],
+            "fixed YAML, -I -S": [sys.executable, "-I", "-S", str(floor)],
+            "fast: -IS script.pyc": [*fast, "--socket", socket_path, certname(4)],
+            "fast, stand-in daemon": [*fast, "--socket", fixed_socket, certname(4)],
+            "-IS script.py": [sys.executable, "-IS", str(direct), "--socket", socket_path, certname(3)],
+            "puppetha-enc (console script)": [str(script), "--socket", socket_path, certname(2)],
         }
         timings = {k: [] for k in runs}  # type: dict[str, list[float]]
-        for _ in range(4):  # interleaved, so drift hits every command alike
+        for _ in range(args.calls):  # one of each in turn, so the machine's drift hits all alike
             for label, command in runs.items():
-                timings[label] += timed_calls(command, args.calls // 4)
-        print(f"\nper call, {args.calls} calls each (same interpreter: {sys.executable})")
-        base = statistics.median(timings["floor (fixed YAML)"])
+                timings[label] += timed_calls(command, 1)
+        print(f"\nper call, {args.calls} calls each (same interpreter: {sys.executable});"
+              f" fast = {' '.join(fast)}")
+        base = statistics.median(timings[BASELINE])
         for label, times in timings.items():
             p50, p99 = statistics.median(times), pct(times, 99)
-            print(f"  {label:28s} p50 {p50 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms  "
-                  f"p50/floor {p50 / base:4.2f}")
+            print(f"  {label:30s} p50 {p50 * 1000:6.1f} ms  p99 {p99 * 1000:6.1f} ms  "
+                  f"p50/baseline {p50 / base:4.2f}")
+
+        ours, pyyaml = answer_writing()
+        print(f"\nwriting one answer's YAML: to_enc_yaml {ours:.1f} us, PyYAML's block style "
+              f"{pyyaml:.1f} us (baseline): x{ours / pyyaml:.2f}")
 
         names = [certname(i) for i in range(args.nodes)]
         random.shuffle(names)
@@ -215,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         out, _ = server.communicate(timeout=30)
         print(f"server: {out.strip()}")
+        shutil.rmtree(work, ignore_errors=True)
     print("\nrerun: .venv/bin/python bench/enc.py"
           f" --calls {args.calls} --nodes {args.nodes} --clients {args.clients} --seconds {args.seconds:g}")
     return 0

@@ -368,7 +368,7 @@ def master(world: World) -> Node:
     settings = MasterSettings(
         listen_address=LOOPBACK,
         listen_port=port,
-        enc_command=str(BIN / "puppetha-enc"),
+        # The default ENC command, as puppetha-enroll writes it: <python> -IS <script .pyc>.
         enc_socket=str(world.tmp / "enc.sock"),
     )
     # puppetserver reads puppet.conf from its server-conf-dir (the later --puppet-conf wins).

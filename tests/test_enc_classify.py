@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 import pytest
@@ -11,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from puppetha.aws.cloud import SecurityGroup
+from puppetha.enc import classify
 from puppetha.enc.classify import (
     ClassificationError,
+    NodeClassification,
     NodeFacts,
     check_certname,
     check_class_name,
@@ -352,3 +355,71 @@ def test_any_valid_value_survives_the_enc_yaml(value: Any) -> None:
     document = yaml.safe_load(to_enc_yaml(merge(facts(), {c.scope: c})))
     assert document["parameters"]["v"] == value
     assert document["classes"]["apache"]["v"] == value
+
+
+def pyyaml_enc_yaml(result: NodeClassification) -> str:
+    """What to_enc_yaml wrote before it wrote common values itself: PyYAML's block style."""
+    document: dict[str, Any] = {"classes": result.classes, "parameters": result.parameters}
+    if result.environment:
+        document["environment"] = result.environment
+    return yaml.dump(document, Dumper=classify._Dumper, default_flow_style=False, sort_keys=True,
+                     explicit_start=True)
+
+
+# Strings near the edges of what YAML writes plain: indicators, numbers, booleans, spaces.
+plainish_text = st.text(alphabet="aZy09_./:@+=-", min_size=1, max_size=6)
+plainish_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | plainish_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(plainish_text, children, max_size=4),
+    max_leaves=25)
+edgy_text = st.one_of(
+    plainish_text,
+    st.text(alphabet="aZ09_./:@+=-#' ~!&*?,[]{}|>%`\"\\", max_size=6),
+    st.sampled_from(["yes", "No", "ON", "off", "null", "~", "1.5", "0x1f", "1:20", "2001-12-14", "<<",
+                     "=", "---x", "...", "a:", "a:b", "/etc/x", "a" * 130, "1e3", ".5", "-", "_"]),
+    no_nul,
+)
+edgy_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | edgy_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(edgy_text, children, max_size=4),
+    max_leaves=25)
+
+
+@given(st.dictionaries(edgy_text, edgy_values, max_size=5), st.sampled_from([None, "production"]))
+def test_enc_yaml_is_byte_for_byte_what_pyyaml_writes(parameters: dict[str, Any],
+                                                      environment: str | None) -> None:
+    result = NodeClassification({"apache": {"v": parameters}, "ntp": {}}, parameters, environment)
+    assert to_enc_yaml(result) == pyyaml_enc_yaml(result)
+
+
+@given(st.dictionaries(plainish_text, plainish_values, max_size=5))
+def test_enc_yaml_of_mostly_plain_values_is_what_pyyaml_writes(parameters: dict[str, Any]) -> None:
+    result = NodeClassification({"apache": {"v": parameters}}, parameters, "production")
+    assert to_enc_yaml(result) == pyyaml_enc_yaml(result)
+
+
+def test_common_answers_are_written_without_pyyaml() -> None:
+    result = merge(facts(), {"default": C("default", {"ssh": {"port": 22, "keys": ["a/b", 1.5e17]}},
+                                          {"dc": "eu1", "flags": {"on": True, "x": None}}, "production")})
+    assert "".join(classify._block_mapping({"classes": result.classes}, 0)).startswith("classes:\n")
+    assert to_enc_yaml(result) == pyyaml_enc_yaml(result)
+    assert classify._block_mapping({"account": "123456789012", "v": "yes"}, 0) == [
+        "account: '123456789012'\n", "v: 'yes'\n"]
+    with pytest.raises(classify._NotPlain):
+        classify._block_mapping({"v": "a b"}, 0)  # may be folded by PyYAML: left to it
+
+
+def test_the_size_limit_is_of_the_classification_as_stored() -> None:
+    def of_size(size: int) -> Classification:
+        pads = {f"p{i}": "" for i in range(8)}  # strings of at most 65536 characters each
+        missing = size - len(json.dumps(C("default", {"ntp": {}}, pads).to_value(), separators=(",", ":")))
+        for i in range(8):
+            pads[f"p{i}"] = "x" * (missing // 8 + (i < missing % 8))
+        return C("default", {"ntp": {}}, pads)
+
+    limit = classify.MAX_CLASSIFICATION_BYTES
+    assert check_classification(of_size(limit)) == of_size(limit)
+    with pytest.raises(ClassificationError, match="larger than"):
+        check_classification(of_size(limit + 1))

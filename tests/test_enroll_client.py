@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from puppetha.aws.cloud import InstanceInfo
+from puppetha.enc.launcher import compiled_script
 from puppetha.enroll import client
 from puppetha.enroll.client import (
     EXIT_LOCAL,
@@ -569,8 +570,12 @@ def test_master_gets_puppetservers_files_with_debians_defaults(
     assert host.puppet_conf.read_text() == (
         f"[main]\ncertname = {INSTANCE_ID}\nserver = localhost\nserverport = 8140\nssldir = {ssldir}\n"
         "ca_server = localhost\nca_port = 8140\ncrl_refresh_interval = 30m\nca_refresh_interval = 1d\n"
-        "\n[server]\nnode_terminus = exec\nexternal_nodes = /usr/local/bin/puppetha-enc\n"
-    ).replace("localhost", enroll_server.front.rpartition(":")[0])
+        "\n[server]\nnode_terminus = exec\n"
+    ).replace("localhost", enroll_server.front.rpartition(":")[0]) + (
+        # By default puppetserver runs the script's bytecode, which enrolling made sure exists.
+        f"external_nodes = {sys.executable} -IS {compiled_script()}\n"
+    )
+    assert compiled_script().is_file()
     for path in (confdir / "conf.d/webserver.conf", confdir / "services.d/ca.cfg"):
         assert mode(path) == 0o644
 

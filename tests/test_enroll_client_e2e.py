@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
+from puppetha.enc.launcher import fast_command
 from puppetha.enroll import client
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
@@ -197,7 +198,7 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     assert "allow-header-cert-info: true" in (confdir / "conf.d/auth.conf").read_text()
     assert "certificate-authority-disabled-service" in (confdir / "services.d/ca.cfg").read_text()
     assert (master_host / "puppet.conf").read_text().endswith(
-        "[server]\nnode_terminus = exec\nexternal_nodes = /usr/local/bin/puppetha-enc\n"
+        f"[server]\nnode_terminus = exec\nexternal_nodes = {fast_command()}\n"
     )
 
     agent_host = tmp_path / "agent"

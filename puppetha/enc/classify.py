@@ -240,7 +240,9 @@ def check_classification(c: Classification) -> Classification:
     }
     environment = None if c.environment in (None, "") else check_environment(c.environment)
     checked = Classification(scope, classes, parameters, environment)
-    if len(json.dumps(checked.to_value(), separators=(",", ":"))) > MAX_CLASSIFICATION_BYTES:
+    # As stored (to_value), without attrs' deep copy: the ENC checks every classification it reads.
+    stored = {"scope": scope, "classes": classes, "parameters": parameters, "environment": environment}
+    if len(json.dumps(stored, separators=(",", ":"))) > MAX_CLASSIFICATION_BYTES:
         raise ClassificationError(f"{scope}: larger than {MAX_CLASSIFICATION_BYTES} bytes")
     return checked
 
@@ -377,8 +379,122 @@ def to_enc_yaml(result: NodeClassification) -> str:
     document: dict[str, Any] = {"classes": result.classes, "parameters": result.parameters}
     if result.environment:
         document["environment"] = result.environment
-    return yaml.dump(document, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
-                     explicit_start=True)
+    try:
+        return "---\n" + "".join(_block_mapping(document, 0))
+    except _NotPlain:
+        return yaml.dump(document, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
+                         explicit_start=True)
+
+
+# The ENC answers every catalog, and PyYAML's representer (Python even with the C emitter)
+# was most of the ENC service's time.  Answers hold few kinds of values, so the common ones are
+# written here exactly as PyYAML writes them in block style (tests compare the two on random
+# documents); anything else, a string that needs quoting among them, goes to PyYAML.
+
+class _NotPlain(Exception):
+    """A value the fast writer leaves to PyYAML."""
+
+
+#: Strings PyYAML writes plain, or else in single quotes as they are: ASCII without spaces,
+#: quotes, comments, flow or leading indicators.
+_SIMPLE_STRING = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./:@+=-]*\Z")
+_STR_TAG = "tag:yaml.org,2002:str"
+_resolver = yaml.resolver.Resolver()
+#: How each string seen is written ("" when PyYAML must write it), by string.
+_written: dict[str, str] = {"": "''"}
+_WRITTEN_MEMORY = 100_000
+
+
+def _string(value: str) -> str:
+    if not _SIMPLE_STRING.match(value):
+        return ""
+    if (value.endswith(":") or value.startswith(("---", "..."))
+            # What PyYAML's resolver would read back as another type (yes, 1.5, ~, 1:20).
+            or _resolver.resolve(yaml.ScalarNode, value, (True, False)) != _STR_TAG):
+        return f"'{value}'"
+    return value
+
+
+def _scalar(value: object, key: bool = False) -> str:
+    if isinstance(value, str):
+        written = _written.get(value)
+        if written is None:
+            written = _string(value)
+            if len(_written) >= _WRITTEN_MEMORY:
+                _written.clear()
+                _written[""] = "''"
+            _written[value] = written
+        if not written or (key and len(value) >= 128):
+            raise _NotPlain
+        return written
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value).lower()
+        return text.replace("e", ".0e", 1) if "." not in text and "e" in text else text
+    raise _NotPlain
+
+
+def _is_mapping(value: object) -> bool:
+    return type(value) is dict or isinstance(value, Mapping)  # dicts first: ABC checks are slow
+
+
+def _is_sequence(value: object) -> bool:
+    return type(value) is list or isinstance(value, list | tuple)
+
+
+def _block_mapping(mapping: Mapping[str, Any], indent: int) -> list[str]:
+    """A non-empty mapping in block style at column ``indent``, one string per line."""
+    lines: list[str] = []
+    pad = " " * indent
+    for key in sorted(mapping):
+        value = mapping[key]
+        written_key = _written.get(key)  # the common case without a call
+        if not written_key or len(key) >= 128:
+            written_key = _scalar(key, key=True)
+        if type(value) is str:
+            lines.append(f"{pad}{written_key}: {_written.get(value) or _scalar(value)}\n")
+        elif _is_mapping(value):
+            if value:
+                lines.append(f"{pad}{written_key}:\n")
+                lines += _block_mapping(value, indent + 2)
+            else:
+                lines.append(f"{pad}{written_key}: {{}}\n")
+        elif _is_sequence(value):
+            if value:
+                lines.append(f"{pad}{written_key}:\n")
+                lines += _block_sequence(value, indent)  # PyYAML does not indent these
+            else:
+                lines.append(f"{pad}{written_key}: []\n")
+        else:
+            lines.append(f"{pad}{written_key}: {_scalar(value)}\n")
+    return lines
+
+
+def _block_sequence(items: Sequence[Any], indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = " " * indent
+    for item in items:
+        if type(item) is str:
+            lines.append(f"{pad}- {_written.get(item) or _scalar(item)}\n")
+        elif _is_mapping(item) or _is_sequence(item):
+            if not item:
+                lines.append(f"{pad}- {{}}\n" if _is_mapping(item) else f"{pad}- []\n")
+                continue
+            # The first line of a nested collection goes on the dash's line.
+            inner = (_block_mapping(item, indent + 2) if _is_mapping(item)
+                     else _block_sequence(item, indent + 2))
+            lines.append(f"{pad}- {inner[0][indent + 2:]}")
+            lines += inner[1:]
+        else:
+            lines.append(f"{pad}- {_scalar(item)}\n")
+    return lines
 
 
 def classification_to_yaml(c: Classification) -> str:

@@ -1,17 +1,43 @@
 """
 ``puppetha-enc CERTNAME``: puppetserver's external node classifier.
 
-Asks the daemon over its UNIX socket and prints the YAML.  Kept to ``os``, ``sys`` and the
-socket module's C core (``_socket``: the ``socket`` wrapper pulls in ``enum`` and ``selectors``,
-which cost more than half again of the interpreter's own start-up) so that it starts as fast as
-Python can: puppetserver runs it for every catalog.
+Asks the daemon over its UNIX socket and prints the YAML.  puppetserver runs it for every
+catalog, so it starts as fast as Python can: it imports only modules compiled into the
+interpreter or already loaded at start-up (``posix``, not ``os``, which costs more than the
+rest of the script; ``_socket``, not ``socket``, which pulls in ``enum`` and ``selectors``),
+and :mod:`puppetha.enc.launcher` has puppetserver run its compiled bytecode with ``-I -S``.
 Socket path: ``--socket PATH``, else ``$PUPPETHA_ENC_SOCKET``, else ``/run/puppetha/enc.sock``.
 """
 
-import _socket
-import os
+import posix
 import sys
 
+
+def _load_socket_module():  # type: ignore[no-untyped-def]
+    """
+    ``_socket``, the socket module's C core.  Built in on Debian's Python; elsewhere an
+    extension in ``lib-dynload``, which ``import`` finds only after setting up the path finder
+    and listing the standard library's directories: on a script this short that costs as much
+    as the rest of it, so the extension is loaded from where the interpreter keeps it.
+    """
+    if "_socket" not in sys.builtin_module_names:
+        import _imp
+
+        class Spec:
+            name = "_socket"
+            origin = (f"{sys.base_exec_prefix}/{sys.platlibdir}/python{sys.version_info[0]}."
+                      f"{sys.version_info[1]}/lib-dynload/_socket{_imp.extension_suffixes()[0]}")
+
+        try:
+            return _imp.create_dynamic(Spec)  # type: ignore[arg-type]  # a ModuleSpec in all but name
+        except (ImportError, OSError):
+            pass  # laid out otherwise: let import find it
+    import _socket
+
+    return _socket
+
+
+_socket = _load_socket_module()
 DEFAULT_SOCKET = "/run/puppetha/enc.sock"
 TIMEOUT = 15.0
 MAX_ANSWER = 8 * 1024 * 1024
@@ -23,9 +49,14 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _socket_from_environment() -> str:
+    value = posix.environ.get(b"PUPPETHA_ENC_SOCKET", b"")
+    return value.decode(sys.getfilesystemencoding(), "surrogateescape")
+
+
 def _parse(argv: list[str]) -> tuple[str, str] | str:
     """``(socket path, certname)``, or a usage error."""
-    path = os.environ.get("PUPPETHA_ENC_SOCKET") or DEFAULT_SOCKET
+    path = _socket_from_environment() or DEFAULT_SOCKET
     names: list[str] = []
     args = iter(argv)
     for arg in args:

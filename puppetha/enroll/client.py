@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from puppetha.enc.launcher import compile_script
 from puppetha.enroll.policy import MASTER_PORT
 from puppetha.enroll.puppetserver import (
     MasterMaterial,
@@ -870,6 +871,8 @@ def install(
                     enc_command=options.enc_script, enc_socket=options.enc_socket,
                 )  # fmt: skip
                 config = master_config_files(layout, material, settings)
+                if options.enc_script == DEFAULT_ENC_SCRIPT:
+                    compile_script()  # the default command runs the script's bytecode
                 owned = attrs.evolve(owned, extra_files={
                     Path(layout.lb_ca).name: material.lb_ca_pem.encode("ascii"),
                     Path(layout.lb_crl).name: material.lb_crl_pem.encode("ascii"),

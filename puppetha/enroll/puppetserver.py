@@ -25,8 +25,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from attrs import frozen
+from attrs import field, frozen
 from cryptography import x509
+
+from puppetha.enc.launcher import fast_command
 
 PUPPETSERVER_JAR = "/usr/share/puppetserver/puppetserver.jar"
 RUBY_LOAD_PATH = "/usr/lib/puppetserver/ruby/vendor_ruby"
@@ -156,8 +158,10 @@ class MasterSettings:
     #: The private address nginx nodes reach (never a public one).
     listen_address: str
     listen_port: int = 8140
-    #: The ENC command puppetserver runs with the certname as its last argument.
-    enc_command: str = "/usr/local/bin/puppetha-enc"
+    #: The ENC command puppetserver runs with the certname as its last argument: words
+    #: separated by single spaces (puppet splits ``external_nodes`` on whitespace).  The
+    #: default runs the script's bytecode, isolated and without site: :mod:`puppetha.enc.launcher`.
+    enc_command: str = field(factory=fast_command)
     #: The ENC socket, passed as ``--socket`` (empty: the script's default).
     enc_socket: str = ""
     max_jruby_instances: int = 1
@@ -272,7 +276,7 @@ def material_from_ssldir(
 
 def server_settings(settings: MasterSettings) -> dict[str, str]:
     """puppet.conf's ``[server]`` settings for puppetha's ENC.  ``LayoutError`` if unsafe."""
-    enc = _check_word(settings.enc_command, "ENC command")
+    enc = " ".join(_check_word(word, "ENC command") for word in settings.enc_command.split(" "))
     if settings.enc_socket:
         enc += f" --socket={_check_word(settings.enc_socket, 'ENC socket')}"
     return {"node_terminus": "exec", "external_nodes": enc}
