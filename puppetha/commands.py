@@ -207,6 +207,8 @@ def _revoke(ctx: Context, certname: str, reason: str) -> RevokedIdentity:
     print(f"revoked {certname}: instance {done.instance_id}, serials {serials}; {crls}", file=ctx.out)
     for master in done.deregistered:
         print(f"deregistered master {master}", file=ctx.out)
+    for lb in done.deregistered_lb:
+        print(f"deregistered lb node {lb}", file=ctx.out)
     return done
 
 

@@ -28,7 +28,7 @@ from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.store import IStore
 from puppetha.store.dynamodb import DynamoDBStore
-from puppetha.store.records import EnrollmentClaim, MasterRecord, NodeRecord
+from puppetha.store.records import EnrollmentClaim, LbNodeRecord, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
 from puppetha.threads import Blocking
 from tests.aws_fixtures import boto_test_credentials
@@ -629,6 +629,22 @@ def test_role_switch_then_revoke_leaves_no_certificate_of_the_instance_verifying
     assert world.records.get(MasterRecord, master.instance_id) is None
     assert world.enroll(world.launch("agent")).error == "no-master"
     refused(world, world.enroll(master, "master"), 409, "already-enrolled", world.state())
+
+
+def test_revoking_an_lb_node_deregisters_it_from_the_lb_nodes_in_the_same_transaction(ready: World) -> None:
+    lb = ready.launch("lb", security_groups=["lb-nodes"])
+    answer = ready.enroll(lb, "lb")
+    assert answer.status == 200, answer.body
+    # Its daemon registers itself for heartbeats and `puppetha status`.
+    ready.records.create(LbNodeRecord(node=lb.instance_id, address=lb.private_ip, port=7946,
+                                      registered_at=1.0))
+    done = revoke_identity(ready.records, ready.authority, lb.instance_id, "keyCompromise",
+                           ready.clock.seconds)
+    assert done is not None
+    assert done.deregistered_lb == (lb.instance_id,)
+    assert ready.records.get(LbNodeRecord, lb.instance_id) is None
+    verdict = ready.verify({**answer.json, "crl_chain": ready.authority.crl_chain_pem().decode()})
+    assert "certificate revoked" in verdict, verdict
 
 
 def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> None:

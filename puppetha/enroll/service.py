@@ -63,6 +63,7 @@ from puppetha.store.records import (
     CRLRecord,
     EnrollmentClaim,
     IssuedCertificate,
+    LbNodeRecord,
     MasterRecord,
     NodeRecord,
     Records,
@@ -752,6 +753,9 @@ class RevokedIdentity:
     crls: dict[str, CRLRecord]
     #: Masters removed from the registry (no new agents, off the front).
     deregistered: tuple[str, ...]
+    #: lb nodes (instance ids) removed from the lb nodes' registry (no heartbeats sent to them,
+    #: gone from ``puppetha status``).
+    deregistered_lb: tuple[str, ...] = ()
 
 
 def identity_of(records: Records, name: str) -> tuple[str, list[Versioned[NodeRecord]]]:
@@ -797,7 +801,10 @@ def revoke_identity(
             continue
         for certname in plan.deregistered:
             log.info("deregistered the revoked master {certname}", certname=certname)
-        return RevokedIdentity(instance_id, tuple(plan.stored), certificates, crls, tuple(plan.deregistered))
+        for node in plan.deregistered_lb:
+            log.info("deregistered the revoked lb node {node}", node=node)
+        return RevokedIdentity(instance_id, tuple(plan.stored), certificates, crls, tuple(plan.deregistered),
+                               tuple(plan.deregistered_lb))
     raise StoreError(f"the records of {name} kept changing while it was being revoked; try again")
 
 
@@ -812,10 +819,12 @@ class _IdentityRevocation:
         self.now = now
         self.stored: list[NodeRecord] = []
         self.deregistered: list[str] = []
+        self.deregistered_lb: list[str] = []
 
     def writes(self) -> list[Write]:
         self.stored.clear()
         self.deregistered.clear()
+        self.deregistered_lb.clear()
         writes: list[Write] = []
         for certname, certs in self.planned.items():
             current = self.records.get(NodeRecord, certname)
@@ -830,6 +839,11 @@ class _IdentityRevocation:
             if master is not None:
                 writes.append(Delete(MasterRecord.KIND, certname, master.version))
                 self.deregistered.append(certname)
+            # lb nodes register under their instance id (the Elastic IP's target).
+            lb = self.records.get(LbNodeRecord, node.instance_id)
+            if lb is not None and node.instance_id not in self.deregistered_lb:
+                writes.append(Delete(LbNodeRecord.KIND, node.instance_id, lb.version))
+                self.deregistered_lb.append(node.instance_id)
         return writes
 
 
