@@ -205,6 +205,11 @@ OPTIONS: tuple[Option, ...] = (
            "sqlite keeps everything in one file on this host; dynamodb shares state between hosts."),
     Option("store", "path", path, "{state_dir}/puppetha.sqlite", "The SQLite file (backend sqlite)."),
     Option("store", "table", text, "puppetha", "The DynamoDB table (backend dynamodb)."),
+    Option("store", "timeout", duration, "5s",
+           "The deadline of one store call: a write waits at most this long for the write lock "
+           "(SQLite: this process's other writers, then other processes'), a DynamoDB call ends "
+           "within it, retries included. A call past it fails (503 store-unavailable) having "
+           "changed nothing."),
     Option("pki", "key_type", one_of(*KEY_TYPES), "ec-p256",
            "Key type of the CAs puppetha creates: ec-p256, rsa-2048, rsa-3072 or rsa-4096."),
     Option("pki", "allowed_csr_keys", some_of(*KEY_TYPES), ", ".join(KEY_TYPES),
@@ -223,6 +228,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
     Option("aws", "endpoint_url", url, "",
            "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
+    Option("aws", "timeout", duration, "8s",
+           "The deadline of one AWS call (EC2, KMS), retries included: botocore's connect and read "
+           "timeouts and attempts are set to fit inside it. Keep it well under puppetha-enroll's "
+           "30s: an enrollment waits for AWS and then for the store."),
     Option("aws", "accounts", accounts, "",
            "AWS account ids whose instances may enroll. Empty: none may (deny by default)."),
     Option("aws", "identity_certs", path, "",

@@ -20,7 +20,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from puppetha import build
-from puppetha.aws.cloud import ICloud
+from puppetha.aws.cloud import CloudError, ICloud
 from puppetha.aws.identity import TrustStore
 from puppetha.config import OPTIONS, Config, ConfigError, load_config
 from puppetha.enc.service import Classifier, ENCSocketService
@@ -35,9 +35,9 @@ from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, 
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import VaultError
-from puppetha.store import IStore, StoreError
+from puppetha.store import IStore, StoreError, StoreUnavailable
 from puppetha.store.records import Records
-from puppetha.threads import Blocking, make_pool
+from puppetha.threads import Blocking, Episodes, make_pool
 
 log = Logger()
 
@@ -206,7 +206,17 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     log.info("root CA {name}, {fingerprint}", name=root_ca.name,
              fingerprint=fingerprint(x509.load_pem_x509_certificate(root_ca.certificate_pem.encode())))
 
-    signing = Blocking(reactor, pool, authority)
+    # Every call to a dependency has a deadline ([store] timeout, [aws] timeout), and an outage
+    # is logged once when it starts and once when it ends.
+    store_deadline, aws_deadline = config[("store", "timeout")], config[("aws", "timeout")]
+    store_episodes, aws_episodes = Episodes("store", reactor), Episodes("AWS", reactor)
+
+    def store_blocking(on: ThreadPool, target: Any, *, abandon: bool = False) -> Blocking[Any]:
+        return Blocking(reactor, on, target, deadline=store_deadline, abandon=abandon,
+                        timed_out=lambda s: StoreUnavailable(f"the store did not answer within {s:g}s"),
+                        unavailable=(StoreUnavailable,), episodes=store_episodes)
+
+    signing = store_blocking(pool, authority)
     margin = timedelta(seconds=config[("pki", "crl_refresh_margin")])
     CRLRefresher(
         lambda m: signing.call(authority.refresh_crls, m),
@@ -217,11 +227,19 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     ).setServiceParent(root)
 
     cloud = build.make_cloud(config)
-    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
+    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.  Reads
+    # past their deadline are left to botocore's own timeouts, which fit inside it.
     aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
     ThreadPoolService(aws_pool).setServiceParent(root)
-    aws = Blocking(reactor, aws_pool, cloud)
-    store_calls = Blocking(reactor, pool, records)
+    aws = Blocking(reactor, aws_pool, cloud, deadline=aws_deadline, abandon=True,
+                   timed_out=lambda s: CloudError(f"AWS did not answer within {s:g}s"),
+                   unavailable=(CloudError,), episodes=aws_episodes)
+    store_calls = store_blocking(pool, records)
+    # The reads the ENC and the health check need have a pool of their own: they never queue
+    # behind writes waiting for the write lock (docs/design.md).
+    read_pool = make_pool("puppetha-read", config[("daemon", "threads")])
+    ThreadPoolService(read_pool).setServiceParent(root)
+    store_reads = store_blocking(read_pool, records, abandon=True)
 
     # Same host: a master's registration reaches nginx at once; other hosts' lb roles see it on
     # their next round ([lb] interval).
@@ -237,7 +255,7 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     if "enc" in config.roles:
         classifier = Classifier(
             reactor,
-            store_calls,
+            store_reads,
             aws,
             ttl=config[("enc", "cache_ttl")],
             stale_limit=config[("enc", "stale_limit")],

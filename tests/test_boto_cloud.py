@@ -216,9 +216,7 @@ def test_endpoint_down_is_a_cloud_error() -> None:
         f"http://127.0.0.1:{closed_port()}",
         access_key_id="testing",
         secret_access_key="testing",
-        max_attempts=1,
-        connect_timeout=1,
-        read_timeout=1,
+        deadline=1.0,
     )
     with pytest.raises(CloudError, match="DescribeInstances in us-east-1: Could not connect"):
         cloud.describe_instances(REGION, [UNKNOWN_ID])
@@ -239,8 +237,8 @@ def test_one_client_per_region(endpoint: str) -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="max_attempts"):
-        Boto3Cloud(max_attempts=0)
+    with pytest.raises(ValueError, match="deadline"):
+        Boto3Cloud(deadline=0)
     with pytest.raises(ValueError, match="AWS credentials"):
         Boto3Cloud(profile="no-such-profile-anywhere")
 

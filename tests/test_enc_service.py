@@ -93,7 +93,7 @@ def closed_port() -> int:
 def boto(endpoint: str) -> Boto3Cloud:
     return Boto3Cloud(endpoint, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                       secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
-                      max_attempts=1, connect_timeout=1.0, read_timeout=5.0)
+                      deadline=1.0)
 
 
 @pytest.fixture(scope="module")
