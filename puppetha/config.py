@@ -255,6 +255,9 @@ OPTIONS: tuple[Option, ...] = (
            "Who may enroll as a master: tag:KEY=VALUE, profile:ARN or sg:GROUP rules, any one "
            "suffices. Empty: nobody."),
     Option("enroll", "lb_policy", role_rules, "", "Who may enroll as an nginx node; as master_policy."),
+    Option("enroll", "health_interval", duration, "5s",
+           "How often the daemon checks that it can enroll (store writable, AWS reachable, a "
+           "healthy master): GET /v1/health answers from the last check at once."),
     Option("enroll", "front", host_port, "puppet:8140",
            "The address agents use for good (the Elastic IP's name and the front port)."),
     Option("lb", "certificate", path, "",

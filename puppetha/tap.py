@@ -27,6 +27,7 @@ from puppetha.enc.service import Classifier, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
+from puppetha.enroll.readiness import Readiness, ReadinessService
 from puppetha.enroll.service import Enrollment
 from puppetha.ha.front import FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
@@ -109,6 +110,7 @@ def enrollment_listener(
     store_calls: Blocking[Records],
     aws: Blocking[ICloud],
     on_master: Callable[[], object],
+    readiness: Callable[[], Readiness] | None = None,
 ) -> IService:
     """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
     certs = config[("aws", "identity_certs")]
@@ -152,7 +154,7 @@ def enrollment_listener(
     return enrollment_service(
         reactor,
         config[("enroll", "listen")],
-        make_enrollment_site(enrollment, reactor),
+        make_enrollment_site(enrollment, reactor, readiness),
         credentials.tls_context(),
         config[("enroll", "proxy_from")],
     )
@@ -209,14 +211,17 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     # Every call to a dependency has a deadline ([store] timeout, [aws] timeout), and an outage
     # is logged once when it starts and once when it ends.
     store_deadline, aws_deadline = config[("store", "timeout")], config[("aws", "timeout")]
-    store_episodes, aws_episodes = Episodes("store", reactor), Episodes("AWS", reactor)
+    store_episodes = Episodes("store", reactor, quiet=store_deadline)
+    aws_episodes = Episodes("AWS", reactor, quiet=aws_deadline)
 
-    def store_blocking(on: ThreadPool, target: Any, *, abandon: bool = False) -> Blocking[Any]:
+    def store_blocking(on: ThreadPool, target: Any, *, abandon: bool = False,
+                       episodes: Episodes | None = store_episodes) -> Blocking[Any]:
         return Blocking(reactor, on, target, deadline=store_deadline, abandon=abandon,
                         timed_out=lambda s: StoreUnavailable(f"the store did not answer within {s:g}s"),
-                        unavailable=(StoreUnavailable,), episodes=store_episodes)
+                        unavailable=(StoreUnavailable,), episodes=episodes)
 
-    signing = store_blocking(pool, authority)
+    # Signing is mostly CPU: its answers say nothing about the store.
+    signing = store_blocking(pool, authority, episodes=None)
     margin = timedelta(seconds=config[("pki", "crl_refresh_margin")])
     CRLRefresher(
         lambda m: signing.call(authority.refresh_crls, m),
@@ -249,8 +254,13 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         front.setServiceParent(root)
 
     if "enroll" in config.roles:
+        readiness = ReadinessService(reactor, writes=store_calls, reads=store_reads, cloud=aws,
+                                     region=config[("aws", "region")],
+                                     interval=config[("enroll", "health_interval")])
+        readiness.setServiceParent(root)
         enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
-                            aws=aws, on_master=poke_front or (lambda: None)).setServiceParent(root)
+                            aws=aws, on_master=poke_front or (lambda: None),
+                            readiness=readiness.readiness).setServiceParent(root)
 
     if "enc" in config.roles:
         classifier = Classifier(

@@ -31,13 +31,19 @@ class Episodes:
     """
     Says once that a dependency stopped answering and once that it answers again, however many
     calls fail in between: an outage is one warning and one recovery in the log, not a line per
-    request.  Also what :mod:`puppetha.enroll.readiness` reads for ``/v1/health``.
+    request.
+
+    The outage ends with the first answer at least ``quiet`` seconds after the last failure:
+    a dependency can answer some calls and fail others (the store's reads carry on while its
+    write lock is held), and an answer in between must not end the outage and start a new one.
     """
 
-    def __init__(self, dependency: str, clock: IReactorTime) -> None:
+    def __init__(self, dependency: str, clock: IReactorTime, quiet: float = 0.0) -> None:
         self.dependency = dependency
         self._clock = clock
+        self.quiet = quiet
         self._since: float | None = None
+        self._last_failure = 0.0
         self._failures = 0
         self.reason = ""
 
@@ -48,12 +54,13 @@ class Episodes:
     def failed(self, reason: str) -> None:
         self._failures += 1
         self.reason = reason
+        self._last_failure = self._clock.seconds()
         if self._since is None:
             self._since = self._clock.seconds()
             log.warn("{dependency} unavailable: {reason}", dependency=self.dependency, reason=reason)
 
     def answered(self) -> None:
-        if self._since is None:
+        if self._since is None or self._clock.seconds() - self._last_failure < self.quiet:
             return
         log.info("{dependency} answers again after {seconds:.1f}s and {failures} failed calls",
                  dependency=self.dependency, seconds=self._clock.seconds() - self._since,

@@ -175,3 +175,18 @@ def test_must_run_ignores_the_deadline(clock: ThreadedClock, pool: ThreadPool) -
     clock.run_one()
     assert ran == [1]
     assert undone == [None]
+
+
+def test_answers_between_failures_do_not_end_an_outage(clock: ThreadedClock,
+                                                       logged: list[LogEvent]) -> None:
+    episodes = Episodes("store", clock, quiet=5.0)
+    for _ in range(3):  # reads answer while writes keep failing
+        episodes.failed("database is locked")
+        clock.advance(1)
+        episodes.answered()
+    assert episodes.failing
+    clock.advance(5)
+    episodes.answered()
+    assert not episodes.failing
+    assert [e["log_format"].split(":")[0] for e in logged if e.get("dependency") == "store"] == [
+        "{dependency} unavailable", "{dependency} answers again after {seconds"]
