@@ -72,15 +72,15 @@ held.execute("ROLLBACK")
 def test_sqlite_write_lock_held_by_another_process(daemon: Daemon, fleet: Fleet) -> None:
     known = daemon.record_node(fleet.launch("agent"))
     assert daemon.classify(known).startswith(b"OK ")
-    masters = [fleet.launch("master") for _ in range(12)]
+    masters = [fleet.launch("master") for _ in range(20)]
     daemon.health_until(lambda r: r.error == "no-master")
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(daemon.store_path), "12"],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(daemon.store_path), "20"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline() == "held\n"
-        with ThreadPoolExecutor(16) as pool:
+        with ThreadPoolExecutor(28) as pool:
             enrolling = [pool.submit(daemon.enroll, m, "master") for m in masters]
             time.sleep(6)  # the enrollments' writes wait for the lock; known nodes' cache entries expire
             # Reads the ENC needs never queue behind the writers, and health answers at once.
