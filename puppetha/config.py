@@ -200,7 +200,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("daemon", "state_dir", path, DEFAULT_STATE_DIR,
            "Where the daemon keeps its files (the SQLite store, the vault key, TLS material)."),
     Option("daemon", "threads", integer(1, 64), "8",
-           "Size of the thread pool for blocking work (store, AWS, signing)."),
+           "Size of each thread pool for blocking work: store writes and signing, store reads "
+           "(the ENC, health), AWS (docs/design.md)."),
     Option("store", "backend", one_of("sqlite", "dynamodb"), "sqlite",
            "sqlite keeps everything in one file on this host; dynamodb shares state between hosts."),
     Option("store", "path", path, "{state_dir}/puppetha.sqlite", "The SQLite file (backend sqlite)."),
