@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.script import TIMEOUT as ENC_CLIENT_TIMEOUT
 from puppetha.enc.script import classify
 from puppetha.enroll.client import DEFAULT_TIMEOUT as ENROLL_CLIENT_TIMEOUT
+from puppetha.store import IStore
 from puppetha.store.records import NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
@@ -58,7 +59,10 @@ class Reply:
 class Daemon:
     """One ``twistd -n puppetha`` with the enroll and enc roles; JSON log in ``log``."""
 
-    def __init__(self, tmp: Path, aws_url: str, signer: FakeAWSSigner, extra: str = "") -> None:
+    def __init__(self, tmp: Path, aws_url: str, signer: FakeAWSSigner, extra: str = "",
+                 open_store: Callable[[], IStore] | None = None) -> None:
+        """``extra``: more sections for the configuration; ``open_store``: the store as another
+        process opens it (by default the daemon's SQLite file)."""
         self.tmp = tmp
         self.state = tmp / "state"
         self.store_path = self.state / "puppetha.sqlite"
@@ -75,6 +79,7 @@ class Daemon:
             f"[enc]\nsocket = {self.socket}\ncache_ttl = 2s\n{extra}"
         )
         self.signer = signer
+        self.open_store = open_store or (lambda: SQLiteStore(str(self.store_path)))
         self.process: subprocess.Popen[bytes] | None = None
         self.root_pem = ""
 
@@ -85,7 +90,7 @@ class Daemon:
                  "puppetha", "--config", str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT)
         self.wait_for_log("puppetha started")
-        self.root_pem = subprocess.run([*CLI, "--state-dir", str(self.state), "ca", "show", "--pem"],
+        self.root_pem = subprocess.run([*CLI, "--config", str(self.config), "ca", "show", "--pem"],
                                        capture_output=True, text=True, check=True).stdout
         return self
 
@@ -153,8 +158,8 @@ class Daemon:
     def classify(self, certname: str) -> bytes:
         return classify(str(self.socket), certname, timeout=ENC_CLIENT_TIMEOUT)
 
-    def records(self) -> tuple[SQLiteStore, Records]:
-        store = SQLiteStore(str(self.store_path))
+    def records(self) -> tuple[IStore, Records]:
+        store = self.open_store()
         return store, Records(store)
 
     def record_node(self, instance: InstanceInfo) -> str:

@@ -11,16 +11,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+from puppetha.store.dynamodb import DynamoDBStore
+from puppetha.testing.aws import FakeAWSSigner
 from puppetha.testing.blackhole import BlackHoleProxy
-from puppetha.testing.moto import Fleet
+from puppetha.testing.moto import Fleet, MotoServer
+from puppetha.testing.moto import client as moto_client
+from tests.aws_fixtures import boto_test_credentials
 
 pytest.register_assert_rewrite("tests.fault_fixtures")
 
-from tests.fault_fixtures import Daemon  # noqa: E402 - after the rewrite hook
+from tests.fault_fixtures import REGION, Daemon  # noqa: E402 - after the rewrite hook
 
 pytest_plugins = ["tests.fault_fixtures"]
 
@@ -120,3 +126,48 @@ def test_store_made_read_only_heals_without_a_restart(daemon: Daemon, fleet: Fle
         enrolled = list(pool.map(lambda m: daemon.enroll(m, "master"), masters))
     assert [r.status for r in enrolled] == [200] * 6, enrolled
     assert daemon.health_until(lambda r: r.status == 200).body["status"] == "ok"
+
+
+@pytest.fixture
+def dynamodb_daemon(tmp_path: Path, moto: MotoServer, proxy: BlackHoleProxy,
+                    signer: FakeAWSSigner) -> Iterator[Daemon]:
+    """The daemon on DynamoDB with CA keys sealed by KMS, all of AWS behind the proxy."""
+    table = f"faults-{proxy.port}"
+    with boto_test_credentials():
+        DynamoDBStore(table, REGION, moto.endpoint_url).create_table(point_in_time_recovery=False)
+        key_id = moto_client("kms", moto.endpoint_url, REGION).create_key()["KeyMetadata"]["KeyId"]
+        d = Daemon(tmp_path, proxy.url, signer,
+                   extra=f"[store]\nbackend = dynamodb\ntable = {table}\n"
+                         f"[pki]\nvault = kms\nkms_key_id = {key_id}\n",
+                   open_store=lambda: DynamoDBStore(table, REGION, moto.endpoint_url))
+        d.start()
+        try:
+            yield d
+        finally:
+            d.stop()
+
+
+def test_dynamodb_and_kms_black_holed(dynamodb_daemon: Daemon, proxy: BlackHoleProxy,
+                                      fleet: Fleet) -> None:
+    daemon = dynamodb_daemon
+    known = [daemon.record_node(fleet.launch("agent")) for _ in range(3)]
+    assert [daemon.classify(k)[:3] for k in known] == [b"OK "] * 3
+    master = fleet.launch("master")
+    daemon.health_until(lambda r: r.error == "no-master")
+
+    proxy.black_holed = True
+    time.sleep(6)  # past the store's 5 s cache and [enc] cache_ttl
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(daemon.classify, known * 20))
+    assert [a[:3] for a in answers] == [b"OK "] * 60, answers
+    refused = daemon.enroll(master, "master")
+    assert refused.status == 503, refused
+    assert refused.error in ("store-unavailable", "aws-unavailable")
+    down = daemon.health_until(lambda r: r.error == "store-unavailable")
+    assert down.body["checks"]["aws"] != "ok"
+
+    proxy.black_holed = False
+    daemon.health_until(lambda r: r.error == "no-master")
+    assert daemon.enroll(master, "master").status == 200
+    assert daemon.health_until(lambda r: r.status == 200).body["checks"] == {
+        "store": "ok", "aws": "ok", "master": "ok"}
