@@ -50,7 +50,7 @@ from puppetha.enc.classify import (
     to_enc_yaml,
 )
 from puppetha.store.records import Classification, NodeRecord, Records
-from puppetha.threads import Blocking
+from puppetha.threads import Blocking, Episodes
 
 log = Logger()
 
@@ -287,6 +287,8 @@ class _LastGood:
     answer: str
     at: float
     node: NodeRecord
+    #: Whether serving it stale was logged: once per node and outage, not once per request.
+    said_stale: bool = False
 
 
 class Classifier:
@@ -406,8 +408,11 @@ class Classifier:
             log.error("cannot classify {certname}: {error}; no good answer within {limit}s",
                       certname=certname, error=str(error) or repr(error), limit=self.stale_limit)
             raise Refused("unavailable", "store or AWS unreachable and no recent classification")
-        log.warn("serving {certname} its classification of {age:.0f}s ago: {error}",
-                 certname=certname, age=age, error=str(error) or repr(error))
+        if not last.said_stale:
+            last.said_stale = True
+            log.warn("serving {certname} its classification of {age:.0f}s ago (and until it can "
+                     "be classified anew): {error}", certname=certname, age=age,
+                     error=str(error) or repr(error))
         return last.answer
 
     async def _answer(self, certname: str) -> tuple[NodeRecord, str]:
@@ -584,6 +589,10 @@ class ENCProtocol(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         self._refuse("timeout", f"no answer within {self._timeout:g}s")
+        self._said_timeout()
+
+    def _said_timeout(self) -> None:
+        """A hook: the factory's protocol counts timeouts (logged once per outage)."""
 
     def _abort(self) -> None:
         self._timer = None
@@ -611,6 +620,8 @@ class ENCFactory(Factory):
         self.timeout = timeout
         self.max_connections = max_connections
         self.connections = 0
+        # ERR timeout answers, logged once when they start and once when answers come again.
+        self.timeouts = Episodes("ENC answers", clock, quiet=timeout)
 
     @override
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -623,6 +634,15 @@ class _CountedENCProtocol(ENCProtocol):
         self._owner = factory
         self._counted = True
         factory.connections += 1
+
+    @override
+    def _said_timeout(self) -> None:
+        self._owner.timeouts.failed(f"no answer within {self._owner.timeout:g}s")
+
+    @override
+    def _classified(self, answer: str) -> None:
+        self._owner.timeouts.answered()
+        super()._classified(answer)
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
