@@ -211,8 +211,10 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     # Every call to a dependency has a deadline ([store] timeout, [aws] timeout), and an outage
     # is logged once when it starts and once when it ends.
     store_deadline, aws_deadline = config[("store", "timeout")], config[("aws", "timeout")]
-    store_episodes = Episodes("store", reactor, quiet=store_deadline)
-    aws_episodes = Episodes("AWS", reactor, quiet=aws_deadline)
+    # An outage ends with an answer three deadlines after its last failure: calls that fail
+    # come in waves (each waits out the deadline), with answers of other kinds in between.
+    store_episodes = Episodes("store", reactor, quiet=3 * store_deadline)
+    aws_episodes = Episodes("AWS", reactor, quiet=3 * aws_deadline)
 
     def store_blocking(on: ThreadPool, target: Any, *, abandon: bool = False,
                        episodes: Episodes | None = store_episodes) -> Blocking[Any]:
@@ -244,7 +246,9 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     # behind writes waiting for the write lock (docs/design.md).
     read_pool = make_pool("puppetha-read", config[("daemon", "threads")])
     ThreadPoolService(read_pool).setServiceParent(root)
-    store_reads = store_blocking(read_pool, records, abandon=True)
+    # Reads answer while the write lock is held: they count as an outage of their own.
+    store_reads = store_blocking(read_pool, records, abandon=True,
+                                 episodes=Episodes("store reads", reactor, quiet=3 * store_deadline))
 
     # Same host: a master's registration reaches nginx at once; other hosts' lb roles see it on
     # their next round ([lb] interval).

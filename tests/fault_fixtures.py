@@ -109,7 +109,7 @@ class Daemon:
     def messages(self, start: str) -> list[str]:
         return [e["message"] for e in self.events() if e["message"].startswith(start)]
 
-    def wait_for_log(self, text: str, tries: int = 300) -> None:
+    def wait_for_log(self, text: str, tries: int = 600) -> None:
         for _ in range(tries):
             if self.log.exists() and text in self.log.read_text():
                 return
