@@ -89,9 +89,13 @@ class Daemon:
                 [TWISTD, "--nodaemon", "--pidfile=", "--logger", "puppetha.logs.json_observer",
                  "puppetha", "--config", str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT)
-        self.wait_for_log("puppetha started")
-        self.root_pem = subprocess.run([*CLI, "--config", str(self.config), "ca", "show", "--pem"],
-                                       capture_output=True, text=True, check=True).stdout
+        try:
+            self.wait_for_log("puppetha started")
+            self.root_pem = subprocess.run([*CLI, "--config", str(self.config), "ca", "show", "--pem"],
+                                           capture_output=True, text=True, check=True).stdout
+        except BaseException:
+            self.stop()  # never leave a daemon behind a failed start
+            raise
         return self
 
     def stop(self) -> None:
