@@ -31,13 +31,14 @@ def open_store(config: Config) -> IStore:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create {parent} for [store] path: {e.strerror}") from None
-        return SQLiteStore(path)
+        return SQLiteStore(path, busy_timeout=config[("store", "timeout")])
     from puppetha.store.dynamodb import DynamoDBStore
 
     return DynamoDBStore(
         table=config[("store", "table")],
         region=config[("aws", "region")],
         endpoint_url=config[("aws", "endpoint_url")] or None,
+        deadline=config[("store", "timeout")],
     )
 
 
@@ -56,6 +57,7 @@ def open_vault(
             key_id=config[("pki", "kms_key_id")],
             region=config[("aws", "region")],
             endpoint_url=config[("aws", "endpoint_url")] or None,
+            deadline=config[("aws", "timeout")],
         )
     from puppetha.pki.vault import FileKeyVault
 
@@ -99,4 +101,6 @@ def make_authority(
 def make_cloud(config: Config) -> ICloud:
     from puppetha.aws.boto import Boto3Cloud
 
-    return Boto3Cloud(endpoint_url=config[("aws", "endpoint_url")] or None)
+    return Boto3Cloud(
+        endpoint_url=config[("aws", "endpoint_url")] or None, deadline=config[("aws", "timeout")]
+    )

@@ -222,11 +222,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("daemon", "state_dir", path, DEFAULT_STATE_DIR,
            "Where the daemon keeps its files (the SQLite store, the vault key, TLS material)."),
     Option("daemon", "threads", integer(1, 64), "8",
-           "Size of the thread pool for blocking work (store, AWS, signing)."),
+           "Size of each thread pool for blocking work: store writes and signing, store reads "
+           "(the ENC, health), AWS (docs/design.md)."),
     Option("store", "backend", one_of("sqlite", "dynamodb"), "sqlite",
            "sqlite keeps everything in one file on this host; dynamodb shares state between hosts."),
     Option("store", "path", path, "{state_dir}/puppetha.sqlite", "The SQLite file (backend sqlite)."),
     Option("store", "table", text, "puppetha", "The DynamoDB table (backend dynamodb)."),
+    Option("store", "timeout", duration, "5s",
+           "The deadline of one store call: a write waits at most this long for the write lock "
+           "(SQLite: this process's other writers, then other processes'), a DynamoDB call ends "
+           "within it, retries included. A call past it fails (503 store-unavailable) having "
+           "changed nothing."),
     Option("pki", "key_type", one_of(*KEY_TYPES), "ec-p256",
            "Key type of the CAs puppetha creates: ec-p256, rsa-2048, rsa-3072 or rsa-4096."),
     Option("pki", "allowed_csr_keys", some_of(*KEY_TYPES), ", ".join(KEY_TYPES),
@@ -249,6 +255,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
     Option("aws", "endpoint_url", url, "",
            "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
+    Option("aws", "timeout", duration, "8s",
+           "The deadline of one AWS call (EC2, KMS), retries included: botocore's connect and read "
+           "timeouts and attempts are set to fit inside it. Keep it well under puppetha-enroll's "
+           "30s: an enrollment waits for AWS and then for the store."),
     Option("aws", "accounts", accounts, "",
            "AWS account ids whose instances may enroll. Empty: none may (deny by default)."),
     Option("aws", "identity_certs", path, "",
@@ -275,6 +285,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("enroll", "allow_second_role", boolean, "false",
            "Let an instance that has enrolled in one role enroll in another too (a master that is "
            "also an agent). Off: refused with 409. Revoking a node revokes all its certificates."),
+    Option("enroll", "health_interval", duration, "5s",
+           "How often the daemon checks that it can enroll (store writable, AWS reachable, a "
+           "healthy master): GET /v1/health answers from the last check at once."),
     Option("enroll", "front", host_port, "puppet:8140",
            "The address agents use for good (the Elastic IP's name and the front port)."),
     Option("lb", "certificate", path, "",

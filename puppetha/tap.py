@@ -22,7 +22,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from puppetha import build
-from puppetha.aws.cloud import ICloud
+from puppetha.aws.cloud import CloudError, ICloud
 from puppetha.aws.identity import TrustStore
 from puppetha.aws.shipped import SHIPPED_TRUST_FILE
 from puppetha.config import DEFAULT_CONFIG_PATH, OPTIONS, Config, ConfigError, find_config, load_config
@@ -30,6 +30,7 @@ from puppetha.enc.service import Classifier, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
+from puppetha.enroll.readiness import Readiness, ReadinessService
 from puppetha.enroll.service import Enrollment
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
@@ -43,9 +44,9 @@ from puppetha.pki.certs import fingerprint
 from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
 from puppetha.pki.keys import KeyType
 from puppetha.pki.vault import IKeyVault, VaultError
-from puppetha.store import IStore, StoreError
+from puppetha.store import IStore, StoreError, StoreUnavailable
 from puppetha.store.records import Records
-from puppetha.threads import Blocking, make_pool
+from puppetha.threads import Blocking, Episodes, make_pool
 
 log = Logger()
 
@@ -136,6 +137,7 @@ def enrollment_listener(
     store_calls: Blocking[Records],
     aws: Blocking[ICloud],
     on_master: Callable[[], object],
+    readiness: Callable[[], Readiness] | None = None,
 ) -> IService:
     """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
     certs = config[("aws", "identity_certs")]
@@ -178,7 +180,7 @@ def enrollment_listener(
     return enrollment_service(
         reactor,
         config[("enroll", "listen")],
-        make_enrollment_site(enrollment, reactor),
+        make_enrollment_site(enrollment, reactor, readiness),
         credentials.tls_context(),
         config[("enroll", "proxy_from")],
     )
@@ -233,7 +235,22 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     log.info("root CA {name}, {fingerprint}", name=root_ca.name,
              fingerprint=fingerprint(x509.load_pem_x509_certificate(root_ca.certificate_pem.encode())))
 
-    signing = Blocking(reactor, pool, authority)
+    # Every call to a dependency has a deadline ([store] timeout, [aws] timeout), and an outage
+    # is logged once when it starts and once when it ends.
+    store_deadline, aws_deadline = config[("store", "timeout")], config[("aws", "timeout")]
+    # An outage ends with an answer three deadlines after its last failure: calls that fail
+    # come in waves (each waits out the deadline), with answers of other kinds in between.
+    store_episodes = Episodes("store", reactor, quiet=3 * store_deadline)
+    aws_episodes = Episodes("AWS", reactor, quiet=3 * aws_deadline)
+
+    def store_blocking(on: ThreadPool, target: Any, *, abandon: bool = False,
+                       episodes: Episodes | None = store_episodes) -> Blocking[Any]:
+        return Blocking(reactor, on, target, deadline=store_deadline, abandon=abandon,
+                        timed_out=lambda s: StoreUnavailable(f"the store did not answer within {s:g}s"),
+                        unavailable=(StoreUnavailable,), episodes=episodes)
+
+    # Signing is mostly CPU: its answers say nothing about the store.
+    signing = store_blocking(pool, authority, episodes=None)
     margin = timedelta(seconds=config[("pki", "crl_refresh_margin")])
     CRLRefresher(
         lambda m: signing.call(authority.refresh_crls, m),
@@ -254,11 +271,21 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         ).setServiceParent(root)
 
     cloud = build.make_cloud(config)
-    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
+    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.  Reads
+    # past their deadline are left to botocore's own timeouts, which fit inside it.
     aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
     ThreadPoolService(aws_pool).setServiceParent(root)
-    aws = Blocking(reactor, aws_pool, cloud)
-    store_calls = Blocking(reactor, pool, records)
+    aws = Blocking(reactor, aws_pool, cloud, deadline=aws_deadline, abandon=True,
+                   timed_out=lambda s: CloudError(f"AWS did not answer within {s:g}s"),
+                   unavailable=(CloudError,), episodes=aws_episodes)
+    store_calls = store_blocking(pool, records)
+    # The reads the ENC and the health check need have a pool of their own: they never queue
+    # behind writes waiting for the write lock (docs/design.md).
+    read_pool = make_pool("puppetha-read", config[("daemon", "threads")])
+    ThreadPoolService(read_pool).setServiceParent(root)
+    # Reads answer while the write lock is held: they count as an outage of their own.
+    store_reads = store_blocking(read_pool, records, abandon=True,
+                                 episodes=Episodes("store reads", reactor, quiet=3 * store_deadline))
 
     # Same host: a master's registration reaches nginx at once; other hosts' lb roles see it on
     # their next round ([lb] interval).
@@ -271,13 +298,18 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
                              front=front).setServiceParent(root)
 
     if "enroll" in config.roles:
+        readiness = ReadinessService(reactor, writes=store_calls, reads=store_reads, cloud=aws,
+                                     region=config[("aws", "region")],
+                                     interval=config[("enroll", "health_interval")])
+        readiness.setServiceParent(root)
         enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
-                            aws=aws, on_master=poke_front or (lambda: None)).setServiceParent(root)
+                            aws=aws, on_master=poke_front or (lambda: None),
+                            readiness=readiness.readiness).setServiceParent(root)
 
     if "enc" in config.roles:
         classifier = Classifier(
             reactor,
-            store_calls,
+            store_reads,
             aws,
             ttl=config[("enc", "cache_ttl")],
             stale_limit=config[("enc", "stale_limit")],

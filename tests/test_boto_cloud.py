@@ -6,11 +6,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from zope.interface.verify import verifyObject
 
-from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud
+from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud, within_deadline
 from puppetha.aws.cloud import CloudError, ICloud, SecurityGroup
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer, MotoServerError
 
@@ -216,9 +217,7 @@ def test_endpoint_down_is_a_cloud_error() -> None:
         f"http://127.0.0.1:{closed_port()}",
         access_key_id="testing",
         secret_access_key="testing",
-        max_attempts=1,
-        connect_timeout=1,
-        read_timeout=1,
+        deadline=1.0,
     )
     with pytest.raises(CloudError, match="DescribeInstances in us-east-1: Could not connect"):
         cloud.describe_instances(REGION, [UNKNOWN_ID])
@@ -239,8 +238,8 @@ def test_one_client_per_region(endpoint: str) -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="max_attempts"):
-        Boto3Cloud(max_attempts=0)
+    with pytest.raises(ValueError, match="deadline"):
+        Boto3Cloud(deadline=0)
     with pytest.raises(ValueError, match="AWS credentials"):
         Boto3Cloud(profile="no-such-profile-anywhere")
 
@@ -285,3 +284,15 @@ def test_stopped_server_has_no_endpoint(tmp_path: Path) -> None:
     server.stop()
     with pytest.raises(MotoServerError, match="not running"):
         _ = server.endpoint_url
+
+
+@pytest.mark.parametrize("deadline", [0.5, 1.9, 2.0, 5.0, 8.0, 30.0])
+def test_botocore_settings_fit_inside_the_deadline(deadline: float) -> None:
+    config: Any = within_deadline(deadline)  # botocore sets them dynamically
+    attempts = config.retries["total_max_attempts"]
+    backoff = 1.0 if attempts > 1 else 0.0  # standard mode's first backoff is at most 1 s
+    worst = attempts * (config.connect_timeout + config.read_timeout) + backoff
+    assert worst == pytest.approx(deadline)
+    assert config.connect_timeout <= 1.0
+    assert config.read_timeout > 0
+    assert attempts == (2 if deadline >= 2 else 1)

@@ -65,7 +65,9 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
         daemon = subprocess.Popen(
             twistd("--logger", "puppetha.logs.json_observer", "puppetha", "--state-dir", str(state),
                    "--set", f"enc.socket={tmp_path}/enc.sock",
-                   "--set", f"enroll.listen=tcp:{port}:interface=127.0.0.1"),
+                   "--set", f"enroll.listen=tcp:{port}:interface=127.0.0.1",
+                   # Nothing listens there: the health check must not ask the real AWS.
+                   "--set", f"aws.endpoint_url=http://127.0.0.1:{free_port()}"),
             stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(log, "puppetha started")
@@ -80,9 +82,12 @@ def test_starts_on_the_embedded_defaults_and_stops_cleanly(tmp_path: Path) -> No
         # The enrollment API answers over TLS with a certificate from the root CA.
         root = subprocess.run([*CLI, "--state-dir", str(state), "ca", "show", "--pem"],
                               capture_output=True, text=True, check=True).stdout
+        # Health tells the truth: no AWS to ask and no master, so this daemon cannot enroll.
+        wait_for(log, "not ready to enroll")
         status, body = get_pinned(port, "/v1/health", root)
-        assert status == 200
-        assert json.loads(body)["status"] == "ok"
+        assert status == 503
+        assert json.loads(body)["error"] == "aws-unavailable"
+        assert json.loads(body)["checks"]["master"] == "none"
         status, body = get_pinned(port, "/v1/ca", root)
         assert (status, body.decode()) == (200, root)
     finally:

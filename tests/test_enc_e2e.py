@@ -49,7 +49,7 @@ def serve(socket_path: str, store_path: str, endpoint_url: str) -> None:
 
     records = Records(SQLiteStore(store_path))
     cloud = Boto3Cloud(endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
-                       secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"], max_attempts=1)
+                       secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"], deadline=5.0)
     pool = make_pool("enc", 4)
     pool.start()
     classifier = Classifier(reactor, Blocking(reactor, pool, records),  # type: ignore[arg-type]

@@ -93,7 +93,7 @@ def closed_port() -> int:
 def boto(endpoint: str) -> Boto3Cloud:
     return Boto3Cloud(endpoint, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                       secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
-                      max_attempts=1, connect_timeout=1.0, read_timeout=5.0)
+                      deadline=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +353,45 @@ def test_a_failed_fetch_fails_its_waiters_and_keeps_old_entries(clock) -> None:
     assert len(cache) == 1
 
 
+def test_an_expired_entry_is_answered_at_once_while_its_refresh_runs_behind(clock) -> None:
+    pending: list[Deferred[Mapping[str, int]]] = []
+
+    def fetch(keys: list[str]) -> Deferred[Mapping[str, int]]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    cache: BatchedCache[str, int] = BatchedCache("test", clock, fetch, ttl=10, hot_window=10,
+                                                 forget_after=100, serve_stale=60)
+    first = cache.get_many(["a"])
+    pending.pop(0).callback({"a": 1})
+    assert answer(first) == {"a": 1}
+    clock.advance(11)
+    assert answer(cache.get_many(["a"])) == {"a": 1}  # not waiting for the refresh it started
+    assert answer(cache.get_many(["a"])) == {"a": 1}
+    assert len(pending) == 1  # one refresh, not one per request
+    pending.pop(0).callback({"a": 2})
+    assert answer(cache.get_many(["a"])) == {"a": 2}
+    clock.advance(61)
+    waiting = cache.get_many(["a"])  # too old to serve: this one waits
+    assert not waiting.called
+    pending.pop(0).callback({"a": 3})
+    assert answer(waiting) == {"a": 3}
+
+
+def test_fetch_failures_are_logged_once_per_outage(clock, logged) -> None:
+    results: list[Any] = [succeed({"a": 1}), fail(CloudError("down")), fail(CloudError("down")),
+                          fail(CloudError("down")), succeed({"a": 2})]
+    cache: BatchedCache[str, int] = BatchedCache("instances", clock, lambda keys: results.pop(0),
+                                                 ttl=10, hot_window=100, forget_after=100)
+    answer(cache.get_many(["a"]))
+    for _ in range(4):
+        clock.advance(11)
+        cache.refresh()
+    said = [e["log_format"] for e in logged if e.get("cache") == "instances"]
+    assert said == ["reading {cache} failed: {error}; answering from the cache while it fails",
+                    "reading {cache} works again"]
+
+
 def test_names_that_are_not_enrolled_do_not_fill_the_cache(clock, records, fleet, cloud) -> None:
     enroll(records, fleet, "web1.example.com")
     c = classifier(clock, records, cloud)
@@ -379,6 +418,42 @@ def test_a_node_removed_from_the_store_is_remembered_as_absent(clock, records, f
 # -- stale while error ------------------------------------------------------------------------
 
 
+def test_a_known_node_never_waits_for_a_hung_aws(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    aws = HeldBlocking(cloud)
+    c = classifier(clock, records, cloud, cloud_blocking=aws)
+    first = c.classify("web1.example.com")
+    aws.run_all()
+    good = answer(first)
+    clock.advance(TTL + 1)  # past the TTL, and AWS does not answer
+    assert answer(c.classify("web1.example.com")) == good
+    assert len(aws.held) == 1  # the refresh, behind the answer
+    aws.run_all()
+    assert answer(c.classify("web1.example.com")) == good
+
+
+def test_a_known_node_waits_at_most_the_patience_for_a_hung_store(clock, records, fleet,
+                                                                     cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    store = HeldBlocking(records)
+    c = Classifier(clock, store, ImmediateBlocking(cloud), ttl=TTL, store_ttl=STORE_TTL,
+                   stale_limit=STALE, store_hot_window=1.0, patience=2.0)
+    first = c.classify("web1.example.com")
+    while store.held:
+        store.run_all()
+    good = answer(first)
+    clock.advance(STORE_TTL * 2)
+    c.refresh()  # nobody asked for a while: the node's store entries are forgotten
+    assert len(c.nodes) == 0
+    slow = c.classify("web1.example.com")  # must read the store, which hangs
+    assert not slow.called
+    clock.advance(2)
+    assert answer(slow) == good  # its last good answer, after the patience
+    store.run_all()  # the store answers at last; nothing more happens to the request
+    assert len(c.nodes) == 1
+
+
+
 def test_aws_down_serves_the_last_good_answer_up_to_the_stale_limit(clock, records, fleet, cloud,
                                                                       logged) -> None:
     enroll(records, fleet, "web1.example.com")
@@ -387,9 +462,10 @@ def test_aws_down_serves_the_last_good_answer_up_to_the_stale_limit(clock, recor
     good = answer(c.classify("web1.example.com"))
     cloud.current = cloud.down
     clock.advance(TTL + 1)
-    assert answer(c.classify("web1.example.com")) == good
-    assert any("serving" in str(e.get("log_format")) and e.get("certname") == "web1.example.com"
-               for e in logged)
+    for _ in range(5):
+        assert answer(c.classify("web1.example.com")) == good
+    said = [e for e in logged if "serving" in str(e.get("log_format"))]
+    assert [e["certname"] for e in said] == ["web1.example.com"]  # once, not once per request
     clock.advance(STALE)
     assert refusal(c.classify("web1.example.com")).code == "unavailable"
     cloud.current = cloud.up
@@ -564,6 +640,25 @@ def test_a_slow_answer_times_out_once(clock, records, fleet, cloud) -> None:
     assert transport.value().startswith(b"ERR timeout ")
     aws.run_all()  # the answer arrives late: nothing more is written
     assert transport.value().count(b"\n") == 1
+
+
+def test_timeouts_are_logged_once_per_outage(clock, records, fleet, cloud, logged) -> None:
+    enroll(records, fleet, "web1.example.com")
+    aws = HeldBlocking(cloud)
+    factory = ENCFactory(classifier(clock, records, cloud, cloud_blocking=aws), clock, timeout=10)
+    for _ in range(3):
+        protocol, transport = connect(factory)
+        protocol.dataReceived(b"web1.example.com\n")
+        clock.advance(10)
+        assert transport.value().startswith(b"ERR timeout ")
+    aws.run_all()
+    clock.advance(10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"web1.example.com\n")
+    assert transport.value().startswith(b"OK ")
+    said = [e["log_format"] for e in logged if e.get("dependency") == "ENC answers"]
+    assert said == ["{dependency} unavailable: {reason}",
+                    "{dependency} answers again after {seconds:.1f}s and {failures} failed calls"]
 
 
 def test_a_client_gone_before_the_answer_is_not_written_to(clock, records, fleet, cloud) -> None:

@@ -486,7 +486,7 @@ def test_aws_down_is_503_and_stores_nothing(enroll_aws, aws_signer, tmp_path: Pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dead = Boto3Cloud(f"http://127.0.0.1:{port}", access_key_id="testing", secret_access_key="testing",
-                      max_attempts=1, connect_timeout=0.5, read_timeout=0.5)
+                      deadline=1.0)
     world = build_world(enroll_aws, aws_signer, tmp_path, cloud=dead)
     try:
         agent = world.launch()

@@ -138,7 +138,7 @@ def test_unknown_key_is_a_vault_error(moto: MotoServer) -> None:
 
 
 def test_unreachable_kms_is_a_vault_error(moto: MotoServer) -> None:
-    vault = KmsKeyVault("alias/none", REGION, "http://127.0.0.1:9", max_attempts=1, connect_timeout=0.5)
+    vault = KmsKeyVault("alias/none", REGION, "http://127.0.0.1:9", deadline=1.0)
     with pytest.raises(VaultError):
         vault.seal(b"secret", "root")
 

@@ -6,9 +6,12 @@ import multiprocessing
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -203,6 +206,31 @@ def test_writer_waits_then_gives_up_while_readers_carry_on(path: str) -> None:
     assert store.replace("node", "n1", {"v": 2}, 1).version == 2
     assert store.get("node", "n2") is None
     store.close()
+
+
+@contextmanager
+def immutable(*paths: str) -> Iterator[None]:
+    """The files made immutable (``chattr +i``): even root cannot write them.  Needs root."""
+    subprocess.run(["chattr", "+i", *paths], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *paths], check=True)
+
+
+def test_connections_opened_during_a_read_only_fault_are_replaced_after_it(path: str,
+                                                                          store: SQLiteStore) -> None:
+    store.create("node", "n0", {})  # this thread's connection, opened before the fault
+    with ThreadPoolExecutor(1) as other:  # one more thread, whose connection opens during it
+        with immutable(path, path + "-wal"):
+            for on in (store.create, lambda *a: other.submit(store.create, *a).result()):
+                with pytest.raises(StoreUnavailable):
+                    on("node", "n1", {})
+            assert store.get("node", "n0") is not None  # reads carry on
+        # SQLite opened the other thread's connection read-only: it must not stay so.
+        assert other.submit(store.create, "node", "n1", {}).result().version == 1
+    assert store.create("node", "n2", {}).version == 1
+    assert [i.key for i in store.list("node")] == ["n0", "n1", "n2"]
 
 
 def test_failed_write_leaves_no_transaction_open(store: SQLiteStore) -> None:

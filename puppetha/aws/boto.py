@@ -22,6 +22,34 @@ from puppetha.aws.identity import REGION_NAME
 
 log = Logger()
 
+#: The deadline of one AWS call, retries included, unless configured (``[aws] timeout``).
+DEFAULT_DEADLINE = 8.0
+
+#: What one retry may sleep at most before the second attempt: botocore's standard mode backs
+#: off at most one second (throttling) before it.
+_FIRST_BACKOFF = 1.0
+
+
+def within_deadline(deadline: float, **settings: Any) -> Config:
+    """
+    botocore's settings for calls that must end within ``deadline`` seconds, retries included:
+    two attempts (one when the deadline is under two seconds), each with a connect timeout of
+    at most a second and the rest of its share as the read timeout.  botocore's defaults are 60 s
+    each and several attempts, so a black-holed endpoint would hold a call for minutes.
+    """
+    if deadline <= 0:
+        raise ValueError("a deadline must be longer than zero")
+    attempts = 2 if deadline >= 2 else 1
+    share = (deadline - (_FIRST_BACKOFF if attempts > 1 else 0.0)) / attempts
+    connect = min(1.0, share / 2)
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=connect,
+        read_timeout=share - connect,
+        **settings,
+    )
+
+
 #: DescribeInstances takes at most this many values in one filter.
 DESCRIBE_BATCH = 200
 
@@ -36,7 +64,8 @@ class Boto3Cloud:
 
     Credentials come from boto3's usual chain (instance profile in production) unless a
     ``profile`` or explicit keys are given; ``endpoint_url`` points every region at one endpoint
-    (a moto server in tests), ``None`` means AWS.
+    (a moto server in tests), ``None`` means AWS.  Each call ends within ``deadline`` seconds,
+    botocore's retries included (:func:`within_deadline`).
     """
 
     def __init__(
@@ -47,13 +76,9 @@ class Boto3Cloud:
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         session_token: str | None = None,
-        max_attempts: int = 4,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 10.0,
+        deadline: float = DEFAULT_DEADLINE,
         max_pool_connections: int = 10,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
         self.endpoint_url = endpoint_url
         try:
             # Sessions are not thread-safe: this one is only used under the lock below.
@@ -65,12 +90,8 @@ class Boto3Cloud:
             )
         except BotoCoreError as e:
             raise ValueError(f"AWS credentials: {e}") from e
-        self._config = Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_pool_connections=max_pool_connections,
-        )
+        self.deadline = deadline
+        self._config = within_deadline(deadline, max_pool_connections=max_pool_connections)
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
 

@@ -22,12 +22,12 @@ import struct
 from typing import Any
 
 import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from zope.interface import implementer
 
+from puppetha.aws.boto import DEFAULT_DEADLINE, within_deadline
 from puppetha.pki.vault import IKeyVault, VaultError
 
 FORMAT_VERSION = 1
@@ -60,20 +60,14 @@ class KmsKeyVault:
         endpoint_url: str | None,
         client: Any = None,
         *,
-        max_attempts: int = 5,
-        connect_timeout: float = 3.0,
-        read_timeout: float = 10.0,
+        deadline: float = DEFAULT_DEADLINE,
     ) -> None:
         if not key_id:
             raise ValueError("a KMS key id or ARN is required")
         self.key_id = key_id
         if client is None:
-            config = Config(
-                region_name=region,
-                retries={"mode": "standard", "total_max_attempts": max_attempts},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-            )
+            # Each call ends within the deadline ([aws] timeout), retries included.
+            config = within_deadline(deadline, region_name=region)
             client = boto3.session.Session().client("kms", endpoint_url=endpoint_url, config=config)
         self._client = client
 

@@ -50,7 +50,7 @@ from puppetha.enc.classify import (
     to_enc_yaml,
 )
 from puppetha.store.records import Classification, NodeRecord, Records
-from puppetha.threads import Blocking
+from puppetha.threads import Blocking, Episodes
 
 log = Logger()
 
@@ -91,14 +91,21 @@ class BatchedCache(Generic[K, V]):
     entries past half their TTL that were asked for within ``hot_window``, so a node that keeps
     asking never waits; and forgets entries nobody asked for within ``forget_after``.  A failed
     fetch leaves old entries in place and fails the requests that waited on it.
+
+    With ``serve_stale`` an entry past its TTL but younger than ``serve_stale`` is answered at
+    once while its refresh runs behind (a refresh that answers at once, or fails at once, is
+    used as it is): a slow or hung dependency never makes a request wait for data it already
+    has.  Fetch failures are logged once when they start and once when fetches answer again.
     """
 
     def __init__(self, name: str, clock: IReactorTime,
                  fetch: Callable[[list[K]], Deferred[Mapping[K, V]]], *, ttl: float,
                  hot_window: float, forget_after: float, max_batch: int = 500,
-                 max_in_flight: int = 4, cache_absent: bool = True) -> None:
+                 max_in_flight: int = 4, cache_absent: bool = True, serve_stale: float = 0.0) -> None:
         self.name = name
         self.ttl = ttl
+        self.serve_stale = serve_stale
+        self._failing = False
         self._clock = clock
         self._fetch = fetch
         self._hot_window = hot_window
@@ -126,18 +133,40 @@ class BatchedCache(Generic[K, V]):
         now = self._clock.seconds()
         found: dict[K, V | None] = {}
         missing: list[K] = []
+        stale: dict[K, Deferred[V | None]] = {}
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.requested_at = now
-                if now - entry.fetched_at < self.ttl:
+                age = now - entry.fetched_at
+                if age < self.ttl:
                     found[key] = entry.value
                     continue
+                if age < self.serve_stale:
+                    stale[key] = self._wait(key)
+                    continue
             missing.append(key)
-        if not missing:
+        if not missing and not stale:
             return succeed(found)
         waits = [self._wait(key) for key in missing]
         self._pump()
+        for key, refreshed in stale.items():
+            outcome: list[V | Failure | None] = []
+            refreshed.addBoth(outcome.append)
+            if not outcome:
+                # Still on its way: answer with what we have; the refresh lands in the cache.
+                found[key] = self._entries[key].value
+                continue
+            result = outcome[0]
+            if isinstance(result, Failure):
+                for waiting in waits:
+                    waiting.addErrback(lambda _: None)  # this request fails already
+                failed: Deferred[dict[K, V | None]] = Deferred()
+                failed.errback(result)
+                return failed
+            found[key] = result
+        if not missing:
+            return succeed(found)
 
         def landed(values: list[V | None]) -> dict[K, V | None]:
             found.update(zip(missing, values, strict=True))
@@ -183,13 +212,17 @@ class BatchedCache(Generic[K, V]):
         self._fetching.difference_update(batch)
         waiters = [(key, self._waiters.pop(key, [])) for key in batch]
         if isinstance(result, Failure):
-            if not any(ws for _, ws in waiters):
-                log.warn("background refresh of {cache} failed: {error}", cache=self.name,
-                         error=result.getErrorMessage())
+            if not self._failing:
+                self._failing = True
+                log.warn("reading {cache} failed: {error}; answering from the cache while it fails",
+                         cache=self.name, error=result.getErrorMessage())
             for _, ws in waiters:
                 for d in ws:
                     d.errback(result)
         else:
+            if self._failing:
+                self._failing = False
+                log.info("reading {cache} works again", cache=self.name)
             for key, ws in waiters:
                 value = result.get(key)
                 old = self._entries.get(key)
@@ -254,6 +287,8 @@ class _LastGood:
     answer: str
     at: float
     node: NodeRecord
+    #: Whether serving it stale was logged: once per node and outage, not once per request.
+    said_stale: bool = False
 
 
 class Classifier:
@@ -267,13 +302,20 @@ class Classifier:
     long a node's last good answer is served while the store or AWS fails.  Instances asked
     for within ``hot_window`` (default: Puppet's 30-minute run interval) are refreshed ahead of
     their expiry, so a node that runs on schedule never waits for AWS.
+
+    Never waiting on a slow dependency for what is already known: cached data past its TTL
+    (within ``stale_limit``) is answered at once while its refresh runs behind, and a node with
+    a good answer within ``stale_limit`` waits at most ``patience`` seconds for a new one
+    before it gets the last one (the new one still lands in the caches).
     """
 
     def __init__(self, clock: IReactorTime, store: Blocking[Records], cloud: Blocking[Any], *,
                  ttl: float = 60.0, store_ttl: float = 5.0, stale_limit: float = 3600.0,
-                 hot_window: float = 1800.0, store_hot_window: float = 60.0) -> None:
+                 hot_window: float = 1800.0, store_hot_window: float = 60.0,
+                 patience: float = 2.0) -> None:
         self._clock = clock
         self.stale_limit = stale_limit
+        self.patience = patience
         hot = hot_window
         records = store.target
         # Store reads are cheap: refresh ahead only what is asked for often (the shared
@@ -283,14 +325,16 @@ class Classifier:
             "nodes", clock,
             lambda names: store.call(read_nodes, records, names),
             ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window,
-            cache_absent=False)
+            cache_absent=False, serve_stale=stale_limit)
         self.scopes: BatchedCache[str, Classification | InvalidClassification] = BatchedCache(
             "classifications", clock,
             lambda scopes: store.call(read_classifications, records, scopes),
-            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window)
+            ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window,
+            serve_stale=stale_limit)
         self.instances: BatchedCache[tuple[str, str], InstanceInfo] = BatchedCache(
             "instances", clock, lambda keys: cloud.call(describe, cloud.target, keys),
-            ttl=ttl, hot_window=hot, forget_after=hot, max_batch=1000, max_in_flight=2)
+            ttl=ttl, hot_window=hot, forget_after=hot, max_batch=1000, max_in_flight=2,
+            serve_stale=stale_limit)
         self._last_good: dict[str, _LastGood] = {}
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
@@ -318,13 +362,21 @@ class Classifier:
             check_certname(certname)
         except ClassificationError as e:
             raise Refused("bad-request", str(e)) from None
+        fresh = Deferred.fromCoroutine(self._fresh(certname))
+        last = self._last_good.get(certname)
+        if last is not None and self._clock.seconds() - last.at <= self.stale_limit:
+            fresh = _within(fresh, self._clock, self.patience)
         try:
-            try:
-                node, answer = await self._answer(certname)
-            except Refused:
-                raise
-            except Exception as e:
-                return self._stale_answer(certname, e)
+            return await fresh
+        except Refused:
+            raise
+        except Exception as e:
+            return self._stale_answer(certname, e)
+
+    async def _fresh(self, certname: str) -> str:
+        """A new answer from the caches (which may wait for the store and AWS)."""
+        try:
+            node, answer = await self._answer(certname)
             # The caches may have learnt of a refusal while this answer was being made.
             self._check_last_known(certname, node)
         except Refused as refusal:
@@ -356,8 +408,11 @@ class Classifier:
             log.error("cannot classify {certname}: {error}; no good answer within {limit}s",
                       certname=certname, error=str(error) or repr(error), limit=self.stale_limit)
             raise Refused("unavailable", "store or AWS unreachable and no recent classification")
-        log.warn("serving {certname} its classification of {age:.0f}s ago: {error}",
-                 certname=certname, age=age, error=str(error) or repr(error))
+        if not last.said_stale:
+            last.said_stale = True
+            log.warn("serving {certname} its classification of {age:.0f}s ago (and until it can "
+                     "be classified anew): {error}", certname=certname, age=age,
+                     error=str(error) or repr(error))
         return last.answer
 
     async def _answer(self, certname: str) -> tuple[NodeRecord, str]:
@@ -374,6 +429,30 @@ class Classifier:
             if c is not None:
                 stored[scope] = c
         return node, to_enc_yaml(merge(facts, stored))
+
+
+class _Slow(Exception):
+    """A new answer did not come within the classifier's patience."""
+
+
+def _within(d: Deferred[str], clock: IReactorTime, seconds: float) -> Deferred[str]:
+    """``d``'s result, or :class:`_Slow` after ``seconds``; ``d`` goes on either way."""
+    if d.called:
+        return d
+    out: Deferred[str] = Deferred()
+    timer = clock.callLater(seconds, lambda: out.errback(_Slow(f"no new answer within {seconds:g}s")))
+
+    def landed(result: str | Failure) -> None:
+        if timer.active():
+            timer.cancel()
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        # Too late for this request; a refusal was logged and the answer cached by _fresh.
+
+    d.addBoth(landed)
+    return out
 
 
 def _check_node(certname: str, node: NodeRecord | None) -> NodeRecord:
@@ -510,6 +589,10 @@ class ENCProtocol(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         self._refuse("timeout", f"no answer within {self._timeout:g}s")
+        self._said_timeout()
+
+    def _said_timeout(self) -> None:
+        """A hook: the factory's protocol counts timeouts (logged once per outage)."""
 
     def _abort(self) -> None:
         self._timer = None
@@ -537,6 +620,8 @@ class ENCFactory(Factory):
         self.timeout = timeout
         self.max_connections = max_connections
         self.connections = 0
+        # ERR timeout answers, logged once when they start and once when answers come again.
+        self.timeouts = Episodes("ENC answers", clock, quiet=timeout)
 
     @override
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -549,6 +634,15 @@ class _CountedENCProtocol(ENCProtocol):
         self._owner = factory
         self._counted = True
         factory.connections += 1
+
+    @override
+    def _said_timeout(self) -> None:
+        self._owner.timeouts.failed(f"no answer within {self._owner.timeout:g}s")
+
+    @override
+    def _classified(self, answer: str) -> None:
+        self._owner.timeouts.answered()
+        super()._classified(answer)
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:

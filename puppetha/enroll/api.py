@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import UnsupportedMethod as _UnsupportedMethod
 
 from puppetha.aws.cloud import CloudError
+from puppetha.enroll.readiness import Readiness
 from puppetha.enroll.service import Enrollment, EnrollmentRefused, EnrollmentRequest, IssuedEnrollment
 from puppetha.store import StoreUnavailable
 
@@ -197,15 +198,25 @@ class BundleResource(JSONResource):
 
 
 class HealthResource(JSONResource):
-    """``GET /v1/health``: the store answers."""
+    """
+    ``GET /v1/health``: whether this daemon can enroll now, from ``readiness`` (the last
+    background check, :mod:`puppetha.enroll.readiness`), answered at once; without it, whether
+    the store answers a read.
+    """
 
     isLeaf = True
 
-    def __init__(self, enrollment: Enrollment) -> None:
+    def __init__(self, enrollment: Enrollment, readiness: Callable[[], Readiness] | None = None) -> None:
         super().__init__()
         self.enrollment = enrollment
+        self.readiness = readiness
 
-    def render_GET(self, request: Request) -> int:
+    def render_GET(self, request: Request) -> bytes | int:
+        if self.readiness is not None:
+            now = self.readiness()
+            if now.ready:
+                return write_json(request, 200, now.to_json())
+            return write_json(request, 503, now.to_json(), retry_after=RETRY_AFTER)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         self.enrollment.health().addCallbacks(
@@ -222,13 +233,13 @@ class Directory(JSONResource):
         return write_json(request, 404, error_body("not-found", "no such resource"))
 
 
-def enrollment_resource(enrollment: Enrollment) -> Resource:
+def enrollment_resource(enrollment: Enrollment, readiness: Callable[[], Readiness] | None = None) -> Resource:
     """The root resource of the enrollment API."""
     v1 = Directory()
     v1.putChild(b"enroll", EnrollResource(enrollment))
     v1.putChild(b"ca", BundleResource(enrollment.ca_bundle))
     v1.putChild(b"crl", BundleResource(enrollment.crl_bundle))
-    v1.putChild(b"health", HealthResource(enrollment))
+    v1.putChild(b"health", HealthResource(enrollment, readiness))
     root = Directory()
     root.putChild(b"v1", v1)
     return root
@@ -259,10 +270,11 @@ class BoundedRequest(Request):
 IDLE_TIMEOUT = 30
 
 
-def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime) -> Site:
+def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime,
+                         readiness: Callable[[], Readiness] | None = None) -> Site:
     """The HTTP site of the enrollment API (wrap it in TLS: see :mod:`puppetha.enroll.listener`)."""
     # Never parse form uploads: the API takes JSON only.
-    site = Site(enrollment_resource(enrollment), parsePOSTFormSubmission=False, reactor=reactor,
+    site = Site(enrollment_resource(enrollment, readiness), parsePOSTFormSubmission=False, reactor=reactor,
                 timeout=IDLE_TIMEOUT)
     site.requestFactory = BoundedRequest
     site.displayTracebacks = False

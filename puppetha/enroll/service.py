@@ -647,7 +647,8 @@ class Enrollment:
 
     async def _compensate(self, admit: Admit, claim_version: int, issuer: str) -> None:
         try:
-            await self.records.call(self._undo, admit, claim_version, issuer)
+            # Past any deadline: a claim left behind would refuse the instance's retry.
+            await self.records.must_run(self._undo, admit, claim_version, issuer)
         except Exception:
             log.failure(
                 "could not remove the claim of {certname} after a failed enrollment; "

@@ -18,15 +18,15 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import boto3
 from attrs import frozen
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from puppetha.aws.boto import DEFAULT_DEADLINE, within_deadline
 from puppetha.store import (
     AlreadyExists,
     Create,
@@ -200,23 +200,15 @@ class DynamoDBStore:
         endpoint_url: str | None,
         client: Any = None,
         *,
-        max_attempts: int = 5,
-        retry_mode: Literal["standard", "adaptive"] = "standard",
-        connect_timeout: float = 3.0,
-        read_timeout: float = 10.0,
+        deadline: float = DEFAULT_DEADLINE,
         max_connections: int = 32,
         list_parallelism: int = 8,
     ) -> None:
         self.table = table
         self.region = region
         if client is None:
-            config = Config(
-                region_name=region,
-                retries={"mode": retry_mode, "total_max_attempts": max_attempts},
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                max_pool_connections=max_connections,
-            )
+            # Each API call ends within the store's deadline ([store] timeout), retries included.
+            config = within_deadline(deadline, region_name=region, max_pool_connections=max_connections)
             # A session per store: boto3's default session is not thread-safe to build clients from.
             session = boto3.session.Session()
             client = session.client("dynamodb", endpoint_url=endpoint_url, config=config)

@@ -6,11 +6,17 @@ Several daemons and the admin CLI may open the same file at once: every write ru
 ``busy_timeout``) and a check followed by a write can never interleave with another writer.
 Readers never wait for writers (WAL).
 
-Threads: each thread gets its own connection (``threading.local``).  The store is called from a
-Twisted thread pool; one connection per pool thread lets reads run in parallel with a write, and
-serialises writers with the same file lock that already serialises processes, so there is a
-single concurrency mechanism to reason about instead of a Python lock layered over SQLite's.
-The connection of a thread that ends is closed when the garbage collector frees it.
+Threads: each thread gets its own connection (``threading.local``), so reads run in parallel
+with a write.  The process's own writers queue on a lock before ``BEGIN IMMEDIATE``: SQLite's
+busy handler polls in growing sleeps, which under load wastes more time than the commits take,
+so only one writer per process ever waits on the file lock, for other processes.  Both waits
+together stay inside ``busy_timeout``: a write either starts within it or fails with
+:class:`StoreUnavailable`, having changed nothing.
+
+A connection that failed with anything but "busy" is dropped and the next call opens a new
+one: SQLite opens a database it may not write (a read-only file, a full or failing disk) read-only
+and would stay so after the fault is gone.  The connection of a thread that ends is closed when
+the garbage collector frees it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 from twisted.logger import Logger
@@ -56,6 +62,10 @@ from puppetha.store.values import (
 log = Logger()
 
 T = TypeVar("T")
+
+#: SQLite's primary result codes for "another connection holds the lock".
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
 
 #: What ``PRAGMA user_version`` says once every migration below has run.
 SCHEMA_VERSION = 1
@@ -97,6 +107,10 @@ def _prefix_bound(prefix: str) -> str | None:
 class _Connection(sqlite3.Connection):
     """A connection that can be weakly referenced (the base class cannot)."""
 
+    #: Whether the database and its WAL could be written when it was opened: SQLite opens a
+    #: file it may not write read-only, and the connection stays so after the fault ends.
+    opened_writable = True
+
 
 def _ensure_private_file(path: str) -> None:
     """Create the database file owner-only, or take group and other access off an existing one."""
@@ -124,7 +138,8 @@ class SQLiteStore:
     :class:`IStore` over one SQLite file.  Blocking: call it from a thread pool.
 
     ``busy_timeout`` is how long, in seconds, a write waits for other writers (in this or
-    another process) before giving up with :class:`StoreUnavailable`.
+    another process) before giving up with :class:`StoreUnavailable`: the store's deadline
+    (``[store] timeout``).
     """
 
     def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
@@ -136,6 +151,7 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._writers = threading.Lock()
         self._closed = False
         _ensure_private_file(path)
         self._unavailable(self._open_schema)
@@ -157,6 +173,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
         if not isinstance(connection, _Connection):  # pragma: no cover - sqlite3 honours factory
             raise TypeError("sqlite3 ignored the connection factory")
+        connection.opened_writable = self._writable()
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             # A commit acknowledged is a commit kept, even across a power cut: claims, serials
@@ -167,6 +184,10 @@ class SQLiteStore:
             connection.close()
             raise
         return connection
+
+    def _writable(self) -> bool:
+        wal = self.path + "-wal"
+        return os.access(self.path, os.W_OK) and (not os.path.exists(wal) or os.access(wal, os.W_OK))
 
     def _connection(self) -> _Connection:
         if self._closed:
@@ -189,24 +210,58 @@ class SQLiteStore:
     def _writing(self) -> Iterator[_Connection]:
         """A write transaction holding SQLite's write lock from its first statement."""
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
+        if not connection.opened_writable:
+            # Opened during a fault that made the file read-only; open anew (still read-only
+            # if the fault goes on, and the write fails as it should).
+            self._drop()
+            connection = self._connection()
+        deadline = time.monotonic() + self.busy_timeout
+        if not self._writers.acquire(timeout=self.busy_timeout):
+            raise StoreUnavailable(
+                f"store {self.path}: no write lock within {self.busy_timeout:g}s (this process's writers)"
+            )
         try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException:
-            # SQLite may already have rolled back by itself (I/O errors, a full disk).
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+            # Whatever the wait for this process's writers left of the deadline, for the others'.
+            remaining = max(int((deadline - time.monotonic()) * 1000), 1)
+            connection.execute(f"PRAGMA busy_timeout = {remaining}")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (I/O errors, a full disk).
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        finally:
+            self._writers.release()
 
     def _unavailable(self, f: Callable[[], T]) -> T:
         try:
             return f()
         except sqlite3.OperationalError as e:
-            # "database is locked" after busy_timeout, I/O errors, a full disk.
+            # "database is locked" after busy_timeout, I/O errors, a full disk, a read-only file.
+            self._drop_after(e)
             raise StoreUnavailable(f"store {self.path}: {e}") from e
         except sqlite3.DatabaseError as e:
+            self._drop_after(e)
             raise StoreError(f"store {self.path} is not a usable database: {e}") from e
+
+    def _drop_after(self, error: sqlite3.Error) -> None:
+        """Forget this thread's connection after any failure but "busy", so the next call reopens."""
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return
+        self._drop()
+
+    def _drop(self) -> None:
+        held: tuple[int, _Connection] | None = getattr(self._local, "held", None)
+        self._local.held = None
+        if held is None:
+            return
+        with self._lock:
+            self._connections.discard(held[1])
+        with suppress(sqlite3.Error):
+            held[1].close()
 
     def _open_schema(self) -> None:
         connection = self._connection()
