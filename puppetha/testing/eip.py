@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -243,14 +243,18 @@ class ElasticIPEmulator:
 
     def wait_for(self, host: Host | None, timeout: float = 10.0) -> Move:
         """Waits until the address sits in ``host`` (None: nowhere); returns the move that put it there."""
+        return self.wait_for_any([host], timeout)
+
+    def wait_for_any(self, hosts: Collection[Host | None], timeout: float = 10.0) -> Move:
+        """Waits until the address sits in one of ``hosts``; returns the move that put it there."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while not (self.history and self._holder is host):
+            while not (self.history and any(self._holder is host for host in hosts)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     where = self._holder.name if self._holder else "nowhere"
-                    wanted = host.name if host else "nowhere"
-                    raise TimeoutError(f"the Elastic IP is in {where}, not {wanted}, after {timeout}s")
+                    wanted = ", ".join(host.name if host else "nowhere" for host in hosts)
+                    raise TimeoutError(f"the Elastic IP is in {where}, not in {wanted}, after {timeout}s")
                 self._changed.wait(left)
             return self.history[-1]
 
