@@ -146,6 +146,24 @@ def address(value: str) -> str:
         raise ValueError(f"not an IP address: {value.strip()!r}") from None
 
 
+def optional_address(value: str) -> str:
+    return address(value) if value.strip() else ""
+
+
+def elastic_ip(value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^eipalloc-[0-9a-f]{8,17}$", value):
+        raise ValueError(f"not an Elastic IP allocation id (eipalloc-...): {value!r}")
+    return value
+
+
+def instance_id(value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^i-[0-9a-f]{8,17}$", value):
+        raise ValueError(f"not an EC2 instance id (i-...): {value!r}")
+    return value
+
+
 def host_port(value: str) -> str:
     return check_host_port(value.strip())
 
@@ -280,6 +298,36 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "health_interval", duration, "5s", "How often every master's status is probed."),
     Option("lb", "health_fall", integer(1, 100), "3", "Failed probes in a row that take a master out."),
     Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
+    Option("ha", "elastic_ip", elastic_ip, "",
+           "The allocation id (eipalloc-...) of the Elastic IP agents reach the front on. Empty: no "
+           "failover (an lb node serves, and the address is moved by hand). Set on every lb node."),
+    Option("ha", "instance_id", instance_id, "",
+           "This lb node's EC2 instance id: its name among the lb nodes and where the address goes "
+           "when it takes over. Required with elastic_ip."),
+    Option("ha", "address", optional_address, "",
+           "This node's private address, where the other lb nodes send it heartbeats. Required "
+           "with elastic_ip."),
+    Option("ha", "heartbeat_listen", address, "0.0.0.0",  # noqa: S104 - lb nodes hear each other
+           "The address heartbeats are received on."),
+    Option("ha", "heartbeat_port", integer(1, 65535), "7946", "The UDP port of heartbeats (every lb node)."),
+    Option("ha", "heartbeat_interval", duration, "0.1s", "How often a node sends its heartbeat."),
+    Option("ha", "suspect_after", duration, "0.3s",
+           "Heartbeat silence after which a standby looks closely at the lease (every suspect_poll)."),
+    Option("ha", "heartbeat_stale", duration, "5s",
+           "Heartbeats sent longer ago than this (by the sender's clock) are ignored."),
+    Option("ha", "lease_duration", duration, "0.8s",
+           "How long a lease left unrenewed keeps others from taking it; see docs/ha.md."),
+    Option("ha", "lease_margin", duration, "0.2s",
+           "The holder stops acting this long before lease_duration has passed since its last "
+           "renewal began."),
+    Option("ha", "renew_interval", duration, "0.2s",
+           "How often the holder renews; under lease_duration - lease_margin."),
+    Option("ha", "standby_poll", duration, "1s",
+           "How often a standby reads the lease while the primary's heartbeats arrive."),
+    Option("ha", "suspect_poll", duration, "0.05s", "How often a suspecting standby reads the lease."),
+    Option("ha", "acting_log", path, "",
+           "A file where the node appends (JSON lines, monotonic clock) each time it acted as "
+           "primary and each AssociateAddress, with the lease token. Empty: none."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
@@ -405,8 +453,25 @@ def _check_together(config: Config) -> None:
             raise ConfigError(f"{src}: [enroll] listen: port {listen.group(1)} is nginx's "
                               "[lb] enroll_port on this host; listen elsewhere and list it in "
                               "[lb] enroll_backends")
+    _check_ha(config)
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
+
+
+def _check_ha(config: Config) -> None:
+    src = config.source
+    if not config[("ha", "elastic_ip")]:
+        return
+    if "lb" not in config.roles:
+        raise ConfigError(f"{src}: [ha] elastic_ip: only lb nodes fail over (add lb to [daemon] roles)")
+    for name in ("instance_id", "address"):
+        if not config[("ha", name)]:
+            raise ConfigError(f"{src}: [ha] {name}: required with elastic_ip")
+    duration_, margin = config[("ha", "lease_duration")], config[("ha", "lease_margin")]
+    if margin >= duration_:
+        raise ConfigError(f"{src}: [ha] lease_margin: must be shorter than lease_duration")
+    if config[("ha", "renew_interval")] >= duration_ - margin:
+        raise ConfigError(f"{src}: [ha] renew_interval: must be shorter than lease_duration - lease_margin")
 
 
 def load_config(
@@ -461,7 +526,9 @@ def markdown_reference() -> str:
         "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
         "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
         "`crl_refresh_margin` must be shorter than `crl_lifetime`; the lb ports (front, enrollment",
-        "and the masters' range) must not overlap or pass 65535.",
+        "and the masters' range) must not overlap or pass 65535; `[ha] elastic_ip` needs the lb",
+        "role, `instance_id` and `address`, a `lease_margin` under `lease_duration` and a",
+        "`renew_interval` under their difference.",
     ]
     for section in SECTIONS:
         lines += ["", f"## [{section}]", "", "| option | default | meaning |", "|---|---|---|"]

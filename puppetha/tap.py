@@ -9,9 +9,10 @@ returns a ``MultiService`` holding the services of the configured roles.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from twisted.application.service import IService, MultiService, Service
@@ -28,13 +29,17 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.front import FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
+from puppetha.ha.heartbeat import HeartbeatProtocol, ensure_heartbeat_key
+from puppetha.ha.lease import Lease
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
+from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
-from puppetha.pki.vault import VaultError
+from puppetha.pki.vault import IKeyVault, VaultError
 from puppetha.store import IStore, StoreError
 from puppetha.store.records import Records
 from puppetha.threads import Blocking, make_pool
@@ -229,6 +234,9 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     if "lb" in config.roles:
         front, poke_front = front_services(config, reactor, store, Blocking(reactor, pool, None))
         front.setServiceParent(root)
+        if config[("ha", "elastic_ip")]:
+            failover_service(config, reactor, records=records, vault=vault, cloud=cloud, aws=aws,
+                             front=front).setServiceParent(root)
 
     if "enroll" in config.roles:
         enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
@@ -253,6 +261,57 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
 
     Announcement(config).setServiceParent(root)
     return root
+
+
+def failover_service(
+    config: Config, reactor: Any, *, records: Records, vault: IKeyVault, cloud: ICloud,
+    aws: Blocking[ICloud], front: MultiService,
+) -> IService:
+    """Heartbeats, the lease and the Elastic IP (the lb role with [ha] elastic_ip)."""
+    ha = {name: value for (section, name), value in config.values.items() if section == "ha"}
+    node = ha["instance_id"]
+    settings = FailoverSettings(
+        lease_duration=ha["lease_duration"],
+        lease_margin=ha["lease_margin"],
+        renew_interval=ha["renew_interval"],
+        standby_poll=ha["standby_poll"],
+        suspect_poll=ha["suspect_poll"],
+        heartbeat_interval=ha["heartbeat_interval"],
+        suspect_after=ha["suspect_after"],
+    )
+    # Before the reactor runs, like the root CA: a vault that cannot open the key stops the daemon.
+    key = ensure_heartbeat_key(records, vault, reactor.seconds())
+    heartbeat = HeartbeatProtocol(node=node, key=key, port=ha["heartbeat_port"], monotonic=time.monotonic,
+                                  wall=reactor.seconds, stale_after=ha["heartbeat_stale"])
+    # Its own small pool: renewals must never queue behind signing or a slow listing.
+    pool = make_pool("puppetha-ha", 2)
+    services = MultiService()
+    ThreadPoolService(pool).setServiceParent(services)
+    front_service = cast(FrontService, front.getServiceNamed("front"))
+    FailoverService(
+        reactor=reactor,
+        udp=reactor,
+        monotonic=time.monotonic,
+        wall=reactor.seconds,
+        blocking=Blocking(reactor, pool, None),
+        aws=aws,
+        lease=Lease(records, node, duration=settings.lease_duration, margin=settings.lease_margin,
+                    monotonic=time.monotonic, wall=reactor.seconds),
+        records=records,
+        settings=settings,
+        heartbeat=heartbeat,
+        listen=(ha["heartbeat_listen"], ha["heartbeat_port"]),
+        advertise=ha["address"],
+        address=ElasticIP(config[("aws", "region")], ha["elastic_ip"], node),
+        cloud=cloud,
+        ensure_front=front_service.poke,
+        generation=lambda: front_service.reloaded,
+        acting_log=ActingLog(ha["acting_log"] or None, node),
+    ).setServiceParent(services)
+    log.info("failover: {node} for {allocation_id}, heartbeats on udp {port}, lease {duration}s",
+             node=node, allocation_id=ha["elastic_ip"], port=ha["heartbeat_port"],
+             duration=settings.lease_duration)
+    return services
 
 
 def front_services(
@@ -311,6 +370,7 @@ def front_services(
         on_change=front.poke,
     )
     services = MultiService()
+    front.setName("front")
     front.setServiceParent(services)
     health.setServiceParent(services)
     log.info("front: nginx config in {directory}, agents on port {port}",

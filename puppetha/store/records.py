@@ -14,6 +14,8 @@ kind           key                             record
 ``master``     certname                        :class:`MasterRecord`
 ``class``      scope (``default``, ``sg:..``)  :class:`Classification`
 ``lease``      lease name                      :class:`LeaseRecord`
+``lbnode``     node id (instance id)           :class:`LbNodeRecord`
+``secret``     secret name (``heartbeat``)     :class:`SealedSecret`
 =============  ==============================  =============================================
 """
 
@@ -249,3 +251,45 @@ class Records:
 
     def replace(self, record: Record, expected_version: int) -> Item:
         return self.store.replace(record.KIND, record.key(), record.to_value(), expected_version)
+
+
+@frozen
+class LbNodeRecord(Record):
+    """
+    An lb node, registered by its own daemon: where its heartbeats go, and what it last said of
+    itself (for ``puppetha status``; the lease, not this record, says who is primary).
+    """
+
+    KIND: ClassVar[str] = "lbnode"
+    #: The node's EC2 instance id: the target of AssociateAddress when it takes over.
+    node: str
+    #: Heartbeat address and UDP port.
+    address: str
+    port: int
+    registered_at: float
+    #: ``standby``, ``taking-over``, ``primary`` or ``stopped``.
+    state: str = "standby"
+    #: The highest lease token the node holds or has seen.
+    token: int = 0
+    #: The nginx generation it serves ("" before its first round).
+    generation: str = ""
+    #: Its own wall clock when it last wrote this record.
+    updated_at: float = 0.0
+    #: Seconds since it last heard each peer, by node id, as of ``updated_at``.
+    heard: dict[str, float] = field(factory=dict)
+
+    def key(self) -> str:
+        return self.node
+
+
+@frozen
+class SealedSecret(Record):
+    """A shared secret of the daemons (the heartbeat key), sealed by the vault, base64."""
+
+    KIND: ClassVar[str] = "secret"
+    name: str
+    sealed: str
+    created_at: float
+
+    def key(self) -> str:
+        return self.name

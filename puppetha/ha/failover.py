@@ -1,0 +1,149 @@
+"""
+Failover decisions: pure functions of what a node knows (the lease as last read, its own holding
+or watch, the peers' heartbeats) and its local monotonic clock.
+
+The services around them (:mod:`puppetha.ha.primary`) only read, decide and act.  The lease
+decides who is primary; heartbeats only make a standby look at the lease sooner (suspicion) and
+carry a graceful handover's news at once.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from attrs import frozen
+
+from puppetha.ha.lease import Holding, Watch
+from puppetha.store.records import LeaseRecord, Versioned
+
+
+class Action(enum.Enum):
+    #: Nothing to do but look again later.
+    WAIT = "wait"
+    #: Take the lease (absent, released, or lapsed), then the address.
+    TAKE_OVER = "take-over"
+    #: Extend the held lease.
+    RENEW = "renew"
+    #: Stop acting as primary at once (deposed, or the safe window passed without a renewal).
+    STEP_DOWN = "step-down"
+    #: Stop acting, then hand the lease over (graceful stop).
+    RELEASE = "release"
+
+
+@frozen
+class FailoverSettings:
+    """The timings of ``[ha]`` (seconds); ``docs/ha.md`` explains the defaults."""
+
+    lease_duration: float = 0.8
+    lease_margin: float = 0.2
+    #: How often the holder renews.
+    renew_interval: float = 0.2
+    #: How often a standby reads the lease while the primary's heartbeats arrive.
+    standby_poll: float = 1.0
+    #: How often a standby reads the lease while it suspects the primary.
+    suspect_poll: float = 0.05
+    heartbeat_interval: float = 0.1
+    #: Heartbeat silence after which the holder is suspected.
+    suspect_after: float = 0.3
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.lease_margin < self.lease_duration:
+            raise ValueError("the lease margin must be shorter than the lease duration")
+        if self.renew_interval >= self.lease_duration - self.lease_margin:
+            raise ValueError("the renew interval must be shorter than the lease duration less the margin")
+
+
+@frozen
+class Situation:
+    """What one node knows when it decides."""
+
+    node: str
+    #: Local monotonic time.
+    now: float
+    #: False when the store could not be read this time (``lease`` is then meaningless).
+    lease_read: bool
+    lease: Versioned[LeaseRecord] | None
+    holding: Holding | None
+    watch: Watch | None
+    #: Local monotonic time of the last authentic heartbeat from the lease's holder (None: never).
+    holder_heard: float | None = None
+    #: The daemon is stopping.
+    stopping: bool = False
+
+
+@frozen
+class FailoverDecision:
+    action: Action
+    reason: str
+    #: Seconds until the node should look again.
+    next_check: float
+
+
+def suspect(holder_heard: float | None, now: float, suspect_after: float) -> bool:
+    """Whether the holder's heartbeats have been silent long enough to look at the lease closely."""
+    return holder_heard is None or now - holder_heard >= suspect_after
+
+
+def decide(situation: Situation, settings: FailoverSettings) -> FailoverDecision:
+    s = situation
+    holding = s.holding
+    if s.stopping:
+        if holding is not None:
+            return FailoverDecision(Action.RELEASE, "stopping: hand the lease over", 0.0)
+        return FailoverDecision(Action.WAIT, "stopping", settings.standby_poll)
+
+    if holding is not None:
+        if s.lease_read and not holding.matches(s.lease):
+            return FailoverDecision(Action.STEP_DOWN, _deposed(s.lease), settings.renew_interval)
+        if not holding.may_act(s.now):
+            return FailoverDecision(
+                Action.STEP_DOWN, "the lease's safe window passed without a renewal", settings.renew_interval
+            )
+        return FailoverDecision(Action.RENEW, "holding the lease", settings.renew_interval)
+
+    if not s.lease_read:
+        # Nobody can take a lease it cannot write; keep looking at the standby's pace.
+        return FailoverDecision(Action.WAIT, "the store is unreachable", settings.suspect_poll * 4)
+    lease = s.lease
+    if lease is None:
+        return FailoverDecision(Action.TAKE_OVER, "nobody holds the lease", 0.0)
+    if lease.record.holder == "":
+        return FailoverDecision(Action.TAKE_OVER, f"{_tok(lease)} was released", 0.0)
+    watch = s.watch.update(lease, s.now) if s.watch is not None else Watch.of(lease, s.now)
+    if watch.lapsed(lease, s.now):
+        return FailoverDecision(
+            Action.TAKE_OVER,
+            f"{lease.record.holder} left {_tok(lease)} unrenewed for {s.now - watch.since:.3f}s",
+            0.0,
+        )
+    until_lapse = max(0.0, watch.lapses_at(lease) - s.now)
+    if suspect(s.holder_heard, s.now, settings.suspect_after):
+        poll = settings.suspect_poll
+        reason = f"suspecting {lease.record.holder}: no heartbeat"
+    else:
+        poll = settings.standby_poll
+        reason = f"{lease.record.holder} is primary"
+    return FailoverDecision(Action.WAIT, reason, min(poll, until_lapse) if until_lapse > 0 else poll)
+
+
+def next_watch(situation: Situation) -> Watch | None:
+    """The watch a standby keeps after this look at the lease (unchanged when the read failed)."""
+    if situation.holding is not None:
+        return None
+    if not situation.lease_read:
+        return situation.watch
+    if situation.watch is None:
+        return Watch.of(situation.lease, situation.now)
+    return situation.watch.update(situation.lease, situation.now)
+
+
+def _tok(lease: Versioned[LeaseRecord]) -> str:
+    return f"token {lease.record.token}"
+
+
+def _deposed(lease: Versioned[LeaseRecord] | None) -> str:
+    if lease is None:
+        return "the lease is gone"
+    if lease.record.holder == "":
+        return f"{_tok(lease)} was released"
+    return f"deposed: {lease.record.holder} holds {_tok(lease)}"

@@ -1,0 +1,341 @@
+"""
+The failover service of two lb nodes on one task.Clock: a real SQLite store between them (each
+node's view of it can be cut), heartbeats over an in-memory wire (which can be cut too), and
+an Elastic IP behind ICloud.  Checks the acting logs: never two nodes acting at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
+from puppetha.ha.failover import FailoverSettings
+from puppetha.ha.heartbeat import HeartbeatProtocol
+from puppetha.ha.lease import Lease
+from puppetha.ha.primary import PRIMARY, STANDBY, ActingLog, ElasticIP, FailoverService, NotPrimary
+from puppetha.store import IStore, Item, StoreUnavailable, Value, Write
+from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+
+SETTINGS = FailoverSettings()
+ALLOCATION = "eipalloc-0123"
+REGION = "us-east-1"
+KEY = b"h" * 32
+
+
+class Synchronous:
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+@implementer(IStore)
+class Reachable:
+    """One node's way to the shared store, which a test can cut."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+        self.cut = False
+
+    def _check(self) -> None:
+        if self.cut:
+            raise StoreUnavailable("cut off from the store")
+
+    def get(self, kind: str, key: str) -> Item | None:
+        self._check()
+        return self.store.get(kind, key)
+
+    def create(self, kind: str, key: str, value: Value) -> Item:
+        self._check()
+        return self.store.create(kind, key, value)
+
+    def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
+        self._check()
+        return self.store.replace(kind, key, value, expected_version)
+
+    def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
+        self._check()
+        return self.store.delete(kind, key, expected_version)
+
+    def list(self, kind: str, prefix: str = "") -> list[Item]:
+        self._check()
+        return self.store.list(kind, prefix)
+
+    def transact(self, writes: Sequence[Write]) -> None:
+        self._check()
+        self.store.transact(writes)
+
+    def close(self) -> None:
+        pass
+
+
+class ElasticIPs:
+    """The Elastic IP as AWS keeps it; each node reaches it through its own :class:`CloudLink`."""
+
+    def __init__(self) -> None:
+        self.owner: str | None = None
+        self.history: list[str] = []
+
+
+@implementer(ICloud)
+class CloudLink:
+    """One node's way to AWS, which a test can cut or throttle."""
+
+    def __init__(self, eips: ElasticIPs) -> None:
+        self.eips = eips
+        self.cut = False
+        self.throttle = 0
+
+    def _check(self) -> None:
+        if self.cut:
+            raise CloudError("AssociateAddress: connect timeout")
+        if self.throttle:
+            self.throttle -= 1
+            raise CloudError("AssociateAddress: RequestLimitExceeded")
+
+    def describe_instances(self, region: str, instance_ids: Sequence[str]) -> dict[str, InstanceInfo]:
+        raise NotImplementedError
+
+    def associate_address(self, region: str, allocation_id: str, instance_id: str) -> str:
+        self._check()
+        self.eips.owner = instance_id
+        self.eips.history.append(instance_id)
+        return f"eipassoc-{len(self.eips.history)}"
+
+    def describe_address(self, region: str, allocation_id: str) -> str | None:
+        self._check()
+        return self.eips.owner
+
+    def run_instances(self, region: str, launch_template: str, count: int) -> list[str]:
+        raise NotImplementedError
+
+
+class Wire:
+    """UDP between the nodes, in memory: every datagram reaches its addressee unless cut."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple[str, int], HeartbeatProtocol] = {}
+        self.cut: set[str] = set()
+
+    def transport(self, source: tuple[str, int]) -> Any:
+        wire = self
+
+        class Transport:
+            def write(self, datagram: bytes, addr: tuple[str, int]) -> None:
+                target = wire.nodes.get(addr)
+                if target is None or target.node in wire.cut or wire.nodes[source].node in wire.cut:
+                    return
+                target.datagramReceived(datagram, source)
+
+        return Transport()
+
+
+class Node:
+    def __init__(self, name: str, address: str, *, clock: Clock, store: IStore, wire: Wire,
+                 eips: ElasticIPs, log_path: Path) -> None:
+        self.name = name
+        self.reach = Reachable(store)
+        self.cloud = CloudLink(eips)
+        records = Records(self.reach)
+        heartbeat = HeartbeatProtocol(node=name, key=KEY, port=7946, monotonic=clock.seconds,
+                                      wall=lambda: 1_764_000_000 + clock.seconds())
+        wire.nodes[(address, 7946)] = heartbeat
+        heartbeat.makeConnection(wire.transport((address, 7946)))
+        self.fronts = 0
+        self.service = FailoverService(
+            reactor=clock,
+            udp=None,
+            monotonic=clock.seconds,
+            wall=lambda: 1_764_000_000 + clock.seconds(),
+            blocking=Synchronous(),
+            aws=Synchronous(),
+            lease=Lease(records, name, duration=SETTINGS.lease_duration, margin=SETTINGS.lease_margin,
+                        monotonic=clock.seconds, wall=clock.seconds),
+            records=records,
+            settings=SETTINGS,
+            heartbeat=heartbeat,
+            listen=(address, 7946),
+            advertise=address,
+            address=ElasticIP(REGION, ALLOCATION, name),
+            cloud=self.cloud,
+            ensure_front=self._front,
+            generation=lambda: "gen-1",
+            acting_log=ActingLog(str(log_path), name),
+            status_interval=0.5,
+        )
+
+    def _front(self) -> Deferred[None]:
+        self.fronts += 1
+        return succeed(None)
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = Clock()
+        self.store = SQLiteStore(str(tmp_path / "store.sqlite"))
+        self.wire = Wire()
+        self.eips = ElasticIPs()
+        self.log_path = tmp_path / "acting.jsonl"
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, name: str, address: str) -> Node:
+        node = Node(name, address, clock=self.clock, store=self.store, wire=self.wire, eips=self.eips,
+                    log_path=self.log_path)
+        self.nodes[name] = node
+        return node
+
+    def run(self, seconds: float, step: float = 0.01) -> None:
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+
+    def acting_intervals(self) -> dict[tuple[str, int], tuple[float, float]]:
+        """(node, token) -> (from, last until) as the acting log says."""
+        spans: dict[tuple[str, int], tuple[float, float]] = {}
+        for e in self.events():
+            if e["event"] in ("acting", "stopped"):
+                spans[(e["node"], e["token"])] = (e["start"], e["until"])
+        return spans
+
+    def assert_never_two_primaries(self) -> None:
+        spans = sorted(self.acting_intervals().items(), key=lambda kv: kv[1][0])
+        for (one, (_, end)), (other, (start, _)) in itertools.pairwise(spans):
+            assert end <= start, f"{one} acted until {end}, {other} from {start}"
+        for e in self.events():
+            if e["event"] == "associate":
+                start, until = self.acting_intervals()[(e["node"], e["token"])]
+                assert start <= e["at"] < until, f"associate outside the window: {e}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.store.close()
+
+
+def lease_of(cluster: Cluster) -> LeaseRecord:
+    stored = Records(cluster.store).get(LeaseRecord, "lb-primary")
+    assert stored is not None
+    return stored.record
+
+
+def test_the_first_node_takes_over_and_keeps_it(cluster: Cluster) -> None:
+    a = cluster.add("i-a", "10.0.0.1")
+    a.service.startService()
+    cluster.run(0.5)
+    assert a.service.state == PRIMARY
+    assert cluster.eips.owner == "i-a"
+    assert a.fronts == 1  # nginx made current before the address came
+    b = cluster.add("i-b", "10.0.0.2")
+    b.service.startService()
+    cluster.run(20)
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    assert cluster.eips.history == ["i-a"]
+    assert lease_of(cluster).token == 1
+    # Both registered; each hears the other.
+    assert {v.record.node for v in Records(cluster.store).list(LbNodeRecord)} == {"i-a", "i-b"}
+    assert b.service.heartbeat.heard("i-a") is not None
+    cluster.assert_never_two_primaries()
+
+
+def test_a_primary_cut_off_from_everything_steps_down_before_the_standby_takes_over(cluster: Cluster) -> None:
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    cut_at = cluster.clock.seconds()
+    a.reach.cut = True
+    a.cloud.cut = True
+    cluster.wire.cut.add("i-a")
+    cluster.run(0.75)
+    # Inside duration - margin of its last renewal's start: no longer acting.
+    assert a.service.holding is None
+    with pytest.raises(NotPrimary):
+        a.service.guard()
+    cluster.run(2)
+    assert b.service.state == PRIMARY
+    assert cluster.eips.owner == "i-b"
+    assert lease_of(cluster).token == 2
+    took = next(e for e in cluster.events() if e["event"] == "associate" and e["node"] == "i-b")
+    # Taken a full lease duration after the last renewal it saw, and about a second after the cut.
+    assert took["at"] - cut_at >= SETTINGS.lease_duration - SETTINGS.renew_interval
+    assert took["at"] - cut_at <= SETTINGS.suspect_after + SETTINGS.lease_duration + 0.2
+    # Healing: the old primary finds itself deposed and never moves the address back.
+    a.reach.cut = False
+    a.cloud.cut = False
+    cluster.wire.cut.clear()
+    cluster.run(10)
+    assert (a.service.state, b.service.state) == (STANDBY, PRIMARY)
+    assert cluster.eips.history == ["i-a", "i-b"]
+    cluster.assert_never_two_primaries()
+
+
+def test_a_primary_cut_from_the_store_only_stops_acting_and_the_standby_takes_over(cluster: Cluster) -> None:
+    """The heartbeats still arrive, but the lease decides."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    a.reach.cut = True
+    cluster.run(5)
+    assert a.service.holding is None
+    assert b.service.state == PRIMARY
+    assert cluster.eips.history == ["i-a", "i-b"]
+    cluster.assert_never_two_primaries()
+
+
+def test_a_graceful_stop_hands_over_at_once(cluster: Cluster) -> None:
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    stopped_at = cluster.clock.seconds()
+    done = a.service.stopService()
+    assert done.called
+    cluster.run(0.1)
+    assert b.service.state == PRIMARY
+    assert cluster.eips.owner == "i-b"
+    took = next(e for e in cluster.events() if e["event"] == "associate" and e["node"] == "i-b")
+    assert took["at"] - stopped_at < SETTINGS.lease_duration / 4  # far quicker than a lapse
+    assert lease_of(cluster).token == 2
+    cluster.assert_never_two_primaries()
+
+
+def test_throttled_associate_is_retried_with_backoff_inside_the_window(cluster: Cluster) -> None:
+    a = cluster.add("i-a", "10.0.0.1")
+    a.cloud.throttle = 3
+    a.service.startService()
+    cluster.run(2)
+    assert a.service.state == PRIMARY
+    failed = [e for e in cluster.events() if e["event"] == "associate-failed"]
+    assert len(failed) == 3
+    gaps = [b["at"] - x["at"] for x, b in itertools.pairwise(failed)]
+    assert gaps[1] > gaps[0]  # backing off
+    cluster.assert_never_two_primaries()
+
+
+def test_a_node_that_cannot_reach_aws_never_reports_primary(cluster: Cluster) -> None:
+    a = cluster.add("i-a", "10.0.0.1")
+    a.cloud.cut = True
+    a.service.startService()
+    cluster.run(3)
+    assert a.service.holding is not None  # it holds the lease ...
+    assert a.service.state != PRIMARY  # ... but the address is not confirmed
+    assert cluster.eips.owner is None
