@@ -1,0 +1,178 @@
+"""
+Failover in the rig: ``twistd puppetha`` lb daemons with real nginx, each in its own network
+namespace, on DynamoDB and EC2 in moto; the Elastic IP is an address that sits wherever moto
+says; an agent outside makes its requests through that address.
+
+A killed primary's address goes to a standby and the agent's requests succeed again; a primary
+stopped with SIGTERM releases the lease and a standby takes it at once, without waiting for it
+to lapse.  In both, no two nodes ever acted as primary at once, by their own acting logs, and
+every AssociateAddress was made under a token newer than the ones before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from puppetha.testing.eip import ElasticIPEmulator
+from puppetha.testing.lb_rig import Agent, FleetPKI, LbDaemon, StandInMaster
+from puppetha.testing.moto import Fleet
+from puppetha.testing.netns import Host, Rig
+from puppetha.testing.rig_aws import MotoInRig
+
+
+@attrs.define
+class Cluster:
+    rig: Rig
+    eip: ElasticIPEmulator
+    agent: Agent
+    daemons: dict[str, LbDaemon]
+
+    def name_of(self, address: str | None) -> str | None:
+        return next((host.name for host in self.rig.hosts.values() if host.address == address), None)
+
+    def served_by(self) -> str | None:
+        return self.name_of(self.agent.served_by(self.eip.address))
+
+    def primary(self) -> Host:
+        holder = self.eip.holder
+        assert holder is not None
+        return holder
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{d.log_tail(30)}" for name, d in self.daemons.items())
+
+
+def eventually(check: Callable[[], object], what: str, cluster: Cluster, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen; daemon logs:\n{cluster.logs()}")
+        time.sleep(0.05)
+
+
+def start_cluster(tmp_path: Path, nodes: int) -> Iterator[Cluster]:
+    names = [f"lb{n + 1}" for n in range(nodes)]
+    with Rig([*names, "aws", "master"]) as rig:
+        socket_path = tmp_path / "associations.sock"
+        with MotoInRig(rig["aws"], associations_socket=socket_path, log_dir=tmp_path) as moto:
+            fleet = Fleet(moto.endpoint_url)
+            instances = {name: fleet.launch("lb").instance_id for name in names}
+            allocation_id = fleet.allocate_address()
+            mapping = {instance: rig[name] for name, instance in instances.items()}
+            with ElasticIPEmulator(rig, allocation_id, rig.spare_address(), socket_path, mapping) as eip:
+                pki = FleetPKI(moto.endpoint_url, tmp_path / "pki")
+                master = StandInMaster(rig["master"], pki)
+                daemons = {
+                    name: LbDaemon(
+                        rig[name],
+                        shared=pki.shared,
+                        lb_files=pki.leaf("lb", f"{name}.lb.test", sans=["puppet"], usage="both"),
+                        allocation_id=allocation_id,
+                        instance_id=instances[name],
+                        directory=tmp_path / name,
+                    )
+                    for name in names
+                }
+                cluster = Cluster(rig, eip, Agent(pki), daemons)
+                try:
+                    for daemon in daemons.values():
+                        daemon.start()
+                    eventually(lambda: eip.holder is not None, "an Elastic IP holder", cluster)
+                    eventually(
+                        lambda: cluster.served_by() == cluster.primary().name,
+                        "the agent served through the address",
+                        cluster,
+                    )
+                    yield cluster
+                finally:
+                    for daemon in daemons.values():
+                        daemon.stop_all()
+                    master.stop()
+                    pki.close()
+    assert rig.leftovers() == []
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path, 2)
+
+
+@pytest.fixture(params=[2, 3], ids=["2 nodes", "3 nodes"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path, request.param)
+
+
+def acted_at_once(cluster: Cluster) -> list[tuple[str, str]]:
+    """Pairs of nodes whose acting stretches overlap (there must be none)."""
+    spans = [(name, start, until) for name, d in cluster.daemons.items() for _, start, until in d.acted()]
+    return [
+        (a, b)
+        for i, (a, a_from, a_until) in enumerate(spans)
+        for (b, b_from, b_until) in spans[i + 1 :]
+        if a != b and a_from < b_until and b_from < a_until
+    ]
+
+
+def associations_in_token_order(cluster: Cluster) -> bool:
+    """Every AssociateAddress, in the order made, carries a token at least as new as the ones before."""
+    made = sorted(
+        (entry["at"], entry["token"]) for d in cluster.daemons.values() for entry in d.associations()
+    )
+    tokens = [token for _, token in made]
+    return tokens == sorted(tokens)
+
+
+def kill_host(cluster: Cluster, host: Host) -> None:
+    """The instance dies: every process in it gets SIGKILL and its link goes down."""
+    host.link_down()
+    host.kill_all()
+    cluster.daemons[host.name].daemon = None
+    cluster.daemons[host.name].nginx = None
+
+
+def test_kill_9_of_the_primary_a_standby_holds_the_address_and_requests_succeed_again(
+    cluster: Cluster,
+) -> None:
+    primary = cluster.primary()
+    old_token = max(token for token, _, _ in cluster.daemons[primary.name].acted())
+    eventually(lambda: cluster.served_by() == primary.name, "a request served by the primary", cluster)
+
+    kill_host(cluster, primary)
+    standbys = [cluster.rig[name] for name in cluster.daemons if name != primary.name]
+    move = cluster.eip.wait_for_any(standbys, timeout=30)
+    survivor = move.host
+    assert survivor is not None
+    eventually(lambda: cluster.served_by() == survivor, "a request served through the new holder", cluster)
+
+    assert max(token for token, _, _ in cluster.daemons[survivor].acted()) > old_token
+    log = cluster.daemons[survivor].log_path.read_text()
+    assert f"left token {old_token} unrenewed" in log, cluster.logs()
+    assert acted_at_once(cluster) == []
+    assert associations_in_token_order(cluster)
+    # The dead node made no move after it died; every move since was to the survivor.
+    assert {m.host for m in cluster.eip.moves_after(cluster.eip.history.index(move))} == {survivor}
+
+
+def test_sigterm_hands_over_at_once(two: Cluster) -> None:
+    cluster = two
+    primary = cluster.primary()
+    standby = next(name for name in cluster.daemons if name != primary.name)
+    old_token = max(token for token, _, _ in cluster.daemons[primary.name].acted())
+
+    cluster.daemons[primary.name].stop()
+    cluster.eip.wait_for(cluster.rig[standby], timeout=30)
+    eventually(lambda: cluster.served_by() == standby, "a request served through the standby", cluster)
+
+    # Taken because it was released, not after watching it lapse.
+    log = cluster.daemons[standby].log_path.read_text()
+    assert f"took the lease with token {old_token + 1}: token {old_token} was released" in log, cluster.logs()
+    stopped = [e for e in cluster.daemons[primary.name].acting() if e["event"] == "stopped"]
+    assert stopped
+    assert stopped[-1]["token"] == old_token
+    assert acted_at_once(cluster) == []
+    assert associations_in_token_order(cluster)
