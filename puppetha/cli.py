@@ -83,8 +83,9 @@ Handler = Callable[[Context, argparse.Namespace], int]
 def _command_groups() -> list[Callable[[Any], None]]:
     from puppetha import commands
     from puppetha.enc import commands as enc_commands
+    from puppetha.ha import status
 
-    return [commands.add_commands, enc_commands.add_commands]
+    return [commands.add_commands, enc_commands.add_commands, status.add_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

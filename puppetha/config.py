@@ -300,7 +300,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "health_rise", integer(1, 100), "2", "Good probes in a row that bring it back."),
     Option("ha", "elastic_ip", elastic_ip, "",
            "The allocation id (eipalloc-...) of the Elastic IP agents reach the front on. Empty: no "
-           "failover (an lb node serves, and the address is moved by hand). Set on every lb node."),
+           "failover (an lb node serves, and the address is moved by hand). Set on every lb node, "
+           "and where `puppetha status` runs."),
     Option("ha", "instance_id", instance_id, "",
            "This lb node's EC2 instance id: its name among the lb nodes and where the address goes "
            "when it takes over. Required with elastic_ip."),
@@ -325,6 +326,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ha", "standby_poll", duration, "1s",
            "How often a standby reads the lease while the primary's heartbeats arrive."),
     Option("ha", "suspect_poll", duration, "0.05s", "How often a suspecting standby reads the lease."),
+    Option("ha", "address_check", duration, "2s",
+           "How often the primary checks that the Elastic IP is still on its instance (and takes "
+           "it back if not)."),
     Option("ha", "acting_log", path, "",
            "A file where the node appends (JSON lines, monotonic clock) each time it acted as "
            "primary and each AssociateAddress, with the lease token. Empty: none."),
@@ -460,10 +464,9 @@ def _check_together(config: Config) -> None:
 
 def _check_ha(config: Config) -> None:
     src = config.source
-    if not config[("ha", "elastic_ip")]:
+    # Other hosts (and `puppetha status`) may name the Elastic IP too; only lb nodes act on it.
+    if not config[("ha", "elastic_ip")] or "lb" not in config.roles:
         return
-    if "lb" not in config.roles:
-        raise ConfigError(f"{src}: [ha] elastic_ip: only lb nodes fail over (add lb to [daemon] roles)")
     for name in ("instance_id", "address"):
         if not config[("ha", name)]:
             raise ConfigError(f"{src}: [ha] {name}: required with elastic_ip")
@@ -526,8 +529,8 @@ def markdown_reference() -> str:
         "Checked together: `vault = kms` needs `kms_key_id`; the `dynamodb` store needs",
         "`vault = kms`; `identity_certs` must exist; `allowed_csr_keys` must include `key_type`;",
         "`crl_refresh_margin` must be shorter than `crl_lifetime`; the lb ports (front, enrollment",
-        "and the masters' range) must not overlap or pass 65535; `[ha] elastic_ip` needs the lb",
-        "role, `instance_id` and `address`, a `lease_margin` under `lease_duration` and a",
+        "and the masters' range) must not overlap or pass 65535; on an lb node, `[ha] elastic_ip`",
+        "needs `instance_id` and `address`, a `lease_margin` under `lease_duration` and a",
         "`renew_interval` under their difference.",
     ]
     for section in SECTIONS:

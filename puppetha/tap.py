@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from cryptography import x509
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -92,6 +93,16 @@ class ThreadPoolService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.pool.stop()
+
+
+class StopInOrder(MultiService):
+    """Stops its children last first, each once the one after it has finished stopping."""
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            yield maybeDeferred(service.stopService)
 
 
 class StoreService(Service):
@@ -194,7 +205,8 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     Everything the configured roles need, as one service tree.  ``reactor`` provides the time,
     thread, TCP and UNIX interfaces of Twisted's real reactors.
     """
-    root = MultiService()
+    # One after another, last started first: the store closes only once nothing uses it.
+    root = StopInOrder()
     os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
 
     store = build.open_store(config)
@@ -278,6 +290,7 @@ def failover_service(
         suspect_poll=ha["suspect_poll"],
         heartbeat_interval=ha["heartbeat_interval"],
         suspect_after=ha["suspect_after"],
+        address_check=ha["address_check"],
     )
     # Before the reactor runs, like the root CA: a vault that cannot open the key stops the daemon.
     key = ensure_heartbeat_key(records, vault, reactor.seconds())
@@ -285,7 +298,8 @@ def failover_service(
                                   wall=reactor.seconds, stale_after=ha["heartbeat_stale"])
     # Its own small pool: renewals must never queue behind signing or a slow listing.
     pool = make_pool("puppetha-ha", 2)
-    services = MultiService()
+    # The lease is released on the pool while the failover service stops: the pool stops after.
+    services = StopInOrder()
     ThreadPoolService(pool).setServiceParent(services)
     front_service = cast(FrontService, front.getServiceNamed("front"))
     FailoverService(

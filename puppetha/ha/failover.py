@@ -45,6 +45,8 @@ class FailoverSettings:
     heartbeat_interval: float = 0.1
     #: Heartbeat silence after which the holder is suspected.
     suspect_after: float = 0.3
+    #: How often the primary checks with DescribeAddresses that the address is still its own.
+    address_check: float = 2.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.lease_margin < self.lease_duration:

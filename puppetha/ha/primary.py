@@ -148,6 +148,8 @@ class FailoverService(Service):
         self._next: IDelayedCall | None = None
         self._window: IDelayedCall | None = None
         self._moving: int | None = None
+        self._checked = 0.0
+        self._checking = False
         self._port: IListeningPort | None = None
         self._beats: LoopingCall | None = None
         self._registry: LoopingCall | None = None
@@ -260,6 +262,7 @@ class FailoverService(Service):
         elif decision.action is Action.STEP_DOWN:
             self._stop_acting(decision.reason)
         self._maybe_move()
+        self._maybe_check_address()
         self._schedule(decision.next_check - (self.monotonic() - started))
 
     @inlineCallbacks
@@ -372,6 +375,36 @@ class FailoverService(Service):
             log.failure("moving the address failed", failure)
         if self._moving == token:
             self._moving = None
+
+    def _maybe_check_address(self) -> None:
+        holding = self.holding
+        if (holding is None or self.confirmed != holding.token or self._checking
+                or self.monotonic() - self._checked < self.settings.address_check):
+            return
+        self._checking = True
+        d = self._check_address(holding.token)
+        d.addErrback(lambda f: log.warn("checking the address failed: {error}", error=str(f.value)))
+        d.addBoth(self._checked_address)
+
+    def _checked_address(self, _: object) -> None:
+        self._checking = False
+        self._checked = self.monotonic()
+
+    @inlineCallbacks
+    def _check_address(self, token: int) -> Any:
+        """
+        The primary's own look at DescribeAddresses: an AssociateAddress by someone else (an
+        operator, or a deposed node's call that AWS served late) is undone under our token.
+        """
+        eip = self.address
+        owner = yield self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
+        if owner == eip.instance_id or self.holding is None or self.holding.token != token:
+            return
+        log.warn("{allocation_id} is on {owner}, not on this primary; taking it back under token {token}",
+                 allocation_id=eip.allocation_id, owner=owner, token=token)
+        self.confirmed = None
+        self.state = TAKING_OVER
+        self._maybe_move()
 
     @inlineCallbacks
     def _move_address(self, token: int) -> Any:

@@ -1,0 +1,147 @@
+"""
+``puppetha status``: the cluster at a glance, from the store and AWS.
+
+The lb nodes as each registered itself (state, the nginx generation it serves, how long ago its
+peers last heard it), the lease (holder, token, age), the Elastic IP's owner per
+DescribeAddresses, and the masters with their health.  :func:`cluster_status` is pure; the
+command only reads and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from puppetha.aws.cloud import CloudError
+from puppetha.cli import EXIT_FAILED, Context
+from puppetha.ha.lease import FAILOVER_LEASE
+from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Versioned
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "status", help="the lb nodes, the primary, the lease, the Elastic IP's owner and the masters")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=status)
+
+
+def heard_age(node: str, records: Iterable[LbNodeRecord], now: float) -> float | None:
+    """
+    Seconds since any peer last heard ``node``: what each peer reported, aged by how long ago
+    it reported it (wall clocks of different hosts: an estimate, to the nearest tenth or so).
+    """
+    ages = [
+        other.heard[node] + max(0.0, now - other.updated_at)
+        for other in records
+        if other.node != node and node in other.heard
+    ]
+    return round(min(ages), 3) if ages else None
+
+
+def cluster_status(
+    *,
+    now: float,
+    nodes: Iterable[LbNodeRecord],
+    lease: Versioned[LeaseRecord] | None,
+    elastic_ip: str,
+    owner: str | None,
+    owner_error: str | None,
+    masters: Iterable[MasterRecord],
+) -> dict[str, Any]:
+    nodes = list(nodes)
+    holder = lease.record.holder if lease is not None and lease.record.holder else None
+    return {
+        "lb_nodes": [
+            {
+                "node": n.node,
+                "address": f"{n.address}:{n.port}",
+                "state": n.state,
+                "token": n.token,
+                "generation": n.generation,
+                "reported_age": round(max(0.0, now - n.updated_at), 3),
+                "heartbeat_age": heard_age(n.node, nodes, now),
+            }
+            for n in sorted(nodes, key=lambda n: n.node)
+        ],
+        "primary": holder,
+        "lease": None if lease is None else {
+            "holder": lease.record.holder or None,
+            "token": lease.record.token,
+            "duration": lease.record.duration,
+            "age": round(max(0.0, now - lease.record.renewed_at), 3),
+        },
+        "elastic_ip": {
+            "allocation_id": elastic_ip or None,
+            "owner": owner,
+            "error": owner_error,
+            "agrees_with_lease": None if not elastic_ip or owner_error else owner == holder,
+        },
+        "masters": [
+            {"certname": m.certname, "address": f"{m.address}:{m.port}", "healthy": m.healthy}
+            for m in sorted(masters, key=lambda m: m.certname)
+        ],
+    }
+
+
+def render(status: Mapping[str, Any]) -> str:
+    lines = []
+    lease = status["lease"]
+    if lease is None:
+        lines.append("primary: none (no lease yet)")
+    elif lease["holder"] is None:
+        lines.append(f"primary: none (lease released, token {lease['token']})")
+    else:
+        lines.append(f"primary: {lease['holder']} (token {lease['token']}, lease renewed "
+                     f"{lease['age']:.1f}s ago by its own clock, duration {lease['duration']}s)")
+    eip = status["elastic_ip"]
+    if eip["allocation_id"] is None:
+        lines.append("elastic ip: not configured ([ha] elastic_ip)")
+    elif eip["error"] is not None:
+        lines.append(f"elastic ip: {eip['allocation_id']} on an unknown instance: {eip['error']}")
+    else:
+        agree = "" if eip["agrees_with_lease"] else "  (NOT the lease holder)"
+        lines.append(f"elastic ip: {eip['allocation_id']} on {eip['owner'] or 'nothing'}{agree}")
+    lines.append("lb nodes:")
+    if not status["lb_nodes"]:
+        lines.append("  (none registered)")
+    for n in status["lb_nodes"]:
+        heard = "never heard" if n["heartbeat_age"] is None else f"heard {n['heartbeat_age']:.1f}s ago"
+        lines.append(f"  {n['node']}  {n['address']}  {n['state']}  token {n['token']}  {heard}  "
+                     f"reported {n['reported_age']:.1f}s ago  nginx {n['generation'] or '-'}")
+    lines.append("masters:")
+    if not status["masters"]:
+        lines.append("  (none registered)")
+    for m in status["masters"]:
+        lines.append(f"  {m['certname']}  {m['address']}  {'healthy' if m['healthy'] else 'UNHEALTHY'}")
+    return "\n".join(lines) + "\n"
+
+
+def status(ctx: Context, args: argparse.Namespace) -> int:
+    records = ctx.records
+    elastic_ip = ctx.config[("ha", "elastic_ip")]
+    owner: str | None = None
+    owner_error: str | None = None
+    if elastic_ip:
+        from puppetha.build import make_cloud
+
+        try:
+            owner = make_cloud(ctx.config).describe_address(ctx.config[("aws", "region")], elastic_ip)
+        except (CloudError, ValueError) as e:
+            owner_error = str(e)
+    result = cluster_status(
+        now=ctx.now(),
+        nodes=[v.record for v in records.list(LbNodeRecord)],
+        lease=records.get(LeaseRecord, FAILOVER_LEASE),
+        elastic_ip=elastic_ip,
+        owner=owner,
+        owner_error=owner_error,
+        masters=[v.record for v in records.list(MasterRecord)],
+    )
+    if args.json:
+        ctx.out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    else:
+        ctx.out.write(render(result))
+    # AWS unreachable: everything else was shown, but the answer is incomplete.
+    return EXIT_FAILED if owner_error is not None else 0

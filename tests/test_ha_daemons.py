@@ -1,0 +1,230 @@
+"""
+Two real ``twistd puppetha`` lb daemons on loopback, each with its own real nginx, sharing one
+store, with a moto server as AWS: kill -9 the primary and the standby takes the lease and the
+Elastic IP (as moto says); SIGTERM the new primary and the restarted node takes over at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
+from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
+from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer
+from puppetha.testing.nginx import NGINX, FrontPKI, loopback_ports, require_nginx
+from tests.aws_fixtures import moto_with_test_credentials
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+REGION = "us-east-1"
+
+
+def eventually(check: Callable[[], bool], what: str, logs: list[Path], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            text = "\n".join(f"--- {log}\n{log.read_text()}" for log in logs if log.exists())
+            raise AssertionError(f"{what} did not happen; daemon logs:\n{text}")
+        time.sleep(0.05)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with moto_with_test_credentials() as server:
+        yield server
+
+
+class LbNode:
+    """One lb daemon's settings, process and nginx; started and killed by the test."""
+
+    def __init__(self, name: str, instance_id: str, tmp_path: Path, common: dict[str, str],
+                 pki: FrontPKI) -> None:
+        self.name = name
+        self.instance_id = instance_id
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        (self.dir / "nginx-temp").mkdir()
+        issued = pki.leaf("lb", name, sans=["puppet"], usage="both")
+        ports = loopback_ports()
+        self.error_log = self.dir / "nginx-error.log"
+        self.live = self.dir / "nginx" / "live" / "nginx.conf"
+        self.acting_log = self.dir / "acting.jsonl"
+        self.log = self.dir / "daemon.log"
+        self.settings = {
+            **common,
+            "lb.certificate": issued.certificate,
+            "lb.private_key": issued.private_key,
+            "lb.listen_address": "127.0.0.1",
+            "lb.front_port": str(ports.front),
+            "lb.enroll_port": str(ports.enroll),
+            "lb.first_master_port": str(ports.first_master),
+            "lb.max_masters": str(ports.max_masters),
+            "lb.nginx_dir": str(self.dir / "nginx"),
+            "lb.nginx_pid": str(self.dir / "nginx.pid"),
+            "lb.nginx_error_log": str(self.error_log),
+            "lb.nginx_temp_dir": str(self.dir / "nginx-temp"),
+            "lb.nginx_access_log": str(self.dir / "nginx-access.log"),
+            "lb.nginx_user": "root",
+            "enc.socket": str(self.dir / "enc.sock"),
+            "ha.instance_id": instance_id,
+            "ha.address": "127.0.0.1",
+            "ha.heartbeat_listen": "127.0.0.1",
+            "ha.heartbeat_port": str(free_udp_port()),
+            "ha.acting_log": str(self.acting_log),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.nginx: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [TWISTD, "--nodaemon", "--pidfile=", "puppetha", "--state-dir", str(self.dir / "state")]
+        for name, value in self.settings.items():
+            command += ["--set", f"{name}={value}"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["aws_access_key_id"],
+               "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["aws_secret_access_key"]}
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def start_nginx(self) -> None:
+        eventually(self.live.exists, f"{self.name}'s first nginx configuration", [self.log])
+        self.nginx = subprocess.Popen(
+            [NGINX, "-e", str(self.error_log), "-c", str(self.live), "-g", "daemon off;"])
+
+    def signal(self, number: int) -> int:
+        assert self.process is not None
+        self.process.send_signal(number)
+        status = self.process.wait(timeout=30)
+        self.process = None
+        return status
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.acting_log)
+
+    def stop_all(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+        if self.nginx is not None:
+            self.nginx.send_signal(signal.SIGQUIT)
+            self.nginx.wait(timeout=30)
+
+
+def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path, moto: MotoServer) -> None:
+    require_nginx()
+    fleet = Fleet(moto.endpoint_url, REGION)
+    allocation = fleet.allocate_address()
+    instances = [fleet.launch("lb").instance_id for _ in range(2)]
+    pki = FrontPKI(tmp_path / "pki")
+    pki.add_ca("lb")
+    common = {
+        "daemon.roles": "lb",
+        "store.path": str(tmp_path / "pki" / "store.sqlite"),
+        "pki.vault_key_file": str(tmp_path / "pki" / "vault.key"),
+        "enroll.front": "puppet:8140",
+        "aws.endpoint_url": moto.endpoint_url,
+        "aws.region": REGION,
+        "lb.interval": "1s",
+        "lb.health_interval": "1s",
+        "ha.elastic_ip": allocation,
+    }
+    a = LbNode("lb-a", instances[0], tmp_path, common, pki)
+    b = LbNode("lb-b", instances[1], tmp_path, common, pki)
+    logs = [a.log, b.log]
+
+    def owner() -> str | None:
+        found = fleet.ec2.describe_addresses(AllocationIds=[allocation])["Addresses"][0]
+        return str(found["InstanceId"]) if found.get("InstanceId") else None
+
+    def lease() -> LeaseRecord:
+        stored = Records(pki.store).get(LeaseRecord, "lb-primary")
+        assert stored is not None
+        return stored.record
+
+    conf = tmp_path / "cli.conf"
+    conf.write_text(
+        f"[store]\npath = {common['store.path']}\n[pki]\nvault_key_file = {common['pki.vault_key_file']}\n"
+        f"[aws]\nendpoint_url = {moto.endpoint_url}\nregion = {REGION}\n"
+        f"[ha]\nelastic_ip = {allocation}\n"
+    )
+
+    def status() -> dict[str, Any]:
+        # Its own process, as an operator runs it.  (A second SQLiteStore in this process would
+        # open and close the file beside the first one's connection, and POSIX drops every lock
+        # this process holds on a file when any descriptor of it closes.)
+        command = [sys.executable, "-m", "puppetha.cli", "--config", str(conf), "status", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    try:
+        a.start()
+        a.start_nginx()
+        eventually(lambda: owner() == a.instance_id, "the first node holding the address", logs)
+        b.start()
+        b.start_nginx()
+        # The standby hears the primary: its record says so.
+        def hears(node: LbNode, other: LbNode, since: float = 0.0) -> bool:
+            stored = Records(pki.store).get(LbNodeRecord, node.instance_id)
+            return (stored is not None and stored.record.updated_at > since
+                    and other.instance_id in stored.record.heard)
+        eventually(lambda: hears(b, a), "the standby hearing the primary", logs)
+        time.sleep(2)  # a few renewals: the standby must not take over from a live primary
+        assert owner() == a.instance_id
+        assert lease().token == 1
+        before = status()
+        assert before["primary"] == a.instance_id
+        assert before["elastic_ip"]["owner"] == a.instance_id
+        assert before["elastic_ip"]["agrees_with_lease"] is True
+        assert {n["node"]: n["state"] for n in before["lb_nodes"]} == {a.instance_id: "primary",
+                                                                       b.instance_id: "standby"}
+        assert all(n["heartbeat_age"] is not None for n in before["lb_nodes"])
+
+        a.signal(signal.SIGKILL)
+        eventually(lambda: owner() == b.instance_id, "the standby taking the address after kill -9", logs)
+        assert (lease().holder, lease().token) == (b.instance_id, 2)
+        assert [e["token"] for e in b.events() if e["event"] == "associate"] == [2]
+
+        # The killed node comes back as a standby and leaves the address where it is.
+        restarted = time.time()
+        a.start()
+        # Its record from before the kill still says it heard b: wait for a fresh one.
+        eventually(lambda: hears(a, b, since=restarted), "the restarted node hearing the primary", logs)
+        assert owner() == b.instance_id
+
+        assert b.signal(signal.SIGTERM) in (0, -signal.SIGTERM)  # twistd re-raises it once stopped
+        assert "released the lease (token 2)" in b.log.read_text(), b.log.read_text()
+        eventually(lambda: owner() == a.instance_id, "the handover after SIGTERM", logs)
+        assert (lease().holder, lease().token) == (a.instance_id, 3)
+        assert "token 2 was released" in a.log.read_text()
+        eventually(lambda: status()["lb_nodes"][0]["state"] != "taking-over", "a's record updated", logs)
+        after = status()
+        assert (after["primary"], after["lease"]["token"]) == (a.instance_id, 3)
+        assert after["elastic_ip"]["owner"] == a.instance_id
+        assert {n["node"]: n["state"] for n in after["lb_nodes"]}[b.instance_id] == "stopped"
+    finally:
+        a.stop_all()
+        b.stop_all()
+        pki.close()
+    for log in logs:
+        assert "Traceback" not in log.read_text()
+    # Neither node acted outside its windows, and the windows never overlapped.
+    events = read_events(a.acting_log, b.acting_log)
+    assert set(windows(events)) == {(a.instance_id, 1), (b.instance_id, 2), (a.instance_id, 3)}
+    assert overlaps(windows(events)) == []
+    assert stray_associations(events) == []

@@ -1,0 +1,72 @@
+"""``puppetha status``: the pure summary as a table, its text, and the command on a real store."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from puppetha.cli import main
+from puppetha.ha.status import cluster_status, heard_age, render
+from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Records, Versioned
+from puppetha.store.sqlite import SQLiteStore
+
+NOW = 1_764_000_100.0
+A = LbNodeRecord("i-0aaa0aaa0aaa0aaa0", "10.0.0.1", 7946, 1.0, "primary", 3, "gen-1", NOW - 1.0,
+                 {"i-0bbb0bbb0bbb0bbb0": 0.05})
+B = LbNodeRecord("i-0bbb0bbb0bbb0bbb0", "10.0.0.2", 7946, 1.0, "standby", 3, "gen-1", NOW - 0.5,
+                 {"i-0aaa0aaa0aaa0aaa0": 0.1})
+LEASE = Versioned(LeaseRecord("lb-primary", A.node, 3, 0.8, NOW - 0.1), 40)
+MASTER = MasterRecord("master-1", "10.0.1.5", 8140, "master-1", 1.0, healthy=False)
+
+
+def test_heard_age_is_what_peers_reported_aged_by_their_report() -> None:
+    assert heard_age(A.node, [A, B], NOW) == 0.6  # b heard a 0.1 s before its report, 0.5 s ago
+    assert heard_age(B.node, [A, B], NOW) == 1.05
+    assert heard_age(A.node, [A], NOW) is None  # nobody else: never heard
+
+
+def test_status_says_who_is_primary_and_whether_aws_agrees() -> None:
+    status = cluster_status(now=NOW, nodes=[B, A], lease=LEASE, elastic_ip="eipalloc-0123456789",
+                            owner=A.node, owner_error=None, masters=[MASTER])
+    assert status["primary"] == A.node
+    assert status["lease"] == {"holder": A.node, "token": 3, "duration": 0.8, "age": 0.1}
+    assert status["elastic_ip"]["agrees_with_lease"] is True
+    assert [n["node"] for n in status["lb_nodes"]] == [A.node, B.node]
+    assert status["lb_nodes"][0]["address"] == "10.0.0.1:7946"
+    assert status["masters"] == [{"certname": "master-1", "address": "10.0.1.5:8140", "healthy": False}]
+    text = render(status)
+    assert f"primary: {A.node} (token 3" in text
+    assert f"elastic ip: eipalloc-0123456789 on {A.node}\n" in text
+    assert "master-1  10.0.1.5:8140  UNHEALTHY" in text
+
+
+def test_status_flags_an_address_away_from_the_lease_holder_and_aws_errors() -> None:
+    away = cluster_status(now=NOW, nodes=[A, B], lease=LEASE, elastic_ip="eipalloc-0123456789",
+                          owner=B.node, owner_error=None, masters=[])
+    assert away["elastic_ip"]["agrees_with_lease"] is False
+    assert "(NOT the lease holder)" in render(away)
+    down = cluster_status(now=NOW, nodes=[], lease=None, elastic_ip="eipalloc-0123456789",
+                          owner=None, owner_error="DescribeAddresses: timeout", masters=[])
+    assert down["elastic_ip"]["agrees_with_lease"] is None
+    assert "on an unknown instance: DescribeAddresses: timeout" in render(down)
+    assert "primary: none (no lease yet)" in render(down)
+
+
+def test_the_command_on_a_store_without_failover(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLiteStore(str(path))
+    Records(store).create(MASTER)
+    Records(store).create(LeaseRecord("lb-primary", "", 2, 0.8, NOW - 5))
+    store.close()
+    conf = tmp_path / "puppetha.conf"
+    conf.write_text(f"[store]\npath = {path}\n[pki]\nvault_key_file = {tmp_path}/vault.key\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["--config", str(conf), "status", "--json"], out=out, err=err, now=lambda: NOW) == 0
+    result = json.loads(out.getvalue())
+    assert result["primary"] is None
+    assert result["lease"]["token"] == 2
+    assert result["elastic_ip"]["allocation_id"] is None
+    out = io.StringIO()
+    assert main(["--config", str(conf), "status"], out=out, err=err, now=lambda: NOW) == 0
+    assert out.getvalue().startswith("primary: none (lease released, token 2)\nelastic ip: not configured")
