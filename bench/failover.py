@@ -7,11 +7,13 @@ Elastic IP with the AWS CLI), in the same rig and the same run.
     .venv/bin/python bench/failover.py --quick          # 2 trials, short partitions
     .venv/bin/python bench/failover.py --trials 30 --systems keepalived
 
-The rig: two lb hosts and an AWS host (moto, EC2 and DynamoDB) as network namespaces on a
-bridge; the Elastic IP is an address of the bridge that sits in the namespace of whichever
+The rig: two lb hosts, an AWS host (moto: EC2, DynamoDB, KMS) and a master host as network
+namespaces on a bridge; the Elastic IP is an address of the bridge that sits in the namespace of whichever
 instance moto says holds it (:mod:`puppetha.testing.eip`).  A client outside (the root
-namespace) asks the service behind the address which node it is, every 5 ms, with a 50 ms
-connect timeout.
+namespace) asks the service behind the address which node it is, every 5 ms, giving each
+request 200 ms.  Behind the address: for keepalived, a TCP server that names its host; for
+puppetha, the daemon's nginx front, proxying an agent's TLS request (client certificate) to a
+stand-in master that names the lb node the request came through.
 
 Per trial, the primary (the holder of the address) is stopped one of two ways:
 
@@ -27,7 +29,8 @@ again and the cluster left to settle before the next trial.
 Partitions (``peers``: the primary cut from the other lb node; ``store``: cut from the AWS host,
 which is also the store; ``both``) are held for ``--partition-seconds`` and healed; for each,
 the time during which two nodes at once acted as primary, from each node's own record (for
-keepalived: the MASTER state, from its notify script; for puppetha: its log).
+keepalived: the MASTER state, from its notify script; for puppetha: the (token, from, until)
+stretches of its acting log).
 
 moto answers in milliseconds; on AWS an AssociateAddress takes longer to take effect (AWS gives
 no figure; seconds are commonly seen), which adds the same to both systems.
@@ -50,6 +53,7 @@ from attrs import frozen
 
 from puppetha.testing.eip import ElasticIPEmulator
 from puppetha.testing.keepalived import MASTER, KeepalivedNode
+from puppetha.testing.lb_rig import FRONT_NAME, Agent, FleetPKI, LbDaemon, StandInMaster
 from puppetha.testing.moto import Fleet
 from puppetha.testing.name_service import who_answers
 from puppetha.testing.netns import Host, Rig
@@ -62,13 +66,9 @@ SERVICE_PORT = 8140
 KINDS = ("kill -9", "graceful")
 PARTITIONS = ("peers", "store", "both")
 
-#: The client outside: one request every POLL seconds, each given CONNECT_TIMEOUT.
+#: The client outside: one request every POLL seconds, each given REQUEST_TIMEOUT.
 POLL = 0.005
-CONNECT_TIMEOUT = 0.05
-
-
-class NotWired(RuntimeError):
-    """The system cannot run in the rig yet: no figures are printed for it."""
+REQUEST_TIMEOUT = 0.2
 
 
 @frozen
@@ -98,14 +98,24 @@ class Cluster(Protocol):
 
     def settings(self) -> dict[str, str]: ...
 
-    def start(self, node: str) -> None: ...
+    def start(self, node: str) -> None:
+        """Starts the node's failover daemon and its service (waiting for a stopping one to end)."""
+        ...
 
-    def crash(self, node: str) -> None: ...
+    def crashed(self, node: str) -> None:
+        """Notes that every process of ``node`` was just killed."""
+        ...
 
-    def stop(self, node: str) -> None: ...
+    def stop(self, node: str) -> None:
+        """Sends the node's failover daemon SIGTERM, without waiting."""
+        ...
 
     def ready(self) -> bool:
-        """Every node runs and exactly one is primary, settled enough for a trial."""
+        """Every node runs and exactly one acts as primary."""
+        ...
+
+    def who_answers(self, address: str) -> str | None:
+        """The node whose service answered a client's request to ``address``, or None."""
         ...
 
     def primary_intervals(self) -> dict[str, list[tuple[float, float]]]:
@@ -116,12 +126,12 @@ class Cluster(Protocol):
 
 
 class Testbed:
-    """The rig, moto with the Elastic IP emulator, one instance per lb node, the service on each."""
+    """The rig, moto with the Elastic IP emulator, and one instance per lb node."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._stack = ExitStack()
-        self.rig = self._stack.enter_context(Rig([*NODES, "aws"]))
+        self.rig = self._stack.enter_context(Rig([*NODES, "aws", "master"]))
         socket_path = workdir / "associations.sock"
         self.moto = self._stack.enter_context(
             MotoInRig(self.rig["aws"], associations_socket=socket_path, log_dir=workdir)
@@ -143,13 +153,6 @@ class Testbed:
     def lb_hosts(self) -> list[Host]:
         return [self.rig[name] for name in NODES]
 
-    def start_service(self, node: str) -> None:
-        self.rig[node].popen(
-            [sys.executable, "-m", "puppetha.testing.name_service", node, str(SERVICE_PORT)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
     def crash_host(self, node: str) -> None:
         """Every process of the host killed and its link unplugged: the instance is gone."""
         self.rig[node].link_down()
@@ -157,12 +160,8 @@ class Testbed:
 
     def revive_host(self, node: str) -> None:
         host = self.rig[node]
-        for _ in range(100):
-            if not host.pids():
-                break
-            time.sleep(0.02)
+        wait_until(f"{node}'s processes gone", lambda: not host.pids(), 10)
         host.link_up()
-        self.start_service(node)
 
     def close(self) -> None:
         self._stack.close()
@@ -189,6 +188,7 @@ class KeepalivedCluster:
             )
             for name in NODES
         }
+        self._services: dict[str, subprocess.Popen[bytes]] = {}
         self._died: dict[str, list[float]] = {name: [] for name in NODES}
 
     def settings(self) -> dict[str, str]:
@@ -196,17 +196,25 @@ class KeepalivedCluster:
             "vrrp": "unicast peers, every node state BACKUP with nopreempt, equal priority 100",
             "advert_int": f"{self.advert_int:g} s (master down after 3 adverts + skew)",
             "notify": "bash script: aws ec2 associate-address --allow-reassociation (Debian awscli)",
+            "service": f"a TCP server naming its host, port {SERVICE_PORT}",
         }
 
     def start(self, node: str) -> None:
+        service = self._services.get(node)
+        if service is None or service.poll() is not None:
+            self._services[node] = self.bed.rig[node].popen(
+                [sys.executable, "-m", "puppetha.testing.name_service", node, str(SERVICE_PORT)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         self.nodes[node].start()
 
-    def crash(self, node: str) -> None:
+    def crashed(self, node: str) -> None:
         self._died[node].append(time.monotonic())
         self.nodes[node].kill()
 
     def stop(self, node: str) -> None:
-        self.nodes[node].stop()
+        self.nodes[node].stop(wait=False)
         self._died[node].append(time.monotonic())
 
     def ready(self) -> bool:
@@ -216,6 +224,9 @@ class KeepalivedCluster:
             and states.count(MASTER) == 1
             and all(state in (MASTER, "BACKUP") for state in states)
         )
+
+    def who_answers(self, address: str) -> str | None:
+        return who_answers(address, SERVICE_PORT, REQUEST_TIMEOUT)
 
     def primary_intervals(self) -> dict[str, list[tuple[float, float]]]:
         now = time.monotonic()
@@ -241,36 +252,75 @@ class KeepalivedCluster:
     def close(self) -> None:
         for node in self.nodes.values():
             node.kill()
+        for service in self._services.values():
+            service.kill()
+            service.wait()
 
 
 class PuppethaCluster:
-    """``twistd puppetha`` lb daemons with failover, on DynamoDB in moto."""
+    """``twistd puppetha`` lb daemons (failover on, [ha] defaults) with nginx, on DynamoDB in moto."""
 
     name = "puppetha"
 
     def __init__(self, bed: Testbed) -> None:
-        raise NotWired("puppetha's failover service is not wired into this rig yet")
+        self.bed = bed
+        self.pki = FleetPKI(bed.moto.endpoint_url, bed.workdir / "pki")
+        self.master = StandInMaster(bed.rig["master"], self.pki)
+        self.agent = Agent(self.pki)
+        self.nodes = {
+            name: LbDaemon(
+                bed.rig[name],
+                shared=self.pki.shared,
+                lb_files=self.pki.leaf("lb", f"{name}.lb.test", sans=[FRONT_NAME], usage="both"),
+                allocation_id=bed.allocation_id,
+                instance_id=bed.instances[name],
+                directory=bed.workdir / name,
+            )
+            for name in NODES
+        }
+        self._names = {host.address: host.name for host in bed.lb_hosts}
 
     def settings(self) -> dict[str, str]:
-        raise NotWired
+        from puppetha.config import OPTIONS
+
+        timing = [o for o in OPTIONS if o.section == "ha" and o.default.endswith("s") and o.name != "address"]
+        settings = {f"[ha] {o.name}": o.default for o in timing}
+        settings["service"] = "nginx (the daemon's front) proxying to a stand-in master over TLS"
+        settings["store"] = "DynamoDB in moto, CA keys sealed by KMS in moto"
+        return settings
 
     def start(self, node: str) -> None:
-        raise NotWired
+        self.nodes[node].start()
 
-    def crash(self, node: str) -> None:
-        raise NotWired
+    def crashed(self, node: str) -> None:
+        daemon = self.nodes[node]
+        daemon.kill()
 
     def stop(self, node: str) -> None:
-        raise NotWired
+        self.nodes[node].stop(wait=False)
+
+    def _acting_now(self) -> list[str]:
+        now = time.monotonic()
+        return [name for name, d in self.nodes.items() if any(until > now for _, _, until in d.acted()[-1:])]
 
     def ready(self) -> bool:
-        raise NotWired
+        return all(d.running for d in self.nodes.values()) and len(self._acting_now()) == 1
+
+    def who_answers(self, address: str) -> str | None:
+        return self._names.get(self.agent.served_by(address, timeout=REQUEST_TIMEOUT) or "")
 
     def primary_intervals(self) -> dict[str, list[tuple[float, float]]]:
-        raise NotWired
+        now = time.monotonic()
+        return {
+            name: [(start, min(until, now)) for _, start, until in d.acted()]
+            for name, d in self.nodes.items()
+        }
 
     def close(self) -> None:
-        pass
+        for daemon in self.nodes.values():
+            daemon.stop_all()
+        self.master.stop()
+        self.pki.close()
 
 
 def wait_until(condition: str, predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
@@ -282,7 +332,7 @@ def wait_until(condition: str, predicate: Callable[[], bool], timeout: float, in
 
 
 def settle(bed: Testbed, cluster: Cluster, timeout: float = 60.0, quiet: float = 2.0) -> Host:
-    """Waits until the cluster is ready and the address sits in the primary; returns the primary."""
+    """Waits until the cluster is ready and serves through the address; returns the primary."""
     wait_until("a settled cluster", cluster.ready, timeout)
     wait_until("the Elastic IP placed", lambda: bed.eip.holder is not None, timeout)
     # Heartbeats or adverts of the standby must be flowing before the primary is stopped.
@@ -292,17 +342,17 @@ def settle(bed: Testbed, cluster: Cluster, timeout: float = 60.0, quiet: float =
     assert holder is not None
     wait_until(
         "the service answering through the address",
-        lambda: who_answers(bed.eip.address, SERVICE_PORT, CONNECT_TIMEOUT) == holder.name,
+        lambda: cluster.who_answers(bed.eip.address) == holder.name,
         timeout,
     )
     return holder
 
 
-def first_answer_from(address: str, names: Sequence[str], timeout: float = 60.0) -> float:
+def first_answer_from(cluster: Cluster, address: str, names: Sequence[str], timeout: float = 60.0) -> float:
     """The moment a client outside first gets an answer from one of ``names`` through ``address``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if who_answers(address, SERVICE_PORT, CONNECT_TIMEOUT) in names:
+        if cluster.who_answers(address) in names:
             return time.monotonic()
         time.sleep(POLL)
     raise TimeoutError(f"no answer from {', '.join(names)} through {address} after {timeout}s")
@@ -314,11 +364,11 @@ def run_trial(bed: Testbed, cluster: Cluster, kind: str) -> Trial:
     moves_before = len(bed.eip.history)
     stopped_at = time.monotonic()
     if kind == "kill -9":
-        cluster.crash(primary.name)
         bed.crash_host(primary.name)
+        cluster.crashed(primary.name)
     else:
         cluster.stop(primary.name)
-    answered_at = first_answer_from(bed.eip.address, [host.name for host in others])
+    answered_at = first_answer_from(cluster, bed.eip.address, [host.name for host in others])
     bed.eip.wait_for_any(others, timeout=60)
     took = next(m for m in bed.eip.moves_after(moves_before) if m.host != primary.name)
     if kind == "kill -9":
@@ -386,7 +436,6 @@ def run_system(system: str, args: argparse.Namespace) -> Iterator[Trial | Partit
             cluster = make_cluster(system, bed)
             try:
                 for name in NODES:
-                    bed.start_service(name)
                     cluster.start(name)
                 print(f"\n{system} settings:")
                 for key, value in cluster.settings().items():
@@ -414,16 +463,11 @@ def run_system(system: str, args: argparse.Namespace) -> Iterator[Trial | Partit
             bed.close()
 
 
-def report(
-    trials: list[Trial], partitions: list[PartitionResult], systems: Sequence[str], missing: dict[str, str]
-) -> None:
+def report(trials: list[Trial], partitions: list[PartitionResult], systems: Sequence[str]) -> None:
     print("\nfailover, seconds from the stop (p50 / p95 / max over the trials)")
     print(f"{'system':<11} {'kind':<9} {'trials':>6}  {'address held':>24}  {'first request':>24}")
     p95s: dict[tuple[str, str, str], float] = {}
     for system in systems:
-        if system in missing:
-            print(f"{system:<11} not measured: {missing[system]}")
-            continue
         for kind in KINDS:
             mine = [t for t in trials if t.system == system and t.kind == kind]
             if not mine:
@@ -474,19 +518,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"bench/failover.py: {args.trials} trials of each of {', '.join(args.kinds)}; partitions "
         f"{', '.join(args.partitions) or 'none'} for {args.partition_seconds:g} s; client polls every "
-        f"{POLL * 1000:g} ms with a {CONNECT_TIMEOUT * 1000:g} ms timeout"
+        f"{POLL * 1000:g} ms, each request given {REQUEST_TIMEOUT * 1000:g} ms"
     )
     trials: list[Trial] = []
     partitions: list[PartitionResult] = []
-    missing: dict[str, str] = {}
     for system in systems:
-        try:
-            for result in run_system(system, args):
-                (trials if isinstance(result, Trial) else partitions).append(result)  # type: ignore[arg-type]
-        except NotWired as e:
-            missing[system] = str(e)
-            print(f"\n{system}: {e}; no figures")
-    report(trials, partitions, systems, missing)
+        for result in run_system(system, args):
+            if isinstance(result, Trial):
+                trials.append(result)
+            else:
+                partitions.append(result)
+    report(trials, partitions, systems)
 
 
 if __name__ == "__main__":

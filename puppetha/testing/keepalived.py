@@ -153,8 +153,13 @@ class KeepalivedNode:
 
     def start(self) -> KeepalivedNode:
         require_keepalived()
-        if self.running:
-            return self
+        if self._process is not None:
+            # Still stopping (see stop(wait=False)): the new one starts once the old one is gone.
+            try:
+                self._process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self._process = None
         config = self._write_files()
         with self.log_path.open("ab") as log:
             self._process = self.host.popen(
@@ -181,12 +186,17 @@ class KeepalivedNode:
         except (OSError, ValueError, IndexError):
             return None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """A graceful stop: keepalived tells its peers (priority 0) and they take over at once."""
+    def stop(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """
+        A graceful stop: keepalived tells its peers (priority 0) and they take over at once.
+        ``wait=False`` only sends the signal.
+        """
         if self._process is None:
             return
         if self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
+            if not wait:
+                return
             try:
                 self._process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -295,6 +295,14 @@ class LbDaemon:
 
     def start(self, timeout: float = 60.0) -> LbDaemon:
         """Starts the daemon, then nginx once the daemon has rendered a configuration."""
+        if self.daemon is not None:
+            # Still stopping (see stop(wait=False)): the new one starts once the old one is gone.
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
         environment = {**os.environ, **AWS_ENVIRONMENT}
         with self.log_path.open("ab") as log:
             self.daemon = self.host.popen(
@@ -324,12 +332,17 @@ class LbDaemon:
             stderr=subprocess.DEVNULL,
         )
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the daemon (a graceful stop: it releases the lease); nginx keeps running."""
+    def stop(self, timeout: float = 30.0, wait: bool = True) -> None:
+        """
+        SIGTERM to the daemon (a graceful stop: it releases the lease); nginx keeps running.
+        ``wait=False`` only sends the signal.
+        """
         if self.daemon is None:
             return
         if self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGTERM)
+            if not wait:
+                return
             try:
                 self.daemon.wait(timeout)
             except subprocess.TimeoutExpired:
