@@ -14,14 +14,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
+from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
 from puppetha.testing.eip import ElasticIPEmulator
 from puppetha.testing.lb_rig import Agent, FleetPKI, LbDaemon, StandInMaster
 from puppetha.testing.moto import Fleet
 from puppetha.testing.netns import Host, Rig
+from puppetha.testing.partition import cut, heal
 from puppetha.testing.rig_aws import MotoInRig
 
 
@@ -107,24 +110,17 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     yield from start_cluster(tmp_path, request.param)
 
 
-def acted_at_once(cluster: Cluster) -> list[tuple[str, str]]:
-    """Pairs of nodes whose acting stretches overlap (there must be none)."""
-    spans = [(name, start, until) for name, d in cluster.daemons.items() for _, start, until in d.acted()]
-    return [
-        (a, b)
-        for i, (a, a_from, a_until) in enumerate(spans)
-        for (b, b_from, b_until) in spans[i + 1 :]
-        if a != b and a_from < b_until and b_from < a_until
-    ]
+def events(cluster: Cluster) -> list[dict[str, Any]]:
+    return read_events(*(d.acting_log for d in cluster.daemons.values()))
 
 
-def associations_in_token_order(cluster: Cluster) -> bool:
-    """Every AssociateAddress, in the order made, carries a token at least as new as the ones before."""
-    made = sorted(
-        (entry["at"], entry["token"]) for d in cluster.daemons.values() for entry in d.associations()
-    )
-    tokens = [token for _, token in made]
-    return tokens == sorted(tokens)
+def assert_one_primary_at_a_time(cluster: Cluster) -> None:
+    """By the nodes' acting logs: no two acted at once, no address moved outside its token's window."""
+    found = events(cluster)
+    assert overlaps(windows(found)) == [], cluster.logs()
+    assert stray_associations(found) == []
+    made = sorted((e["at"], e["token"]) for e in found if e["event"] == "associate")
+    assert [token for _, token in made] == sorted(token for _, token in made)
 
 
 def kill_host(cluster: Cluster, host: Host) -> None:
@@ -152,8 +148,7 @@ def test_kill_9_of_the_primary_a_standby_holds_the_address_and_requests_succeed_
     assert max(token for token, _, _ in cluster.daemons[survivor].acted()) > old_token
     log = cluster.daemons[survivor].log_path.read_text()
     assert f"left token {old_token} unrenewed" in log, cluster.logs()
-    assert acted_at_once(cluster) == []
-    assert associations_in_token_order(cluster)
+    assert_one_primary_at_a_time(cluster)
     # The dead node made no move after it died; every move since was to the survivor.
     assert {m.host for m in cluster.eip.moves_after(cluster.eip.history.index(move))} == {survivor}
 
@@ -174,5 +169,53 @@ def test_sigterm_hands_over_at_once(two: Cluster) -> None:
     stopped = [e for e in cluster.daemons[primary.name].acting() if e["event"] == "stopped"]
     assert stopped
     assert stopped[-1]["token"] == old_token
-    assert acted_at_once(cluster) == []
-    assert associations_in_token_order(cluster)
+    assert_one_primary_at_a_time(cluster)
+
+
+def acting_now(cluster: Cluster) -> list[str]:
+    """The nodes whose last acting window is still open."""
+    now = time.monotonic()
+    return [name for name, d in cluster.daemons.items() if any(until > now for _, _, until in d.acted()[-1:])]
+
+
+def test_a_primary_cut_from_the_store_steps_down_and_healing_leaves_one_primary(two: Cluster) -> None:
+    cluster = two
+    primary = cluster.primary()
+    standby = next(name for name in cluster.daemons if name != primary.name)
+    old_token = max(token for token, _, _ in cluster.daemons[primary.name].acted())
+
+    cut_at = time.monotonic()
+    cut(primary, cluster.rig["aws"])
+    cluster.eip.wait_for(cluster.rig[standby], timeout=30)
+    eventually(lambda: cluster.served_by() == standby, "a request served through the standby", cluster)
+    # Its own log says it stopped acting under the old token, without anyone telling it.
+    stopped = [e for e in cluster.daemons[primary.name].acting() if e["event"] == "stopped"]
+    assert [e["token"] for e in stopped] == [old_token]
+    # Cut off a while longer (past an address check), then healed.
+    time.sleep(3)
+    heal(primary)
+    eventually(lambda: acting_now(cluster) == [standby], "one primary after healing", cluster)
+    time.sleep(3)
+    assert acting_now(cluster) == [standby]
+    assert cluster.eip.holder is cluster.rig[standby]
+    assert_one_primary_at_a_time(cluster)
+    # The old primary never moved the address again, cut off or healed.
+    assert [e for e in cluster.daemons[primary.name].associations() if e["at"] > cut_at] == []
+
+
+def test_a_primary_cut_from_its_peers_only_stays_primary(two: Cluster) -> None:
+    """Heartbeats lost, the store still reachable: the lease, not the heartbeats, decides."""
+    cluster = two
+    primary = cluster.primary()
+    standby = next(name for name in cluster.daemons if name != primary.name)
+    moves = len(cluster.eip.history)
+
+    cut(primary, cluster.rig[standby])
+    time.sleep(4)
+    assert acting_now(cluster) == [primary.name]
+    assert cluster.served_by() == primary.name
+    heal(primary)
+    time.sleep(1)
+    assert acting_now(cluster) == [primary.name]
+    assert cluster.eip.moves_after(moves) == []
+    assert_one_primary_at_a_time(cluster)
