@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from puppetha.aws.kms import KmsKeyVault
+from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
-from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer
+from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer, client
 from puppetha.testing.nginx import NGINX, FrontPKI, loopback_ports, require_nginx
 from tests.aws_fixtures import moto_with_test_credentials
 
@@ -124,17 +128,31 @@ class LbNode:
             self.nginx.wait(timeout=30)
 
 
-def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path, moto: MotoServer) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "dynamodb"])
+def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(
+    tmp_path: Path, moto: MotoServer, backend: str
+) -> None:
     require_nginx()
     fleet = Fleet(moto.endpoint_url, REGION)
     allocation = fleet.allocate_address()
     instances = [fleet.launch("lb").instance_id for _ in range(2)]
-    pki = FrontPKI(tmp_path / "pki")
+    if backend == "sqlite":
+        pki = FrontPKI(tmp_path / "pki")
+        shared = {"store.path": str(tmp_path / "pki" / "store.sqlite"),
+                  "pki.vault_key_file": str(tmp_path / "pki" / "vault.key")}
+    else:
+        table = f"puppetha-ha-{uuid.uuid4().hex[:8]}"
+        store = DynamoDBStore(table, REGION, moto.endpoint_url)
+        store.create_table(deletion_protection=False)
+        key_id = str(client("kms", moto.endpoint_url, REGION).create_key()["KeyMetadata"]["KeyId"])
+        pki = FrontPKI(tmp_path / "pki", store=store,
+                       vault=KmsKeyVault(key_id=key_id, region=REGION, endpoint_url=moto.endpoint_url))
+        shared = {"store.backend": "dynamodb", "store.table": table, "pki.vault": "kms",
+                  "pki.kms_key_id": key_id}
     pki.add_ca("lb")
     common = {
         "daemon.roles": "lb",
-        "store.path": str(tmp_path / "pki" / "store.sqlite"),
-        "pki.vault_key_file": str(tmp_path / "pki" / "vault.key"),
+        **shared,
         "enroll.front": "puppet:8140",
         "aws.endpoint_url": moto.endpoint_url,
         "aws.region": REGION,
@@ -156,11 +174,13 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         return stored.record
 
     conf = tmp_path / "cli.conf"
-    conf.write_text(
-        f"[store]\npath = {common['store.path']}\n[pki]\nvault_key_file = {common['pki.vault_key_file']}\n"
-        f"[aws]\nendpoint_url = {moto.endpoint_url}\nregion = {REGION}\n"
-        f"[ha]\nelastic_ip = {allocation}\n"
-    )
+    sections: dict[str, list[str]] = {}
+    for name, value in {**shared, "aws.endpoint_url": moto.endpoint_url, "aws.region": REGION,
+                        "ha.elastic_ip": allocation}.items():
+        section, option = name.split(".")
+        sections.setdefault(section, []).append(f"{option} = {value}")
+    conf.write_text("".join(f"[{section}]\n" + "\n".join(lines) + "\n"
+                            for section, lines in sections.items()))
 
     def status() -> dict[str, Any]:
         # Its own process, as an operator runs it.  (A second SQLiteStore in this process would
@@ -171,6 +191,9 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         assert done.returncode == 0, done.stderr
         result: dict[str, Any] = json.loads(done.stdout)
         return result
+
+    def states() -> dict[str, str]:
+        return {n["node"]: n["state"] for n in status()["lb_nodes"]}
 
     try:
         a.start()
@@ -185,20 +208,26 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
                     and other.instance_id in stored.record.heard)
         eventually(lambda: hears(b, a), "the standby hearing the primary", logs)
         time.sleep(2)  # a few renewals: the standby must not take over from a live primary
+        # (Token numbers are not asserted exactly: on a loaded machine a primary may miss its
+        # window and take its own lease back under the next token.  Who holds it is asserted.)
         assert owner() == a.instance_id
-        assert lease().token == 1
+        assert lease().holder == a.instance_id
+        eventually(lambda: states() == {a.instance_id: "primary", b.instance_id: "standby"},
+                   "status showing a primary and a standby", logs)
         before = status()
         assert before["primary"] == a.instance_id
         assert before["elastic_ip"]["owner"] == a.instance_id
         assert before["elastic_ip"]["agrees_with_lease"] is True
-        assert {n["node"]: n["state"] for n in before["lb_nodes"]} == {a.instance_id: "primary",
-                                                                       b.instance_id: "standby"}
+        assert [n["node"] for n in before["lb_nodes"]] == sorted([a.instance_id, b.instance_id])
         assert all(n["heartbeat_age"] is not None for n in before["lb_nodes"])
 
+        a_tokens = {t for (node, t) in windows(a.events()) if node == a.instance_id}
         a.signal(signal.SIGKILL)
         eventually(lambda: owner() == b.instance_id, "the standby taking the address after kill -9", logs)
-        assert (lease().holder, lease().token) == (b.instance_id, 2)
-        assert [e["token"] for e in b.events() if e["event"] == "associate"] == [2]
+        assert lease().holder == b.instance_id
+        b_associated = [e["token"] for e in b.events() if e["event"] == "associate"]
+        assert b_associated
+        assert min(b_associated) > max(a_tokens)  # fenced: a newer token than any the dead node had
 
         # The killed node comes back as a standby and leaves the address where it is.
         restarted = time.time()
@@ -208,15 +237,18 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         assert owner() == b.instance_id
 
         assert b.signal(signal.SIGTERM) in (0, -signal.SIGTERM)  # twistd re-raises it once stopped
-        assert "released the lease (token 2)" in b.log.read_text(), b.log.read_text()
+        released = re.findall(r"released the lease \(token (\d+)\)", b.log.read_text())
+        assert released, b.log.read_text()
         eventually(lambda: owner() == a.instance_id, "the handover after SIGTERM", logs)
-        assert (lease().holder, lease().token) == (a.instance_id, 3)
-        assert "token 2 was released" in a.log.read_text()
-        eventually(lambda: status()["lb_nodes"][0]["state"] != "taking-over", "a's record updated", logs)
+        # Taken because it was released, not because it lapsed: the handover is immediate.
+        assert f"token {released[-1]} was released" in a.log.read_text()
+        assert lease().holder == a.instance_id
+        assert lease().token > int(released[-1])
+        eventually(lambda: states() == {a.instance_id: "primary", b.instance_id: "stopped"},
+                   "status after the handover", logs)
         after = status()
-        assert (after["primary"], after["lease"]["token"]) == (a.instance_id, 3)
+        assert after["primary"] == a.instance_id
         assert after["elastic_ip"]["owner"] == a.instance_id
-        assert {n["node"]: n["state"] for n in after["lb_nodes"]}[b.instance_id] == "stopped"
     finally:
         a.stop_all()
         b.stop_all()
@@ -225,6 +257,6 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(tmp_path: Path,
         assert "Traceback" not in log.read_text()
     # Neither node acted outside its windows, and the windows never overlapped.
     events = read_events(a.acting_log, b.acting_log)
-    assert set(windows(events)) == {(a.instance_id, 1), (b.instance_id, 2), (a.instance_id, 3)}
+    assert {node for node, _ in windows(events)} == {a.instance_id, b.instance_id}
     assert overlaps(windows(events)) == []
     assert stray_associations(events) == []

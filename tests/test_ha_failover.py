@@ -37,8 +37,9 @@ def situation(
     watch: Watch | None = None,
     heard: float | None = None,
     stopping: bool = False,
+    own: int | None = None,
 ) -> Situation:
-    return Situation(ME, now, read, lease_, held, watch, heard, stopping)
+    return Situation(ME, now, read, lease_, held, watch, heard, stopping, own)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,12 @@ def situation(
          situation(150.0, None, read=False, watch=Watch(3, 100.0)), Action.WAIT),
         ("a lease in my name from a past life is not mine", situation(100.0, lease(3, holder=ME)),
          Action.WAIT),
+        ("my lease, still at my own last write, after I stepped down",
+         situation(100.0, lease(3, holder=ME), own=3), Action.TAKE_OVER),
+        ("my lease, written since my last write (a lost answer): wait a lapse",
+         situation(100.0, lease(4, holder=ME), own=3), Action.WAIT),
+        ("someone else's lease at the version I once wrote is impossible, but never taken early",
+         situation(100.0, lease(3), own=3), Action.WAIT),
         # holder
         ("holding, inside the window", situation(100.5, lease(7, holder=ME), held=holding()), Action.RENEW),
         ("holding, store unreachable, inside the window", situation(100.5, None, read=False, held=holding()),

@@ -142,26 +142,40 @@ class Wire:
 
 
 class Node:
+    """
+    One lb node.  Its monotonic clock runs at ``rate`` from ``offset`` (its own, unlike any
+    other's), and its wall clock is off by ``wall_offset``; the reactor is the test's clock.
+    """
+
     def __init__(self, name: str, address: str, *, clock: Clock, store: IStore, wire: Wire,
-                 eips: ElasticIPs, log_path: Path) -> None:
+                 eips: ElasticIPs, log_path: Path, rate: float = 1.0, offset: float = 0.0,
+                 wall_offset: float = 0.0) -> None:
         self.name = name
+        self.rate = rate
+        self.offset = offset
+
+        def monotonic() -> float:
+            return rate * clock.seconds() + offset
+
+        def wall() -> float:
+            return 1_764_000_000 + clock.seconds() + wall_offset
+
         self.reach = Reachable(store)
         self.cloud = CloudLink(eips)
         records = Records(self.reach)
-        heartbeat = HeartbeatProtocol(node=name, key=KEY, port=7946, monotonic=clock.seconds,
-                                      wall=lambda: 1_764_000_000 + clock.seconds())
+        heartbeat = HeartbeatProtocol(node=name, key=KEY, port=7946, monotonic=monotonic, wall=wall)
         wire.nodes[(address, 7946)] = heartbeat
         heartbeat.makeConnection(wire.transport((address, 7946)))
         self.fronts = 0
         self.service = FailoverService(
             reactor=clock,
             udp=None,
-            monotonic=clock.seconds,
-            wall=lambda: 1_764_000_000 + clock.seconds(),
+            monotonic=monotonic,
+            wall=wall,
             blocking=Synchronous(),
             aws=Synchronous(),
             lease=Lease(records, name, duration=SETTINGS.lease_duration, margin=SETTINGS.lease_margin,
-                        monotonic=clock.seconds, wall=clock.seconds),
+                        monotonic=monotonic, wall=wall),
             records=records,
             settings=SETTINGS,
             heartbeat=heartbeat,
@@ -189,9 +203,9 @@ class Cluster:
         self.log_path = tmp_path / "acting.jsonl"
         self.nodes: dict[str, Node] = {}
 
-    def add(self, name: str, address: str) -> Node:
+    def add(self, name: str, address: str, **clocks: float) -> Node:
         node = Node(name, address, clock=self.clock, store=self.store, wire=self.wire, eips=self.eips,
-                    log_path=self.log_path)
+                    log_path=self.log_path, **clocks)
         self.nodes[name] = node
         return node
 
@@ -202,8 +216,14 @@ class Cluster:
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.log_path)
 
+    def on_test_clock(self, event: dict[str, Any]) -> dict[str, Any]:
+        node = self.nodes[event["node"]]
+        return {k: (v - node.offset) / node.rate if k in ("start", "until", "at", "done") else v
+                for k, v in event.items()}
+
     def assert_never_two_primaries(self) -> None:
-        events = self.events()
+        """On the test's clock: each node's own monotonic readings mapped back to it."""
+        events = [self.on_test_clock(e) for e in self.events()]
         assert overlaps(windows(events)) == []
         assert stray_associations(events) == []
 
@@ -339,4 +359,60 @@ def test_the_primary_takes_back_an_address_moved_behind_its_back(cluster: Cluste
     assert cluster.eips.owner == "i-a"
     assert a.service.state == PRIMARY
     assert [e["token"] for e in cluster.events() if e["event"] == "associate"] == [1, 1]
+    cluster.assert_never_two_primaries()
+
+
+@pytest.mark.parametrize(
+    ("a_clocks", "b_clocks"),
+    [
+        ({"offset": 5_000.0, "wall_offset": -3.0}, {"offset": 17.0, "wall_offset": 2.0}),
+        # Monotonic clocks 1% apart in rate (thousands of times real drift).
+        ({"rate": 1.01, "offset": 100.0}, {"rate": 0.99, "offset": 90_000.0}),
+        # Wall clocks far apart: every heartbeat is stale to its receiver, the lease still decides.
+        ({"wall_offset": -60.0}, {"wall_offset": 60.0}),
+    ],
+    ids=["offsets", "rates", "walls-apart"],
+)
+def test_no_two_primaries_whatever_the_clocks_say(
+    cluster: Cluster, a_clocks: dict[str, float], b_clocks: dict[str, float]
+) -> None:
+    a, b = cluster.add("i-a", "10.0.0.1", **a_clocks), cluster.add("i-b", "10.0.0.2", **b_clocks)
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(5)
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    for _ in range(3):  # cut the primary off, heal, and again the other way
+        primary = a if a.service.holding is not None else b
+        primary.reach.cut = True
+        primary.cloud.cut = True
+        cluster.wire.cut.add(primary.name)  # the standby suspects at once and looks closely
+        cluster.run(3)
+        primary.reach.cut = False
+        primary.cloud.cut = False
+        cluster.wire.cut.clear()
+        cluster.run(3)
+    holders = [n for n in (a, b) if n.service.holding is not None]
+    assert len(holders) == 1
+    assert lease_of(cluster).token == 4
+    cluster.assert_never_two_primaries()
+
+
+def test_a_primary_that_could_not_renew_in_time_takes_its_own_lease_back_at_once(cluster: Cluster) -> None:
+    """A store that stalls for longer than the window, but not for a lapse: no failover, no flap."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    a.reach.cut = True
+    cluster.run(0.7)
+    assert a.service.holding is None  # the window passed: it stopped acting
+    a.reach.cut = False
+    cluster.run(3)
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    assert lease_of(cluster).holder == "i-a"
+    assert lease_of(cluster).token == 2  # taken back under a new token, without waiting a lapse
+    assert cluster.eips.history == ["i-a"]  # the address was still there: no remap
+    assert set(windows(cluster.events())) == {("i-a", 1), ("i-a", 2)}
     cluster.assert_never_two_primaries()

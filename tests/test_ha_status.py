@@ -70,3 +70,19 @@ def test_the_command_on_a_store_without_failover(tmp_path: Path) -> None:
     out = io.StringIO()
     assert main(["--config", str(conf), "status"], out=out, err=err, now=lambda: NOW) == 0
     assert out.getvalue().startswith("primary: none (lease released, token 2)\nelastic ip: not configured")
+
+
+def test_the_new_records_round_trip_and_have_kinds_of_their_own(tmp_path: Path) -> None:
+    from puppetha.store.records import SealedSecret
+    from puppetha.store.values import validate_kind
+
+    store = SQLiteStore(str(tmp_path / "store.sqlite"))
+    records = Records(store)
+    secret = SealedSecret("heartbeat", "c2VhbGVk", NOW)
+    for record in (A, secret):
+        records.create(record)
+    assert records.get(LbNodeRecord, A.node) == Versioned(A, 1)
+    assert records.get(SealedSecret, "heartbeat") == Versioned(secret, 1)
+    assert {validate_kind(LbNodeRecord.KIND), validate_kind(SealedSecret.KIND)} == {"lbnode", "secret"}
+    assert not {"lbnode", "secret"} & {"ca", "crl", "revoked", "claim", "node", "master", "class", "lease"}
+    store.close()

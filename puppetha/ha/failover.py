@@ -71,6 +71,10 @@ class Situation:
     holder_heard: float | None = None
     #: The daemon is stopping.
     stopping: bool = False
+    #: The version of this node's own last successful write of the lease in this run of the
+    #: daemon (None: none).  A lease still at that version was last written by us, whatever the
+    #: clocks say, so we may take it back at once after stepping down.
+    own_version: int | None = None
 
 
 @frozen
@@ -111,6 +115,9 @@ def decide(situation: Situation, settings: FailoverSettings) -> FailoverDecision
         return FailoverDecision(Action.TAKE_OVER, "nobody holds the lease", 0.0)
     if lease.record.holder == "":
         return FailoverDecision(Action.TAKE_OVER, f"{_tok(lease)} was released", 0.0)
+    if lease.record.holder == s.node and lease.version == s.own_version:
+        # Nobody wrote it since our own last write: taking it is as safe as a renewal would be.
+        return FailoverDecision(Action.TAKE_OVER, f"{_tok(lease)} is still as we last wrote it", 0.0)
     watch = s.watch.update(lease, s.now) if s.watch is not None else Watch.of(lease, s.now)
     if watch.lapsed(lease, s.now):
         return FailoverDecision(

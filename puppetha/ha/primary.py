@@ -150,6 +150,9 @@ class FailoverService(Service):
         self._moving: int | None = None
         self._checked = 0.0
         self._checking = False
+        self._own_version: int | None = None
+        #: The address was ours when we last knew, and no other holder has appeared since.
+        self._address_was_ours = False
         self._port: IListeningPort | None = None
         self._beats: LoopingCall | None = None
         self._registry: LoopingCall | None = None
@@ -242,6 +245,8 @@ class FailoverService(Service):
             self.last_lease = lease
             if lease is not None:
                 self.token_seen = max(self.token_seen, lease.record.token)
+                if lease.record.holder not in ("", self.node):
+                    self._address_was_ours = False
         now = self.monotonic()
         holder = lease.record.holder if lease is not None else ""
         situation = Situation(
@@ -252,6 +257,7 @@ class FailoverService(Service):
             holding=self.holding,
             watch=self.watch,
             holder_heard=self.heartbeat.heard(holder) if holder else None,
+            own_version=self._own_version,
         )
         decision = decide(situation, self.settings)
         self.watch = next_watch(situation)
@@ -275,6 +281,7 @@ class FailoverService(Service):
         except StoreError as e:
             log.warn("could not take the lease: {error}", error=str(e))
             return
+        self._own_version = holding.version
         if not holding.may_act(self.monotonic()):
             log.warn("took the lease (token {token}) but the write took the whole window",
                      token=holding.token)
@@ -284,7 +291,8 @@ class FailoverService(Service):
         self.token_seen = max(self.token_seen, holding.token)
         self._acting_from = holding.renew_started
         self.state = TAKING_OVER
-        log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason)
+        log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason,
+                 acted_from=holding.renew_started)
         self._acting(holding)
         self._send_heartbeat()
 
@@ -305,6 +313,7 @@ class FailoverService(Service):
         except StoreError as e:
             log.debug("could not renew the lease: {error}", error=str(e))
             return
+        self._own_version = renewed.version
         if self.holding is None or self.holding.token != renewed.token:
             return  # stopped acting while the write was in flight: its window is not ours to use
         if not renewed.may_act(self.monotonic()):
@@ -336,8 +345,9 @@ class FailoverService(Service):
             return
         until = min(self.monotonic(), holding.acting_until)
         self.acting_log.write("stopped", token=holding.token, start=self._acting_from, until=until)
+        start = self._acting_from if self._acting_from is not None else until
         log.info("stopped acting as primary (token {token}, acted {acted:.3f}s): {reason}",
-                 token=holding.token, acted=until - (self._acting_from or until), reason=reason)
+                 token=holding.token, acted=until - start, reason=reason, acted_from=start, acted_until=until)
         self._acting_from = None
         self.confirmed = None
         self.state = STANDBY if not self._stopping else STOPPED
@@ -365,7 +375,7 @@ class FailoverService(Service):
         if holding is None or holding.token in (self.confirmed, self._moving):
             return
         self._moving = holding.token
-        d = self._move_address(holding.token)
+        d = self._move_address(holding.token, check_first=self._address_was_ours)
         d.addErrback(self._move_failed, holding.token)
 
     def _move_failed(self, failure: Failure, token: int) -> None:
@@ -407,7 +417,7 @@ class FailoverService(Service):
         self._maybe_move()
 
     @inlineCallbacks
-    def _move_address(self, token: int) -> Any:
+    def _move_address(self, token: int, check_first: bool = False) -> Any:
         # nginx first: the address must reach a front serving the store's current config.
         try:
             yield self.ensure_front()
@@ -415,6 +425,16 @@ class FailoverService(Service):
             log.failure("front round before taking the address failed", Failure())
         eip = self.address
         attempt = 0
+        if check_first:
+            # Taking back our own lease: the address is most likely still here, and AWS may
+            # charge for every remap, even to the same instance.
+            try:
+                owner = yield self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
+            except CloudError:
+                owner = None
+            if owner == eip.instance_id:
+                self._confirm(token)
+                return
         while True:
             self.guard(token)
             attempt += 1
@@ -440,12 +460,16 @@ class FailoverService(Service):
             log.warn("{allocation_id} is on {owner} after associating it with {instance_id}; again",
                      allocation_id=eip.allocation_id, owner=owner, instance_id=eip.instance_id)
             yield deferLater(self.reactor, backoff(attempt), lambda: None)
+        self._confirm(token)
+
+    def _confirm(self, token: int) -> None:
         self.guard(token)
         self.confirmed = token
+        self._address_was_ours = True
         self._moving = None
         self.state = PRIMARY
         log.info("primary with token {token}: {allocation_id} is on {instance_id}",
-                 token=token, allocation_id=eip.allocation_id, instance_id=eip.instance_id)
+                 token=token, allocation_id=self.address.allocation_id, instance_id=self.address.instance_id)
         self._send_heartbeat()
 
     # -- heartbeats and the registry of lb nodes

@@ -18,11 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 
 from puppetha.ha.front import NGINX, Generations, NginxControl
 from puppetha.ha.nginx import STREAM_MODULE, FrontPorts, NginxRuntime
+
+if TYPE_CHECKING:
+    from puppetha.pki.vault import IKeyVault
+    from puppetha.store import IStore
 
 LOOPBACK = "127.0.0.1"
 
@@ -167,7 +172,9 @@ class FrontPKI:
     CA, and leaf certificates written out as PEM files (keys 0600).
     """
 
-    def __init__(self, directory: Path, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: Path, now: Callable[[], float] = time.time, *,
+                 store: IStore | None = None, vault: IKeyVault | None = None) -> None:
+        """By default a new SQLite store and key file in ``directory``; or the given ones."""
         from datetime import timedelta
 
         from puppetha.pki.authority import CertificateAuthority
@@ -178,11 +185,11 @@ class FrontPKI:
 
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.store = SQLiteStore(str(directory / "store.sqlite"))
+        self.store = store if store is not None else SQLiteStore(str(directory / "store.sqlite"))
         self.records = Records(self.store)
         self.authority = CertificateAuthority(
             self.records,
-            FileKeyVault.create(directory / "vault.key"),
+            vault if vault is not None else FileKeyVault.create(directory / "vault.key"),
             key_type=KeyType.EC_P256,
             now=now,
             ca_lifetime=timedelta(days=3650),
