@@ -10,10 +10,11 @@ Elastic IP with the AWS CLI), in the same rig and the same run.
 The rig: two lb hosts, an AWS host (moto: EC2, DynamoDB, KMS) and a master host as network
 namespaces on a bridge; the Elastic IP is an address of the bridge that sits in the namespace of whichever
 instance moto says holds it (:mod:`puppetha.testing.eip`).  A client outside (the root
-namespace) asks the service behind the address which node it is, every 5 ms, giving each
-request 200 ms.  Behind the address: for keepalived, a TCP server that names its host; for
-puppetha, the daemon's nginx front, proxying an agent's TLS request (client certificate) to a
-stand-in master that names the lb node the request came through.
+namespace) asks the service behind the address which node it is: a new request every 5 ms,
+each given 200 ms, without waiting for the earlier ones.  Behind the address: for keepalived,
+a TCP server that names its host; for puppetha, the daemon's nginx front, proxying an agent's
+TLS request (client certificate) to a stand-in master that names the lb node the request came
+through.
 
 Per trial, the primary (the holder of the address) is stopped one of two ways:
 
@@ -43,8 +44,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
@@ -349,13 +352,27 @@ def settle(bed: Testbed, cluster: Cluster, timeout: float = 60.0, quiet: float =
 
 
 def first_answer_from(cluster: Cluster, address: str, names: Sequence[str], timeout: float = 60.0) -> float:
-    """The moment a client outside first gets an answer from one of ``names`` through ``address``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """
+    The moment a client outside first gets an answer from one of ``names`` through ``address``.
+    A new request starts every POLL seconds whether or not the earlier ones have finished, so a
+    request stuck on the address's old place does not hide the moment the new one answers.
+    """
+    answered: list[float] = []
+    done = threading.Event()
+
+    def ask() -> None:
         if cluster.who_answers(address) in names:
-            return time.monotonic()
-        time.sleep(POLL)
-    raise TimeoutError(f"no answer from {', '.join(names)} through {address} after {timeout}s")
+            answered.append(time.monotonic())
+            done.set()
+
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(max_workers=int(REQUEST_TIMEOUT / POLL) + 8) as pool:
+        while not done.is_set() and time.monotonic() < deadline:
+            pool.submit(ask)
+            done.wait(POLL)
+    if not answered:
+        raise TimeoutError(f"no answer from {', '.join(names)} through {address} after {timeout}s")
+    return min(answered)
 
 
 def run_trial(bed: Testbed, cluster: Cluster, kind: str) -> Trial:
@@ -430,7 +447,12 @@ def make_cluster(system: str, bed: Testbed) -> Cluster:
 
 
 def run_system(system: str, args: argparse.Namespace) -> Iterator[Trial | PartitionResult]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-failover-{system}-") as workdir:
+    with ExitStack() as stack:
+        if args.keep is not None:
+            workdir = tempfile.mkdtemp(prefix=f"bench-failover-{system}-", dir=args.keep)
+            print(f"\n{system}: logs kept in {workdir}")
+        else:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-failover-{system}-"))
         bed = Testbed(Path(workdir))
         try:
             cluster = make_cluster(system, bed)
@@ -501,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="'' for none")
     parser.add_argument("--partition-seconds", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="2 trials, 5 s partitions")
+    parser.add_argument("--keep", metavar="DIR", help="keep every log (daemons, nginx, moto) under DIR")
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.partition_seconds = 2, 5.0
@@ -518,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"bench/failover.py: {args.trials} trials of each of {', '.join(args.kinds)}; partitions "
         f"{', '.join(args.partitions) or 'none'} for {args.partition_seconds:g} s; client polls every "
-        f"{POLL * 1000:g} ms, each request given {REQUEST_TIMEOUT * 1000:g} ms"
+        f"{POLL * 1000:g} ms (not waiting for earlier ones), each given {REQUEST_TIMEOUT * 1000:g} ms"
     )
     trials: list[Trial] = []
     partitions: list[PartitionResult] = []
