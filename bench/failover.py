@@ -92,6 +92,7 @@ class PartitionResult:
     both_primary: float  # seconds with two or more nodes acting as primary
     episodes: int
     moves: int  # AssociateAddress calls that moved the address meanwhile
+    address_on_primary: bool  # after healing, the address sits in the node acting as primary
 
 
 class Cluster(Protocol):
@@ -428,9 +429,19 @@ def run_partition(bed: Testbed, cluster: Cluster, partition: str, seconds: float
         heal(host)
     settle(bed, cluster)
     ended = time.monotonic()
-    both, episodes = overlap(cluster.primary_intervals(), began, ended)
+    intervals = cluster.primary_intervals()
+    both, episodes = overlap(intervals, began, ended)
+    acting = [name for name, spans in intervals.items() if spans and spans[-1][1] >= ended]
+    holder = bed.eip.holder
     return PartitionResult(
-        cluster.name, partition, primary.name, seconds, both, episodes, len(bed.eip.moves_after(moves_before))
+        cluster.name,
+        partition,
+        primary.name,
+        seconds,
+        both,
+        episodes,
+        len(bed.eip.moves_after(moves_before)),
+        address_on_primary=holder is not None and acting == [holder.name],
     )
 
 
@@ -511,7 +522,8 @@ def report(trials: list[Trial], partitions: list[PartitionResult], systems: Sequ
         for result in partitions:
             print(
                 f"{result.system:<11} {result.partition:<6} ({result.cut_node} cut for {result.seconds:g} s):"
-                f" {result.both_primary:.2f} s in {result.episodes} episodes, {result.moves} address moves"
+                f" {result.both_primary:.2f} s in {result.episodes} episodes, {result.moves} address moves;"
+                f" healed, the address {'is' if result.address_on_primary else 'is NOT'} on the primary"
             )
 
 

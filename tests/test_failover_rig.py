@@ -11,6 +11,7 @@ every AssociateAddress was made under a token newer than the ones before.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,11 @@ def start_cluster(tmp_path: Path, nodes: int) -> Iterator[Cluster]:
 @pytest.fixture
 def two(tmp_path: Path) -> Iterator[Cluster]:
     yield from start_cluster(tmp_path, 2)
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path, 3)
 
 
 @pytest.fixture(params=[2, 3], ids=["2 nodes", "3 nodes"])
@@ -219,3 +225,75 @@ def test_a_primary_cut_from_its_peers_only_stays_primary(two: Cluster) -> None:
     assert acting_now(cluster) == [primary.name]
     assert cluster.eip.moves_after(moves) == []
     assert_one_primary_at_a_time(cluster)
+
+
+CHAOS_SEED = 20261127
+CHAOS_ROUNDS = 50
+
+
+def test_chaos_of_kills_restarts_and_partitions_never_two_primaries(three: Cluster) -> None:
+    """
+    A bounded, seeded run of random kills (-9 and SIGTERM), restarts, partitions and heals on
+    three nodes: by every node's acting log and by the Elastic IP's history, never two primaries,
+    and no AssociateAddress outside the window of the token that made it.  Then, all healed and
+    running, exactly one primary that serves through the address.
+    """
+    chooser = random.Random(CHAOS_SEED)
+    cluster = three
+    names = list(cluster.daemons)
+    aws = cluster.rig["aws"]
+    dead: set[str] = set()
+    done: list[str] = []
+    for round_ in range(CHAOS_ROUNDS):
+        name = chooser.choice(names)
+        host, daemon = cluster.rig[name], cluster.daemons[name]
+        if name in dead:
+            action = "restart"
+            host.link_up()
+            daemon.start()
+            dead.discard(name)
+        else:
+            action = chooser.choice(["kill -9", "sigterm", "cut peers", "cut store", "cut both", "heal"])
+            if action == "kill -9" and len(dead) < 2:
+                kill_host(cluster, host)
+                dead.add(name)
+            elif action == "sigterm" and len(dead) < 2:
+                daemon.stop()
+                dead.add(name)
+            elif action.startswith("cut"):
+                if action in ("cut peers", "cut both"):
+                    cut(host, *(cluster.rig[other] for other in names if other != name))
+                if action in ("cut store", "cut both"):
+                    cut(host, aws)
+            else:
+                action = "heal"
+                heal(host)
+        done.append(f"{round_}: {action} {name}")
+        time.sleep(chooser.uniform(0.1, 1.5))
+
+    for name in names:
+        heal(cluster.rig[name])
+        if name in dead:
+            cluster.rig[name].link_up()
+            cluster.daemons[name].start()
+    eventually(lambda: len(acting_now(cluster)) == 1, "one primary after the chaos", cluster)
+    primary = acting_now(cluster)[0]
+    eventually(lambda: cluster.eip.holder is cluster.rig[primary], "the address on the primary", cluster)
+    eventually(lambda: cluster.served_by() == primary, "a request served through the primary", cluster)
+
+    story = "\n".join(done)
+    found = events(cluster)
+    # The run really failed over, many times.
+    assert len({token for _, token in windows(found)}) >= 5, story
+    assert len(cluster.eip.history) >= 3, story
+    assert overlaps(windows(found)) == [], story
+    assert stray_associations(found) == [], story
+    # Each move of the address was made by an AssociateAddress of the node it went to, inside
+    # the window of the token that node held.
+    instances = {d.settings["ha.instance_id"]: name for name, d in cluster.daemons.items()}
+    made = [e for e in found if e["event"] == "associate"]
+    for move in cluster.eip.history:
+        assert move.host == instances.get(move.instance_id), story
+        assert any(
+            e["instance_id"] == move.instance_id and e["at"] <= move.associated_at <= e["done"] for e in made
+        ), f"{move} made by no logged AssociateAddress\n{story}"

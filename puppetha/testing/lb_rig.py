@@ -187,7 +187,7 @@ class StandInMaster:
                 pass
 
         self.address, self.port = host.address, port
-        self.server = host.inside(lambda: ThreadingHTTPServer((host.address, port), Answer))
+        self.server = host.inside(lambda: _QuietServer((host.address, port), Answer))
         self.server.daemon_threads = True
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="stand-in-master")
@@ -197,6 +197,12 @@ class StandInMaster:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # nginx drops upstream connections whose client gave up (failover tests do, often).
+        pass
 
 
 class Agent:
