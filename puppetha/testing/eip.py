@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from attrs import frozen
 
 from puppetha.testing.moto_app import WSGIApp, one_at_a_time
 from puppetha.testing.netns import HOST_INTERFACE, Host, Rig
+from puppetha.testing.rtnetlink import RouteSocket
 
 #: EC2 calls after which the holders of addresses are compared and, if changed, announced.
 _CHANGING_ACTIONS = frozenset(
@@ -153,6 +153,7 @@ class ElasticIPEmulator:
         self._changed = threading.Condition()
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._routes: dict[str, RouteSocket] = {}
 
     def map_instance(self, instance_id: str, host: Host) -> None:
         self._instances[instance_id] = host
@@ -187,6 +188,9 @@ class ElasticIPEmulator:
             os.unlink(self.socket_path)
         self._move(None)
         self._holder = None
+        for route in self._routes.values():
+            route.close()
+        self._routes = {}
 
     def _receive(self) -> None:
         receiver = self._socket
@@ -218,28 +222,29 @@ class ElasticIPEmulator:
                 )
                 self._changed.notify_all()
 
+    def _route(self, host: Host | None) -> RouteSocket:
+        """The rtnetlink socket of ``host`` (None: the root namespace, on the bridge), made once."""
+        key = host.name if host is not None else ""
+        if key not in self._routes:
+            if host is None:
+                self._routes[key] = RouteSocket(self.rig.bridge)
+            else:
+                self._routes[key] = host.inside(lambda: RouteSocket(HOST_INTERFACE))
+        return self._routes[key]
+
     def _move(self, host: Host | None) -> None:
         old = self._holder
         if old is host:
             return
-        cidr = f"{self.address}/32"
         # Out of the old place first: two hosts answering ARP for one address would split the clients.
         if old is not None:
-            old.ip("addr", "del", cidr, "dev", HOST_INTERFACE, check=False)
+            self._route(old).delete_address(self.address)
         if host is not None:
-            host.ip("addr", "add", cidr, "dev", HOST_INTERFACE)
-        self._forget_neighbours()
-
-    def _forget_neighbours(self) -> None:
-        commands = [["ip", "neigh", "flush", "to", self.address, "dev", self.rig.bridge]]
-        commands += [
-            ["ip", "-n", h.namespace, "neigh", "flush", "to", self.address] for h in self.rig.hosts.values()
-        ]
-        running = [
-            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in commands
-        ]
-        for process in running:
-            process.wait(10)
+            self._route(host).add_address(self.address)
+        # AWS's network knows the new holder at once; ours must forget the old MAC everywhere.
+        self._route(None).forget_neighbour(self.address)
+        for other in self.rig.hosts.values():
+            self._route(other).forget_neighbour(self.address)
 
     def wait_for(self, host: Host | None, timeout: float = 10.0) -> Move:
         """Waits until the address sits in ``host`` (None: nowhere); returns the move that put it there."""
