@@ -22,6 +22,7 @@ import pytest
 
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
 from puppetha.testing.eip import ElasticIPEmulator
+from puppetha.testing.keepalived import MASTER, KeepalivedNode
 from puppetha.testing.lb_rig import Agent, FleetPKI, LbDaemon, StandInMaster
 from puppetha.testing.moto import Fleet
 from puppetha.testing.netns import Host, Rig
@@ -297,3 +298,66 @@ def test_chaos_of_kills_restarts_and_partitions_never_two_primaries(three: Clust
         assert any(
             e["instance_id"] == move.instance_id and e["at"] <= move.associated_at <= e["done"] for e in made
         ), f"{move} made by no logged AssociateAddress\n{story}"
+
+
+def until(check: Callable[[], bool], what: str, show: Callable[[], object], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen: {show()}"
+        time.sleep(0.05)
+
+
+def test_the_keepalived_baseline_fails_over_and_splits_its_brain_in_the_same_rig(tmp_path: Path) -> None:
+    """
+    The peer bench/failover.py measures puppetha against, checked in the same rig: keepalived's
+    backup takes the address when the master's host dies, the dead node comes back as BACKUP,
+    and both nodes are MASTER while they cannot hear each other.
+    """
+    names = ["lb1", "lb2"]
+    with Rig([*names, "aws"]) as rig:
+        socket_path = tmp_path / "associations.sock"
+        with MotoInRig(rig["aws"], associations_socket=socket_path, log_dir=tmp_path) as moto:
+            fleet = Fleet(moto.endpoint_url)
+            instances = {name: fleet.launch("lb").instance_id for name in names}
+            allocation_id = fleet.allocate_address()
+            mapping = {instance: rig[name] for name, instance in instances.items()}
+            with ElasticIPEmulator(rig, allocation_id, rig.spare_address(), socket_path, mapping) as eip:
+                nodes = {
+                    name: KeepalivedNode(
+                        rig[name],
+                        [rig[other] for other in names if other != name],
+                        instance_id=instances[name],
+                        allocation_id=allocation_id,
+                        endpoint_url=moto.endpoint_url,
+                        region="us-east-1",
+                        workdir=tmp_path,
+                    )
+                    for name in names
+                }
+                try:
+                    for node in nodes.values():
+                        node.start()
+
+                    def states() -> list[str | None]:
+                        return [nodes[name].state() for name in names]
+
+                    until(lambda: sorted(map(str, states())) == ["BACKUP", MASTER], "one MASTER", states)
+                    master = next(name for name in names if nodes[name].state() == MASTER)
+                    backup = next(name for name in names if name != master)
+                    eip.wait_for(rig[master], timeout=30)
+
+                    rig[master].link_down()
+                    nodes[master].kill()
+                    until(lambda: nodes[backup].state() == MASTER, "the backup MASTER after the kill", states)
+                    eip.wait_for(rig[backup], timeout=30)
+
+                    # The dead node comes back as BACKUP (nopreempt); then the two cannot hear each other.
+                    rig[master].link_up()
+                    nodes[master].start()
+                    until(lambda: nodes[master].state() == "BACKUP", "the old master back as BACKUP", states)
+                    cut(rig[master], rig[backup])
+                    until(lambda: states() == [MASTER, MASTER], "both MASTER while cut (split brain)", states)
+                finally:
+                    for node in nodes.values():
+                        node.kill()
+    assert rig.leftovers() == []
