@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from puppetha.aws.kms import KmsKeyVault
+from puppetha.ha.heartbeat import Heartbeat, encode
 from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
@@ -220,6 +221,20 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(
         assert before["elastic_ip"]["agrees_with_lease"] is True
         assert [n["node"] for n in before["lb_nodes"]] == sorted([a.instance_id, b.instance_id])
         assert all(n["heartbeat_age"] is not None for n in before["lb_nodes"])
+
+        # An attacker on the network forges the primary's "stopped" (wrong key) and sends garbage
+        # to the standby: both are dropped and logged, and nothing changes hands.  (Even a
+        # heartbeat it believed would only make it look at the lease: the lease decides.)
+        forged = encode(b"not the fleet's key, guessed....", Heartbeat(
+            a.instance_id, time.time_ns(), 1, time.time(), "stopped", 99, "", 7946))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            for datagram in (forged, b"\x00" * 64, b"PHA1" + b"x" * 40):
+                attacker.sendto(datagram, ("127.0.0.1", int(b.settings["ha.heartbeat_port"])))
+        eventually(lambda: "ignored a heartbeat from 127.0.0.1: bad HMAC" in b.log.read_text(),
+                   "the forged heartbeat refused", logs)
+        time.sleep(1.5)  # longer than a lapse
+        assert lease().holder == a.instance_id
+        assert owner() == a.instance_id
 
         a_tokens = {t for (node, t) in windows(a.events()) if node == a.instance_id}
         a.signal(signal.SIGKILL)
