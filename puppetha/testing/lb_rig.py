@@ -32,6 +32,7 @@ from typing import Any
 from attrs import frozen
 
 from puppetha.ha.front import NGINX
+from puppetha.testing.acting import windows
 from puppetha.testing.moto import TEST_CREDENTIALS, client
 from puppetha.testing.netns import Host
 from puppetha.testing.nginx import IssuedFiles, require_nginx
@@ -390,17 +391,11 @@ class LbDaemon:
         return [json.loads(line) for line in lines if line.strip()]
 
     def acted(self) -> list[tuple[int, float, float]]:
-        """(token, from, until) for each stretch this node acted as primary, on the monotonic clock."""
-        spans: dict[tuple[int, float], float] = {}
-        for entry in self.acting():
-            if entry["event"] in ("acting", "stopped") and entry.get("start") is not None:
-                key = (int(entry["token"]), float(entry["start"]))
-                spans[key] = max(spans.get(key, float("-inf")), float(entry["until"]))
-                if entry["event"] == "stopped":
-                    spans[key] = float(entry["until"])
-        return [
-            (token, start, until) for (token, start), until in sorted(spans.items(), key=lambda s: s[0][1])
-        ]
+        """(token, from, until) for each window this node acted as primary, on the monotonic clock."""
+        found = windows(self.acting())
+        return sorted(
+            ((token, start, until) for (_, token), (start, until) in found.items()), key=lambda w: w[1]
+        )
 
     def associations(self) -> list[dict[str, Any]]:
         return [entry for entry in self.acting() if entry["event"] == "associate"]
