@@ -361,3 +361,23 @@ def test_the_keepalived_baseline_fails_over_and_splits_its_brain_in_the_same_rig
                     for node in nodes.values():
                         node.kill()
     assert rig.leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("intervals", "expected"),
+    [
+        ({"a": [(0.0, 5.0)], "b": [(5.0, 9.0)]}, (0.0, 0)),  # one after the other: never both
+        ({"a": [(0.0, 5.0)], "b": [(4.0, 9.0)]}, (1.0, 1)),
+        ({"a": [(0.0, 2.0), (3.0, 6.0)], "b": [(1.0, 4.0)]}, (2.0, 2)),
+        ({"a": [(0.0, 10.0)], "b": [(-5.0, 1.0), (9.0, 20.0)]}, (2.0, 2)),  # clipped to [0, 10]
+        (
+            {"a": [(0.0, 10.0)], "b": [(2.0, 3.0)], "c": [(2.5, 4.0)]},
+            (2.0, 1),
+        ),  # three at once is one episode
+    ],
+)
+def test_the_bench_counts_the_time_two_nodes_acted_as_primary(intervals, expected) -> None:
+    from bench.failover import overlap
+
+    total, episodes = overlap(intervals, 0.0, 10.0)
+    assert (round(total, 6), episodes) == expected
