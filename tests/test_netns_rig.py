@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from puppetha.testing.netns import NetnsError, Rig, leftovers, new_prefix, sweep
+from puppetha.testing.netns import Host, NetnsError, Rig, leftovers, new_prefix, sweep
+from puppetha.testing.partition import cut, cut_from, cut_off, heal
 
 
 @pytest.fixture
@@ -135,3 +136,82 @@ def test_bad_names_are_refused_before_anything_is_made() -> None:
         rig.add_host("lb-1-with-a-long-name")
     with pytest.raises(NetnsError, match="short prefix"):
         sweep("pha")
+
+
+@pytest.fixture
+def three() -> Iterator[tuple[Rig, dict[str, socket.socket]]]:
+    """lb1, lb2 and aws, each listening on port 7000 (the kernel completes handshakes)."""
+    with Rig(["lb1", "lb2", "aws"]) as rig:
+        listeners = {}
+        for host in rig.hosts.values():
+            listener = host.socket()
+            listener.bind((host.address, 7000))
+            listener.listen(50)
+            listeners[host.name] = listener
+        yield rig, listeners
+        for listener in listeners.values():
+            listener.close()
+    assert rig.leftovers() == []
+
+
+def reaches(source: Host | None, address: str) -> bool:
+    """Whether a TCP connection from ``source`` (None: outside) to ``address`` completes; a refusal fails."""
+    client = source.socket() if source is not None else socket.socket()
+    with client:
+        client.settimeout(0.5)
+        try:
+            client.connect((address, 7000))
+        except TimeoutError:
+            return False
+        return True
+
+
+def test_a_cut_black_holes_both_ways_and_leaves_other_paths(three) -> None:
+    rig, _ = three
+    lb1, lb2, aws = rig["lb1"], rig["lb2"], rig["aws"]
+    cut(lb1, lb2)
+    assert not reaches(lb1, lb2.address)
+    assert not reaches(lb2, lb1.address)
+    assert reaches(lb1, aws.address)
+    assert reaches(lb2, aws.address)
+    assert reaches(None, lb1.address)
+    assert cut_from(lb1) == [lb2.address]
+    assert cut_from(lb2) == [lb1.address]
+    heal(lb1)
+    assert cut_from(lb1) == cut_from(lb2) == []
+    assert reaches(lb1, lb2.address)
+    assert reaches(lb2, lb1.address)
+
+
+def test_a_host_cut_from_the_store_still_hears_its_peers(three) -> None:
+    rig, _ = three
+    lb1, lb2, aws = rig["lb1"], rig["lb2"], rig["aws"]
+    cut(lb1, aws)
+    cut(lb1, aws)  # twice is once
+    assert cut_from(lb1) == [aws.address]
+    assert not reaches(lb1, aws.address)
+    assert not reaches(aws, lb1.address)
+    assert reaches(lb1, lb2.address)
+    heal(lb1)
+    assert reaches(lb1, aws.address)
+
+
+def test_a_host_cut_off_reaches_nobody_and_nobody_reaches_it_until_healed(three) -> None:
+    rig, _ = three
+    lb1, lb2, aws = rig["lb1"], rig["lb2"], rig["aws"]
+    cut_off(lb1)
+    assert not reaches(lb1, lb2.address)
+    assert not reaches(lb1, aws.address)
+    assert not reaches(lb2, lb1.address)
+    assert not reaches(None, lb1.address)
+    assert reaches(lb2, aws.address)
+    heal(lb1)
+    assert reaches(None, lb1.address)
+    assert reaches(lb2, lb1.address)
+    assert reaches(lb1, aws.address)
+
+
+def test_a_host_cannot_be_cut_from_itself(three) -> None:
+    rig, _ = three
+    with pytest.raises(NetnsError, match="itself"):
+        cut(rig["lb1"], rig["lb1"])
