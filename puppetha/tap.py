@@ -8,12 +8,17 @@ returns a ``MultiService`` holding the services of the configured roles.
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
+import threading
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
@@ -23,9 +28,9 @@ from puppetha import build
 from puppetha.aws.cloud import ICloud
 from puppetha.aws.identity import TrustStore
 from puppetha.config import OPTIONS, Config, ConfigError, load_config
-from puppetha.enc.service import Classifier, ENCSocketService
+from puppetha.enc.service import Classifier, ENCSocketError, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
-from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
+from puppetha.enroll.listener import CannotListen, ensure_server_credentials, open_enrollment_listener
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
 from puppetha.ha.front import FrontService, Generations, NginxControl
@@ -33,8 +38,9 @@ from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
-from puppetha.pki.keys import KeyType
+from puppetha.pki.keys import KeyType, load_private_key, same_public_key
 from puppetha.pki.vault import VaultError
+from puppetha.services import BlockingStop, OrderedServices
 from puppetha.store import IStore, StoreError
 from puppetha.store.records import Records
 from puppetha.threads import Blocking, make_pool
@@ -74,30 +80,30 @@ class Options(usage.Options):
         return overrides
 
 
-class ThreadPoolService(Service):
-    """Starts the bounded pool with the daemon and joins its threads on stop."""
+#: Seconds a pool's threads and the store get to finish the call in progress when the daemon stops.
+POOL_STOP_TIMEOUT = 5.0
 
-    def __init__(self, pool: ThreadPool) -> None:
+
+class ThreadPoolService(BlockingStop):
+    """Starts the bounded pool with the daemon and joins its threads on stop (bounded)."""
+
+    def __init__(self, pool: ThreadPool, reactor: Any) -> None:
+        # Daemon threads: a call stalled past the stop's bound must not keep the process alive.
+        pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+        super().__init__(pool.name or "thread pool", pool.stop, reactor, POOL_STOP_TIMEOUT)
         self.pool = pool
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
-
-class StoreService(Service):
+class StoreService(BlockingStop):
     """Closes the store after everything that uses it has stopped."""
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, store: IStore, reactor: Any) -> None:
+        super().__init__("store", store.close, reactor, POOL_STOP_TIMEOUT)
         self.store = store
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.store.close()
 
 
 def enrollment_listener(
@@ -149,7 +155,7 @@ def enrollment_listener(
     )
     log.info("enrollment API on {listen}; clients pin the root CA {pin}",
              listen=config[("enroll", "listen")], pin=credentials.root_fingerprint)
-    return enrollment_service(
+    return open_enrollment_listener(
         reactor,
         config[("enroll", "listen")],
         make_enrollment_site(enrollment, reactor),
@@ -179,9 +185,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         config = load_config(options["config"], options.overrides())
         return make_daemon(config, reactor)
-    except (ConfigError, StoreError, VaultError, AuthorityError) as e:
-        # twistd prints this one line and exits non-zero before anything listens.
+    except (ConfigError, StoreError, VaultError, AuthorityError, CannotListen, ENCSocketError) as e:
+        # twistd prints this one line and exits non-zero; what was opened closes with the process.
         raise SystemExit(f"puppetha: {e}") from None
+    except OSError as e:
+        # A file or directory the checks above did not foresee: still one line, never a traceback.
+        raise SystemExit(f"puppetha: {e.filename}: {e.strerror}" if e.filename
+                         else f"puppetha: {e}") from None
 
 
 def make_daemon(config: Config, reactor: Any) -> MultiService:
@@ -189,13 +199,20 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     Everything the configured roles need, as one service tree.  ``reactor`` provides the time,
     thread, TCP and UNIX interfaces of Twisted's real reactors.
     """
-    root = MultiService()
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    # Stopped in the reverse order of this function: the listeners and the lb role first, then
+    # what they need (the CRL refresher, the thread pools), the store last.
+    root = OrderedServices(reactor)
+    check_state_dir(config)
+    if config[("pki", "vault")] == "file":
+        check_parent_dir(config[("pki", "vault_key_file")], "[pki] vault_key_file")
 
     store = build.open_store(config)
-    StoreService(store).setServiceParent(root)
+    StoreService(store, reactor).setServiceParent(root)
     pool = make_pool("puppetha", config[("daemon", "threads")])
-    ThreadPoolService(pool).setServiceParent(root)
+    ThreadPoolService(pool, reactor).setServiceParent(root)
+    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
+    aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
+    ThreadPoolService(aws_pool, reactor).setServiceParent(root)
 
     records = Records(store)
     vault = build.open_vault(config, create=True, has_root=build.store_has_root(records))
@@ -217,9 +234,6 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     ).setServiceParent(root)
 
     cloud = build.make_cloud(config)
-    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
-    aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
-    ThreadPoolService(aws_pool).setServiceParent(root)
     aws = Blocking(reactor, aws_pool, cloud)
     store_calls = Blocking(reactor, pool, records)
 
@@ -242,17 +256,63 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
             ttl=config[("enc", "cache_ttl")],
             stale_limit=config[("enc", "stale_limit")],
         )
-        ENCSocketService(
+        enc = ENCSocketService(
             reactor,
             classifier,
             config[("enc", "socket")],
             owner=config[("enc", "socket_owner")],
             group=config[("enc", "socket_group")],
             mode=config[("enc", "socket_mode")],
-        ).setServiceParent(root)
+        )
+        enc.open()  # now, so that a bad socket setting stops the start with one line
+        enc.setServiceParent(root)
 
     Announcement(config).setServiceParent(root)
     return root
+
+
+def check_state_dir(config: Config) -> None:
+    """The state directory exists (made 0700) and this process can write in it."""
+    state_dir = config.state_dir
+    if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        raise ConfigError(f"{config.source}: [daemon] state_dir: {state_dir} is not a directory")
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # Writing is the only sure test: root passes every permission check but not a read-only
+        # mount or an immutable directory.
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".puppetha-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{config.source}: [daemon] state_dir: cannot write in {state_dir}: "
+                          f"{e.strerror}") from None
+
+
+def check_parent_dir(path: str, option: str) -> None:
+    """Nothing on the way to ``path`` is a file (the directories themselves are made later)."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"{option}: {parent} is not a directory (on the way to {path})")
+
+
+def check_lb_credentials(certificate: str, private_key: str) -> None:
+    """The lb node's certificate and key parse and belong together (the files hold secrets:
+    errors name the files, never their content)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    except (OSError, ValueError):
+        raise ConfigError(f"[lb] certificate: {certificate} is not a PEM certificate") from None
+    try:
+        key = load_private_key(Path(private_key).read_bytes())
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"[lb] private_key: {private_key} is not an unencrypted PEM private key "
+                          "of a supported type") from None
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not same_public_key(
+            key.public_key(), public):
+        raise ConfigError(f"[lb] private_key: {private_key} does not belong to the certificate "
+                          f"{certificate}")
 
 
 def front_services(
@@ -263,6 +323,7 @@ def front_services(
     function that starts a round of the front at once.
     """
     lb = {name: value for (section, name), value in config.values.items() if section == "lb"}
+    check_lb_credentials(lb["certificate"], lb["private_key"])
     master_name = lb["master_name"] or config[("enroll", "front")].rpartition(":")[0].strip("[]")
     settings = FrontSettings(
         certificate=lb["certificate"],

@@ -30,7 +30,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -46,6 +45,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -53,6 +53,7 @@ from puppetha.pki.authority import ROOT, CertificateAuthority
 from puppetha.pki.certs import Usage, fingerprint
 from puppetha.pki.keys import KeyType, load_private_key, private_key_pem, same_public_key
 from puppetha.pki.names import certname_problem, parse_san, san_text
+from puppetha.services import OpenedListener
 
 log = Logger()
 
@@ -152,26 +153,40 @@ def listen_enrollment(
     return enrollment_endpoint(transport, proxy_from).listen(enrollment_factory(context, site, clock))
 
 
-def enrollment_service(
+class CannotListen(Exception):
+    """The listener cannot open: one line naming the endpoint and why."""
+
+
+def open_enrollment_listener(
     reactor: IReactorCore,
     listen: str,
     site: Site,
     context: ssl.CertificateOptions,
     proxy_from: Iterable[str] = (),
-) -> StreamServerEndpointService:
+) -> OpenedListener:
     """
-    The listener as a service for the daemon: ``listen`` is ``[enroll] listen`` (an endpoint
-    description such as ``tcp:8080:interface=10.0.0.5``).
+    The listener for the daemon, already listening: ``listen`` is ``[enroll] listen`` (an
+    endpoint description such as ``tcp:8080:interface=10.0.0.5``).  Opened before the daemon
+    starts, so that a port in use or an address this host does not have stops the start with
+    :class:`CannotListen` instead of leaving a daemon without its listener.
     """
-    transport = serverFromString(reactor, listen)
-    service = StreamServerEndpointService(
-        enrollment_endpoint(transport, proxy_from),
-        enrollment_factory(context, site, reactor),  # type: ignore[arg-type]
+    try:
+        transport = serverFromString(reactor, listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CannotListen(f"[enroll] listen: {listen!r}: {e}") from None
+    listening = enrollment_endpoint(transport, proxy_from).listen(
+        enrollment_factory(context, site, reactor)  # type: ignore[arg-type]
     )
-    service.setName("enroll-listener")
-    # Fail the daemon's start-up when the port cannot be bound, instead of logging only.
-    service._raiseSynchronously = True
-    return service
+    outcome: list[IListeningPort | Failure] = []
+    listening.addBoth(outcome.append)
+    # Stream endpoints on a real reactor listen at once; anything else is not ours to wait for.
+    if not outcome:
+        raise CannotListen(f"[enroll] listen: {listen}: the listener did not open at once")
+    if isinstance(outcome[0], Failure):
+        error = outcome[0].value
+        reason = getattr(getattr(error, "socketError", None), "strerror", None) or str(error)
+        raise CannotListen(f"[enroll] listen: cannot listen on {listen}: {reason}")
+    return OpenedListener("enroll-listener", outcome[0])
 
 
 # -- the server's own certificate ------------------------------------------------------------
