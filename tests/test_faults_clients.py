@@ -1,0 +1,136 @@
+"""
+Slow and odd clients on the enrollment API: each is answered (400, 405, 408, 431, as JSON like
+every other error) and closed, never held open unanswered, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from puppetha.enroll.api import REQUEST_DEADLINE, make_enrollment_site
+
+pytest.register_assert_rewrite("tests.enroll_fixtures")
+
+from tests.enroll_fixtures import World  # noqa: E402 - after the rewrite hook
+
+pytest_plugins = ["tests.enroll_fixtures"]
+
+
+class Client:
+    """One connection to the real site (its channel, request and resources) in memory."""
+
+    def __init__(self, world: World) -> None:
+        site = make_enrollment_site(world.enrollment, world.clock)
+        self.channel = site.buildProtocol(IPv4Address("TCP", "10.20.1.5", 50000))
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def answer(self) -> tuple[int, dict[str, str]]:
+        raw = self.transport.value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        assert b"content-type: application/json" in head.lower(), raw[:300]
+        return status, json.loads(body) if body else {}
+
+
+def refused(world: World, raw: bytes) -> tuple[int, str]:
+    before = world.state()
+    client = Client(world)
+    client.send(raw)
+    status, body = client.answer()
+    assert client.transport.disconnecting  # answered, then closed
+    assert set(body) == {"error", "message"}
+    assert world.state() == before
+    return status, body["error"]
+
+
+def test_a_client_sending_a_byte_every_few_seconds_is_cut_at_the_deadline(world: World) -> None:
+    client = Client(world)
+    request = b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Type: application/json\r\n"
+    sent = 0
+    # Each byte restarts the idle timeout; the deadline for the whole request does not move.
+    while sent < len(request):
+        client.send(request[sent:sent + 1])
+        sent += 1
+        world.clock.advance(3)
+        if client.transport.disconnecting:
+            break
+    assert client.transport.disconnecting
+    assert sent <= REQUEST_DEADLINE / 3 + 1
+    message = f"the request did not arrive whole within {REQUEST_DEADLINE}s"
+    assert client.answer() == (408, {"error": "too-slow", "message": message})
+
+
+def test_a_connection_that_never_sends_is_cut_at_the_deadline(world: World) -> None:
+    client = Client(world)
+    world.clock.advance(REQUEST_DEADLINE - 0.5)
+    assert not client.transport.disconnecting
+    world.clock.advance(1)
+    assert client.transport.disconnecting
+
+
+def test_the_deadline_ends_with_the_request_and_starts_again_with_the_next(world: World) -> None:
+    client = Client(world)
+    client.send(b"GET /v1/ca HTTP/1.1\r\nHost: puppet\r\n\r\n")
+    world.clock.advance(REQUEST_DEADLINE + 1)
+    # Answered and kept alive: the deadline is for receiving a request, not for idling after one.
+    assert client.transport.value().startswith(b"HTTP/1.1 200 ")
+    assert not client.transport.disconnecting
+    client.send(b"GET /v1/ca HTTP/1.1\r\n")
+    world.clock.advance(REQUEST_DEADLINE + 1)
+    assert client.transport.disconnecting
+    assert b'"too-slow"' in client.transport.value()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: puppet\r\n\r\n", 400, "request-line-too-long"),
+        (b"GET /v1/ca HTTP/1.1\r\nHost: puppet\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+         431, "headers-too-large"),
+        (b"GET /v1/ca HTTP/1.1\r\nHost: puppet\r\n" + b"X-Pad: " + b"a" * 4000 + b"\r\n" * 1
+         + b"X-Pad2: " + b"a" * 7000 + b"\r\nX-Pad3: " + b"a" * 7000 + b"\r\n\r\n", 431, "headers-too-large"),
+        (b"GET /v1/ca HTTP/1.1\r\nHost: puppet\r\n" + b"X-A: 1\r\n" * 2000 + b"\r\n",
+         431, "headers-too-large"),
+        (b"GET /v1/ca HTTP/1.1\nHost: puppet\n\n", 400, "bad-framing"),
+        (b"GET /v1/ca HTTP/1.1\r\nHost: puppet\n\r\n", 400, "bad-framing"),
+        (b"GARBAGE\r\n\r\n", 400, "bad-framing"),
+        (b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+         400, "bad-framing"),
+        (b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+         400, "bad-framing"),
+    ],
+    ids=["20KB-request-line", "200KB-header", "16KB-of-headers", "2000-headers", "LF-only", "one-bare-LF",
+         "garbage", "two-lengths", "bad-chunk"],
+)
+def test_odd_framing_is_answered_in_json_and_closed(world: World, raw: bytes, status: int, code: str) -> None:
+    assert refused(world, raw) == (status, code)
+
+
+def test_a_body_may_hold_bare_line_feeds(world: World) -> None:
+    body = b'{\n"role": "agent"\n}'
+    client = Client(world)
+    client.send(b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert client.answer() == (400, {"error": "missing-field", "message": "document is missing"})
+
+
+def test_head_on_the_enrollment_is_405(world: World) -> None:
+    client = Client(world)
+    client.send(b"HEAD /v1/enroll HTTP/1.1\r\nHost: puppet\r\n\r\n")
+    raw = client.transport.value()
+    assert raw.startswith(b"HTTP/1.1 405 "), raw[:200]
+    assert b"Allow: POST\r\n" in raw
+
+
+def test_head_on_a_bundle_still_answers(world: World) -> None:
+    client = Client(world)
+    client.send(b"HEAD /v1/ca HTTP/1.1\r\nHost: puppet\r\n\r\n")
+    assert client.transport.value().startswith(b"HTTP/1.1 200 ")
