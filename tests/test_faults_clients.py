@@ -6,12 +6,20 @@ every other error) and closed, never held open unanswered, and nothing is stored
 from __future__ import annotations
 
 import json
+import socket as socketlib
+import struct
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 
 from puppetha.enroll.api import REQUEST_DEADLINE, make_enrollment_site
+from puppetha.enroll.listener import CheckedProxyEndpoint, CheckedProxyFactory, enrollment_endpoint
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
@@ -134,3 +142,91 @@ def test_head_on_a_bundle_still_answers(world: World) -> None:
     client = Client(world)
     client.send(b"HEAD /v1/ca HTTP/1.1\r\nHost: puppet\r\n\r\n")
     assert client.transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+# -- PROXY headers from the trusted peer ------------------------------------------------------
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def v2_header(family: int, addresses: bytes) -> bytes:
+    # Signature, version 2 / PROXY command, family and transport, length, addresses.
+    return (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, family]) + struct.pack("!H", len(addresses))
+            + addresses)
+
+
+def proxied(raw: bytes, clock: Clock | None = None) -> tuple[StringTransport, Recorder, Any]:
+    recorder = Recorder()
+    endpoint = enrollment_endpoint(TCP4ServerEndpoint(Clock(), 0), ["10.0.0.5"], clock or Clock())
+    assert isinstance(endpoint, CheckedProxyEndpoint)
+    factory = CheckedProxyFactory(Factory.forProtocol(lambda: recorder), endpoint.warning)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.5", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    return transport, recorder, protocol
+
+
+GOOD_V2 = v2_header(0x11, socketlib.inet_aton("10.20.1.5") + socketlib.inet_aton("10.0.0.9")
+                    + struct.pack("!HH", 40000, 8080))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 999.1.1.1 10.0.0.9 40000 8080\r\n",
+        b"PROXY TCP4 ::1 10.0.0.9 40000 8080\r\n",
+        b"PROXY TCP4 10.20.1.5 10.0.0.9 99999 8080\r\n",
+        b"PROXY TCP4 10.20.1.5 10.0.0.9 0 8080\r\n",
+        b"PROXY TCP6 10.20.1.5 ::1 40000 8080\r\n",
+        b"PROXY TCP4 0.0.0.0 10.0.0.9 40000 8080\r\n",
+        b"PROXY UNKNOWN\r\n",
+        v2_header(0x11, b"\x00" * 4 + socketlib.inet_aton("10.0.0.9") + struct.pack("!HH", 40000, 8080)),
+        v2_header(0x11, b"garbage"),
+        v2_header(0x31, b"/tmp/x".ljust(216, b"\x00")),
+    ],
+    ids=["999.1.1.1", "v6-in-TCP4", "port-99999", "port-0", "v4-in-TCP6", "unspecified", "unknown",
+         "v2-zero-source", "v2-garbage", "v2-unix"],
+)
+def test_an_impossible_proxy_header_is_refused_as_malformed(header: bytes) -> None:
+    with capturedLogs() as events:
+        transport, recorder, _ = proxied(header + b"GET /v1/ca HTTP/1.1\r\n\r\n")
+    assert transport.disconnecting
+    assert recorder.received == b""  # nothing reached TLS or HTTP
+    assert next(e["reason"] for e in events if "reason" in e).startswith("a malformed PROXY header")
+
+
+@pytest.mark.parametrize("header", [b"PROXY TCP4 10.20.1.5 10.0.0.9 40000 8080\r\n", GOOD_V2],
+                         ids=["v1", "v2"])
+def test_a_good_proxy_header_passes_with_its_source(header: bytes) -> None:
+    transport, recorder, protocol = proxied(header + b"hello")
+    assert not transport.disconnecting
+    assert recorder.received == b"hello"
+    assert protocol.getPeer() == IPv4Address("TCP", "10.20.1.5", 40000)
+
+
+def test_connections_dropped_for_lacking_a_header_are_logged_rate_limited() -> None:
+    clock = Clock()
+    endpoint = enrollment_endpoint(TCP4ServerEndpoint(clock, 0), ["10.0.0.5"], clock)
+    assert isinstance(endpoint, CheckedProxyEndpoint)
+    factory = CheckedProxyFactory(Factory.forProtocol(Recorder), endpoint.warning)
+    with capturedLogs() as events:
+        for _ in range(50):
+            protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.5", 40000))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 40000))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a bare ClientHello
+            assert transport.disconnecting
+        clock.advance(11)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.5", 40000))
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 40000)))
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+    drops = [e for e in events if e.get("reason") == "no PROXY header"]
+    assert [e["held"] for e in drops] == [0, 49]
+    assert "10.0.0.5" in drops[0]["peer"]
