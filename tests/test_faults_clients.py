@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import socket as socketlib
 import struct
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -18,12 +19,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 
+from puppetha.enc.service import Classifier, ENCFactory
 from puppetha.enroll.api import REQUEST_DEADLINE, make_enrollment_site
 from puppetha.enroll.listener import CheckedProxyEndpoint, CheckedProxyFactory, enrollment_endpoint
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
 from tests.enroll_fixtures import World  # noqa: E402 - after the rewrite hook
+from tests.test_enroll_listener import ReactorThread  # noqa: E402
 
 pytest_plugins = ["tests.enroll_fixtures"]
 
@@ -230,3 +233,43 @@ def test_connections_dropped_for_lacking_a_header_are_logged_rate_limited() -> N
     drops = [e for e in events if e.get("reason") == "no PROXY header"]
     assert [e["held"] for e in drops] == [0, 49]
     assert "10.0.0.5" in drops[0]["peer"]
+
+
+# -- the ENC at its connection limit ----------------------------------------------------------
+
+
+def test_the_enc_says_busy_before_it_closes_every_time(tmp_path: Path) -> None:
+    """Real UNIX sockets: closing with the client's line unread used to reset the connection."""
+    runner = ReactorThread()
+    path = str(tmp_path / "enc.sock")
+    # No classifier is ever asked: every connection past the held ones is busy.
+    factory = ENCFactory(cast(Classifier, None), runner.reactor, timeout=60, max_connections=4)
+    port = runner.call(runner.reactor.listenUNIX, path, factory, backlog=1024)
+    held = []
+    try:
+        for _ in range(4):
+            connection = socketlib.socket(socketlib.AF_UNIX)
+            connection.connect(path)
+            held.append(connection)
+        outcomes: dict[str, int] = {}
+        for _ in range(200):
+            with socketlib.socket(socketlib.AF_UNIX) as client:
+                client.settimeout(10)
+                client.connect(path)
+                # As puppetha-enc does: the line, end of input, then read to the end.
+                try:
+                    client.sendall(b"web1.example.com\n")
+                    client.shutdown(socketlib.SHUT_WR)
+                    answer = b""
+                    while chunk := client.recv(4096):
+                        answer += chunk
+                    outcome = answer.decode()
+                except OSError as e:
+                    outcome = type(e).__name__
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        assert outcomes == {"ERR busy too many connections, try again\n": 200}
+    finally:
+        for connection in held:
+            connection.close()
+        runner.call(port.stopListening)
+        runner.stop()

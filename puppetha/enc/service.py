@@ -440,12 +440,26 @@ class ENCProtocol(Protocol):
     @override
     def connectionMade(self) -> None:
         if self._busy:
-            self._answer(_err_line("busy", "too many connections, try again"))
+            # Answer at once, but close only once the client's line has been read: closing a
+            # socket with unread data resets it, and the client then loses the answer (or
+            # cannot even send its line).  Half-close now; the read side drains the request.
+            self._answered = True
+            if self.transport is not None:
+                self.transport.write(_err_line("busy", "too many connections, try again"))
+                half_close = getattr(self.transport, "loseWriteConnection", None)
+                if half_close is not None:  # stream sockets can; test transports may not
+                    half_close()
+            self._timer = self._clock.callLater(self._timeout, self._abort)
             return
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
 
     @override
     def dataReceived(self, data: bytes) -> None:
+        if self._busy:
+            self._buffer += data
+            if b"\n" in self._buffer or len(self._buffer) > MAX_CERTNAME_BYTES + 1:
+                self._close_drained()
+            return
         if self._started or self._answered:
             return  # one request per connection; anything after it is ignored
         self._buffer += data
@@ -468,8 +482,16 @@ class ENCProtocol(Protocol):
         self._classifier.classify(certname).addCallbacks(self._classified, self._failed)
 
     def readConnectionLost(self) -> None:
+        if self._busy:
+            self._close_drained()
+            return
         if not self._started and not self._answered:
             self._refuse("bad-request", "end of input before a newline")
+
+    def _close_drained(self) -> None:
+        self._buffer = b""
+        if not self._gone and self.transport is not None:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self._gone = True
