@@ -22,11 +22,17 @@ from twisted.logger import capturedLogs
 from puppetha.enc.service import Classifier, ENCFactory
 from puppetha.enroll.api import REQUEST_DEADLINE, make_enrollment_site
 from puppetha.enroll.listener import CheckedProxyEndpoint, CheckedProxyFactory, enrollment_endpoint
+from puppetha.ha.nginx import ENROLL_CONNECTIONS_PER_CLIENT, ENROLL_ZONE_PER_CLIENT, Backend
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
 from tests.enroll_fixtures import World  # noqa: E402 - after the rewrite hook
 from tests.test_enroll_listener import ReactorThread  # noqa: E402
+from tests.test_front_nginx import (  # noqa: E402
+    LOOPBACK,
+    Front,
+    front,  # noqa: F401 - the fixture, for this module
+)
 
 pytest_plugins = ["tests.enroll_fixtures"]
 
@@ -273,3 +279,67 @@ def test_the_enc_says_busy_before_it_closes_every_time(tmp_path: Path) -> None:
             connection.close()
         runner.call(port.stopListening)
         runner.stop()
+
+
+# -- nginx in front of the enrollment services --------------------------------------------------
+
+
+def test_nginx_limits_the_connections_one_address_holds_on_the_enrollment_port(
+    front: Front,  # noqa: F811 - the fixture
+) -> None:
+    listener = socketlib.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(64)
+    front.service.enroll_backends = (Backend(LOOPBACK, listener.getsockname()[1]),)
+    front.reconcile()
+    text = Path(front.nginx.generations.config_path).read_text()
+    assert f"limit_conn {ENROLL_ZONE_PER_CLIENT} {ENROLL_CONNECTIONS_PER_CLIENT};" in text
+    assert "proxy_timeout 30s;" in text
+
+    def proxied(client: socketlib.socket) -> bool:
+        """nginx connected this client through: its PROXY header reached the backend."""
+        client.sendall(b"x")
+        backend, _ = listener.accept()
+        backend.settimeout(5)
+        data = b""
+        while not data.endswith(b"x"):
+            chunk = backend.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+        held_backends.append(backend)
+        return data.startswith(b"PROXY TCP4 ")
+
+    held: list[socketlib.socket] = []
+    held_backends: list[socketlib.socket] = []
+
+    def up() -> bool:
+        try:
+            probe = socketlib.create_connection((LOOPBACK, front.enroll_port), timeout=5)
+        except OSError:
+            return False
+        held.append(probe)
+        return proxied(probe)
+
+    try:
+        front.eventually(up, "the enrollment port")
+        for _ in range(ENROLL_CONNECTIONS_PER_CLIENT - 1):
+            client = socketlib.create_connection((LOOPBACK, front.enroll_port), timeout=5)
+            held.append(client)
+            assert proxied(client)
+        # One more from the same address: nginx closes it without passing it on.
+        extra = socketlib.create_connection((LOOPBACK, front.enroll_port), timeout=5)
+        held.append(extra)
+        try:
+            extra.sendall(b"x")
+            closed = extra.recv(1024) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed
+        # Another closes: the address may connect again.
+        held.pop(0).close()
+        front.eventually(up, "a connection after one was closed")
+    finally:
+        for s in held + held_backends:
+            s.close()
+        listener.close()
