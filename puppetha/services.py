@@ -10,15 +10,26 @@ reactor thread, bounded the same way.
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 log = Logger()
 
@@ -138,3 +149,82 @@ def _log_failed_stop(failure: Failure, name: str) -> None:
 
 def _name(service: IService) -> str:
     return service.name or type(service).__name__
+
+
+# -- descriptors --------------------------------------------------------------------------------
+
+#: Descriptors kept for everything but client connections: the store, logs, AWS and KMS
+#: sockets of the thread pools, nginx's pipes, TLS files.
+RESERVED_DESCRIPTORS = 128
+#: The ENC's connection limit (ENCFactory) and a margin for the connections it answers busy.
+ENC_DESCRIPTORS = 512 + 64
+#: Most descriptors asked for when the hard limit is unlimited.
+MOST_DESCRIPTORS = 65536
+
+
+class TooFewDescriptors(Exception):
+    """RLIMIT_NOFILE leaves too little room for the listeners: one line."""
+
+
+def descriptor_budget(enc: bool, limits: tuple[int, int] | None = None) -> int:
+    """
+    Raise this process's soft RLIMIT_NOFILE to its hard limit, and return how many connections
+    the enrollment listener may hold so that, whatever a flood on it does, the ENC (when
+    ``enc``) and the daemon's own files still have descriptors.  ``limits`` (soft, hard) is for
+    tests; without it the process's own limits are read and raised.
+    """
+    if limits is None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = MOST_DESCRIPTORS if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    else:
+        soft, hard = limits
+    limit = MOST_DESCRIPTORS if soft == resource.RLIM_INFINITY else soft
+    available = limit - RESERVED_DESCRIPTORS - (ENC_DESCRIPTORS if enc else 0)
+    if available < 16:
+        need = RESERVED_DESCRIPTORS + (ENC_DESCRIPTORS if enc else 0) + 16
+        raise TooFewDescriptors(f"the open-file limit is {limit}: the listeners need at least {need} "
+                                "(raise LimitNOFILE, or ulimit -n)")
+    return available
+
+
+class ConnectionCapFactory(WrappingFactory):
+    """
+    Holds at most ``cap`` connections at once; past it a new connection is closed at once,
+    before any protocol runs (and a warning logged, rate-limited by ``warn``).
+    """
+
+    noisy = False
+
+    def __init__(self, wrappedFactory: IProtocolFactory, cap: int,
+                 warn: Callable[..., None]) -> None:
+        super().__init__(wrappedFactory)
+        self.cap = cap
+        self._warn = warn
+
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper:
+        # None closes the connection at once (Twisted's factories may refuse this way).
+        if len(self.protocols) >= self.cap:
+            self._warn("refused a connection from {peer}: {cap} connections already open",
+                       peer=str(addr), cap=self.cap)
+            return None  # type: ignore[return-value]
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None  # type: ignore[return-value]
+        return self.protocol(self, inner)
+
+
+@implementer(IStreamServerEndpoint)
+class ConnectionCapEndpoint:
+    """``wrapped``, with at most ``cap`` connections open at once."""
+
+    def __init__(self, wrapped: IStreamServerEndpoint, cap: int, warn: Callable[..., None]) -> None:
+        self.wrapped = wrapped
+        self.cap = cap
+        self.warn = warn
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.wrapped.listen(ConnectionCapFactory(protocolFactory, self.cap, self.warn))

@@ -40,7 +40,7 @@ from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, 
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType, load_private_key, same_public_key
 from puppetha.pki.vault import VaultError
-from puppetha.services import BlockingStop, OrderedServices
+from puppetha.services import BlockingStop, OrderedServices, TooFewDescriptors, descriptor_budget
 from puppetha.store import IStore, StoreError
 from puppetha.store.records import Records
 from puppetha.threads import Blocking, make_pool
@@ -155,12 +155,16 @@ def enrollment_listener(
     )
     log.info("enrollment API on {listen}; clients pin the root CA {pin}",
              listen=config[("enroll", "listen")], pin=credentials.root_fingerprint)
+    # A flood on the enrollment port may take its share of descriptors, never the ENC's.
+    max_connections = descriptor_budget(enc="enc" in config.roles)
+    log.info("enrollment API: at most {count} connections at once", count=max_connections)
     return open_enrollment_listener(
         reactor,
         config[("enroll", "listen")],
         make_enrollment_site(enrollment, reactor),
         credentials.tls_context(),
         config[("enroll", "proxy_from")],
+        max_connections=max_connections,
     )
 
 
@@ -185,7 +189,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         config = load_config(options["config"], options.overrides())
         return make_daemon(config, reactor)
-    except (ConfigError, StoreError, VaultError, AuthorityError, CannotListen, ENCSocketError) as e:
+    except (ConfigError, StoreError, VaultError, AuthorityError, CannotListen, ENCSocketError,
+            TooFewDescriptors) as e:
         # twistd prints this one line and exits non-zero; what was opened closes with the process.
         raise SystemExit(f"puppetha: {e}") from None
     except OSError as e:

@@ -6,8 +6,13 @@ every other error) and closed, never held open unanswered, and nothing is stored
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import socket as socketlib
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +32,7 @@ from puppetha.ha.nginx import ENROLL_CONNECTIONS_PER_CLIENT, ENROLL_ZONE_PER_CLI
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
 from tests.enroll_fixtures import World  # noqa: E402 - after the rewrite hook
+from tests.test_daemon import free_port, twistd, wait_for  # noqa: E402
 from tests.test_enroll_listener import ReactorThread  # noqa: E402
 from tests.test_front_nginx import (  # noqa: E402
     LOOPBACK,
@@ -343,3 +349,45 @@ def test_nginx_limits_the_connections_one_address_holds_on_the_enrollment_port(
         for s in held + held_backends:
             s.close()
         listener.close()
+
+
+# -- a flood on the enrollment port, on the real daemon -----------------------------------------
+
+
+def lowered_descriptors() -> None:
+    # The default limit of many systems, soft and hard: the daemon cannot raise it.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+def test_a_flood_on_the_enrollment_port_never_takes_the_enc_with_it(tmp_path: Path) -> None:
+    port = free_port()
+    socket_path = tmp_path / "enc.sock"
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            twistd("puppetha", "--state-dir", str(tmp_path / "state"), "--set", f"enc.socket={socket_path}",
+                   "--set", f"enroll.listen=tcp:{port}:interface=127.0.0.1"),
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=lowered_descriptors)  # noqa: PLW1509
+    flood: list[socketlib.socket] = []
+    try:
+        wait_for(log, "puppetha started")
+        # More connections than the daemon has descriptors, held open without a byte.
+        for _ in range(1100):
+            connection = socketlib.socket()
+            connection.settimeout(2)
+            flood.append(connection)
+            if connection.connect_ex(("127.0.0.1", port)) != 0:
+                break  # the backlog is full: nothing more gets in
+        time.sleep(1)  # the daemon takes in what got through
+        enc = subprocess.run([str(Path(sys.executable).parent / "puppetha-enc"), "--socket", str(socket_path),
+                              "i-0123456789abcdef0"], capture_output=True, text=True, timeout=60, check=False)
+        # The ENC answered: the node is unknown (not a connection failure or a timeout).
+        assert enc.returncode == 1, enc.stderr
+        assert "not enrolled" in enc.stderr, enc.stderr
+        wait_for(log, "connections already open")  # the enrollment listener took only its share
+    finally:
+        for connection in flood:
+            connection.close()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert "Too many open files" not in log.read_text()

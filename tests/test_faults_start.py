@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from puppetha.services import TooFewDescriptors, descriptor_budget
 from tests.test_daemon import twistd
 
 LOOPBACK = "enroll.listen=tcp:0:interface=127.0.0.1"
@@ -204,3 +205,24 @@ def test_the_lb_role_with_bad_credentials_stops_the_start(
     assert expected.format(cert=cert, key=key) in line
     assert b"garbage" not in line.encode()  # names the file, never its content
     assert not (tmp_path / "nginx").exists()
+
+
+@pytest.mark.parametrize(
+    ("limits", "enc", "connections"),
+    [
+        ((1024, 1024), True, 1024 - 128 - 576),
+        ((1024, 1024), False, 1024 - 128),
+        ((65536, 65536), True, 65536 - 128 - 576),
+        ((720, 720), True, 16),
+        ((719, 719), True, None),
+        ((100, 100), False, None),
+    ],
+)
+def test_descriptors_are_shared_so_the_enc_keeps_its_own(
+    limits: tuple[int, int], enc: bool, connections: int | None
+) -> None:
+    if connections is None:
+        with pytest.raises(TooFewDescriptors, match=rf"the open-file limit is {limits[0]}: the listeners"):
+            descriptor_budget(enc, limits)
+    else:
+        assert descriptor_budget(enc, limits) == connections

@@ -59,7 +59,7 @@ from puppetha.pki.authority import ROOT, CertificateAuthority
 from puppetha.pki.certs import Usage, fingerprint
 from puppetha.pki.keys import KeyType, load_private_key, private_key_pem, same_public_key
 from puppetha.pki.names import certname_problem, parse_san, san_text
-from puppetha.services import OpenedListener
+from puppetha.services import ConnectionCapEndpoint, OpenedListener
 
 log = Logger()
 
@@ -281,17 +281,23 @@ def open_enrollment_listener(
     site: Site,
     context: ssl.CertificateOptions,
     proxy_from: Iterable[str] = (),
+    *,
+    max_connections: int | None = None,
 ) -> OpenedListener:
     """
     The listener for the daemon, already listening: ``listen`` is ``[enroll] listen`` (an
     endpoint description such as ``tcp:8080:interface=10.0.0.5``).  Opened before the daemon
     starts, so that a port in use or an address this host does not have stops the start with
-    :class:`CannotListen` instead of leaving a daemon without its listener.
+    :class:`CannotListen` instead of leaving a daemon without its listener.  With
+    ``max_connections`` a connection past that many open ones is closed at once.
     """
     try:
         transport = serverFromString(reactor, listen)
     except (ValueError, TypeError, KeyError) as e:
         raise CannotListen(f"[enroll] listen: {listen!r}: {e}") from None
+    if max_connections is not None:
+        full = RateLimitedWarning(reactor)  # type: ignore[arg-type]
+        transport = ConnectionCapEndpoint(transport, max_connections, full.warn)
     listening = enrollment_endpoint(transport, proxy_from, reactor).listen(  # type: ignore[arg-type]
         enrollment_factory(context, site, reactor)  # type: ignore[arg-type]
     )
