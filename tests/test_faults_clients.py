@@ -26,7 +26,13 @@ from twisted.logger import capturedLogs
 
 from puppetha.enc.service import Classifier, ENCFactory
 from puppetha.enroll.api import REQUEST_DEADLINE, make_enrollment_site
-from puppetha.enroll.listener import CheckedProxyEndpoint, CheckedProxyFactory, enrollment_endpoint
+from puppetha.enroll.listener import (
+    CheckedProxyEndpoint,
+    CheckedProxyFactory,
+    TrustedPeersEndpoint,
+    TrustedPeersFactory,
+    enrollment_endpoint,
+)
 from puppetha.ha.nginx import ENROLL_CONNECTIONS_PER_CLIENT, ENROLL_ZONE_PER_CLIENT, Backend
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
@@ -391,3 +397,18 @@ def test_a_flood_on_the_enrollment_port_never_takes_the_enc_with_it(tmp_path: Pa
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
     assert "Too many open files" not in log.read_text()
+
+
+def test_connections_from_untrusted_peers_are_logged_rate_limited() -> None:
+    clock = Clock()
+    endpoint = enrollment_endpoint(TCP4ServerEndpoint(clock, 0), ["10.0.0.5"], clock)
+    assert isinstance(endpoint, CheckedProxyEndpoint)
+    trusted = endpoint.wrapped
+    assert isinstance(trusted, TrustedPeersEndpoint)
+    factory = TrustedPeersFactory(Factory.forProtocol(Recorder), trusted.allowed, trusted.warn)
+    with capturedLogs() as events:
+        for _ in range(30):
+            assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.6", 40000)) is None
+        clock.advance(11)
+        assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.6", 40000)) is None
+    assert [e["held"] for e in events if "not a configured proxy" in e["log_format"]] == [0, 29]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -84,9 +84,11 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 class TrustedPeersFactory:
     """Builds a protocol only for connections from ``allowed`` addresses; drops the others."""
 
-    def __init__(self, wrapped: IProtocolFactory, allowed: Iterable[str]) -> None:
+    def __init__(self, wrapped: IProtocolFactory, allowed: Iterable[str],
+                 warn: Callable[..., None] | None = None) -> None:
         self.wrapped = wrapped
         self.allowed = frozenset(_ip(a) for a in allowed)
+        self._warn = warn or log.warn
 
     def trusts(self, peer: IAddress) -> bool:
         host = getattr(peer, "host", None)
@@ -99,7 +101,7 @@ class TrustedPeersFactory:
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         if not self.trusts(addr):
-            log.warn("refused a connection from {peer}: not a configured proxy", peer=str(addr))
+            self._warn("refused a connection from {peer}: not a configured proxy", peer=str(addr))
             return None
         return self.wrapped.buildProtocol(addr)
 
@@ -114,12 +116,14 @@ class TrustedPeersFactory:
 class TrustedPeersEndpoint:
     """An endpoint whose connections come only from ``allowed`` peers."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, allowed: Iterable[str]) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, allowed: Iterable[str],
+                 warn: Callable[..., None] | None = None) -> None:
         self.wrapped = wrapped
         self.allowed = tuple(allowed)
+        self.warn = warn
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.wrapped.listen(TrustedPeersFactory(protocolFactory, self.allowed))
+        return self.wrapped.listen(TrustedPeersFactory(protocolFactory, self.allowed, self.warn))
 
 
 class RateLimitedWarning:
@@ -226,9 +230,9 @@ class CheckedProxyFactory(HAProxyWrappingFactory):
 class CheckedProxyEndpoint:
     """Connections on ``wrapped`` start with a PROXY header whose addresses are possible."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, clock: IReactorTime | None) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, warning: RateLimitedWarning) -> None:
         self.wrapped = wrapped
-        self.warning = RateLimitedWarning(clock)
+        self.warning = warning
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self.wrapped.listen(CheckedProxyFactory(protocolFactory, self.warning))
@@ -245,7 +249,9 @@ def enrollment_endpoint(
     proxies = tuple(proxy_from)
     if not proxies:
         return transport
-    return CheckedProxyEndpoint(TrustedPeersEndpoint(transport, proxies), clock)
+    # One rate limit for every connection this listener drops, whatever the reason.
+    warning = RateLimitedWarning(clock)
+    return CheckedProxyEndpoint(TrustedPeersEndpoint(transport, proxies, warning.warn), warning)
 
 
 def enrollment_factory(
