@@ -329,6 +329,9 @@ def front_services(
     """
     lb = {name: value for (section, name), value in config.values.items() if section == "lb"}
     check_lb_credentials(lb["certificate"], lb["private_key"])
+    if not (os.path.isfile(lb["nginx"]) and os.access(lb["nginx"], os.X_OK)):
+        raise ConfigError(f"[lb] nginx: {lb['nginx']} is not an executable file")
+    check_parent_dir(os.path.join(lb["nginx_dir"], "live"), "[lb] nginx_dir")
     master_name = lb["master_name"] or config[("enroll", "front")].rpartition(":")[0].strip("[]")
     settings = FrontSettings(
         certificate=lb["certificate"],

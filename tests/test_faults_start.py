@@ -226,3 +226,22 @@ def test_descriptors_are_shared_so_the_enc_keeps_its_own(
             descriptor_budget(enc, limits)
     else:
         assert descriptor_budget(enc, limits) == connections
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("nginx={tmp}/no-nginx", "[lb] nginx: {tmp}/no-nginx is not an executable file"),
+        ("nginx_dir={tmp}/a-file/nginx", "[lb] nginx_dir: {tmp}/a-file is not a directory"),
+    ],
+)
+def test_the_lb_role_without_its_nginx_stops_the_start(tmp_path: Path, setting: str, expected: str) -> None:
+    (tmp_path / "a-file").write_text("a file")
+    cert, key = tmp_path / "lb.pem", tmp_path / "lb.key"
+    cert_pem, key_pem = self_signed()
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    nginx_dir = "" if setting.startswith("nginx_dir") else f"nginx_dir = {tmp_path}/nginx\n"
+    line = refused(tmp_path, config=f"[daemon]\nroles = lb\n[lb]\ncertificate = {cert}\nprivate_key = {key}\n"
+                   f"{nginx_dir}{setting.format(tmp=tmp_path)}\n")
+    assert expected.format(tmp=tmp_path) in line
