@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import resource
+import select
 import signal
 import socket as socketlib
+import ssl
 import struct
 import subprocess
 import sys
@@ -412,3 +414,41 @@ def test_connections_from_untrusted_peers_are_logged_rate_limited() -> None:
         clock.advance(11)
         assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.6", 40000)) is None
     assert [e["held"] for e in events if "not a configured proxy" in e["log_format"]] == [0, 29]
+
+
+def test_a_trickling_client_is_cut_on_the_real_daemon_through_tls(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            twistd("puppetha", "--state-dir", str(tmp_path / "state"),
+                   "--set", f"enc.socket={tmp_path}/enc.sock",
+                   "--set", f"enroll.listen=tcp:{port}:interface=127.0.0.1"),
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, "puppetha started")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # what is checked here is the deadline, not the name
+        with socketlib.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                context.wrap_socket(raw) as client:
+            client.sendall(b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\n")
+            sent = 0
+            answer = b""
+            for byte in b"X-Trickle: " + b"a" * 100:
+                try:
+                    client.sendall(bytes([byte]))
+                except OSError:
+                    break
+                sent += 1
+                # A byte every 2 s: the idle timeout (30 s) never fires, the request deadline does.
+                readable, _, _ = select.select([client], [], [], 2)
+                if readable:
+                    answer = client.recv(4096)
+                    break
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b'"too-slow"' in answer
+        assert sent <= REQUEST_DEADLINE // 2 + 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
