@@ -19,7 +19,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from puppetha.pki.names import check_certname_template, check_host_port
+from puppetha.pki.names import check_certname_template, check_host_port, parse_san
 
 ROLES = ("enroll", "enc", "lb")
 KEY_TYPES = ("ec-p256", "rsa-2048", "rsa-3072", "rsa-4096")
@@ -195,11 +195,69 @@ def url(value: str) -> str:
     return value
 
 
+#: The keywords each listening endpoint takes (Twisted's endpoint descriptions); a typo in one
+#: would otherwise surface as a traceback when the daemon starts listening.
+_ENDPOINT_KEYWORDS = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile", "wantPID"),
+}
+
+
 def endpoint(value: str) -> str:
+    """A ``tcp:``, ``tcp6:`` or ``unix:`` listening endpoint, checked the whole way through."""
     value = value.strip()
-    if not re.match(r"^(tcp|tcp6|unix):\S+$", value):
+    kind, colon, rest = value.partition(":")
+    if not colon or kind not in _ENDPOINT_KEYWORDS or not rest or re.search(r"\s", value):
         raise ValueError(f"not a tcp: or unix: endpoint description: {value!r}")
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    # Colons escaped with a backslash belong to the value (an IPv6 interface: \:\:1).
+    for escaped in re.split(r"(?<!\\):", rest):
+        part = escaped.replace("\\:", ":")
+        name, equals, given = part.partition("=")
+        if not equals:
+            positional.append(part)
+        elif name not in _ENDPOINT_KEYWORDS[kind]:
+            raise ValueError(f"{value!r}: unknown keyword {name!r} "
+                             f"(known: {', '.join(_ENDPOINT_KEYWORDS[kind])})")
+        elif name in keywords:
+            raise ValueError(f"{value!r}: {name} given twice")
+        else:
+            keywords[name] = given
+    first = "address" if kind == "unix" else "port"
+    if len(positional) > 1 or (positional and first in keywords):
+        raise ValueError(f"{value!r}: too many values (one {first}, then keyword=value)")
+    if positional:
+        keywords[first] = positional[0]
+    if first not in keywords:
+        raise ValueError(f"{value!r}: no {first}")
+    if kind == "unix":
+        if not os.path.isabs(keywords["address"]):
+            raise ValueError(f"{value!r}: the socket must be an absolute path")
+        return value
+    port = keywords["port"]
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 0 to 65535, not {port!r}")
+    if "interface" in keywords:
+        try:
+            ipaddress.ip_address(keywords["interface"])
+        except ValueError:
+            raise ValueError(f"{value!r}: the interface must be an IP address, "
+                             f"not {keywords['interface']!r}") from None
+    if "backlog" in keywords and not keywords["backlog"].isdigit():
+        raise ValueError(f"{value!r}: backlog must be a number")
     return value
+
+
+def server_names(value: str) -> tuple[str, ...]:
+    """DNS names and IP addresses for the enrollment server's certificate: at least one."""
+    names = words(value)
+    if not names:
+        raise ValueError("name at least one DNS name or IP address")
+    for name in names:
+        parse_san(name)  # ValueError says what is wrong with it
+    return names
 
 
 # -- the table of options ------------------------------------------------------------------
@@ -266,7 +324,7 @@ OPTIONS: tuple[Option, ...] = (
            "Empty: the certificates shipped with puppetha, every region AWS publishes."),
     Option("enroll", "listen", endpoint, "tcp:8080",
            "Where the enrollment API listens (TLS is added by the daemon)."),
-    Option("enroll", "server_names", words, "puppet",
+    Option("enroll", "server_names", server_names, "puppet",
            "DNS names (and IP addresses) in the enrollment server's own certificate."),
     Option("enroll", "proxy_from", addresses, "",
            "Addresses (the nginx nodes) allowed to send a PROXY protocol header. "
@@ -451,6 +509,9 @@ def config_from_string(
 def _check_together(config: Config) -> None:
     """Checks that involve several options or the file system."""
     src = config.source
+    if not config.roles:
+        raise ConfigError(f"{src}: [daemon] roles: name at least one of {', '.join(ROLES)} "
+                          "(a daemon with no role serves nothing)")
     if config[("pki", "vault")] == "kms" and not config[("pki", "kms_key_id")]:
         raise ConfigError(f"{src}: [pki] kms_key_id: required when vault = kms")
     if config[("store", "backend")] == "dynamodb" and config[("pki", "vault")] != "kms":
@@ -594,7 +655,15 @@ def markdown_reference() -> str:
         "and the masters' range) must not overlap or pass 65535; role `lb` needs `[enroll] front` or",
         "`[lb] master_name` set (the default host `puppet` is in no master's certificate); on an lb",
         "node, `[ha] elastic_ip` needs `instance_id` and `address`, a `lease_margin` under",
-        "`lease_duration` and a `renew_interval` under their difference.",
+        "`lease_duration` and a `renew_interval` under their difference; `roles` must name at least",
+        "one role; `[enroll] listen` is checked to its port (0..65535), keywords and interface address,",
+        "and `server_names` must name at least one valid DNS name or IP address.",
+        "",
+        "At start the daemon then checks or opens everything before it says `puppetha started`: the",
+        "state directory must be writable, the lb role's certificate and key must parse and match,",
+        "and the enrollment port and the ENC socket are opened (a port in use, an address this host",
+        "does not have, a socket path held by another process or not a socket, an unknown",
+        "`socket_owner` or `socket_group`). Any failure is one line on stderr and a non-zero exit.",
     ]
     for section in SECTIONS:
         lines += ["", f"## [{section}]", "", "| option | default | meaning |", "|---|---|---|"]

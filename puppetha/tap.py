@@ -8,15 +8,19 @@ returns a ``MultiService`` holding the services of the configured roles.
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -26,9 +30,9 @@ from puppetha.aws.cloud import CloudError, ICloud
 from puppetha.aws.identity import TrustStore
 from puppetha.aws.shipped import SHIPPED_TRUST_FILE
 from puppetha.config import DEFAULT_CONFIG_PATH, OPTIONS, Config, ConfigError, find_config, load_config
-from puppetha.enc.service import Classifier, ENCSocketService
+from puppetha.enc.service import Classifier, ENCSocketError, ENCSocketService
 from puppetha.enroll.api import make_enrollment_site
-from puppetha.enroll.listener import enrollment_service, ensure_server_credentials
+from puppetha.enroll.listener import CannotListen, ensure_server_credentials, open_enrollment_listener
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.readiness import Readiness, ReadinessService
 from puppetha.enroll.service import Enrollment
@@ -42,8 +46,9 @@ from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
-from puppetha.pki.keys import KeyType
+from puppetha.pki.keys import KeyType, load_private_key, same_public_key
 from puppetha.pki.vault import IKeyVault, VaultError
+from puppetha.services import BlockingStop, OrderedServices, TooFewDescriptors, descriptor_budget
 from puppetha.store import IStore, StoreError, StoreUnavailable
 from puppetha.store.records import Records
 from puppetha.threads import Blocking, Episodes, make_pool
@@ -92,40 +97,30 @@ class Options(usage.Options):
         return overrides
 
 
-class ThreadPoolService(Service):
-    """Starts the bounded pool with the daemon and joins its threads on stop."""
+#: Seconds a pool's threads and the store get to finish the call in progress when the daemon stops.
+POOL_STOP_TIMEOUT = 5.0
 
-    def __init__(self, pool: ThreadPool) -> None:
+
+class ThreadPoolService(BlockingStop):
+    """Starts the bounded pool with the daemon and joins its threads on stop (bounded)."""
+
+    def __init__(self, pool: ThreadPool, reactor: Any) -> None:
+        # Daemon threads: a call stalled past the stop's bound must not keep the process alive.
+        pool.threadFactory = functools.partial(threading.Thread, daemon=True)  # type: ignore[assignment]
+        super().__init__(pool.name or "thread pool", pool.stop, reactor, POOL_STOP_TIMEOUT)
         self.pool = pool
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
-
-class StopInOrder(MultiService):
-    """Stops its children last first, each once the one after it has finished stopping."""
-
-    @inlineCallbacks
-    def stopService(self) -> Any:
-        Service.stopService(self)
-        for service in reversed(list(self)):
-            yield maybeDeferred(service.stopService)
-
-
-class StoreService(Service):
+class StoreService(BlockingStop):
     """Closes the store after everything that uses it has stopped."""
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(self, store: IStore, reactor: Any) -> None:
+        super().__init__("store", store.close, reactor, POOL_STOP_TIMEOUT)
         self.store = store
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.store.close()
 
 
 def enrollment_listener(
@@ -177,12 +172,16 @@ def enrollment_listener(
     )
     log.info("enrollment API on {listen}; clients pin the root CA {pin}",
              listen=config[("enroll", "listen")], pin=credentials.root_fingerprint)
-    return enrollment_service(
+    # A flood on the enrollment port may take its share of descriptors, never the ENC's.
+    max_connections = descriptor_budget(enc="enc" in config.roles)
+    log.info("enrollment API: at most {count} connections at once", count=max_connections)
+    return open_enrollment_listener(
         reactor,
         config[("enroll", "listen")],
         make_enrollment_site(enrollment, reactor, readiness),
         credentials.tls_context(),
         config[("enroll", "proxy_from")],
+        max_connections=max_connections,
     )
 
 
@@ -207,9 +206,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         config = load_config(options.config_path(), options.overrides())
         return make_daemon(config, reactor)
-    except (ConfigError, StoreError, VaultError, AuthorityError) as e:
-        # twistd prints this one line and exits non-zero before anything listens.
+    except (ConfigError, StoreError, VaultError, AuthorityError, CannotListen, ENCSocketError,
+            TooFewDescriptors) as e:
+        # twistd prints this one line and exits non-zero; what was opened closes with the process.
         raise SystemExit(f"puppetha: {e}") from None
+    except OSError as e:
+        # A file or directory the checks above did not foresee: still one line, never a traceback.
+        raise SystemExit(f"puppetha: {e.filename}: {e.strerror}" if e.filename
+                         else f"puppetha: {e}") from None
 
 
 def make_daemon(config: Config, reactor: Any) -> MultiService:
@@ -217,14 +221,20 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     Everything the configured roles need, as one service tree.  ``reactor`` provides the time,
     thread, TCP and UNIX interfaces of Twisted's real reactors.
     """
-    # One after another, last started first: the store closes only once nothing uses it.
-    root = StopInOrder()
-    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    # Stopped in the reverse order of this function: the listeners and the lb role first, then
+    # what they need (the CRL refresher, the thread pools), the store last.
+    root = OrderedServices(reactor)
+    check_state_dir(config)
+    if config[("pki", "vault")] == "file":
+        check_parent_dir(config[("pki", "vault_key_file")], "[pki] vault_key_file")
 
     store = build.open_store(config)
-    StoreService(store).setServiceParent(root)
+    StoreService(store, reactor).setServiceParent(root)
     pool = make_pool("puppetha", config[("daemon", "threads")])
-    ThreadPoolService(pool).setServiceParent(root)
+    ThreadPoolService(pool, reactor).setServiceParent(root)
+    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.
+    aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
+    ThreadPoolService(aws_pool, reactor).setServiceParent(root)
 
     records = Records(store)
     vault = build.open_vault(config, create=True, has_root=build.store_has_root(records))
@@ -271,10 +281,7 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         ).setServiceParent(root)
 
     cloud = build.make_cloud(config)
-    # AWS calls get their own pool, so a slow AWS never starves store reads and signing.  Reads
-    # past their deadline are left to botocore's own timeouts, which fit inside it.
-    aws_pool = make_pool("puppetha-aws", config[("daemon", "threads")])
-    ThreadPoolService(aws_pool).setServiceParent(root)
+    # AWS reads past their deadline are left to botocore's own timeouts, which fit inside it.
     aws = Blocking(reactor, aws_pool, cloud, deadline=aws_deadline, abandon=True,
                    timed_out=lambda s: CloudError(f"AWS did not answer within {s:g}s"),
                    unavailable=(CloudError,), episodes=aws_episodes)
@@ -282,7 +289,7 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     # The reads the ENC and the health check need have a pool of their own: they never queue
     # behind writes waiting for the write lock (docs/design.md).
     read_pool = make_pool("puppetha-read", config[("daemon", "threads")])
-    ThreadPoolService(read_pool).setServiceParent(root)
+    ThreadPoolService(read_pool, reactor).setServiceParent(root)
     # Reads answer while the write lock is held: they count as an outage of their own.
     store_reads = store_blocking(read_pool, records, abandon=True,
                                  episodes=Episodes("store reads", reactor, quiet=3 * store_deadline))
@@ -314,14 +321,16 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
             ttl=config[("enc", "cache_ttl")],
             stale_limit=config[("enc", "stale_limit")],
         )
-        ENCSocketService(
+        enc = ENCSocketService(
             reactor,
             classifier,
             config[("enc", "socket")],
             owner=config[("enc", "socket_owner")],
             group=config[("enc", "socket_group")],
             mode=config[("enc", "socket_mode")],
-        ).setServiceParent(root)
+        )
+        enc.open()  # now, so that a bad socket setting stops the start with one line
+        enc.setServiceParent(root)
 
     Announcement(config).setServiceParent(root)
     return root
@@ -351,8 +360,8 @@ def failover_service(
     # Its own small pool: renewals must never queue behind signing or a slow listing.
     pool = make_pool("puppetha-ha", 2)
     # The lease is released on the pool while the failover service stops: the pool stops after.
-    services = StopInOrder()
-    ThreadPoolService(pool).setServiceParent(services)
+    services = OrderedServices(reactor)
+    ThreadPoolService(pool, reactor).setServiceParent(services)
     front_service = cast(FrontService, front.getServiceNamed("front"))
     FailoverService(
         reactor=reactor,
@@ -380,6 +389,50 @@ def failover_service(
     return services
 
 
+def check_state_dir(config: Config) -> None:
+    """The state directory exists (made 0700) and this process can write in it."""
+    state_dir = config.state_dir
+    if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        raise ConfigError(f"{config.source}: [daemon] state_dir: {state_dir} is not a directory")
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # Writing is the only sure test: root passes every permission check but not a read-only
+        # mount or an immutable directory.
+        with tempfile.TemporaryFile(dir=state_dir, prefix=".puppetha-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{config.source}: [daemon] state_dir: cannot write in {state_dir}: "
+                          f"{e.strerror}") from None
+
+
+def check_parent_dir(path: str, option: str) -> None:
+    """Nothing on the way to ``path`` is a file (the directories themselves are made later)."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"{option}: {parent} is not a directory (on the way to {path})")
+
+
+def check_lb_credentials(certificate: str, private_key: str) -> None:
+    """The lb node's certificate and key parse and belong together (the files hold secrets:
+    errors name the files, never their content)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    except (OSError, ValueError):
+        raise ConfigError(f"[lb] certificate: {certificate} is not a PEM certificate") from None
+    try:
+        key = load_private_key(Path(private_key).read_bytes())
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"[lb] private_key: {private_key} is not an unencrypted PEM private key "
+                          "of a supported type") from None
+    public = cert.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not same_public_key(
+            key.public_key(), public):
+        raise ConfigError(f"[lb] private_key: {private_key} does not belong to the certificate "
+                          f"{certificate}")
+
+
 def front_services(
     config: Config, reactor: Any, store: IStore, blocking: Blocking[None]
 ) -> tuple[MultiService, Callable[[], object]]:
@@ -388,6 +441,10 @@ def front_services(
     function that starts a round of the front at once.
     """
     lb = {name: value for (section, name), value in config.values.items() if section == "lb"}
+    check_lb_credentials(lb["certificate"], lb["private_key"])
+    if not (os.path.isfile(lb["nginx"]) and os.access(lb["nginx"], os.X_OK)):
+        raise ConfigError(f"[lb] nginx: {lb['nginx']} is not an executable file")
+    check_parent_dir(os.path.join(lb["nginx_dir"], "live"), "[lb] nginx_dir")
     master_name = lb["master_name"] or config[("enroll", "front")].rpartition(":")[0].strip("[]")
     settings = FrontSettings(
         certificate=lb["certificate"],

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from attrs import define, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -518,12 +519,26 @@ class ENCProtocol(Protocol):
     @override
     def connectionMade(self) -> None:
         if self._busy:
-            self._answer(_err_line("busy", "too many connections, try again"))
+            # Answer at once, but close only once the client's line has been read: closing a
+            # socket with unread data resets it, and the client then loses the answer (or
+            # cannot even send its line).  Half-close now; the read side drains the request.
+            self._answered = True
+            if self.transport is not None:
+                self.transport.write(_err_line("busy", "too many connections, try again"))
+                half_close = getattr(self.transport, "loseWriteConnection", None)
+                if half_close is not None:  # stream sockets can; test transports may not
+                    half_close()
+            self._timer = self._clock.callLater(self._timeout, self._abort)
             return
         self._timer = self._clock.callLater(self._timeout, self._timed_out)
 
     @override
     def dataReceived(self, data: bytes) -> None:
+        if self._busy:
+            self._buffer += data
+            if b"\n" in self._buffer or len(self._buffer) > MAX_CERTNAME_BYTES + 1:
+                self._close_drained()
+            return
         if self._started or self._answered:
             return  # one request per connection; anything after it is ignored
         self._buffer += data
@@ -546,8 +561,16 @@ class ENCProtocol(Protocol):
         self._classifier.classify(certname).addCallbacks(self._classified, self._failed)
 
     def readConnectionLost(self) -> None:
+        if self._busy:
+            self._close_drained()
+            return
         if not self._started and not self._answered:
             self._refuse("bad-request", "end of input before a newline")
+
+    def _close_drained(self) -> None:
+        self._buffer = b""
+        if not self._gone and self.transport is not None:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self._gone = True
@@ -674,16 +697,40 @@ class ENCSocketService(Service):
         self.factory = ENCFactory(classifier, reactor, timeout)  # type: ignore[arg-type]
         self._port: Any = None
 
+    def open(self) -> None:
+        """
+        Check the owner and group, prepare the directory and listen, before the daemon starts:
+        any failure raises :class:`ENCSocketError` (one line) and leaves nothing listening.
+        """
+        if self._port is not None:
+            return
+        try:
+            _ids(self.owner, self.group)
+            prepare_socket(self.path, self.owner, self.group)
+        except ValueError as e:
+            raise ENCSocketError(str(e)) from None
+        except OSError as e:
+            raise ENCSocketError(f"[enc] socket: {self.path}: cannot make its directory "
+                                 f"{e.filename}: {e.strerror}") from None
+        # A deep backlog: on Linux a full one makes a UNIX connect fail at once (EAGAIN), and
+        # puppetserver may start many ENC scripts together.
+        try:
+            port = self.reactor.listenUNIX(self.path, self.factory, mode=self.mode,
+                                           backlog=self.backlog)
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            raise ENCSocketError(f"[enc] socket: cannot listen on {self.path}: {reason}") from None
+        try:
+            secure_socket(self.path, self.owner, self.group, self.mode)
+        except OSError as e:
+            port.stopListening()
+            raise ENCSocketError(f"[enc] socket: {self.path}: {e.strerror}") from None
+        self._port = port
+
     @override
     def startService(self) -> None:
         super().startService()
-        prepare_socket(self.path, self.owner, self.group)
-        # listenUNIX raises at once when it cannot listen, which stops twistd's start-up.
-        # A deep backlog: on Linux a full one makes a UNIX connect fail at once (EAGAIN), and
-        # puppetserver may start many ENC scripts together.
-        self._port = self.reactor.listenUNIX(self.path, self.factory, mode=self.mode,
-                                             backlog=self.backlog)
-        secure_socket(self.path, self.owner, self.group, self.mode)
+        self.open()
         log.info("ENC listening on {path}", path=self.path)
         self.classifier.start()
 
@@ -698,7 +745,11 @@ class ENCSocketService(Service):
         return stopped
 
 
-class SocketInUse(Exception):
+class ENCSocketError(Exception):
+    """The ENC socket cannot be opened as configured: one line naming the option."""
+
+
+class SocketInUse(ENCSocketError):
     """Another process answers on the socket path, or the path is not a socket."""
 
 
@@ -718,7 +769,7 @@ def prepare_socket(path: str, owner: str = "", group: str = "") -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise SocketInUse(f"{path} exists and is not a socket")
+        raise SocketInUse(f"[enc] socket: {path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -727,10 +778,10 @@ def prepare_socket(path: str, owner: str = "", group: str = "") -> None:
         os.unlink(path)
         return
     except OSError as e:
-        raise SocketInUse(f"{path}: cannot tell whether it is in use: {e}") from e
+        raise SocketInUse(f"[enc] socket: {path}: cannot tell whether it is in use: {e}") from e
     finally:
         probe.close()
-    raise SocketInUse(f"another process is listening on {path}")
+    raise SocketInUse(f"[enc] socket: another process is listening on {path}")
 
 
 def secure_socket(path: str, owner: str = "", group: str = "", mode: int = 0o660) -> None:
@@ -742,7 +793,7 @@ def secure_socket(path: str, owner: str = "", group: str = "", mode: int = 0o660
 
 def _ids(owner: str, group: str) -> tuple[int, int]:
     """Names or numeric ids; ``""`` becomes -1 (unchanged)."""
-    def one(name: str, lookup: Callable[[str], int]) -> int:
+    def one(name: str, lookup: Callable[[str], int], option: str, kind: str) -> int:
         if not name:
             return -1
         if name.isdigit():
@@ -750,6 +801,6 @@ def _ids(owner: str, group: str) -> tuple[int, int]:
         try:
             return lookup(name)
         except KeyError:
-            raise ValueError(f"no such user or group: {name!r}") from None
-    return (one(owner, lambda n: pwd.getpwnam(n).pw_uid),
-            one(group, lambda n: grp.getgrnam(n).gr_gid))
+            raise ValueError(f"[enc] {option}: no such {kind}: {name!r}") from None
+    return (one(owner, lambda n: pwd.getpwnam(n).pw_uid, "socket_owner", "user"),
+            one(group, lambda n: grp.getgrnam(n).gr_gid, "socket_group", "group"))

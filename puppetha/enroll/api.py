@@ -12,14 +12,17 @@ safe under any :class:`~twisted.web.server.Site`.  The source address is
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.server import UnsupportedMethod as _UnsupportedMethod
@@ -84,6 +87,15 @@ class JSONResource(Resource):
                 request, 405,
                 error_body("method-not-allowed", f"use {allowed.decode('ascii')} here"),
             )
+
+    def render_HEAD(self, request: Request) -> bytes | int:
+        # Twisted's default calls render_GET, which a POST-only resource lacks (a 500).
+        render_get = getattr(self, "render_GET", None)
+        if render_get is None:
+            raise _UnsupportedMethod(
+                [name[len("render_"):].encode("ascii") for name in dir(self)
+                 if name.startswith("render_") and name != "render_HEAD"])
+        return render_get(request)  # type: ignore[no-any-return]
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         return NotFound()
@@ -269,6 +281,115 @@ class BoundedRequest(Request):
 #: request, and a client that trickles bytes must not hold a connection for long.
 IDLE_TIMEOUT = 30
 
+#: Seconds a client has for a whole request, headers and body, from its first byte (or from the
+#: connection, for the first request).  The idle timeout restarts on every byte, so without this
+#: a client sending a byte every few seconds would hold its connection for ever.
+REQUEST_DEADLINE = 10
+
+#: Longest request line, and the most bytes of request line and headers together.
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADERS = 16 * 1024
+#: Most header lines (Twisted refuses past 500 with a bare 400).
+MAX_HEADER_LINES = 100
+
+_STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class EnrollmentChannel(HTTPChannel):
+    """
+    Twisted's HTTP channel, strict about framing: a request must arrive whole within
+    :data:`REQUEST_DEADLINE`; an over-long request line, too many header bytes or lines, lines
+    ended by a bare LF, and anything Twisted finds malformed are answered with a JSON error
+    (400, 408 or 431) and the connection is closed, never held open unanswered.
+    """
+
+    MAX_LENGTH = MAX_REQUEST_LINE
+    totalHeadersSize = MAX_HEADERS
+    request_deadline: float = REQUEST_DEADLINE
+
+    _deadline: IDelayedCall | None = None
+    _refused = False
+    _lines = 0  # lines of the request being read
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.line_mode:
+            if self._deadline is None:
+                self._arm()
+            # Only the head of a request is lines; a body may hold any bytes.
+            pending = getattr(self, "_buffer", b"") + data
+            end = pending.find(b"\r\n\r\n")
+            head = pending if end < 0 else pending[: end + 4]
+            if _BARE_LF.search(head):
+                self._refuse(400, "bad-framing", "lines must end with CRLF")
+                return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, "headers-too-large", f"the request line and headers pass {MAX_HEADERS} bytes")
+            return
+        if self._lines > MAX_HEADER_LINES:
+            self._refuse(431, "headers-too-large", f"more than {MAX_HEADER_LINES} header lines")
+            return
+        self._lines += 1
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._lines == 0:
+            self._refuse(400, "request-line-too-long", f"the request line passes {MAX_REQUEST_LINE} bytes")
+        else:
+            self._refuse(431, "headers-too-large", f"a header line passes {MAX_REQUEST_LINE} bytes")
+
+    def allContentReceived(self) -> None:
+        # The request is whole: its answer may take longer (AWS, the store), which is not the
+        # client's doing.  The next request on this connection gets a deadline of its own.
+        self._disarm()
+        self._lines = 0
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to what it cannot parse is a bare 400 in plain text.
+        self._refuse(400, "bad-framing", "the request is not well-formed HTTP/1.1")
+
+    def _arm(self) -> None:
+        self._deadline = self.callLater(self.request_deadline, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, "too-slow", f"the request did not arrive whole within {self.request_deadline:g}s")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self._disarm()
+        body = json.dumps(error_body(code, message), separators=(",", ":")).encode("utf-8") + b"\n"
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status, _STATUS_TEXT[status], len(body), body)
+            )
+        self.loseConnection()
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
 
 def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime,
                          readiness: Callable[[], Readiness] | None = None) -> Site:
@@ -277,6 +398,7 @@ def make_enrollment_site(enrollment: Enrollment, reactor: IReactorTime,
     site = Site(enrollment_resource(enrollment, readiness), parsePOSTFormSubmission=False, reactor=reactor,
                 timeout=IDLE_TIMEOUT)
     site.requestFactory = BoundedRequest
+    site.protocol = EnrollmentChannel  # type: ignore[assignment]
     site.displayTracebacks = False
     return site
 

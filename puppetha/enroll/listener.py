@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address as TwistedIPv4Address
+from twisted.internet.address import IPv6Address as TwistedIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
@@ -44,8 +45,13 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
@@ -53,6 +59,7 @@ from puppetha.pki.authority import ROOT, CertificateAuthority
 from puppetha.pki.certs import Usage, fingerprint
 from puppetha.pki.keys import KeyType, load_private_key, private_key_pem, same_public_key
 from puppetha.pki.names import certname_problem, parse_san, san_text
+from puppetha.services import ConnectionCapEndpoint, OpenedListener
 
 log = Logger()
 
@@ -77,9 +84,11 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 class TrustedPeersFactory:
     """Builds a protocol only for connections from ``allowed`` addresses; drops the others."""
 
-    def __init__(self, wrapped: IProtocolFactory, allowed: Iterable[str]) -> None:
+    def __init__(self, wrapped: IProtocolFactory, allowed: Iterable[str],
+                 warn: Callable[..., None] | None = None) -> None:
         self.wrapped = wrapped
         self.allowed = frozenset(_ip(a) for a in allowed)
+        self._warn = warn or log.warn
 
     def trusts(self, peer: IAddress) -> bool:
         host = getattr(peer, "host", None)
@@ -92,7 +101,7 @@ class TrustedPeersFactory:
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         if not self.trusts(addr):
-            log.warn("refused a connection from {peer}: not a configured proxy", peer=str(addr))
+            self._warn("refused a connection from {peer}: not a configured proxy", peer=str(addr))
             return None
         return self.wrapped.buildProtocol(addr)
 
@@ -107,26 +116,142 @@ class TrustedPeersFactory:
 class TrustedPeersEndpoint:
     """An endpoint whose connections come only from ``allowed`` peers."""
 
-    def __init__(self, wrapped: IStreamServerEndpoint, allowed: Iterable[str]) -> None:
+    def __init__(self, wrapped: IStreamServerEndpoint, allowed: Iterable[str],
+                 warn: Callable[..., None] | None = None) -> None:
         self.wrapped = wrapped
         self.allowed = tuple(allowed)
+        self.warn = warn
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self.wrapped.listen(TrustedPeersFactory(protocolFactory, self.allowed))
+        return self.wrapped.listen(TrustedPeersFactory(protocolFactory, self.allowed, self.warn))
+
+
+class RateLimitedWarning:
+    """
+    A warning logged at most once every ``interval`` seconds on ``clock`` (every time without a
+    clock); the next one says how many were held back, so a flood cannot flood the log.
+    """
+
+    def __init__(self, clock: IReactorTime | None, interval: float = 10.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._next = float("-inf")
+        self._held = 0
+
+    def warn(self, message: str, **fields: object) -> None:
+        now = self.clock.seconds() if self.clock is not None else float("inf")
+        if self.clock is not None and now < self._next:
+            self._held += 1
+            return
+        log.warn(message + " ({held} more like it held back)", held=self._held, **fields)
+        self._held = 0
+        self._next = now + self.interval
+
+
+def proxy_source_problem(info: ProxyInfo) -> str | None:
+    """
+    What makes the addresses of a parsed PROXY header impossible, or None.  Twisted's parsers
+    take any text: ``999.1.1.1``, an IPv6 address in ``TCP4``, port 99999.
+    """
+    if info.source is None:
+        return "no source address (UNKNOWN or LOCAL)"
+    for role, address in (("source", info.source), ("destination", info.destination)):
+        if address is None:
+            continue
+        if not isinstance(address, TwistedIPv4Address | TwistedIPv6Address):
+            return f"the {role} is not an IP address"
+        kind = ipaddress.IPv4Address if isinstance(address, TwistedIPv4Address) else ipaddress.IPv6Address
+        try:
+            ip = kind(address.host)
+        except ValueError:
+            version = 4 if kind is ipaddress.IPv4Address else 6
+            return f"the {role} {address.host!r} is not an IPv{version} address"
+        if ip.is_unspecified or ip.is_multicast:
+            return f"the {role} {ip} cannot open a connection"
+        if not 0 < address.port <= 65535:
+            return f"the {role} port {address.port} is impossible"
+    return None
+
+
+class CheckedProxyProtocol(HAProxyProtocolWrapper):
+    """
+    Twisted's PROXY wrapper, which also refuses a header whose addresses are impossible, and
+    says in the log (rate-limited) why a connection was dropped.
+    """
+
+    factory: CheckedProxyFactory
+    _dropped = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._proxyInfo is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._dropped:
+            return
+        if self._parser is None:
+            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
+                self._parser = V2Parser()
+            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
+                self._parser = V1Parser()
+            else:
+                self._drop("no PROXY header")
+                return
+        try:
+            info, remaining = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self._drop("a malformed PROXY header")
+            return
+        if info is None:
+            return  # the header is not whole yet
+        problem = proxy_source_problem(info)
+        if problem is not None:
+            self._drop(f"a malformed PROXY header: {problem}")
+            return
+        self._proxyInfo = info
+        if remaining:
+            self.wrappedProtocol.dataReceived(remaining)
+
+    def _drop(self, reason: str) -> None:
+        self._dropped = True
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.factory.warning.warn("dropped a connection from {peer}: {reason}", peer=str(peer), reason=reason)
+        self.loseConnection()
+
+
+class CheckedProxyFactory(HAProxyWrappingFactory):
+    protocol = CheckedProxyProtocol  # type: ignore[assignment]
+
+    def __init__(self, wrappedFactory: IProtocolFactory, warning: RateLimitedWarning) -> None:
+        super().__init__(wrappedFactory)
+        self.warning = warning
+
+
+@implementer(IStreamServerEndpoint)
+class CheckedProxyEndpoint:
+    """Connections on ``wrapped`` start with a PROXY header whose addresses are possible."""
+
+    def __init__(self, wrapped: IStreamServerEndpoint, warning: RateLimitedWarning) -> None:
+        self.wrapped = wrapped
+        self.warning = warning
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return self.wrapped.listen(CheckedProxyFactory(protocolFactory, self.warning))
 
 
 def enrollment_endpoint(
-    transport: IStreamServerEndpoint, proxy_from: Iterable[str] = ()
+    transport: IStreamServerEndpoint, proxy_from: Iterable[str] = (), clock: IReactorTime | None = None
 ) -> IStreamServerEndpoint:
     """
     ``transport`` (a TCP endpoint), with the PROXY protocol accepted only from ``proxy_from``
-    when it names any address.  TLS goes inside: :func:`enrollment_factory`.
+    when it names any address.  TLS goes inside: :func:`enrollment_factory`.  ``clock``
+    rate-limits the warnings for dropped connections.
     """
     proxies = tuple(proxy_from)
     if not proxies:
         return transport
-    endpoint: IStreamServerEndpoint = proxyEndpoint(TrustedPeersEndpoint(transport, proxies))
-    return endpoint
+    # One rate limit for every connection this listener drops, whatever the reason.
+    warning = RateLimitedWarning(clock)
+    return CheckedProxyEndpoint(TrustedPeersEndpoint(transport, proxies, warning.warn), warning)
 
 
 def enrollment_factory(
@@ -149,29 +274,49 @@ def listen_enrollment(
     clock: IReactorTime,
 ) -> Deferred[IListeningPort]:
     """Start listening; the Deferred fires with the :class:`IListeningPort`."""
-    return enrollment_endpoint(transport, proxy_from).listen(enrollment_factory(context, site, clock))
+    return enrollment_endpoint(transport, proxy_from, clock).listen(enrollment_factory(context, site, clock))
 
 
-def enrollment_service(
+class CannotListen(Exception):
+    """The listener cannot open: one line naming the endpoint and why."""
+
+
+def open_enrollment_listener(
     reactor: IReactorCore,
     listen: str,
     site: Site,
     context: ssl.CertificateOptions,
     proxy_from: Iterable[str] = (),
-) -> StreamServerEndpointService:
+    *,
+    max_connections: int | None = None,
+) -> OpenedListener:
     """
-    The listener as a service for the daemon: ``listen`` is ``[enroll] listen`` (an endpoint
-    description such as ``tcp:8080:interface=10.0.0.5``).
+    The listener for the daemon, already listening: ``listen`` is ``[enroll] listen`` (an
+    endpoint description such as ``tcp:8080:interface=10.0.0.5``).  Opened before the daemon
+    starts, so that a port in use or an address this host does not have stops the start with
+    :class:`CannotListen` instead of leaving a daemon without its listener.  With
+    ``max_connections`` a connection past that many open ones is closed at once.
     """
-    transport = serverFromString(reactor, listen)
-    service = StreamServerEndpointService(
-        enrollment_endpoint(transport, proxy_from),
-        enrollment_factory(context, site, reactor),  # type: ignore[arg-type]
+    try:
+        transport = serverFromString(reactor, listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CannotListen(f"[enroll] listen: {listen!r}: {e}") from None
+    if max_connections is not None:
+        full = RateLimitedWarning(reactor)  # type: ignore[arg-type]
+        transport = ConnectionCapEndpoint(transport, max_connections, full.warn)
+    listening = enrollment_endpoint(transport, proxy_from, reactor).listen(  # type: ignore[arg-type]
+        enrollment_factory(context, site, reactor)  # type: ignore[arg-type]
     )
-    service.setName("enroll-listener")
-    # Fail the daemon's start-up when the port cannot be bound, instead of logging only.
-    service._raiseSynchronously = True
-    return service
+    outcome: list[IListeningPort | Failure] = []
+    listening.addBoth(outcome.append)
+    # Stream endpoints on a real reactor listen at once; anything else is not ours to wait for.
+    if not outcome:
+        raise CannotListen(f"[enroll] listen: {listen}: the listener did not open at once")
+    if isinstance(outcome[0], Failure):
+        error = outcome[0].value
+        reason = getattr(getattr(error, "socketError", None), "strerror", None) or str(error)
+        raise CannotListen(f"[enroll] listen: cannot listen on {listen}: {reason}")
+    return OpenedListener("enroll-listener", outcome[0])
 
 
 # -- the server's own certificate ------------------------------------------------------------

@@ -402,15 +402,32 @@ def _stream(state: FrontState) -> list[str]:
     ]
     lines += [
         "    }",
+        "    # A flood from one address, or from all, never takes every connection of the",
+        "    # enrollment services (nor their descriptors, which the ENC shares on their hosts).",
+        f"    limit_conn_zone $binary_remote_addr zone={ENROLL_ZONE_PER_CLIENT}:1m;",
+        f"    limit_conn_zone $server_port zone={ENROLL_ZONE_TOTAL}:64k;",
         "    server {",
         f"        listen {_host_port(s.ports.address, s.ports.enroll, 'enrollment port')};",
         f"        proxy_pass {ENROLL_UPSTREAM};",
         "        proxy_protocol on;",
         "        proxy_connect_timeout 5s;",
+        f"        limit_conn {ENROLL_ZONE_PER_CLIENT} {ENROLL_CONNECTIONS_PER_CLIENT};",
+        f"        limit_conn {ENROLL_ZONE_TOTAL} {ENROLL_CONNECTIONS};",
+        "        # An enrollment is one short exchange: nothing idles longer than the client waits.",
+        f"        proxy_timeout {ENROLL_PROXY_TIMEOUT};",
         "    }",
         "}",
     ]
     return lines
+
+
+#: Connections one address may hold open on the enrollment port, and all addresses together.
+ENROLL_CONNECTIONS_PER_CLIENT = 8
+ENROLL_CONNECTIONS = 512
+ENROLL_ZONE_PER_CLIENT = "puppetha_enroll_per_client"
+ENROLL_ZONE_TOTAL = "puppetha_enroll_total"
+#: Longest silence either way on an enrollment connection (puppetha-enroll waits 30 s).
+ENROLL_PROXY_TIMEOUT = "30s"
 
 
 def render_files(
