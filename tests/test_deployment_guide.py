@@ -5,7 +5,10 @@ and a mount namespace of its own, where ``/etc``, ``/opt``, ``/srv``, ``/usr``, 
 ``/run`` are overlays on this machine's (writes stay in the test's directory).  Real nginx,
 puppetserver and puppet agent; moto as AWS; an IMDS emulator per host; systemd played by
 :mod:`puppetha.testing.systemd`.  Only what the guide's "How this page is tested" names differs
-from the text.  It ends with the agent's runs applying their catalogs through nginx.
+from the text.  It ends with the agent's runs applying their catalogs through nginx; then, as
+the guide's operator would, it revokes the agent and sees every host follow: nginx refuses it,
+the master's CRL files follow the store, and the agent's own CRL copy is refreshed through the
+front.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from puppetha.aws.boto import instance_info
@@ -149,6 +153,16 @@ def test_the_unit_starts_only_once_configured() -> None:
 # -- the hosts -------------------------------------------------------------------------------
 
 
+def crls_in(pem: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM bundle (``openssl crl`` would read only the first)."""
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\n?", pem, re.S)
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
+def lists(crls: list[x509.CertificateRevocationList], serial: int) -> bool:
+    return any(crl.get_revoked_certificate_by_serial_number(serial) is not None for crl in crls)
+
+
 def require_parts() -> None:
     require_netns()
     for path, package in TOOLS.items():
@@ -178,10 +192,10 @@ class MountNamespaces:
             (base / "upper").mkdir(parents=True, exist_ok=True)
             (base / "work").mkdir(parents=True, exist_ok=True)
             layers = ":".join(str(p) for p in [*lower.get(name, []), Path("/") / name])
-            # redirect_dir: a directory of the lower layer can be renamed, as on the disk of an
-            # instance (without it overlayfs answers EXDEV, which an ssldir swap would meet).
+            # Without redirect_dir, as on many instances' disks: renaming a directory of a lower
+            # layer answers EXDEV, which puppetha-enroll's ssldir writes must not meet.
             mounts.append(f"mount -t overlay overlay -o lowerdir={layers},upperdir={base}/upper,"
-                          f"workdir={base}/work,redirect_dir=on /{name}")
+                          f"workdir={base}/work /{name}")
         namespace = self.anchor / host
         namespace.touch()
         subprocess.run(["unshare", f"--mount={namespace}", "--propagation", "private", "sh", "-ec",
@@ -419,4 +433,67 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
     lb_log = (fleet.mounts.layer("lb1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log").read_text()
     assert lb_log.count("nginx could not be reloaded") == 1, lb_log[-3000:]
     assert lb_log.count("nginx reached") == 1, lb_log[-3000:]
+    # nginx's workers reach the agent bundles: the daemon found no directory in their way.
+    assert "cannot enter" not in lb_log, lb_log[-3000:]
     shutil.rmtree(fleet.directory / "hosts" / BUILD, ignore_errors=True)
+
+    # The ENC puppetserver ran is the one the guide names, and its user reads it.
+    puppet_conf = fleet.run("master1", "cat /etc/puppet/puppet.conf")
+    enc = re.search(r"^external_nodes = (.*)$", puppet_conf, re.M)
+    assert enc is not None, puppet_conf
+    assert f"`external_nodes = {enc.group(1)}`" in " ".join(GUIDE.read_text().split()), enc.group(1)
+    interpreter, isolated, bytecode = enc.group(1).split()[:3]
+    assert (interpreter, isolated) == ("/opt/puppetha/bin/python3", "-IS"), enc.group(1)
+    fleet.run("master1", f"setpriv --reuid puppet --regid puppet --init-groups test -r {bytecode}")
+
+    revocation_is_followed_everywhere(fleet, certname)
+
+
+def revocation_is_followed_everywhere(fleet: Fleet, certname: str) -> None:
+    """`puppetha node revoke`, and what the guide says follows it on each host."""
+    agent_ssl = fleet.mounts.layer("agent1", "var") / "lib" / "puppet" / "ssl"
+    certificate = x509.load_pem_x509_certificate((agent_ssl / "certs" / f"{certname}.pem").read_bytes())
+    serial = certificate.serial_number
+    master_ssl = fleet.mounts.layer("master1", "var") / "lib" / "puppet" / "ssl"
+    assert not lists(crls_in((master_ssl / "crl.pem").read_bytes()), serial)
+
+    fleet.run("enroll1", f"puppetha node revoke {certname}")
+    store = fleet.run("enroll1", "puppetha crl show --pem 2>/dev/null")
+    assert lists(crls_in(store.encode()), serial)
+
+    # The master's daemon (user puppetha, sandboxed) rewrites puppetserver's CRL files from the
+    # store within [master] crl_interval (10 s): every CA's in crl.pem, the lb CA's in lb-crl.pem.
+    stored = {crl.public_bytes(Encoding.PEM) for crl in crls_in(store.encode())}
+    deadline = time.monotonic() + 60
+    while {c.public_bytes(Encoding.PEM) for c in crls_in((master_ssl / "crl.pem").read_bytes())} != stored:
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(1)
+    (lb_crl,) = crls_in((master_ssl / "lb-crl.pem").read_bytes())
+    assert lb_crl.public_bytes(Encoding.PEM) in stored
+    lb_ca = x509.load_pem_x509_certificate((master_ssl / "lb-ca.pem").read_bytes())
+    assert lb_crl.issuer == lb_ca.subject
+    master_log = (fleet.mounts.layer("master1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log")
+    assert "wrote the store's CRLs to /var/lib/puppet/ssl/crl.pem" in master_log.read_text()
+    # Still puppet's to read, and 0644 as puppetha-enroll wrote it.
+    modes = fleet.run("master1", "stat -c '%a %G' /var/lib/puppet/ssl/crl.pem /var/lib/puppet/ssl/lb-crl.pem")
+    assert modes.split("\n")[:2] == ["644 puppet", "644 puppet"], modes
+
+    # The agent's next run once its crl_refresh_interval has passed (the file's age is how Puppet
+    # tells): it fetches every CA's CRL through the front, without its certificate, finds itself
+    # revoked and stops.
+    fleet.run("agent1", "touch -d '1 day ago' /var/lib/puppet/ssl/crl.pem")
+    refused = fleet.run("agent1", "puppet agent --test || echo exit=$?")
+    assert "exit=1" in refused, refused
+    assert lists(crls_in((agent_ssl / "crl.pem").read_bytes()), serial), refused
+    access_path = fleet.mounts.layer("lb1", "var") / "log" / "nginx" / "puppetha-access.log"
+    access_log = access_path.read_text()
+    agent = re.escape(fleet.rig["agent1"].address)
+    assert re.search(rf'^{agent} .*"GET /puppet-ca/v1/certificate_revocation_list/ca\S* HTTP/[\d.]+" 200 ',
+                     access_log, re.M), access_log[-3000:]
+    # nginx refuses the revoked certificate itself, even from an agent that does not check it.
+    before = len(access_log)
+    unchecked = fleet.run("agent1", "puppet agent --test --certificate_revocation false || echo exit=$?")
+    assert "exit=1" in unchecked, unchecked
+    access_log = access_path.read_text()[before:]
+    assert re.search(rf'^{agent} .*"\w+ /puppet/v3/\S* HTTP/[\d.]+" 400 ', access_log, re.M), access_log
+    assert not re.search(rf'^{agent} .*"\w+ /puppet/v3/\S* HTTP/[\d.]+" 200 ', access_log, re.M), access_log
