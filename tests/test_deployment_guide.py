@@ -150,6 +150,60 @@ def test_the_unit_starts_only_once_configured() -> None:
     assert "--config /etc/puppetha/puppetha.conf" in unit
 
 
+# A unit with the puppetha unit's sandboxing, run by the stand-in in a private mount namespace
+# where every path it touches is a tmpfs of its own (nothing reaches this machine even where the
+# sandbox failed): what the walk's drop-ins are checked against.
+SANDBOXED_UNIT = """
+set -e
+for scratch in /etc/systemd/system /run /var/log /tmp; do mount -t tmpfs tmpfs $scratch; done
+mkdir /var/log/opened
+cat > /run/probe <<'PROBE'
+for f in /etc/systemd/system/x /var/log/x /var/log/opened/x /tmp/x /run/sandboxed/x; do
+    touch $f 2>/dev/null && echo $f writable || echo $f read-only
+done
+grep NoNewPrivs /proc/self/status
+echo done
+sleep 60
+PROBE
+unit() {
+    cat > /etc/systemd/system/$1.service <<UNIT
+[Service]
+ProtectSystem=strict
+PrivateTmp=true
+NoNewPrivileges=true
+RuntimeDirectory=$1
+ReadWritePaths=$2
+ExecStart=/bin/sh /run/probe
+UNIT
+}
+unit sandboxed "/var/log/opened -/var/log/optional"
+unit missing /var/log/missing
+PYTHON -m puppetha.testing.systemd start sandboxed
+until grep -q done /var/log/puppetha-test-systemd/sandboxed.log; do sleep 0.1; done
+cat /var/log/puppetha-test-systemd/sandboxed.log
+PYTHON -m puppetha.testing.systemd stop sandboxed
+PYTHON -m puppetha.testing.systemd start missing || echo "missing: exit $?"
+"""
+
+
+def test_the_systemd_stand_in_applies_the_units_sandbox() -> None:
+    require_netns()  # root, as for the walk
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           SANDBOXED_UNIT.replace("PYTHON", PYTHON)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # Read-only everywhere but ReadWritePaths, the runtime directory and a private /tmp.
+    for path, state in [("/etc/systemd/system/x", "read-only"), ("/var/log/x", "read-only"),
+                        ("/var/log/opened/x", "writable"), ("/tmp/x", "writable"),
+                        ("/run/sandboxed/x", "writable")]:
+        assert f"{path} {state}" in output, output
+    assert "NoNewPrivs:\t1" in output, output
+    # A ReadWritePaths entry that does not exist fails the start (systemd: 226/NAMESPACE).
+    assert "/var/log/missing does not exist" in output, output
+    assert "missing: exit 1" in output, output
+
+
 # -- the hosts -------------------------------------------------------------------------------
 
 
