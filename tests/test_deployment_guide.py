@@ -503,6 +503,23 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
     revocation_is_followed_everywhere(fleet, certname)
 
 
+#: On enroll1: every CA's CRL re-signed now, as the daemons do once one nears its end
+#: (``[pki] crl_refresh_margin``, years away in the walk).
+RESIGN_CRLS = """/opt/puppetha/bin/python3 -c '
+import sys, time
+from datetime import timedelta
+from puppetha.cli import Context
+from puppetha.config import DEFAULT_CONFIG_PATH
+context = Context(DEFAULT_CONFIG_PATH, {}, sys.stdout, time.time)
+print("re-signed", *context.authority.refresh_crls(timedelta(days=36500)))
+context.close()
+'"""
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
 def revocation_is_followed_everywhere(fleet: Fleet, certname: str) -> None:
     """`puppetha node revoke`, and what the guide says follows it on each host."""
     agent_ssl = fleet.mounts.layer("agent1", "var") / "lib" / "puppet" / "ssl"
@@ -510,6 +527,20 @@ def revocation_is_followed_everywhere(fleet: Fleet, certname: str) -> None:
     serial = certificate.serial_number
     master_ssl = fleet.mounts.layer("master1", "var") / "lib" / "puppet" / "ssl"
     assert not lists(crls_in((master_ssl / "crl.pem").read_bytes()), serial)
+
+    # The lb CA's CRL re-signed: the master's daemon rewrites lb-crl.pem, puppetserver reloads it
+    # and still lets lb1 in (the agent's run through the front applies its catalog).
+    (lb_before,) = crls_in((master_ssl / "lb-crl.pem").read_bytes())
+    assert " lb" in fleet.run("enroll1", RESIGN_CRLS)
+    deadline = time.monotonic() + 60
+    while crl_number(crls_in((master_ssl / "lb-crl.pem").read_bytes())[0]) <= crl_number(lb_before):
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(1)
+    master_log = (fleet.mounts.layer("master1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log")
+    assert "wrote the store's CRLs to /var/lib/puppet/ssl/lb-crl.pem" in master_log.read_text()
+    time.sleep(5)  # puppetserver's filesystem watcher reloads its SSL context a moment later
+    still = fleet.run("agent1", "puppet agent --test || [ $? -eq 2 ]")
+    assert f"Notice: managed by puppetha ({certname})" in still, still
 
     fleet.run("enroll1", f"puppetha node revoke {certname}")
     store = fleet.run("enroll1", "puppetha crl show --pem 2>/dev/null")
@@ -526,7 +557,6 @@ def revocation_is_followed_everywhere(fleet: Fleet, certname: str) -> None:
     assert lb_crl.public_bytes(Encoding.PEM) in stored
     lb_ca = x509.load_pem_x509_certificate((master_ssl / "lb-ca.pem").read_bytes())
     assert lb_crl.issuer == lb_ca.subject
-    master_log = (fleet.mounts.layer("master1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log")
     assert "wrote the store's CRLs to /var/lib/puppet/ssl/crl.pem" in master_log.read_text()
     # Still puppet's to read, and 0644 as puppetha-enroll wrote it.
     modes = fleet.run("master1", "stat -c '%a %G' /var/lib/puppet/ssl/crl.pem /var/lib/puppet/ssl/lb-crl.pem")
