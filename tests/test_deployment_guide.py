@@ -5,7 +5,10 @@ and a mount namespace of its own, where ``/etc``, ``/opt``, ``/srv``, ``/usr``, 
 ``/run`` are overlays on this machine's (writes stay in the test's directory).  Real nginx,
 puppetserver and puppet agent; moto as AWS; an IMDS emulator per host; systemd played by
 :mod:`puppetha.testing.systemd`.  Only what the guide's "How this page is tested" names differs
-from the text.  It ends with the agent's runs applying their catalogs through nginx.
+from the text.  It ends with the agent's runs applying their catalogs through nginx; then, as
+the guide's operator would, it revokes the agent and sees every host follow: nginx refuses it,
+the master's CRL files follow the store, and the agent's own CRL copy is refreshed through the
+front.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from puppetha.aws.boto import instance_info
@@ -146,7 +150,71 @@ def test_the_unit_starts_only_once_configured() -> None:
     assert "--config /etc/puppetha/puppetha.conf" in unit
 
 
+# A unit with the puppetha unit's sandboxing, run by the stand-in in a private mount namespace
+# where every path it touches is a tmpfs of its own (nothing reaches this machine even where the
+# sandbox failed): what the walk's drop-ins are checked against.
+SANDBOXED_UNIT = """
+set -e
+for scratch in /etc/systemd/system /run /var/log /tmp; do mount -t tmpfs tmpfs $scratch; done
+mkdir /var/log/opened
+cat > /run/probe <<'PROBE'
+for f in /etc/systemd/system/x /var/log/x /var/log/opened/x /tmp/x /run/sandboxed/x; do
+    touch $f 2>/dev/null && echo $f writable || echo $f read-only
+done
+grep NoNewPrivs /proc/self/status
+echo done
+sleep 60
+PROBE
+unit() {
+    cat > /etc/systemd/system/$1.service <<UNIT
+[Service]
+ProtectSystem=strict
+PrivateTmp=true
+NoNewPrivileges=true
+RuntimeDirectory=$1
+ReadWritePaths=$2
+ExecStart=/bin/sh /run/probe
+UNIT
+}
+unit sandboxed "/var/log/opened -/var/log/optional"
+unit missing /var/log/missing
+PYTHON -m puppetha.testing.systemd start sandboxed
+until grep -q done /var/log/puppetha-test-systemd/sandboxed.log; do sleep 0.1; done
+cat /var/log/puppetha-test-systemd/sandboxed.log
+PYTHON -m puppetha.testing.systemd stop sandboxed
+PYTHON -m puppetha.testing.systemd start missing || echo "missing: exit $?"
+"""
+
+
+def test_the_systemd_stand_in_applies_the_units_sandbox() -> None:
+    require_netns()  # root, as for the walk
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           SANDBOXED_UNIT.replace("PYTHON", PYTHON)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # Read-only everywhere but ReadWritePaths, the runtime directory and a private /tmp.
+    for path, state in [("/etc/systemd/system/x", "read-only"), ("/var/log/x", "read-only"),
+                        ("/var/log/opened/x", "writable"), ("/tmp/x", "writable"),
+                        ("/run/sandboxed/x", "writable")]:
+        assert f"{path} {state}" in output, output
+    assert "NoNewPrivs:\t1" in output, output
+    # A ReadWritePaths entry that does not exist fails the start (systemd: 226/NAMESPACE).
+    assert "/var/log/missing does not exist" in output, output
+    assert "missing: exit 1" in output, output
+
+
 # -- the hosts -------------------------------------------------------------------------------
+
+
+def crls_in(pem: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM bundle (``openssl crl`` would read only the first)."""
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\n?", pem, re.S)
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
+def lists(crls: list[x509.CertificateRevocationList], serial: int) -> bool:
+    return any(crl.get_revoked_certificate_by_serial_number(serial) is not None for crl in crls)
 
 
 def require_parts() -> None:
@@ -178,10 +246,10 @@ class MountNamespaces:
             (base / "upper").mkdir(parents=True, exist_ok=True)
             (base / "work").mkdir(parents=True, exist_ok=True)
             layers = ":".join(str(p) for p in [*lower.get(name, []), Path("/") / name])
-            # redirect_dir: a directory of the lower layer can be renamed, as on the disk of an
-            # instance (without it overlayfs answers EXDEV, which an ssldir swap would meet).
+            # Without redirect_dir, as on many instances' disks: renaming a directory of a lower
+            # layer answers EXDEV, which puppetha-enroll's ssldir writes must not meet.
             mounts.append(f"mount -t overlay overlay -o lowerdir={layers},upperdir={base}/upper,"
-                          f"workdir={base}/work,redirect_dir=on /{name}")
+                          f"workdir={base}/work /{name}")
         namespace = self.anchor / host
         namespace.touch()
         subprocess.run(["unshare", f"--mount={namespace}", "--propagation", "private", "sh", "-ec",
@@ -419,4 +487,97 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
     lb_log = (fleet.mounts.layer("lb1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log").read_text()
     assert lb_log.count("nginx could not be reloaded") == 1, lb_log[-3000:]
     assert lb_log.count("nginx reached") == 1, lb_log[-3000:]
+    # nginx's workers reach the agent bundles: the daemon found no directory in their way.
+    assert "cannot enter" not in lb_log, lb_log[-3000:]
     shutil.rmtree(fleet.directory / "hosts" / BUILD, ignore_errors=True)
+
+    # The ENC puppetserver ran is the one the guide names, and its user reads it.
+    puppet_conf = fleet.run("master1", "cat /etc/puppet/puppet.conf")
+    enc = re.search(r"^external_nodes = (.*)$", puppet_conf, re.M)
+    assert enc is not None, puppet_conf
+    assert f"`external_nodes = {enc.group(1)}`" in " ".join(GUIDE.read_text().split()), enc.group(1)
+    interpreter, isolated, bytecode = enc.group(1).split()[:3]
+    assert (interpreter, isolated) == ("/opt/puppetha/bin/python3", "-IS"), enc.group(1)
+    fleet.run("master1", f"setpriv --reuid puppet --regid puppet --init-groups test -r {bytecode}")
+
+    revocation_is_followed_everywhere(fleet, certname)
+
+
+#: On enroll1: every CA's CRL re-signed now, as the daemons do once one nears its end
+#: (``[pki] crl_refresh_margin``, years away in the walk).
+RESIGN_CRLS = """/opt/puppetha/bin/python3 -c '
+import sys, time
+from datetime import timedelta
+from puppetha.cli import Context
+from puppetha.config import DEFAULT_CONFIG_PATH
+context = Context(DEFAULT_CONFIG_PATH, {}, sys.stdout, time.time)
+print("re-signed", *context.authority.refresh_crls(timedelta(days=36500)))
+context.close()
+'"""
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def revocation_is_followed_everywhere(fleet: Fleet, certname: str) -> None:
+    """`puppetha node revoke`, and what the guide says follows it on each host."""
+    agent_ssl = fleet.mounts.layer("agent1", "var") / "lib" / "puppet" / "ssl"
+    certificate = x509.load_pem_x509_certificate((agent_ssl / "certs" / f"{certname}.pem").read_bytes())
+    serial = certificate.serial_number
+    master_ssl = fleet.mounts.layer("master1", "var") / "lib" / "puppet" / "ssl"
+    assert not lists(crls_in((master_ssl / "crl.pem").read_bytes()), serial)
+
+    # The lb CA's CRL re-signed: the master's daemon rewrites lb-crl.pem, puppetserver reloads it
+    # and still lets lb1 in (the agent's run through the front applies its catalog).
+    (lb_before,) = crls_in((master_ssl / "lb-crl.pem").read_bytes())
+    assert " lb" in fleet.run("enroll1", RESIGN_CRLS)
+    deadline = time.monotonic() + 60
+    while crl_number(crls_in((master_ssl / "lb-crl.pem").read_bytes())[0]) <= crl_number(lb_before):
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(1)
+    master_log = (fleet.mounts.layer("master1", "var") / "log" / "puppetha-test-systemd" / "puppetha.log")
+    assert "wrote the store's CRLs to /var/lib/puppet/ssl/lb-crl.pem" in master_log.read_text()
+    time.sleep(5)  # puppetserver's filesystem watcher reloads its SSL context a moment later
+    still = fleet.run("agent1", "puppet agent --test || [ $? -eq 2 ]")
+    assert f"Notice: managed by puppetha ({certname})" in still, still
+
+    fleet.run("enroll1", f"puppetha node revoke {certname}")
+    store = fleet.run("enroll1", "puppetha crl show --pem 2>/dev/null")
+    assert lists(crls_in(store.encode()), serial)
+
+    # The master's daemon (user puppetha, sandboxed) rewrites puppetserver's CRL files from the
+    # store within [master] crl_interval (10 s): every CA's in crl.pem, the lb CA's in lb-crl.pem.
+    stored = {crl.public_bytes(Encoding.PEM) for crl in crls_in(store.encode())}
+    deadline = time.monotonic() + 60
+    while {c.public_bytes(Encoding.PEM) for c in crls_in((master_ssl / "crl.pem").read_bytes())} != stored:
+        assert time.monotonic() < deadline, fleet.logs()
+        time.sleep(1)
+    (lb_crl,) = crls_in((master_ssl / "lb-crl.pem").read_bytes())
+    assert lb_crl.public_bytes(Encoding.PEM) in stored
+    lb_ca = x509.load_pem_x509_certificate((master_ssl / "lb-ca.pem").read_bytes())
+    assert lb_crl.issuer == lb_ca.subject
+    assert "wrote the store's CRLs to /var/lib/puppet/ssl/crl.pem" in master_log.read_text()
+    # Still puppet's to read, and 0644 as puppetha-enroll wrote it.
+    modes = fleet.run("master1", "stat -c '%a %G' /var/lib/puppet/ssl/crl.pem /var/lib/puppet/ssl/lb-crl.pem")
+    assert modes.split("\n")[:2] == ["644 puppet", "644 puppet"], modes
+
+    # The agent's next run once its crl_refresh_interval has passed (the file's age is how Puppet
+    # tells): it fetches every CA's CRL through the front, without its certificate, finds itself
+    # revoked and stops.
+    fleet.run("agent1", "touch -d '1 day ago' /var/lib/puppet/ssl/crl.pem")
+    refused = fleet.run("agent1", "puppet agent --test || echo exit=$?")
+    assert "exit=1" in refused, refused
+    assert lists(crls_in((agent_ssl / "crl.pem").read_bytes()), serial), refused
+    access_path = fleet.mounts.layer("lb1", "var") / "log" / "nginx" / "puppetha-access.log"
+    access_log = access_path.read_text()
+    agent = re.escape(fleet.rig["agent1"].address)
+    assert re.search(rf'^{agent} .*"GET /puppet-ca/v1/certificate_revocation_list/ca\S* HTTP/[\d.]+" 200 ',
+                     access_log, re.M), access_log[-3000:]
+    # nginx refuses the revoked certificate itself, even from an agent that does not check it.
+    before = len(access_log)
+    unchecked = fleet.run("agent1", "puppet agent --test --certificate_revocation false || echo exit=$?")
+    assert "exit=1" in unchecked, unchecked
+    access_log = access_path.read_text()[before:]
+    assert re.search(rf'^{agent} .*"\w+ /puppet/v3/\S* HTTP/[\d.]+" 400 ', access_log, re.M), access_log
+    assert not re.search(rf'^{agent} .*"\w+ /puppet/v3/\S* HTTP/[\d.]+" 200 ', access_log, re.M), access_log

@@ -8,8 +8,13 @@ drop-ins from ``NAME.service.d/*.conf``): ``ConditionPathExists``, ``Type`` (sim
 forking with ``PIDFile``), ``User``, ``Group``, ``UMask``, ``Environment``, ``EnvironmentFile``,
 ``RuntimeDirectory``/``StateDirectory`` (and their modes), ``ExecStartPre``, ``ExecStart``,
 ``ExecStartPost``, with ``$VAR``/``${VAR}`` expansion and ``%%``.  The working directory is
-``/``, as systemd's.  Sandboxing (``ProtectSystem``, ...) is not applied.  A service's output
-goes to ``/var/log/puppetha-test-systemd/NAME.log`` (journald's place).  ``AWS_*`` variables of
+``/``, as systemd's.  The sandboxing our unit uses is applied too, in a mount namespace of the
+service's own (:data:`SANDBOX`): ``ProtectSystem=strict`` (every mount read-only but ``/dev``,
+``/proc``, ``/sys``, the runtime and state directories and ``ReadWritePaths``, a missing one of
+which fails the start as in systemd unless prefixed ``-``), ``PrivateTmp``, ``ProtectHome`` and
+``NoNewPrivileges``; so a unit that forgets a path it writes fails here as on a real host.
+Other sandboxing directives are not applied.  A service's output goes to
+``/var/log/puppetha-test-systemd/NAME.log`` (journald's place).  ``AWS_*`` variables of
 the caller reach the services: they stand in for an instance profile's credentials.
 
 Only for tests: it is not a service manager (no restarts, no dependencies).
@@ -34,6 +39,39 @@ UNIT_DIRS = (Path("/etc/systemd/system"), Path("/lib/systemd/system"), Path("/us
 STATE = Path("/run/puppetha-test-systemd")
 LOGS = Path("/var/log/puppetha-test-systemd")
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+#: Run as root in a new mount namespace (``unshare --mount``): ``$1`` the newline-separated
+#: writable paths, ``$2`` whether /tmp and the homes are private, then the command (which drops
+#: to the service's user through ``setpriv``).
+SANDBOX = r"""
+set -e
+writable=$1 private=$2
+shift 2
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
+    case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac
+    mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+if [ "$private" = yes ]; then
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+    for home in /home /root /run/user; do
+        if [ -d "$home" ]; then mount -t tmpfs -o ro,mode=0 tmpfs "$home"; fi
+    done
+fi
+printf '%s\n' "$writable" | while read -r path; do
+    optional=no
+    case "$path" in -*) optional=yes; path=${path#-} ;; esac
+    [ -n "$path" ] || continue
+    if [ ! -e "$path" ]; then
+        [ "$optional" = yes ] && continue
+        echo "ReadWritePaths: $path does not exist (status=226/NAMESPACE)" >&2
+        exit 226
+    fi
+    mount --bind "$path" "$path"
+    mount -o remount,bind,rw "$path"
+done
+exec "$@"
+"""
 
 
 class UnitError(Exception):
@@ -151,6 +189,7 @@ class Service:
                 env[key] = value
         self.env = env
         self.umask = int(_last(self.service, "UMask", "0022"), 8)
+        self.sandboxed = _last(self.service, "ProtectSystem") == "strict"
         self.pid_path = STATE / f"{self.name}.pid"
         self.log_path = LOGS / f"{self.name}.log"
 
@@ -165,7 +204,31 @@ class Service:
         if names:
             self.env[variable] = ":".join(str(Path(base) / n) for n in names)
 
+    def writable_paths(self) -> list[str]:
+        """What ``ProtectSystem=strict`` leaves writable: the unit's directories, ``ReadWritePaths``."""
+        paths = [f"/run/{n}" for line in self.service.get("RuntimeDirectory", []) for n in line.split()]
+        paths += [f"/var/lib/{n}" for line in self.service.get("StateDirectory", []) for n in line.split()]
+        paths += [p for line in self.service.get("ReadWritePaths", []) for p in line.split()]
+        return paths
+
+    def _sandboxed(self, argv: Sequence[str]) -> list[str]:
+        private = any(_last(self.service, key) == "true" for key in ("PrivateTmp", "ProtectHome"))
+        groups = ",".join(str(g) for g in self.extra_groups)
+        drop = ["setpriv", f"--reuid={pwd.getpwnam(self.user).pw_uid}",
+                f"--regid={grp.getgrnam(self.group).gr_gid}",
+                f"--groups={groups}" if groups else "--clear-groups"]
+        if _last(self.service, "NoNewPrivileges") == "true":
+            drop.append("--no-new-privs")
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SANDBOX, "sandbox",
+                "\n".join(self.writable_paths()), "yes" if private else "no", *drop, "--", *argv]
+
     def _popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        if self.sandboxed:
+            # Root sets the namespace up; setpriv then becomes the service's user.
+            return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+                self._sandboxed(argv), cwd="/", env=self.env, umask=self.umask,
+                stdin=subprocess.DEVNULL, **kwargs,
+            )
         return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
             list(argv), cwd="/", env=self.env, user=self.user, group=self.group,
             extra_groups=self.extra_groups, umask=self.umask, stdin=subprocess.DEVNULL, **kwargs,
