@@ -27,8 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.launcher import compiled_script
-from puppetha.enroll import client
-from puppetha.enroll.client import (
+from puppetha.instance import enroll as client
+from puppetha.instance.enroll import (
     EXIT_LOCAL,
     EXIT_OK,
     EXIT_REFUSED,
@@ -990,7 +990,7 @@ def test_console_script_exit_code(imds: FakeIMDS, enroll_server: FakeEnrollServe
         403, "account-not-allowed", "account 123456789012 may not enroll"
     )
     argv = [
-        sys.executable, "-m", "puppetha.enroll.client", "--role", "agent", "--server", enroll_server.url(),
+        sys.executable, "-m", "puppetha.instance.enroll", "--role", "agent", "--server", enroll_server.url(),
         "--ca-fingerprint", enroll_server.ca.pin, "--imds-url", imds.url, *host.args(),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -1251,3 +1251,32 @@ def test_wait_writes_again_with_the_same_key_after_a_failed_write(
     }
     assert len(keys) == 1
     assert host.puppet_conf.is_file()
+
+
+# -- what the instance's side imports ------------------------------------------------------------
+
+#: Imports every module of a package in a fresh interpreter and prints the Twisted modules loaded.
+_TWISTED_LOADED = """
+import importlib, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(module.name)
+print(" ".join(sorted(name for name in sys.modules if name == "twisted" or name.startswith("twisted."))))
+"""
+
+
+def twisted_loaded_by(package: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", _TWISTED_LOADED, package],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.split()
+
+
+def test_instance_side_imports_no_twisted() -> None:
+    """``puppetha-enroll`` runs on a fresh host with cryptography and the stdlib: none of its
+    modules, nor anything they import, may pull in Twisted."""
+    assert twisted_loaded_by("puppetha.instance") == []
+
+
+def test_twisted_check_sees_the_server_side() -> None:
+    """The check above can fail: the server's enrollment package does load Twisted."""
+    assert "twisted.internet" in twisted_loaded_by("puppetha.enroll")

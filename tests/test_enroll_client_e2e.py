@@ -29,11 +29,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.launcher import fast_command
-from puppetha.enroll import client
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.instance import enroll as client
 from puppetha.pki.authority import LB_CA, ROOT, CertificateAuthority
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType

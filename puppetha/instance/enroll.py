@@ -34,15 +34,15 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from puppetha.enc.launcher import compile_script
-from puppetha.enroll.policy import MASTER_PORT
-from puppetha.enroll.puppetserver import (
+from puppetha.instance.puppetserver import (
+    MASTER_PORT,
     MasterMaterial,
     MasterSettings,
     PuppetserverLayout,
     master_config_files,
     server_settings,
 )
-from puppetha.enroll.ssldir import (
+from puppetha.instance.ssldir import (
     PUBLIC_FILE_MODE,
     AlreadyEnrolled,
     Changes,
