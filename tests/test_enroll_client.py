@@ -1262,28 +1262,45 @@ def test_wait_writes_again_with_the_same_key_after_a_failed_write(
 
 # -- what the instance's side imports ------------------------------------------------------------
 
-#: Imports every module of a package in a fresh interpreter and prints the Twisted modules loaded.
-_TWISTED_LOADED = """
+#: Imports every module of a package in a fresh interpreter and prints every module then loaded.
+_MODULES_LOADED = """
 import importlib, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
 for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
     importlib.import_module(module.name)
-print(" ".join(sorted(name for name in sys.modules if name == "twisted" or name.startswith("twisted."))))
+print(" ".join(sorted(sys.modules)))
 """
 
+#: What the instance's side may use of puppetha outside its own package: shared PKI helpers and
+#: the ENC's launcher (a master's puppetserver runs the ENC script with its command).
+INSTANCE_MAY_USE = {
+    "puppetha", "puppetha.pki", "puppetha.pki.certs", "puppetha.pki.keys", "puppetha.pki.names",
+    "puppetha.enc", "puppetha.enc.launcher",
+}  # fmt: skip
 
-def twisted_loaded_by(package: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _TWISTED_LOADED, package],
+
+def modules_loaded_by(package: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", _MODULES_LOADED, package],
                           capture_output=True, text=True, timeout=60, check=True)
-    return done.stdout.split()
+    return set(done.stdout.split())
 
 
-def test_instance_side_imports_no_twisted() -> None:
+def twisted(modules: set[str]) -> set[str]:
+    return {name for name in modules if name == "twisted" or name.startswith("twisted.")}
+
+
+def test_instance_side_imports_no_twisted_and_nothing_of_the_server() -> None:
     """``puppetha-enroll`` runs on a fresh host with cryptography and the stdlib: none of its
-    modules, nor anything they import, may pull in Twisted."""
-    assert twisted_loaded_by("puppetha.instance") == []
+    modules, nor anything they import, may pull in Twisted or the server's code."""
+    loaded = modules_loaded_by("puppetha.instance")
+    assert twisted(loaded) == set()
+    ours = {name for name in loaded if name.split(".")[0] == "puppetha"}
+    assert {name for name in ours if not name.startswith("puppetha.instance")} <= INSTANCE_MAY_USE
+    assert "puppetha.instance.enroll" in ours
 
 
-def test_twisted_check_sees_the_server_side() -> None:
-    """The check above can fail: the server's enrollment package does load Twisted."""
-    assert "twisted.internet" in twisted_loaded_by("puppetha.enroll")
+def test_import_check_sees_the_server_side() -> None:
+    """The check above can fail: the server's enrollment package loads Twisted and the store."""
+    loaded = modules_loaded_by("puppetha.enroll")
+    assert "twisted.internet" in twisted(loaded)
+    assert "puppetha.store" in loaded
