@@ -1304,3 +1304,16 @@ def test_import_check_sees_the_server_side() -> None:
     loaded = modules_loaded_by("puppetha.enroll")
     assert "twisted.internet" in twisted(loaded)
     assert "puppetha.store" in loaded
+
+
+def test_a_master_listens_where_the_server_registers_it() -> None:
+    """The two sides name Puppet's port apart (the client imports nothing of the server's); the
+    server registers every master at its own, so the client's default must be the same."""
+    from puppetha.enroll.policy import MASTER_PORT as REGISTERED_PORT
+    from puppetha.instance.options import parse_options
+    from puppetha.instance.puppetserver import MASTER_PORT, MasterSettings
+
+    options = parse_options(["--role", "master", "--server", "https://enroll.example.net",
+                             "--ca-fingerprint", "sha256:" + "ab" * 32])
+    assert options.listen_port == MasterSettings(listen_address="10.0.0.5").listen_port == MASTER_PORT
+    assert MASTER_PORT == REGISTERED_PORT
