@@ -17,6 +17,7 @@ setup(
         "puppetha.enc",
         "puppetha.enroll",
         "puppetha.ha",
+        "puppetha.instance",
         "puppetha.pki",
         "puppetha.store",
         "puppetha.testing",
@@ -54,7 +55,7 @@ setup(
     entry_points={
         "console_scripts": [
             "puppetha = puppetha.cli:main",
-            "puppetha-enroll = puppetha.enroll.client:main",
+            "puppetha-enroll = puppetha.instance.enroll:main",
             "puppetha-enc = puppetha.enc.script:main",
         ],
     },

@@ -62,7 +62,7 @@ from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import TrustStore
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import ensure_server_credentials, listen_enrollment
-from puppetha.enroll.puppetserver import JRUBY_LIB, PUPPETSERVER_JAR, RUBY_LOAD_PATH, VENDORED_GEMS
+from puppetha.instance.puppetserver import JRUBY_LIB, PUPPETSERVER_JAR, RUBY_LOAD_PATH, VENDORED_GEMS
 from puppetha.pki.keys import KeyType
 from puppetha.testing.aws import FakeAWSSigner
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer

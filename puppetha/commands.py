@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from puppetha.cli import EXIT_FAILED, CLIError, Context
+from puppetha.context import EXIT_FAILED, CLIError, Context
 from puppetha.pki.authority import ROOT, CAExists, UnknownCA
 from puppetha.pki.certs import fingerprint
 from puppetha.store import StoreError

@@ -24,7 +24,7 @@ from attrs import define
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.script import TIMEOUT as ENC_CLIENT_TIMEOUT
 from puppetha.enc.script import classify
-from puppetha.enroll.client import DEFAULT_TIMEOUT as ENROLL_CLIENT_TIMEOUT
+from puppetha.instance.options import DEFAULT_TIMEOUT as ENROLL_CLIENT_TIMEOUT
 from puppetha.store import IStore
 from puppetha.store.records import NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore

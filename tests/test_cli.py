@@ -73,6 +73,17 @@ def test_help_touches_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("argv", [["node", "show", "nosuchnode"], ["classify", "show", "node:nosuchnode"]])
+def test_refusal_as_a_module_is_one_line(tmp_path: Path, argv: list[str]) -> None:
+    """``python -m puppetha.cli`` runs cli.py as ``__main__``; a command group that imported
+    ``puppetha.cli`` raised another module's CLIError, which escaped as a traceback (exit 1)."""
+    run = subprocess.run([sys.executable, "-m", "puppetha.cli", "--state-dir", str(tmp_path / "s"), *argv],
+                         capture_output=True, text=True, check=False)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr.startswith("puppetha: ")
+    assert run.stderr.count("\n") == 1, run.stderr
+
+
 def test_ca_init_then_show(state: Path) -> None:
     created = cli(state, "ca", "init")
     assert created.status == 0, created.err

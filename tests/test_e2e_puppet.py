@@ -43,11 +43,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enc.service import Classifier, ENCSocketService
-from puppetha.enroll import client
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
-from puppetha.enroll.puppetserver import (
+from puppetha.enroll.service import Enrollment
+from puppetha.ha.front import FrontService, decide_front, discover_front
+from puppetha.ha.health import HealthService, StatusProbe
+from puppetha.ha.nginx import Backend, FrontSettings
+from puppetha.instance import enroll as client
+from puppetha.instance.puppetserver import (
     MasterSettings,
     master_config_files,
     master_files,
@@ -55,10 +59,6 @@ from puppetha.enroll.puppetserver import (
     material_from_ssldir,
     write_master_files,
 )
-from puppetha.enroll.service import Enrollment
-from puppetha.ha.front import FrontService, decide_front, discover_front
-from puppetha.ha.health import HealthService, StatusProbe
-from puppetha.ha.nginx import Backend, FrontSettings
 from puppetha.pki.authority import LB_CA, CertificateAuthority
 from puppetha.pki.certs import Usage
 from puppetha.pki.keys import KeyType, private_key_pem

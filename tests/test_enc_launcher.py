@@ -19,7 +19,7 @@ import pytest
 
 from puppetha.enc import launcher
 from puppetha.enc.launcher import SCRIPT, compile_script, compiled_script, fast_command
-from puppetha.enroll.puppetserver import LayoutError, MasterSettings, server_settings
+from puppetha.instance.puppetserver import LayoutError, MasterSettings, server_settings
 
 YAML = b"---\nclasses:\n  ntp: {}\nparameters: {}\n"
 

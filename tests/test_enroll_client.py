@@ -27,14 +27,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.launcher import compiled_script
-from puppetha.enroll import client
-from puppetha.enroll.client import (
+from puppetha.instance import enroll as client
+from puppetha.instance.answer import REQUIRED_USAGE
+from puppetha.instance.csr import make_csr, requested_alt_names
+from puppetha.instance.failures import (
     EXIT_LOCAL,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_UNAVAILABLE,
     EXIT_UNTRUSTED,
+    Untrusted,
 )
+from puppetha.instance.install import MASTER_CA_FILE
+from puppetha.instance.metadata import InstanceIdentity
+from puppetha.instance.options import Options, ServerAddress, parse_host_port, parse_pin, parse_server_url
+from puppetha.instance.server import exit_code_for_status, pinned_root
 from puppetha.pki import certs
 from puppetha.pki.crl import build_crl
 from puppetha.pki.csr import CSRPolicy, CSRRefused, check_csr
@@ -81,7 +88,7 @@ class TestCA:
         """A fresh key and a client certificate for it from the master's CA."""
         key = KeyType.EC_P256.generate()
         cert = certs.issue_leaf(
-            client.make_csr(key, certname, ()),
+            make_csr(key, certname, ()),
             common_name=certname,
             sans=(),
             usage=certs.Usage.CLIENT,
@@ -97,7 +104,7 @@ class TestCA:
     ) -> Path:
         """A TLS key and certificate (then the root) for the enrollment server, as one PEM file."""
         key = KeyType.EC_P256.generate()
-        csr = client.make_csr(key, "puppetha-enroll", ())
+        csr = make_csr(key, "puppetha-enroll", ())
         cert = certs.issue_leaf(
             csr,
             common_name="puppetha-enroll",
@@ -505,7 +512,7 @@ def test_master_asks_for_its_names_and_keeps_its_ca(
     csr = x509.load_pem_x509_csr(request["csr"].encode())
     sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == [INSTANCE_ID, PRIVATE_DNS, "localhost"]
-    master_ca = x509.load_pem_x509_certificate((host.ssldir / "certs" / client.MASTER_CA_FILE).read_bytes())
+    master_ca = x509.load_pem_x509_certificate((host.ssldir / "certs" / MASTER_CA_FILE).read_bytes())
     chain = x509.load_pem_x509_certificates((host.ssldir / "certs/ca.pem").read_bytes())
     assert chain == [master_ca, enroll_server.ca.root]
     assert (host.ssldir / "crl.pem").read_bytes().count(b"BEGIN X509 CRL") == 4
@@ -645,7 +652,7 @@ def test_master_answer_without_a_good_lb_ca_writes_nothing(
     assert (code, out) == (EXIT_UNTRUSTED, "")
     assert "lb" in err
     assert host.snapshot() == {}
-    assert not (host.ssldir / "certs" / client.MASTER_CA_FILE).exists()
+    assert not (host.ssldir / "certs" / MASTER_CA_FILE).exists()
 
 
 def test_the_crl_refresh_interval_is_the_operators_choice(
@@ -990,7 +997,7 @@ def test_console_script_exit_code(imds: FakeIMDS, enroll_server: FakeEnrollServe
         403, "account-not-allowed", "account 123456789012 may not enroll"
     )
     argv = [
-        sys.executable, "-m", "puppetha.enroll.client", "--role", "agent", "--server", enroll_server.url(),
+        sys.executable, "-m", "puppetha.instance.enroll", "--role", "agent", "--server", enroll_server.url(),
         "--ca-fingerprint", enroll_server.ca.pin, "--imds-url", imds.url, *host.args(),
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -1021,9 +1028,9 @@ def test_console_script_exit_code(imds: FakeIMDS, enroll_server: FakeEnrollServe
 def test_parse_pin(text: str, pin: str | None) -> None:
     if pin is None:
         with pytest.raises(ValueError, match="64 hex digits"):
-            client.parse_pin(text)
+            parse_pin(text)
     else:
-        assert client.parse_pin(text) == pin
+        assert parse_pin(text) == pin
 
 
 @pytest.mark.parametrize(
@@ -1043,9 +1050,9 @@ def test_parse_pin(text: str, pin: str | None) -> None:
 def test_parse_server_url(text: str, address: tuple[str, int] | None) -> None:
     if address is None:
         with pytest.raises(ValueError, match="--server"):
-            client.parse_server_url(text)
+            parse_server_url(text)
     else:
-        assert client.parse_server_url(text) == client.ServerAddress(*address)
+        assert parse_server_url(text) == ServerAddress(*address)
 
 
 @pytest.mark.parametrize(
@@ -1069,9 +1076,9 @@ def test_parse_server_url(text: str, address: tuple[str, int] | None) -> None:
 def test_parse_host_port(text: str, address: tuple[str, int] | None) -> None:
     if address is None:
         with pytest.raises(ValueError, match="host:port"):
-            client.parse_host_port(text)
+            parse_host_port(text)
     else:
-        assert client.parse_host_port(text) == client.ServerAddress(*address)
+        assert parse_host_port(text) == ServerAddress(*address)
 
 
 @pytest.mark.parametrize(
@@ -1080,7 +1087,7 @@ def test_parse_host_port(text: str, address: tuple[str, int] | None) -> None:
      (500, EXIT_UNAVAILABLE), (502, EXIT_UNAVAILABLE), (503, EXIT_UNAVAILABLE), (302, EXIT_UNAVAILABLE)],
 )  # fmt: skip
 def test_exit_code_for_status(status: int, code: int) -> None:
-    assert client.exit_code_for_status(status) == code
+    assert exit_code_for_status(status) == code
 
 
 @pytest.mark.parametrize(
@@ -1101,26 +1108,26 @@ def test_requested_alt_names(
     private_dns: str | None,
     expected: tuple[str, ...],
 ) -> None:
-    options = client.Options(
-        role=role, server=client.ServerAddress(server, 8080), ca_fingerprint="sha256:" + "0" * 64,
+    options = Options(
+        role=role, server=ServerAddress(server, 8080), ca_fingerprint="sha256:" + "0" * 64,
         dns_alt_names=alt_names,
     )  # fmt: skip
-    identity = client.InstanceIdentity(b"{}", "sig", INSTANCE_ID, private_dns)
-    assert client.requested_alt_names(options, identity) == expected
+    identity = InstanceIdentity(b"{}", "sig", INSTANCE_ID, private_dns)
+    assert requested_alt_names(options, identity) == expected
 
 
 def test_pinned_root_ignores_lookalikes(ca: TestCA) -> None:
     lookalike = TestCA("puppetha Root CA")
     bundle = pem(lookalike.root) + pem(ca.master_ca) + pem(ca.root)
-    assert client.pinned_root(bundle, ca.pin) == ca.root
-    with pytest.raises(client.Untrusted):
-        client.pinned_root(pem(lookalike.root), ca.pin)
-    with pytest.raises(client.Untrusted, match="no readable certificate"):
-        client.pinned_root(b"not pem", ca.pin)
+    assert pinned_root(bundle, ca.pin) == ca.root
+    with pytest.raises(Untrusted):
+        pinned_root(pem(lookalike.root), ca.pin)
+    with pytest.raises(Untrusted, match="no readable certificate"):
+        pinned_root(b"not pem", ca.pin)
 
 
 def test_required_usages_match_the_api() -> None:
-    assert client.REQUIRED_USAGE == {
+    assert REQUIRED_USAGE == {
         "agent": ExtendedKeyUsageOID.CLIENT_AUTH,
         "master": ExtendedKeyUsageOID.SERVER_AUTH,
         "lb": ExtendedKeyUsageOID.SERVER_AUTH,
@@ -1251,3 +1258,62 @@ def test_wait_writes_again_with_the_same_key_after_a_failed_write(
     }
     assert len(keys) == 1
     assert host.puppet_conf.is_file()
+
+
+# -- what the instance's side imports ------------------------------------------------------------
+
+#: Imports every module of a package in a fresh interpreter and prints every module then loaded.
+_MODULES_LOADED = """
+import importlib, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+    importlib.import_module(module.name)
+print(" ".join(sorted(sys.modules)))
+"""
+
+#: What the instance's side may use of puppetha outside its own package: shared PKI helpers and
+#: the ENC's launcher (a master's puppetserver runs the ENC script with its command).
+INSTANCE_MAY_USE = {
+    "puppetha", "puppetha.pki", "puppetha.pki.certs", "puppetha.pki.keys", "puppetha.pki.names",
+    "puppetha.enc", "puppetha.enc.launcher",
+}  # fmt: skip
+
+
+def modules_loaded_by(package: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", _MODULES_LOADED, package],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return set(done.stdout.split())
+
+
+def twisted(modules: set[str]) -> set[str]:
+    return {name for name in modules if name == "twisted" or name.startswith("twisted.")}
+
+
+def test_instance_side_imports_no_twisted_and_nothing_of_the_server() -> None:
+    """``puppetha-enroll`` runs on a fresh host with cryptography and the stdlib: none of its
+    modules, nor anything they import, may pull in Twisted or the server's code."""
+    loaded = modules_loaded_by("puppetha.instance")
+    assert twisted(loaded) == set()
+    ours = {name for name in loaded if name.split(".")[0] == "puppetha"}
+    assert {name for name in ours if not name.startswith("puppetha.instance")} <= INSTANCE_MAY_USE
+    assert "puppetha.instance.enroll" in ours
+
+
+def test_import_check_sees_the_server_side() -> None:
+    """The check above can fail: the server's enrollment package loads Twisted and the store."""
+    loaded = modules_loaded_by("puppetha.enroll")
+    assert "twisted.internet" in twisted(loaded)
+    assert "puppetha.store" in loaded
+
+
+def test_a_master_listens_where_the_server_registers_it() -> None:
+    """The two sides name Puppet's port apart (the client imports nothing of the server's); the
+    server registers every master at its own, so the client's default must be the same."""
+    from puppetha.enroll.policy import MASTER_PORT as REGISTERED_PORT
+    from puppetha.instance.options import parse_options
+    from puppetha.instance.puppetserver import MASTER_PORT, MasterSettings
+
+    options = parse_options(["--role", "master", "--server", "https://enroll.example.net",
+                             "--ca-fingerprint", "sha256:" + "ab" * 32])
+    assert options.listen_port == MasterSettings(listen_address="10.0.0.5").listen_port == MASTER_PORT
+    assert MASTER_PORT == REGISTERED_PORT

@@ -29,11 +29,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enc.launcher import fast_command
-from puppetha.enroll import client
 from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import enrollment_endpoint, ensure_server_credentials
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.instance import enroll as client
+from puppetha.instance.failures import EXIT_OK, EXIT_REFUSED, EXIT_UNTRUSTED
+from puppetha.instance.install import MASTER_CA_FILE
 from puppetha.pki.authority import LB_CA, ROOT, CertificateAuthority
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.keys import KeyType
@@ -175,11 +177,11 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
 
     master_host = tmp_path / "master"
     code, out, err = _enroll(service, imds, signer, master, "master", master_host)
-    assert code == client.EXIT_OK, err
+    assert code == EXIT_OK, err
     assert err == ""
     assert f"enrolled {master.instance_id} as master" in out
     master_ca = x509.load_pem_x509_certificate(
-        (master_host / "ssl/certs" / client.MASTER_CA_FILE).read_bytes()
+        (master_host / "ssl/certs" / MASTER_CA_FILE).read_bytes()
     )
     master_chain = x509.load_pem_x509_certificates((master_host / "ssl/certs/ca.pem").read_bytes())
     root = service.authority.certificate(ROOT)
@@ -203,7 +205,7 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
 
     agent_host = tmp_path / "agent"
     code, out, err = _enroll(service, imds, signer, agent, "agent", agent_host)
-    assert (code, err) == (client.EXIT_OK, "")
+    assert (code, err) == (EXIT_OK, "")
     # The agent is issued by the only healthy master's CA, which the master just got.
     agent_chain = x509.load_pem_x509_certificates((agent_host / "ssl/certs/ca.pem").read_bytes())
     assert agent_chain == [master_ca, root]
@@ -235,7 +237,7 @@ def test_a_master_then_an_agent_enroll_and_puppet_accepts_the_agent(
     # The server grants one enrollment per instance and role: a second try with --force is refused.
     imds.remove(agent.instance_id)
     code, out, err = _enroll(service, imds, signer, agent, "agent", agent_host, "--force")
-    assert code == client.EXIT_REFUSED
+    assert code == EXIT_REFUSED
     assert err.startswith("puppetha-enroll: enrollment refused: already-enrolled: ")
     assert agent_chain == x509.load_pem_x509_certificates((agent_host / "ssl/certs/ca.pem").read_bytes())
 
@@ -248,7 +250,7 @@ def test_an_instance_of_another_account_is_refused_and_nothing_is_written(
     forged: dict[str, Any] = {"account": "999999999999"}
     instance = InstanceInfo(**{**_fields(stranger), **forged})
     code, out, err = _enroll(service, imds, signer, instance, "agent", tmp_path / "host")
-    assert (code, out) == (client.EXIT_REFUSED, "")
+    assert (code, out) == (EXIT_REFUSED, "")
     assert err.startswith("puppetha-enroll: enrollment refused: account-not-allowed: ")
     assert not (tmp_path / "host").exists()
 
@@ -263,13 +265,13 @@ def test_a_wrong_pin_sends_nothing(
     code, out, err = _enroll(
         service, imds, signer, instance, "agent", host, "--ca-fingerprint", "sha256:" + "00" * 32
     )
-    assert (code, out) == (client.EXIT_UNTRUSTED, "")
+    assert (code, out) == (EXIT_UNTRUSTED, "")
     assert "no root CA with fingerprint sha256:0000" in err
     assert not host.exists()
     # The service saw no enrollment: the same instance enrolls once the pin is right.
     imds.remove(instance.instance_id)
     code, out, err = _enroll(service, imds, signer, instance, "agent", host)
-    assert (code, err) == (client.EXIT_OK, "")
+    assert (code, err) == (EXIT_OK, "")
     assert out.startswith(f"enrolled {instance.instance_id} as agent")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from puppetha.enroll.ssldir import (
+from puppetha.instance.ssldir import (
     AlreadyEnrolled,
     Changes,
     PuppetCredentials,

@@ -21,9 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from puppetha.aws.boto import Boto3Cloud
-from puppetha.enroll.puppetserver import check_lb_ca
 from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
 from puppetha.ha.nginx import FrontPorts
+from puppetha.instance.puppetserver import check_lb_ca
 from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
 from puppetha.store import IStore

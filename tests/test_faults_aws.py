@@ -17,7 +17,7 @@ import pytest
 from puppetha import build
 from puppetha.aws.cloud import CloudError
 from puppetha.config import Config, config_from_string
-from puppetha.enroll.client import DEFAULT_TIMEOUT as ENROLL_CLIENT_TIMEOUT
+from puppetha.instance.options import DEFAULT_TIMEOUT as ENROLL_CLIENT_TIMEOUT
 from puppetha.pki.vault import VaultError
 from puppetha.store import StoreUnavailable
 from puppetha.store.dynamodb import DynamoDBStore

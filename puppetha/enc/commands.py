@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from puppetha.context import CLIError, Context
 from puppetha.enc.classify import (
     ClassificationError,
     Explanation,
@@ -24,9 +25,6 @@ from puppetha.enc.classify import (
 )
 from puppetha.store import AlreadyExists, VersionConflict
 from puppetha.store.records import Classification, NodeRecord
-
-if TYPE_CHECKING:
-    from puppetha.cli import Context
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -79,12 +77,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=explain_node)
 
 
-def _cli_error(message: str) -> Exception:
-    from puppetha.cli import CLIError
-
-    return CLIError(message)
-
-
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -95,7 +87,7 @@ def _value(text: str) -> Any:
 def _assignment(text: str, option: str) -> tuple[str, str]:
     key, eq, value = text.partition("=")
     if not eq or not key:
-        raise _cli_error(f"{option} {text!r}: expected KEY=VALUE")
+        raise CLIError(f"{option} {text!r}: expected KEY=VALUE")
     return key, value
 
 
@@ -111,11 +103,11 @@ def _read_document(path: str) -> object:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise _cli_error(f"cannot read {path}: {e}") from None
+        raise CLIError(f"cannot read {path}: {e}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise _cli_error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise CLIError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def build_classification(args: argparse.Namespace, base: Classification | None) -> Classification:
@@ -137,7 +129,7 @@ def build_classification(args: argparse.Namespace, base: Classification | None) 
         target, value = _assignment(text, "--class-param")
         name, dot, key = target.rpartition(".")
         if not dot or not name or not key:
-            raise _cli_error(f"--class-param {text!r}: expected CLASS.KEY=VALUE")
+            raise CLIError(f"--class-param {text!r}: expected CLASS.KEY=VALUE")
         classes.setdefault(check_class_name(name), {})[key] = _value(value)
     for text in args.param:
         key, value = _assignment(text, "--param")
@@ -153,14 +145,14 @@ def set_classification(ctx: Context, args: argparse.Namespace) -> int:
         current = ctx.records.get(Classification, scope)
         c = build_classification(args, current.record if current and args.merge else None)
     except ClassificationError as e:
-        raise _cli_error(str(e)) from None
+        raise CLIError(str(e)) from None
     try:
         if current is None:
             ctx.records.create(c)
         else:
             ctx.records.replace(c, current.version)
     except (AlreadyExists, VersionConflict):
-        raise _cli_error(f"{scope} was changed meanwhile; nothing written, try again") from None
+        raise CLIError(f"{scope} was changed meanwhile; nothing written, try again") from None
     print(f"{scope}: {len(c.classes)} class(es), {len(c.parameters)} parameter(s)"
           + (f", environment {c.environment}" if c.environment else ""), file=ctx.out)
     return 0
@@ -170,7 +162,7 @@ def show_classification(ctx: Context, args: argparse.Namespace) -> int:
     scope = _scope(args.scope)
     found = ctx.records.get(Classification, scope)
     if found is None:
-        raise _cli_error(f"no classification for {scope}")
+        raise CLIError(f"no classification for {scope}")
     ctx.out.write(classification_to_yaml(found.record))
     return 0
 
@@ -187,7 +179,7 @@ def list_classifications(ctx: Context, args: argparse.Namespace) -> int:
 def delete_classification(ctx: Context, args: argparse.Namespace) -> int:
     scope = _scope(args.scope)
     if not ctx.records.store.delete(Classification.KIND, scope):
-        raise _cli_error(f"no classification for {scope}")
+        raise CLIError(f"no classification for {scope}")
     print(f"deleted {scope}", file=ctx.out)
     return 0
 
@@ -196,7 +188,7 @@ def _scope(text: str) -> str:
     try:
         return check_scope(text)
     except ClassificationError as e:
-        raise _cli_error(str(e)) from None
+        raise CLIError(str(e)) from None
 
 
 def node_facts(ctx: Context, args: argparse.Namespace) -> NodeFacts:
@@ -206,10 +198,10 @@ def node_facts(ctx: Context, args: argparse.Namespace) -> NodeFacts:
     try:
         certname = check_certname(args.certname)
     except ClassificationError as e:
-        raise _cli_error(str(e)) from None
+        raise CLIError(str(e)) from None
     found = ctx.records.get(NodeRecord, certname)
     if found is None:
-        raise _cli_error(f"{certname} is not enrolled")
+        raise CLIError(f"{certname} is not enrolled")
     node = found.record
     if args.no_aws:
         groups = [SecurityGroup(g, "") if g.startswith("sg-") else SecurityGroup("", g)
@@ -217,16 +209,16 @@ def node_facts(ctx: Context, args: argparse.Namespace) -> NodeFacts:
         tags = dict(_assignment(t, "--tag") for t in args.tag)
     else:
         if args.sg or args.tag:
-            raise _cli_error("--sg and --tag need --no-aws")
+            raise CLIError("--sg and --tag need --no-aws")
         from puppetha.build import make_cloud
 
         try:
             info = make_cloud(ctx.config).describe_instances(node.region, [node.instance_id])
         except CloudError as e:
-            raise _cli_error(f"cannot ask AWS ({e}); --no-aws explains without it") from None
+            raise CLIError(f"cannot ask AWS ({e}); --no-aws explains without it") from None
         instance = info.get(node.instance_id)
         if instance is None:
-            raise _cli_error(f"instance {node.instance_id} of {certname} does not exist")
+            raise CLIError(f"instance {node.instance_id} of {certname} does not exist")
         groups, tags = list(instance.security_groups), dict(instance.tags)
     return NodeFacts(certname, node.instance_id, node.account, node.region, node.role, groups, tags)
 
@@ -241,7 +233,7 @@ def explain_node(ctx: Context, args: argparse.Namespace) -> int:
             if found is not None:
                 stored[scope] = check_classification(found.record)
         except (ClassificationError, TypeError, KeyError) as e:
-            raise _cli_error(f"stored {scope} is invalid ({' '.join(str(e).split())}): the ENC "
+            raise CLIError(f"stored {scope} is invalid ({' '.join(str(e).split())}): the ENC "
                              f"refuses {facts.certname} (invalid-classification)") from None
     ctx.out.write(format_explanation(facts, explain(facts, stored)))
     return 0

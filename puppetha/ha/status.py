@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from puppetha.aws.cloud import CloudError
-from puppetha.cli import EXIT_FAILED, Context
+from puppetha.context import EXIT_FAILED, Context
 from puppetha.ha.lease import FAILOVER_LEASE
 from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Versioned
 

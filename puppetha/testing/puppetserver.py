@@ -1,6 +1,6 @@
 """
 Debian's real puppetserver for tests, run from its jar in a temporary directory on loopback with
-the files :mod:`puppetha.enroll.puppetserver` writes for a master.  It takes half a minute to
+the files :mod:`puppetha.instance.puppetserver` writes for a master.  It takes half a minute to
 start: share one per test session.  A missing puppetserver or java is an error, never a skip.
 """
 
@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from puppetha.enroll.puppetserver import (
+from puppetha.instance.puppetserver import (
     PUPPETSERVER_JAR,
     MasterMaterial,
     MasterSettings,

@@ -35,6 +35,9 @@ RUBY_LOAD_PATH = "/usr/lib/puppetserver/ruby/vendor_ruby"
 VENDORED_GEMS = "/usr/lib/puppetserver/vendored-jruby-gems"
 JRUBY_LIB = "/usr/share/jruby/lib"
 
+#: Puppet's port, where a master's puppetserver listens for the nginx nodes.
+MASTER_PORT = 8140
+
 #: Debian's services, with the CA service replaced by the disabled one (puppetha is the CA).
 BOOTSTRAP_SERVICES = (
     "puppetlabs.services.request-handler.request-handler-service/request-handler-service",
@@ -157,7 +160,7 @@ class MasterMaterial:
 class MasterSettings:
     #: The private address nginx nodes reach (never a public one).
     listen_address: str
-    listen_port: int = 8140
+    listen_port: int = MASTER_PORT
     #: The ENC command puppetserver runs with the certname as its last argument: words
     #: separated by single spaces (puppet splits ``external_nodes`` on whitespace).  The
     #: default runs the script's bytecode, isolated and without site: :mod:`puppetha.enc.launcher`.
