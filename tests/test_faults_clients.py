@@ -234,6 +234,18 @@ def test_a_good_proxy_header_passes_with_its_source(header: bytes) -> None:
     assert protocol.getPeer() == IPv4Address("TCP", "10.20.1.5", 40000)
 
 
+def test_a_proxy_header_in_pieces_passes_with_its_source() -> None:
+    header = b"PROXY TCP4 10.20.1.5 10.0.0.9 40000 8080\r\n"
+    transport, recorder, protocol = proxied(header[:1])
+    for byte in header[1:]:
+        assert recorder.received == b""
+        protocol.dataReceived(bytes([byte]))
+    protocol.dataReceived(b"hello")
+    assert not transport.disconnecting
+    assert recorder.received == b"hello"
+    assert protocol.getPeer() == IPv4Address("TCP", "10.20.1.5", 40000)
+
+
 def test_connections_dropped_for_lacking_a_header_are_logged_rate_limited() -> None:
     clock = Clock()
     endpoint = enrollment_endpoint(TCP4ServerEndpoint(clock, 0), ["10.0.0.5"], clock)
