@@ -145,6 +145,25 @@ def test_odd_framing_is_answered_in_json_and_closed(world: World, raw: bytes, st
     assert refused(world, raw) == (status, code)
 
 
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"GET /v1/health HTTP/1.1\r\nHost: puppet", b"\nX: y\r\n\r\n"],
+        [b"GET /v1/health HTTP/1.1\r\nHost: puppet\r\n", b"X: y\n", b"\r\n"],
+        [b"GET /v1/health HTTP/1.1\r\n\r\nGET /v1/health HTTP/1.1\r\n", b"Host: puppet\n\r\n"],
+    ],
+    ids=["LF-starts-a-read", "LF-ends-a-read", "LF-in-the-next-request"],
+)
+def test_a_bare_line_feed_is_found_across_reads(world: World, reads: list[bytes]) -> None:
+    client = Client(world)
+    for data in reads:
+        client.send(data)
+    raw = client.transport.value()
+    assert b"HTTP/1.1 400 Bad Request" in raw, raw[-300:]
+    assert raw.endswith(b'{"error":"bad-framing","message":"lines must end with CRLF"}\n')
+    assert client.transport.disconnecting
+
+
 def test_a_body_may_hold_bare_line_feeds(world: World) -> None:
     body = b'{\n"role": "agent"\n}'
     client = Client(world)

@@ -290,6 +290,8 @@ class EnrollmentChannel(HTTPChannel):
     _deadline: IDelayedCall | None = None
     _refused = False
     _lines = 0  # lines of the request being read
+    _head_size = 0  # their bytes, as Twisted counts them against totalHeadersSize
+    _head = b""  # the bytes of the head being read, until its blank line
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -301,23 +303,27 @@ class EnrollmentChannel(HTTPChannel):
         if self.line_mode:
             if self._deadline is None:
                 self._arm()
-            # Only the head of a request is lines; a body may hold any bytes.
-            pending = getattr(self, "_buffer", b"") + data
-            end = pending.find(b"\r\n\r\n")
-            head = pending if end < 0 else pending[: end + 4]
+            # Only the head of a request is lines; a body may hold any bytes.  The head is kept
+            # here (at most the header limit, past which the request is refused anyway) so a
+            # line split across reads is judged whole.
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            head = self._head if end < 0 else self._head[: end + 4]
             if _BARE_LF.search(head):
                 self._refuse(400, "bad-framing", "lines must end with CRLF")
                 return
+            self._head = b"" if end >= 0 else self._head[-(MAX_HEADERS + 4):]
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self._head_size + len(line) > self.totalHeadersSize:
             self._refuse(431, "headers-too-large", f"the request line and headers pass {MAX_HEADERS} bytes")
             return
         if self._lines > MAX_HEADER_LINES:
             self._refuse(431, "headers-too-large", f"more than {MAX_HEADER_LINES} header lines")
             return
         self._lines += 1
+        self._head_size += len(line)
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -330,7 +336,7 @@ class EnrollmentChannel(HTTPChannel):
         # The request is whole: its answer may take longer (AWS, the store), which is not the
         # client's doing.  The next request on this connection gets a deadline of its own.
         self._disarm()
-        self._lines = 0
+        self._lines = self._head_size = 0
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
