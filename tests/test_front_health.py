@@ -376,3 +376,50 @@ def test_a_probe_names_the_master_and_logs_no_connection_chatter(tmp_path: Path)
         pki.close()
     chatter = [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
     assert chatter == []
+
+
+class StalledStatusServer(LbOnlyServer):
+    """Answers 200 and then never finishes the body it announced, until ``release`` is set."""
+
+    def __init__(self, issued: IssuedFiles, lb_ca_pem: str) -> None:
+        self.release = threading.Event()
+        release = self.release
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b"run")
+                self.wfile.flush()
+                release.wait(30)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(issued, lb_ca_pem, Handler)
+
+
+def test_a_master_that_never_finishes_its_answer_is_down(tmp_path: Path) -> None:
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1"], usage="server")
+        server = StalledStatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=1)
+        run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) is False
+    finally:
+        if server is not None:
+            server.release.set()
+            server.stop()
+        runner.stop()
+        pki.close()
