@@ -36,6 +36,7 @@ setup(
         "boto3>=1.34",
         "pyyaml>=6",
         "treq>=23.11",
+        "klein>=24.8",
     ],
     extras_require={
         "test": [

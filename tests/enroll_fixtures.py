@@ -166,15 +166,16 @@ def snapshot(store: IStore) -> dict[str, list[tuple[str, int]]]:
 class FromSource(Resource):
     """Gives every request the client address ``source[0]`` (StubTreq's peer is 127.0.0.1)."""
 
-    def __init__(self, inner: Resource, source: list[str]) -> None:
+    def __init__(self, inner: IResource, source: list[str]) -> None:
         super().__init__()
         self.inner = inner
         self.source = source
 
-    def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
         request.client = IPv4Address("TCP", self.source[0], 40123)
-        child: IResource = self.inner.getChildWithDefault(path, request)
-        return child
+        return self.inner.render(request)
 
 
 # -- keys, CSRs -----------------------------------------------------------------------------

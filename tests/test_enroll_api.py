@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
+from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
 
 from puppetha.enroll.api import (
     IDLE_TIMEOUT,
     MAX_BODY,
     REQUEST_DEADLINE,
+    enrollment_resource,
     make_enrollment_site,
     parse_enrollment,
 )
@@ -211,3 +218,82 @@ def test_an_idle_connection_is_cut_off(world: World) -> None:
     channel.dataReceived(b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\n")
     world.clock.advance(min(IDLE_TIMEOUT, REQUEST_DEADLINE) + 1)
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"), [("/v1/enroll", "POST"), ("/v1/ca", "GET"), ("/v1/health", "GET")]
+)
+def test_allow_names_the_methods_a_path_takes(world: World, path: str, allowed: str) -> None:
+    answer = world.call(path, None, method="PATCH")
+    assert (answer.status, answer.error, answer.headers["allow"]) == (405, "method-not-allowed", allowed)
+
+
+@pytest.mark.parametrize(("path", "content_type"), [("/v1/health", "application/json"),
+                                                    ("/v1/ca", "application/x-pem-file"),
+                                                    ("/v1/crl", "application/x-pem-file")])
+def test_head_answers_like_get_without_a_body(world: World, path: str, content_type: str) -> None:
+    master = world.launch("master")
+    assert world.enroll(master, "master").status == 200
+    answer = world.call(path, None, method="HEAD")
+    assert (answer.status, answer.headers["content-type"], answer.body) == (200, content_type, b"")
+    assert int(answer.headers["content-length"]) == len(world.call(path, None, method="GET").body)
+
+
+def test_head_of_enroll_is_405_not_500(world: World) -> None:
+    answer = world.call("/v1/enroll", None, method="HEAD")
+    assert (answer.status, answer.headers["allow"]) == (405, "POST")
+
+
+def test_a_path_that_is_not_utf8_is_400_json(world: World) -> None:
+    answer = exchange(world, b"GET /v1/%FF HTTP/1.1\r\nHost: puppet\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"] == "bad-url"
+
+
+def test_an_enrollment_finishes_when_its_client_hangs_up(world: World) -> None:
+    # The DescribeInstances batch window holds the enrollment until the clock moves; the
+    # client leaves meanwhile.  Its claim and certificate are written all the same, once.
+    master = world.launch("master")
+    assert world.enroll(master, "master").status == 200
+    agent = world.launch()
+    body = json.dumps(world.body_for(agent)).encode()
+    site = make_enrollment_site(world.enrollment, world.clock)
+    peer = IPv4Address("TCP", agent.private_ip, 50000)
+    channel = site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /v1/enroll HTTP/1.1\r\nHost: puppet\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    issued = world.issued()
+    channel.connectionLost(Failure(ConnectionDone()))
+    for _ in range(5):
+        world.clock.advance(0.1)
+    assert world.issued() == issued + 1
+    assert b"HTTP/1.1" not in transport.value()
+
+
+class BrokenEnrollment:
+    """An enrollment whose health check fails in a way nobody planned for."""
+
+    def health(self) -> Deferred[None]:
+        return fail(RuntimeError("a bug"))
+
+
+def test_an_unplanned_failure_is_500_json_and_logged() -> None:
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        api: Any = StubTreq(enrollment_resource(BrokenEnrollment()))  # type: ignore[arg-type]
+        response = api.get("https://puppet/v1/health")
+        answered: list[Any] = []
+        response.addCallback(answered.append)
+        body: list[bytes] = []
+        api.content(answered[0]).addCallback(body.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert answered[0].code == 500
+    assert json.loads(body[0])["error"] == "internal-error"
+    assert any("a bug" in str(e.get("log_failure", "")) for e in events)

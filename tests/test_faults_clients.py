@@ -145,6 +145,25 @@ def test_odd_framing_is_answered_in_json_and_closed(world: World, raw: bytes, st
     assert refused(world, raw) == (status, code)
 
 
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [b"GET /v1/health HTTP/1.1\r\nHost: puppet", b"\nX: y\r\n\r\n"],
+        [b"GET /v1/health HTTP/1.1\r\nHost: puppet\r\n", b"X: y\n", b"\r\n"],
+        [b"GET /v1/health HTTP/1.1\r\n\r\nGET /v1/health HTTP/1.1\r\n", b"Host: puppet\n\r\n"],
+    ],
+    ids=["LF-starts-a-read", "LF-ends-a-read", "LF-in-the-next-request"],
+)
+def test_a_bare_line_feed_is_found_across_reads(world: World, reads: list[bytes]) -> None:
+    client = Client(world)
+    for data in reads:
+        client.send(data)
+    raw = client.transport.value()
+    assert b"HTTP/1.1 400 Bad Request" in raw, raw[-300:]
+    assert raw.endswith(b'{"error":"bad-framing","message":"lines must end with CRLF"}\n')
+    assert client.transport.disconnecting
+
+
 def test_a_body_may_hold_bare_line_feeds(world: World) -> None:
     body = b'{\n"role": "agent"\n}'
     client = Client(world)
@@ -229,6 +248,18 @@ def test_an_impossible_proxy_header_is_refused_as_malformed(header: bytes) -> No
                          ids=["v1", "v2"])
 def test_a_good_proxy_header_passes_with_its_source(header: bytes) -> None:
     transport, recorder, protocol = proxied(header + b"hello")
+    assert not transport.disconnecting
+    assert recorder.received == b"hello"
+    assert protocol.getPeer() == IPv4Address("TCP", "10.20.1.5", 40000)
+
+
+def test_a_proxy_header_in_pieces_passes_with_its_source() -> None:
+    header = b"PROXY TCP4 10.20.1.5 10.0.0.9 40000 8080\r\n"
+    transport, recorder, protocol = proxied(header[:1])
+    for byte in header[1:]:
+        assert recorder.received == b""
+        protocol.dataReceived(bytes([byte]))
+    protocol.dataReceived(b"hello")
     assert not transport.disconnecting
     assert recorder.received == b"hello"
     assert protocol.getPeer() == IPv4Address("TCP", "10.20.1.5", 40000)

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from puppetha.ha.health import (
     Health,
@@ -195,10 +196,15 @@ class StatusServer(LbOnlyServer):
     """A TLS server answering like puppetserver's status API, for lb certificates only."""
 
     def __init__(self, issued: IssuedFiles, lb_ca_pem: str) -> None:
+        #: The Host header of every request, in order.
+        self.hosts: list[str | None] = []
+        hosts = self.hosts
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                hosts.append(self.headers.get("Host"))
                 body = b"running" if self.path == "/status/v1/simple" else b"no"
                 self.send_response(200 if self.path == "/status/v1/simple" else 404)
                 self.send_header("Content-Length", str(len(body)))
@@ -336,6 +342,84 @@ def test_status_probe_finds_a_master_with_a_revoked_certificate_down(tmp_path: P
         assert probed() is False
     finally:
         if server is not None:
+            server.stop()
+        runner.stop()
+        pki.close()
+
+
+def test_a_probe_names_the_master_and_logs_no_connection_chatter(tmp_path: Path) -> None:
+    """A probe is a connection every few seconds per master: Twisted's factory lines would drown the log."""
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("master_1")
+        issued = pki.leaf("master_1", "master_1", sans=["master_1"], usage="server")
+        server = StatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="master_1", address=LOOPBACK, port=server.port, ca="master_1",
+                              registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10)
+        run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) is True
+        assert server.hosts == [f"master_1:{server.port}"]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        if server is not None:
+            server.stop()
+        runner.stop()
+        pki.close()
+    chatter = [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
+    assert chatter == []
+
+
+class StalledStatusServer(LbOnlyServer):
+    """Answers 200 and then never finishes the body it announced, until ``release`` is set."""
+
+    def __init__(self, issued: IssuedFiles, lb_ca_pem: str) -> None:
+        self.release = threading.Event()
+        release = self.release
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b"run")
+                self.wfile.flush()
+                release.wait(30)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(issued, lb_ca_pem, Handler)
+
+
+def test_a_master_that_never_finishes_its_answer_is_down(tmp_path: Path) -> None:
+    pki = FrontPKI(tmp_path / "pki")
+    runner = ReactorThread()
+    server = None
+    try:
+        pki.add_ca(LB_CA)
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1"], usage="server")
+        server = StalledStatusServer(issued, pki.authority.ca(LB_CA).certificate_pem)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=1)
+        run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) is False
+    finally:
+        if server is not None:
+            server.release.set()
             server.stop()
         runner.stop()
         pki.close()

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from puppetha.aws.cloud import CloudError
-from puppetha.enroll.api import Directory, HealthResource
+from puppetha.enroll.api import enrollment_resource
 from puppetha.enroll.readiness import STALE_CHECKS, CheckResult, ReadinessService, assess
 from puppetha.store import StoreUnavailable
 from puppetha.threads import Blocking
@@ -85,11 +85,9 @@ def test_the_check_keeps_state_and_the_probe_never_waits() -> None:
     assert service.readiness().reason == "store-unavailable"
     clock.advance(INTERVAL)  # this check's write hangs: the last result stands, then goes stale
     assert service.readiness().reason == "store-unavailable"
-    root = Directory()
-    root.putChild(b"health", HealthResource(None, service.readiness))  # type: ignore[arg-type]
-    health: Any = StubTreq(root)
+    health: Any = StubTreq(enrollment_resource(None, service.readiness))  # type: ignore[arg-type]
     answer: list[Any] = []
-    health.get("https://x/health").addCallback(answer.append)
+    health.get("https://x/v1/health").addCallback(answer.append)
     assert answer, "the probe waited"
     assert answer[0].code == 503
     body: list[bytes] = []

@@ -2,10 +2,12 @@
 The enrollment API over HTTP (``docs/api.md``): ``POST /v1/enroll``, ``GET /v1/ca``,
 ``GET /v1/crl``, ``GET /v1/health``.
 
-Every answer but the PEM bundles is JSON, refusals included.  The body of an enrollment is
-bounded before it is parsed, both by :class:`BoundedRequest` (which stops storing a body past
-the limit as it arrives) and by the resource (which measures what it got), so the resource is
-safe under any :class:`~twisted.web.server.Site`.  The source address is
+The routes are a klein app (:class:`EnrollmentAPI`); what the URL map refuses, and any failure
+nobody planned for, is answered by its error handlers.  Every answer but the PEM bundles is JSON,
+refusals included.  The body of an enrollment is bounded before it is parsed, both by
+:class:`BoundedRequest` (which stops storing a body past the limit as it arrives) and by the
+route (which measures what it got), so the resource is safe under any
+:class:`~twisted.web.server.Site`.  The source address is
 ``request.getClientAddress()``: the TCP peer, or the PROXY header's source behind nginx.
 """
 
@@ -15,7 +17,10 @@ import json
 import re
 from collections.abc import Callable
 from typing import IO, Any
+from urllib.parse import unquote_to_bytes
 
+from klein import Klein
+from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,13 +28,14 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from twisted.web.server import UnsupportedMethod as _UnsupportedMethod
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from puppetha.aws.cloud import CloudError
 from puppetha.enroll.readiness import Readiness
-from puppetha.enroll.service import Enrollment, EnrollmentRefused, EnrollmentRequest, IssuedEnrollment
+from puppetha.enroll.service import Enrollment, EnrollmentRefused, EnrollmentRequest
 from puppetha.store import StoreUnavailable
 
 log = Logger()
@@ -50,94 +56,23 @@ def client_source(request: Request) -> str | None:
     return None
 
 
-def write_json(request: Request, status: int, body: dict[str, Any], retry_after: int | None = None) -> bytes:
+def write_json(request: IRequest, status: int, body: dict[str, Any], retry_after: int | None = None) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     if retry_after is not None:
         request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
-    return json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8") + b"\n"
+    return sized(request, json.dumps(body, indent=None, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+def sized(request: IRequest, payload: bytes) -> bytes:
+    """``payload``, its length announced: klein writes then finishes, which alone would chunk it."""
+    request.setHeader(b"Content-Length", str(len(payload)).encode("ascii"))
+    return payload
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": code, "message": message}
-
-
-def _finish(request: Request, gone: list[bool], payload: bytes) -> None:
-    # The client may have hung up while we worked; writing then would raise.
-    if not gone:
-        request.write(payload)
-        request.finish()
-
-
-class JSONResource(Resource):
-    """A resource whose every refusal (404, 405 included) is JSON."""
-
-    def render(self, request: Request) -> bytes | int:
-        if self.isLeaf and request.postpath:
-            return write_json(request, 404, error_body("not-found", "no such resource"))
-        try:
-            return super().render(request)  # type: ignore[no-any-return]
-        except _UnsupportedMethod as e:
-            offered: list[bytes] = list(e.allowedMethods)
-            methods = [m for m in offered if m != b"HEAD"]
-            allowed = b", ".join(sorted(methods))
-            request.setHeader(b"Allow", allowed)
-            return write_json(
-                request, 405,
-                error_body("method-not-allowed", f"use {allowed.decode('ascii')} here"),
-            )
-
-    def render_HEAD(self, request: Request) -> bytes | int:
-        # Twisted's default calls render_GET, which a POST-only resource lacks (a 500).
-        render_get = getattr(self, "render_GET", None)
-        if render_get is None:
-            raise _UnsupportedMethod(
-                [name[len("render_"):].encode("ascii") for name in dir(self)
-                 if name.startswith("render_") and name != "render_HEAD"])
-        return render_get(request)  # type: ignore[no-any-return]
-
-    def getChild(self, path: bytes, request: Request) -> IResource:
-        return NotFound()
-
-
-class NotFound(JSONResource):
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        return write_json(request, 404, error_body("not-found", "no such resource"))
-
-
-class EnrollResource(JSONResource):
-    """``POST /v1/enroll``."""
-
-    isLeaf = True
-
-    def __init__(self, enrollment: Enrollment) -> None:
-        super().__init__()
-        self.enrollment = enrollment
-
-    def render_POST(self, request: Request) -> bytes | int:
-        if _too_large(request):
-            return write_json(
-                request, 413, error_body("too-large", f"the body is larger than {MAX_BODY} bytes")
-            )
-        if not _is_json(request):
-            return write_json(request, 415, error_body("not-json", "Content-Type must be application/json"))
-        parsed = parse_enrollment(_body(request))
-        if isinstance(parsed, tuple):
-            code, message = parsed
-            return write_json(request, 400, error_body(code, message))
-
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = self.enrollment.enroll(parsed, client_source(request))
-
-        def issued(answer: IssuedEnrollment) -> None:
-            _finish(request, gone, write_json(request, 200, answer.to_json()))
-
-        d.addCallbacks(issued, lambda f: _finish(request, gone, failure_response(request, f)))
-        return NOT_DONE_YET
 
 
 def parse_enrollment(body: bytes) -> EnrollmentRequest | tuple[str, str]:
@@ -165,7 +100,7 @@ def parse_enrollment(body: bytes) -> EnrollmentRequest | tuple[str, str]:
     return EnrollmentRequest(role=role, document=document, signature=fields["signature"], csr=csr)
 
 
-def failure_response(request: Request, failure: Failure) -> bytes:
+def failure_response(request: IRequest, failure: Failure) -> bytes:
     """The JSON answer for a failed enrollment or lookup."""
     error = failure.value
     if isinstance(error, EnrollmentRefused):
@@ -188,73 +123,118 @@ def failure_response(request: Request, failure: Failure) -> bytes:
 RETRY_AFTER = 10
 
 
-class BundleResource(JSONResource):
-    """``GET /v1/ca`` and ``GET /v1/crl``: a PEM bundle from the store."""
-
-    isLeaf = True
-
-    def __init__(self, bundle: Callable[[], Deferred[bytes]]) -> None:
-        super().__init__()
-        self.bundle = bundle
-
-    def render_GET(self, request: Request) -> int:
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def found(pem: bytes) -> None:
-            request.setHeader(b"Content-Type", PEM_TYPE)
-            _finish(request, gone, pem)
-
-        self.bundle().addCallbacks(found, lambda f: _finish(request, gone, failure_response(request, f)))
-        return NOT_DONE_YET
-
-
-class HealthResource(JSONResource):
+def _answer_later(work: Deferred[bytes]) -> Deferred[bytes]:
     """
-    ``GET /v1/health``: whether this daemon can enroll now, from ``readiness`` (the last
-    background check, :mod:`puppetha.enroll.readiness`), answered at once; without it, whether
-    the store answers a read.
+    What klein waits on for ``work``'s answer.  klein cancels a handler's Deferred when its
+    client hangs up; an enrollment under way must still finish (its claim and certificate are
+    written once, whoever is listening), so the cancellation stops at this Deferred.
     """
+    answer: Deferred[bytes] = Deferred()
 
-    isLeaf = True
+    def settle(result: bytes | Failure) -> None:
+        if not answer.called:
+            answer.callback(result)  # a Failure goes down the errbacks
+
+    work.addBoth(settle)
+    return answer
+
+
+class EnrollmentAPI:
+    """The routes of the enrollment API, over ``enrollment`` and ``readiness``."""
+
+    app = Klein()
 
     def __init__(self, enrollment: Enrollment, readiness: Callable[[], Readiness] | None = None) -> None:
-        super().__init__()
         self.enrollment = enrollment
+        #: The last background check (:mod:`puppetha.enroll.readiness`); without it, ``/v1/health``
+        #: asks the store for a read.
         self.readiness = readiness
 
-    def render_GET(self, request: Request) -> bytes | int:
+    @app.route("/v1/enroll", methods=["POST"])
+    def enroll(self, request: Request) -> bytes | Deferred[bytes]:
+        if _too_large(request):
+            return write_json(
+                request, 413, error_body("too-large", f"the body is larger than {MAX_BODY} bytes")
+            )
+        if not _is_json(request):
+            return write_json(request, 415, error_body("not-json", "Content-Type must be application/json"))
+        parsed = parse_enrollment(_body(request))
+        if isinstance(parsed, tuple):
+            code, message = parsed
+            return write_json(request, 400, error_body(code, message))
+        answer = self.enrollment.enroll(parsed, client_source(request)).addCallbacks(
+            lambda issued: write_json(request, 200, issued.to_json()),
+            lambda failure: failure_response(request, failure),
+        )
+        return _answer_later(answer)
+
+    @app.route("/v1/ca", methods=["GET"])
+    def ca(self, request: Request) -> Deferred[bytes]:
+        return self._bundle(request, self.enrollment.ca_bundle)
+
+    @app.route("/v1/crl", methods=["GET"])
+    def crl(self, request: Request) -> Deferred[bytes]:
+        return self._bundle(request, self.enrollment.crl_bundle)
+
+    @app.route("/v1/health", methods=["GET"])
+    def health(self, request: Request) -> bytes | Deferred[bytes]:
+        """Whether this daemon can enroll now: the last readiness check, answered at once."""
         if self.readiness is not None:
             now = self.readiness()
             if now.ready:
                 return write_json(request, 200, now.to_json())
             return write_json(request, 503, now.to_json(), retry_after=RETRY_AFTER)
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-        self.enrollment.health().addCallbacks(
-            lambda _: _finish(request, gone, write_json(request, 200, {"status": "ok"})),
-            lambda f: _finish(request, gone, failure_response(request, f)),
+        answer = self.enrollment.health().addCallbacks(
+            lambda _: write_json(request, 200, {"status": "ok"}),
+            lambda failure: failure_response(request, failure),
         )
-        return NOT_DONE_YET
+        return _answer_later(answer)
 
+    def _bundle(self, request: Request, bundle: Callable[[], Deferred[bytes]]) -> Deferred[bytes]:
+        def found(pem: bytes) -> bytes:
+            request.setHeader(b"Content-Type", PEM_TYPE)
+            return sized(request, pem)
 
-class Directory(JSONResource):
-    """An inner node of the tree: only its children answer."""
+        return _answer_later(bundle().addCallbacks(found, lambda failure: failure_response(request, failure)))
 
-    def render(self, request: Request) -> bytes:
+    @app.handle_errors(HTTPException)
+    def routing_refused(self, request: IRequest, failure: Failure) -> bytes:
+        # What the URL map refuses: a known path with another method is 405, anything else
+        # (an unknown path, or one werkzeug would redirect to a cleaner spelling) is 404.
+        error = failure.value
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            methods = sorted({m for m in error.valid_methods if m != "HEAD"})
+            allowed = ", ".join(methods)
+            request.setHeader(b"Allow", allowed.encode("ascii"))
+            return write_json(request, 405, error_body("method-not-allowed", f"use {allowed} here"))
         return write_json(request, 404, error_body("not-found", "no such resource"))
 
+    @app.handle_errors(Exception)
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("enrollment API request failed", failure)
+        return write_json(request, 500, error_body("internal-error", "the server failed; see its log"))
 
-def enrollment_resource(enrollment: Enrollment, readiness: Callable[[], Readiness] | None = None) -> Resource:
+
+class JSONRefusingResource(KleinResource):
+    """
+    klein's resource, which answers a URL that is not UTF-8 with JSON too (klein's own answer
+    is a plain-text 400, before any route or error handler sees the request).
+    """
+
+    def render(self, request: IRequest) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return write_json(request, 400, error_body("bad-url", "the path and Host must be UTF-8"))
+        return super().render(request)
+
+
+def enrollment_resource(
+    enrollment: Enrollment, readiness: Callable[[], Readiness] | None = None
+) -> IResource:
     """The root resource of the enrollment API."""
-    v1 = Directory()
-    v1.putChild(b"enroll", EnrollResource(enrollment))
-    v1.putChild(b"ca", BundleResource(enrollment.ca_bundle))
-    v1.putChild(b"crl", BundleResource(enrollment.crl_bundle))
-    v1.putChild(b"health", HealthResource(enrollment, readiness))
-    root = Directory()
-    root.putChild(b"v1", v1)
-    return root
+    return JSONRefusingResource(EnrollmentAPI(enrollment, readiness).app)
 
 
 class BoundedRequest(Request):
@@ -310,6 +290,8 @@ class EnrollmentChannel(HTTPChannel):
     _deadline: IDelayedCall | None = None
     _refused = False
     _lines = 0  # lines of the request being read
+    _head_size = 0  # their bytes, as Twisted counts them against totalHeadersSize
+    _head = b""  # the bytes of the head being read, until its blank line
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -321,23 +303,27 @@ class EnrollmentChannel(HTTPChannel):
         if self.line_mode:
             if self._deadline is None:
                 self._arm()
-            # Only the head of a request is lines; a body may hold any bytes.
-            pending = getattr(self, "_buffer", b"") + data
-            end = pending.find(b"\r\n\r\n")
-            head = pending if end < 0 else pending[: end + 4]
+            # Only the head of a request is lines; a body may hold any bytes.  The head is kept
+            # here (at most the header limit, past which the request is refused anyway) so a
+            # line split across reads is judged whole.
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            head = self._head if end < 0 else self._head[: end + 4]
             if _BARE_LF.search(head):
                 self._refuse(400, "bad-framing", "lines must end with CRLF")
                 return
+            self._head = b"" if end >= 0 else self._head[-(MAX_HEADERS + 4):]
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self._head_size + len(line) > self.totalHeadersSize:
             self._refuse(431, "headers-too-large", f"the request line and headers pass {MAX_HEADERS} bytes")
             return
         if self._lines > MAX_HEADER_LINES:
             self._refuse(431, "headers-too-large", f"more than {MAX_HEADER_LINES} header lines")
             return
         self._lines += 1
+        self._head_size += len(line)
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -350,7 +336,7 @@ class EnrollmentChannel(HTTPChannel):
         # The request is whole: its answer may take longer (AWS, the store), which is not the
         # client's doing.  The next request on this connection gets a deadline of its own.
         self._disarm()
-        self._lines = 0
+        self._lines = self._head_size = 0
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

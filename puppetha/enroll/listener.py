@@ -45,16 +45,13 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._info import ProxyInfo
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from puppetha.enroll.proxyheader import ProxyHeader, ProxyHeaderError, may_be_proxy_header, parse_proxy_header
 from puppetha.pki.authority import ROOT, CertificateAuthority
 from puppetha.pki.certs import Usage, fingerprint
 from puppetha.pki.keys import KeyType, load_private_key, private_key_pem, same_public_key
@@ -148,10 +145,11 @@ class RateLimitedWarning:
         self._next = now + self.interval
 
 
-def proxy_source_problem(info: ProxyInfo) -> str | None:
+def proxy_source_problem(info: ProxyHeader) -> str | None:
     """
-    What makes the addresses of a parsed PROXY header impossible, or None.  Twisted's parsers
-    take any text: ``999.1.1.1``, an IPv6 address in ``TCP4``, port 99999.
+    What makes the addresses of a parsed PROXY header impossible, or None: the parser checks
+    the shape (an IPv4 address in ``TCP4``, a port of five digits at most), this what no
+    connection can come from (``0.0.0.0``, multicast, port 0 or past 65535).
     """
     if info.source is None:
         return "no source address (UNKNOWN or LOCAL)"
@@ -173,53 +171,64 @@ def proxy_source_problem(info: ProxyInfo) -> str | None:
     return None
 
 
-class CheckedProxyProtocol(HAProxyProtocolWrapper):
+class CheckedProxyProtocol(ProtocolWrapper):
     """
-    Twisted's PROXY wrapper, which also refuses a header whose addresses are impossible, and
-    says in the log (rate-limited) why a connection was dropped.
+    Reads the PROXY header (:mod:`puppetha.enroll.proxyheader`) before anything reaches the
+    wrapped protocol, refuses one whose addresses are impossible, and says in the log
+    (rate-limited) why a connection was dropped.  After the header, ``getPeer()`` is its source.
     """
 
     factory: CheckedProxyFactory
-    _dropped = False
+    header: ProxyHeader | None = None
+    dropped = False
+    pending = b""
 
     def dataReceived(self, data: bytes) -> None:
-        if self._proxyInfo is not None:
+        if self.header is not None:
             self.wrappedProtocol.dataReceived(data)
             return
-        if self._dropped:
+        if self.dropped:
             return
-        if self._parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
-                self._parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
-                self._parser = V1Parser()
-            else:
-                self._drop("no PROXY header")
-                return
+        self.pending += data
         try:
-            info, remaining = self._parser.feed(data)
-        except InvalidProxyHeader:
-            self._drop("a malformed PROXY header")
+            parsed = parse_proxy_header(self.pending)
+        except ProxyHeaderError as e:
+            self.drop("no PROXY header" if not may_be_proxy_header(self.pending)
+                      else f"a malformed PROXY header: {e}")
             return
-        if info is None:
+        if parsed is None:
             return  # the header is not whole yet
-        problem = proxy_source_problem(info)
+        header, remaining = parsed
+        problem = proxy_source_problem(header)
         if problem is not None:
-            self._drop(f"a malformed PROXY header: {problem}")
+            self.drop(f"a malformed PROXY header: {problem}")
             return
-        self._proxyInfo = info
+        self.header, self.pending = header, b""
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
 
-    def _drop(self, reason: str) -> None:
-        self._dropped = True
+    def getPeer(self) -> IAddress:
+        if self.header is not None and self.header.source is not None:
+            return self.header.source
+        peer: IAddress = super().getPeer()
+        return peer
+
+    def getHost(self) -> IAddress:
+        if self.header is not None and self.header.destination is not None:
+            return self.header.destination
+        host: IAddress = super().getHost()
+        return host
+
+    def drop(self, reason: str) -> None:
+        self.dropped = True
+        self.pending = b""
         peer = self.transport.getPeer() if self.transport is not None else None
         self.factory.warning.warn("dropped a connection from {peer}: {reason}", peer=str(peer), reason=reason)
         self.loseConnection()
 
 
-class CheckedProxyFactory(HAProxyWrappingFactory):
-    protocol = CheckedProxyProtocol  # type: ignore[assignment]
+class CheckedProxyFactory(WrappingFactory):
+    protocol = CheckedProxyProtocol
 
     def __init__(self, wrappedFactory: IProtocolFactory, warning: RateLimitedWarning) -> None:
         super().__init__(wrappedFactory)

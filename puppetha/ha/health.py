@@ -21,6 +21,8 @@ from attrs import frozen
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity.cryptography import verify_certificate_hostname
+from treq import collect
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -31,10 +33,12 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -142,6 +146,10 @@ class _MasterEndpoint:
         self.timeout = timeout
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        # Every probe is a new connection; the HTTP client's "Starting factory" twice a probe
+        # would drown the log.
+        if isinstance(factory, Factory):
+            factory.noisy = False
         tls = TLSMemoryBIOFactory(self.creator, True, factory, clock=self.reactor)
         tcp = HostnameEndpoint(self.reactor, self.address.encode("ascii"), self.port, timeout=self.timeout)
         d: Deferred[Any] = tcp.connect(tls)
@@ -155,17 +163,6 @@ class _ToMaster:
 
     def endpointForURI(self, uri: Any) -> _MasterEndpoint:
         return self.endpoint
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    # Every probe is a new connection; "Starting factory" twice a probe drowns the log.
-    noisy = False
-
-
-def _quiet_pool(reactor: Any) -> HTTPConnectionPool:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    pool._factory = _QuietFactory
-    return pool
 
 
 class StatusProbe:
@@ -189,17 +186,24 @@ class StatusProbe:
             _connection_creator(self.master_name or master.certname, credentials),
             self.timeout,
         )
-        agent = Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint), pool=_quiet_pool(self.reactor))
-        # The endpoint decides where to connect; the URL only names the resource.
-        url = f"https://{master.certname}:{master.port}/status/v1/simple".encode("ascii")
-        d: Deferred[Any] = agent.request(b"GET", url)
+        # One connection a probe, never kept: a master that restarts is probed afresh.
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        http = HTTPClient(Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint), pool=pool))
+        # The endpoint decides where to connect; the URL only names the resource, and the Host
+        # header names the master (in a header, since a certname's '_' is no URL host to treq).
+        # The deadline is ours, on the injected reactor (treq's ``timeout=`` uses the global one).
+        host = f"{master.certname}:{master.port}".encode("ascii")
+        d: Deferred[Any] = http.get(
+            "https://master/status/v1/simple", headers=Headers({b"Host": [host]}), unbuffered=True
+        )
+        # The body is read and dropped, within the same deadline, so the connection ends.
+        d.addCallback(lambda response: collect(response, _drop).addCallback(lambda _: response.code == 200))
         timer = self.reactor.callLater(self.timeout, d.cancel)
 
-        def answered(response: Any) -> bool:
+        def answered(running: bool) -> bool:
             if timer.active():
                 timer.cancel()
-            response.deliverBody(_Discard())
-            return bool(response.code == 200)
+            return running
 
         def failed(failure: Failure) -> bool:
             if timer.active():
@@ -210,15 +214,8 @@ class StatusProbe:
         return d.addCallbacks(answered, failed)
 
 
-class _Discard:
-    def makeConnection(self, transport: Any) -> None:
-        pass
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
+def _drop(data: bytes) -> None:
+    pass
 
 
 Probe = Callable[[MasterRecord, ProbeCredentials], Deferred[bool]]
