@@ -145,7 +145,9 @@ class Demo:
             say(f"  AWS (moto server)          {moto.endpoint_url}")
             signer = FakeAWSSigner.create("us-east-1")
             trust_file = signer.write_trust_file(self.state / "aws")
-            fleet = Fleet(moto.endpoint_url)
+            # A VPC on loopback: the lb nodes probe the master at its private address, which must
+            # stay on this box.
+            fleet = Fleet(moto.endpoint_url, REGION, cidr="127.20.0.0/16")
             master = fleet.launch("master", security_groups=["puppet-masters"])
             agents = [
                 fleet.launch("agent", security_groups=["web"], tags={"app": "shop", "tier": "frontend"}),
@@ -218,6 +220,7 @@ class Demo:
                  allocation: str, pin: str) -> None:
         say("\n5. Two lb nodes enroll (certificates from the lb CA) and run: each a `twistd puppetha`")
         say("   with the lb role and its own nginx, sharing the daemon's store and the Elastic IP.")
+        say("   (The demo's master runs no puppetserver: the lb nodes' probes soon mark it unhealthy.)")
         with IMDSThread() as imds:
             hosts = [self.enroll(imds, signer, lb, "lb", pin) for lb in lbs]
         common = {
@@ -266,7 +269,7 @@ class Demo:
         say("\n   puppetha status (before):")
         say(indent(self.cli("status")))
 
-        say(f"6. kill -9 the primary ({first.instance_id}); the standby takes the lease and the address:")
+        say(f"\n6. kill -9 the primary ({first.instance_id}); the standby takes the lease and the address:")
         killed = time.monotonic()
         first.signal(signal.SIGKILL)
         self.wait(lambda: owner() == second.instance_id, "the standby taking the Elastic IP", second)
