@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from puppetha.aws.cloud import InstanceInfo
+from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
 from puppetha.testing.aws import FakeAWSSigner
 from puppetha.testing.imds import IMDSThread, InstanceMetadata
 from puppetha.testing.lb_daemon import LbNode
@@ -174,8 +175,10 @@ class Demo:
                 self.failover(moto, fleet, signer=signer, lbs=lbs, allocation=allocation, pin=pin)
                 say(f"\nEverything is under {self.state}: the daemons' logs and store, each host's ssldir.")
                 if keep_running:
-                    say("The daemon and the surviving lb node keep running; try `.venv/bin/puppetha "
-                        f"--config {self.cli_conf} --state-dir {self.state / 'daemon'} status`. "
+                    # moto takes any credentials, but boto3 wants some to sign with.
+                    say("The daemon and the surviving lb node keep running; try\n"
+                        f"  AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo .venv/bin/puppetha "
+                        f"--config {self.cli_conf} --state-dir {self.state / 'daemon'} status\n"
                         "Ctrl-C stops it all.")
                     signal.signal(signal.SIGTERM, signal.default_int_handler)
                     try:
@@ -283,6 +286,13 @@ class Demo:
         say("\n   puppetha status (after; the dead node's last report still says primary, but nobody has")
         say("   heard it since, and the lease and AWS name the new primary):")
         say(indent(self.cli("status")))
+        # Each node logs when it acted as primary and each AssociateAddress, with the token.
+        events = read_events(first.acting_log, second.acting_log)
+        acted = windows(events)
+        say(f"\n   The nodes' acting logs ([ha] acting_log): {len(acted)} window(s) as primary, tokens "
+            f"{', '.join(str(token) for token in sorted({token for _, token in acted}))}; "
+            f"{len(overlaps(acted))} with two primaries at once, {len(stray_associations(events))} "
+            "AssociateAddress outside its token's window.")
 
     def front_get(self, node: LbNode, path: str) -> tuple[int, str]:
         """A request to ``node``'s nginx front as an agent makes it, trusting the fleet's root only."""

@@ -59,6 +59,8 @@ def test_the_demo_fleet_enrolls_is_classified_and_fails_over(tmp_path: Path) -> 
     assert new_owner == new != old
     assert new_token > old_token
     assert new_states[new] == "primary"
+    # Checked from both nodes' acting logs: never two primaries, no stale AssociateAddress.
+    assert "0 with two primaries at once, 0 AssociateAddress outside its token's window." in out
     # The new primary's nginx serves the fleet's CA to an agent that trusts only the root.
     assert re.search(r"GET /puppet-ca/v1/certificate/ca -> 200, [1-9]\d* CA certificate", out), out
 
