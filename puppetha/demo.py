@@ -137,7 +137,7 @@ class Demo:
         try:
             require_nginx()  # before anything starts: the lb nodes need it
         except NginxMissing as e:
-            raise DemoError(f"{e} (./scripts/bootstrap installs it when run as root)") from None
+            raise DemoError(f"{e}; the lb nodes need it (./scripts/bootstrap installs it as root)") from None
         shutil.rmtree(self.state, ignore_errors=True)
         self.state.mkdir(parents=True, mode=0o700)
         marker.touch()
