@@ -239,11 +239,11 @@ class Demo:
         (self.state / "lb").mkdir()
         (self.state / "root-ca.pem").write_text(self.cli("ca", "show", "--pem"))
         for lb, host in zip(lbs, hosts, strict=True):
-            ssl = host / "ssl"
+            ssldir = host / "ssl"
             self.lb_nodes.append(LbNode(
                 lb.instance_id, lb.instance_id, self.state / "lb", common,
-                certificate=str(ssl / "certs" / f"{lb.instance_id}.pem"),
-                private_key=str(ssl / "private_keys" / f"{lb.instance_id}.pem"), env=self.env))
+                certificate=str(ssldir / "certs" / f"{lb.instance_id}.pem"),
+                private_key=str(ssldir / "private_keys" / f"{lb.instance_id}.pem"), env=self.env))
         first, second = self.lb_nodes
 
         def owner() -> str | None:
