@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,107 +26,18 @@ from puppetha.ha.heartbeat import Heartbeat, encode
 from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
+from puppetha.testing.lb_daemon import LbNode, eventually
 from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer, client
-from puppetha.testing.nginx import NGINX, FrontPKI, loopback_ports, require_nginx
+from puppetha.testing.nginx import FrontPKI, require_nginx
 from tests.aws_fixtures import moto_with_test_credentials
 
-TWISTD = str(Path(sys.executable).parent / "twistd")
 REGION = "us-east-1"
-
-
-def eventually(check: Callable[[], bool], what: str, logs: list[Path], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            text = "\n".join(f"--- {log}\n{log.read_text()}" for log in logs if log.exists())
-            raise AssertionError(f"{what} did not happen; daemon logs:\n{text}")
-        time.sleep(0.05)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
     with moto_with_test_credentials() as server:
         yield server
-
-
-class LbNode:
-    """One lb daemon's settings, process and nginx; started and killed by the test."""
-
-    def __init__(self, name: str, instance_id: str, tmp_path: Path, common: dict[str, str],
-                 pki: FrontPKI) -> None:
-        self.name = name
-        self.instance_id = instance_id
-        self.dir = tmp_path / name
-        self.dir.mkdir()
-        (self.dir / "nginx-temp").mkdir()
-        issued = pki.leaf("lb", name, sans=["puppet"], usage="both")
-        ports = loopback_ports()
-        self.error_log = self.dir / "nginx-error.log"
-        self.live = self.dir / "nginx" / "live" / "nginx.conf"
-        self.acting_log = self.dir / "acting.jsonl"
-        self.log = self.dir / "daemon.log"
-        self.settings = {
-            **common,
-            "lb.certificate": issued.certificate,
-            "lb.private_key": issued.private_key,
-            "lb.listen_address": "127.0.0.1",
-            "lb.front_port": str(ports.front),
-            "lb.enroll_port": str(ports.enroll),
-            "lb.first_master_port": str(ports.first_master),
-            "lb.max_masters": str(ports.max_masters),
-            "lb.nginx_dir": str(self.dir / "nginx"),
-            "lb.nginx_pid": str(self.dir / "nginx.pid"),
-            "lb.nginx_error_log": str(self.error_log),
-            "lb.nginx_temp_dir": str(self.dir / "nginx-temp"),
-            "lb.nginx_access_log": str(self.dir / "nginx-access.log"),
-            "lb.nginx_user": "root",
-            "enc.socket": str(self.dir / "enc.sock"),
-            "ha.instance_id": instance_id,
-            "ha.address": "127.0.0.1",
-            "ha.heartbeat_listen": "127.0.0.1",
-            "ha.heartbeat_port": str(free_udp_port()),
-            "ha.acting_log": str(self.acting_log),
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-        self.nginx: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [TWISTD, "--nodaemon", "--pidfile=", "puppetha", "--state-dir", str(self.dir / "state")]
-        for name, value in self.settings.items():
-            command += ["--set", f"{name}={value}"]
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["aws_access_key_id"],
-               "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["aws_secret_access_key"]}
-        with self.log.open("a") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def start_nginx(self) -> None:
-        eventually(self.live.exists, f"{self.name}'s first nginx configuration", [self.log])
-        self.nginx = subprocess.Popen(
-            [NGINX, "-e", str(self.error_log), "-c", str(self.live), "-g", "daemon off;"])
-
-    def signal(self, number: int) -> int:
-        assert self.process is not None
-        self.process.send_signal(number)
-        status = self.process.wait(timeout=30)
-        self.process = None
-        return status
-
-    def events(self) -> list[dict[str, Any]]:
-        return read_events(self.acting_log)
-
-    def stop_all(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
-        if self.nginx is not None:
-            self.nginx.send_signal(signal.SIGQUIT)
-            self.nginx.wait(timeout=30)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "dynamodb"])
@@ -161,8 +72,16 @@ def test_kill_9_moves_the_address_and_sigterm_hands_over_at_once(
         "lb.health_interval": "1s",
         "ha.elastic_ip": allocation,
     }
-    a = LbNode("lb-a", instances[0], tmp_path, common, pki)
-    b = LbNode("lb-b", instances[1], tmp_path, common, pki)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["aws_secret_access_key"]}
+
+    def lb_node(name: str, instance_id: str) -> LbNode:
+        issued = pki.leaf("lb", name, sans=["puppet"], usage="both")
+        return LbNode(name, instance_id, tmp_path, common, certificate=issued.certificate,
+                      private_key=issued.private_key, env=env)
+
+    a = lb_node("lb-a", instances[0])
+    b = lb_node("lb-b", instances[1])
     logs = [a.log, b.log]
 
     def owner() -> str | None:
