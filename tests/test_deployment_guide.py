@@ -508,7 +508,7 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
 RESIGN_CRLS = """/opt/puppetha/bin/python3 -c '
 import sys, time
 from datetime import timedelta
-from puppetha.cli import Context
+from puppetha.context import Context
 from puppetha.config import DEFAULT_CONFIG_PATH
 context = Context(DEFAULT_CONFIG_PATH, {}, sys.stdout, time.time)
 print("re-signed", *context.authority.refresh_crls(timedelta(days=36500)))
