@@ -323,7 +323,9 @@ class Enrollment:
             raise _already_enrolled(decision)
         self._in_flight[claim_key] = key_id
         try:
-            claimed = await self.records.call(self._claim, decision, key_id)
+            # One hop to the store: the claim, and for an agent the healthy masters it may be
+            # issued by (read only once the claim is made; an agent answered again needs none).
+            claimed, masters = await self.records.call(self._claim_with_masters, decision, key_id)
             if isinstance(claimed, EnrollmentClaim):
                 again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
                 log.info(
@@ -337,7 +339,7 @@ class Enrollment:
             # chosen, the undo below needs only a master's own CA name (agents have none to undo).
             issuer = decision.certname
             try:
-                issuer = await self._issuer_for(decision)
+                issuer = self._issuer_for(decision, masters)
                 outcome: _Outcome = await self.authority.call(
                     self._issue, decision, csr, key_id, issuer, claim
                 )
@@ -377,19 +379,23 @@ class Enrollment:
             raise EnrollmentRefused(403, f"identity-{e.code}", e.message) from None
         return identity
 
-    async def _issuer_for(self, admit: Admit) -> str:
-        """The CA that signs: a healthy master's for agents, a new one for masters, the lb CA for lb."""
+    def _issuer_for(self, admit: Admit, masters: list[str] | Exception | None) -> str:
+        """
+        The CA that signs: a healthy master's for agents (``masters``, read with the claim, or
+        the error that read met), a new one for masters, the lb CA for lb.
+        """
         if admit.role == "master":
             return admit.certname
         if admit.role == "lb":
             return LB_CA
-        healthy: list[str] = await self.records.call(_healthy_master_cas, self.records.target)
-        if not healthy:
+        if isinstance(masters, Exception):
+            raise masters
+        if not masters:
             raise EnrollmentRefused(
                 503, "no-master", "no healthy master is registered yet; try again later",
                 retry_after=self.retry_after,
             )
-        return self._spread(healthy)
+        return self._spread(masters)
 
     def _spread(self, cas: Sequence[str]) -> str:
         oldest = min(self._last_used.get(ca, 0) for ca in cas)
@@ -399,6 +405,22 @@ class Enrollment:
         return chosen
 
     # -- blocking steps (on the pool)
+
+    def _claim_with_masters(
+        self, admit: Admit, key_id: str
+    ) -> tuple[int | EnrollmentClaim, list[str] | Exception | None]:
+        """
+        :meth:`_claim`, then for a new agent claim the healthy masters' CAs.  Once the claim is
+        made, a failure to read them is returned rather than raised, so that the caller still
+        learns the claim's version and removes it again.
+        """
+        claimed = self._claim(admit, key_id)
+        if isinstance(claimed, EnrollmentClaim) or admit.role != "agent":
+            return claimed, None
+        try:
+            return claimed, _healthy_master_cas(self.records.target)
+        except Exception as e:
+            return claimed, e
 
     def _claim(self, admit: Admit, key_id: str) -> int | EnrollmentClaim:
         """
