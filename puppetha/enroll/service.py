@@ -221,8 +221,8 @@ class Enrollment:
     """
     The enrollment service.  Blocking collaborators arrive wrapped in
     :class:`puppetha.threads.Blocking` (bounded pools); ``clock`` gives the time and ends the
-    reactor turn that gathers a DescribeInstances batch.  ``allowed_keys`` are the key types a CSR may carry.
-    ``front_ports`` are the lb nodes' ports (``[lb]``): an agent's ``test_server`` is its
+    reactor turn that gathers a DescribeInstances batch.  ``allowed_keys`` are the key types a
+    CSR may carry.  ``front_ports`` are the lb nodes' ports (``[lb]``): an agent's ``test_server`` is its
     issuing master's own port on the front, numbered as the lb nodes number them.
     """
 
