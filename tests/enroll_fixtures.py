@@ -4,7 +4,7 @@ The enrollment service assembled from real parts for tests: a moto server as AWS
 file vault, and the HTTP resource driven in memory with ``treq.testing.StubTreq``.
 
 Blocking calls run inline (:class:`InlinePool`), so a test is deterministic and never needs a
-running reactor; the DescribeInstances batch window runs on a ``task.Clock``.  The real thread
+running reactor; the turn that gathers a DescribeInstances batch ends on a ``task.Clock``.  The real thread
 pool and network are exercised by ``tests/test_enroll_listener.py``.
 """
 
@@ -284,7 +284,7 @@ class World:
         headers: dict[str, str] | None = None,
         source: str = "127.0.0.1",
     ) -> Deferred[Answer]:
-        """Send a request; it may wait on the clock (the DescribeInstances batch window)."""
+        """Send a request; it may wait on the clock (the turn gathering a DescribeInstances batch)."""
         self.source[0] = source
         all_headers = {"Content-Type": "application/json"} if body is not None else {}
         all_headers.update(headers or {})

@@ -10,7 +10,7 @@ import base64
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 from attrs import evolve
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet.defer import Deferred
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
@@ -26,7 +27,7 @@ from puppetha.ha.nginx import FrontPorts
 from puppetha.instance.puppetserver import check_lb_ca
 from puppetha.pki.authority import LB_CA, ROOT
 from puppetha.pki.certs import PP_INSTANCE_ID, puppet_extension
-from puppetha.store import IStore
+from puppetha.store import IStore, StoreUnavailable
 from puppetha.store.dynamodb import DynamoDBStore
 from puppetha.store.records import EnrollmentClaim, LbNodeRecord, MasterRecord, NodeRecord
 from puppetha.testing.aws import FakeAWSSigner, make_document
@@ -808,3 +809,68 @@ def test_an_agent_asking_again_is_answered_while_no_master_is_healthy(ready: Wor
     again = ready.call("/v1/enroll", body, source=agent.private_ip)
     assert again.status == 200, again.body
     assert again.json["certificate"] == first.json["certificate"]
+
+
+class CountingCalls(Blocking[Any]):
+    """The inline pool, counting the blocking calls (hops to a thread) made through it."""
+
+    def __init__(self, inner: Blocking[Any], hops: list[str], name: str) -> None:
+        super().__init__(inner.reactor, inner.pool, inner.target)
+        self.hops = hops
+        self.name = name
+
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.hops.append(f"{self.name}:{getattr(f, '__name__', f)}")
+        return super().call(f, *args, **kwargs)
+
+
+def test_a_new_agent_costs_five_hops_to_a_thread(ready: World) -> None:
+    """Identity, DescribeInstances, CSR, claim with the masters, issue: the store's two reads of
+    the claim and of the healthy masters are one hop."""
+    hops: list[str] = []
+    enrollment = ready.enrollment
+    enrollment.records = CountingCalls(enrollment.records, hops, "records")
+    enrollment.authority = CountingCalls(enrollment.authority, hops, "authority")
+    enrollment.batcher.cloud = CountingCalls(enrollment.batcher.cloud, hops, "cloud")
+    assert ready.enroll(ready.launch()).status == 200
+    assert hops == [
+        "authority:verify_identity", "cloud:describe_instances", "authority:_check_csr",
+        "records:_claim_with_masters", "authority:_issue",
+    ]
+
+
+class MastersUnreadable(SwitchableStore):
+    """Right after a claim is made, the next listing (of the masters) fails as a lost store would."""
+
+    after_claim = False
+    armed = False
+
+    def create(self, kind: str, key: str, value: Any) -> Any:
+        made = super().create(kind, key, value)
+        self.armed = self.after_claim and kind == EnrollmentClaim.KIND
+        return made
+
+    def list(self, kind: str, prefix: str = "") -> Any:
+        if self.armed:
+            self.armed = False
+            raise StoreUnavailable("the store went away")
+        return super().list(kind, prefix)
+
+
+def test_masters_unreadable_after_the_claim_leaves_no_claim(enroll_aws, aws_signer, tmp_path: Path) -> None:
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=MastersUnreadable)
+    try:
+        enroll_master(world)
+        agent = world.launch()
+        before = world.state()
+        store = world.records.store
+        assert isinstance(store, MastersUnreadable)
+        store.after_claim = True
+        answer = world.enroll(agent)
+        store.after_claim = False
+        assert (answer.status, answer.error) == (503, "store-unavailable")
+        assert world.records.get(EnrollmentClaim, f"{agent.instance_id}/agent") is None
+        assert world.state() == before
+        assert world.enroll(agent).status == 200
+    finally:
+        world.store.close()

@@ -516,3 +516,23 @@ def test_crls_stop_listing_certificates_long_expired(authority, now):
     # The record of the revocation is kept.
     kept = Records(authority.records.store).list(RevokedRecord)
     assert [v.record.serial for v in kept] == [leaf.serial_number]
+
+
+def test_ca_certificates_are_parsed_once_and_follow_their_records(authority, store):
+    """The parsed certificate is kept while its record holds the same PEM, and no longer."""
+    authority.create_master_ca("m1.example.com")
+    first = authority.certificate("m1.example.com")
+    assert authority.certificate("m1.example.com") is first
+    assert authority._chain("m1.example.com")[0] is first
+    # Another certificate under the same name (as a re-made CA would be): read anew at once.
+    records = Records(store)
+    other = records.get(CARecord, ROOT)
+    current = records.get(CARecord, "m1.example.com")
+    assert other is not None
+    assert current is not None
+    records.replace(
+        CARecord.from_value({**current.record.to_value(), "certificate_pem": other.record.certificate_pem}),
+        current.version,
+    )
+    assert authority.certificate("m1.example.com").subject == authority.certificate(ROOT).subject
+    assert authority._chain("m1.example.com")[0].subject == authority.certificate(ROOT).subject

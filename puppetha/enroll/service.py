@@ -25,8 +25,8 @@ from typing import Any
 from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -147,54 +147,60 @@ class IssuedEnrollment:
 
 class DescribeBatcher:
     """
-    Gathers the DescribeInstances lookups of concurrent enrollments in one region for
-    ``window`` seconds (or until ``max_batch`` ids) and asks AWS once for all of them.
+    Asks AWS about the instances of concurrent enrollments with as few DescribeInstances
+    calls as the load allows, and no waiting when there is no load.
+
+    One call at a time per region: a lookup that finds no call in flight goes out at the end
+    of the reactor's current turn (with any others that arrived in that turn); the lookups
+    that arrive while a call is in flight wait for it and then go out together as the next
+    call, at most ``max_batch`` ids each.  A fixed window would delay a lone enrollment for
+    nothing and still split a busy wave into many calls; this way the batches grow with the
+    load, and botocore builds and parses one call per round trip instead of one per window.
     """
 
-    def __init__(
-        self,
-        cloud: Blocking[ICloud],
-        clock: IReactorTime,
-        window: float = 0.01,
-        max_batch: int = 100,
-    ) -> None:
-        if window < 0 or max_batch < 1:
-            raise ValueError("window must be >= 0 and max_batch >= 1")
+    def __init__(self, cloud: Blocking[ICloud], clock: IReactorTime, max_batch: int = 100) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.cloud = cloud
         self.clock = clock
-        self.window = window
         self.max_batch = max_batch
         self._waiting: dict[str, dict[str, list[Deferred[InstanceInfo | None]]]] = {}
-        self._timers: dict[str, IDelayedCall] = {}
+        #: Regions with a call in flight, or one due at the end of this turn.
+        self._busy: set[str] = set()
         #: How many DescribeInstances calls were made (for tests and the benchmark).
         self.calls = 0
 
     def describe(self, region: str, instance_id: str) -> Deferred[InstanceInfo | None]:
         d: Deferred[InstanceInfo | None] = Deferred()
-        batch = self._waiting.setdefault(region, {})
-        batch.setdefault(instance_id, []).append(d)
-        if len(batch) >= self.max_batch:
-            self._flush(region)
-        elif region not in self._timers:
-            self._timers[region] = self.clock.callLater(self.window, self._flush, region)
+        self._waiting.setdefault(region, {}).setdefault(instance_id, []).append(d)
+        if region not in self._busy:
+            self._busy.add(region)
+            self.clock.callLater(0, self._ask, region)
         return d
 
-    def _flush(self, region: str) -> None:
-        timer = self._timers.pop(region, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        batch = self._waiting.pop(region, {})
-        if not batch:
+    def _ask(self, region: str) -> None:
+        waiting = self._waiting.get(region, {})
+        if not waiting:
+            self._busy.discard(region)
+            self._waiting.pop(region, None)
             return
+        # The oldest lookups first (dicts keep their insertion order).
+        batch = {i: waiting.pop(i) for i in list(waiting)[: self.max_batch]}
         self.calls += 1
-        asked = self.cloud.call(self.cloud.target.describe_instances, region, sorted(batch))
+        try:
+            asked = self.cloud.call(self.cloud.target.describe_instances, region, sorted(batch))
+        except Exception:
+            asked = fail()
 
         def answered(found: dict[str, InstanceInfo]) -> None:
+            # The next batch goes out before these waiters go on, so none of them waits for it.
+            self._ask(region)
             for instance_id, waiters in batch.items():
                 for waiter in waiters:
                     waiter.callback(found.get(instance_id))
 
         def failed(failure: Failure) -> None:
+            self._ask(region)
             for waiters in batch.values():
                 for waiter in waiters:
                     waiter.errback(failure)
@@ -214,9 +220,9 @@ class _Outcome:
 class Enrollment:
     """
     The enrollment service.  Blocking collaborators arrive wrapped in
-    :class:`puppetha.threads.Blocking` (bounded pools); ``clock`` gives the time and runs the
-    DescribeInstances batch timer.  ``allowed_keys`` are the key types a CSR may carry.
-    ``front_ports`` are the lb nodes' ports (``[lb]``): an agent's ``test_server`` is its
+    :class:`puppetha.threads.Blocking` (bounded pools); ``clock`` gives the time and ends the
+    reactor turn that gathers a DescribeInstances batch.  ``allowed_keys`` are the key types a
+    CSR may carry.  ``front_ports`` are the lb nodes' ports (``[lb]``): an agent's ``test_server`` is its
     issuing master's own port on the front, numbered as the lb nodes number them.
     """
 
@@ -230,7 +236,6 @@ class Enrollment:
         cloud: Blocking[ICloud],
         clock: IReactorTime,
         allowed_keys: Iterable[KeyType] = tuple(KeyType),
-        batch_window: float = 0.01,
         retry_after: int = DEFAULT_RETRY_AFTER,
         stale_claim: float = DEFAULT_STALE_CLAIM,
         choose: Callable[[Sequence[str]], str] | None = None,
@@ -245,7 +250,7 @@ class Enrollment:
         self.allowed_keys = frozenset(allowed_keys)
         self.retry_after = retry_after
         self.stale_claim = stale_claim
-        self.batcher = DescribeBatcher(cloud, clock, batch_window)
+        self.batcher = DescribeBatcher(cloud, clock)
         self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
@@ -318,7 +323,9 @@ class Enrollment:
             raise _already_enrolled(decision)
         self._in_flight[claim_key] = key_id
         try:
-            claimed = await self.records.call(self._claim, decision, key_id)
+            # One hop to the store: the claim, and for an agent the healthy masters it may be
+            # issued by (read only once the claim is made; an agent answered again needs none).
+            claimed, masters = await self.records.call(self._claim_with_masters, decision, key_id)
             if isinstance(claimed, EnrollmentClaim):
                 again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
                 log.info(
@@ -332,7 +339,7 @@ class Enrollment:
             # chosen, the undo below needs only a master's own CA name (agents have none to undo).
             issuer = decision.certname
             try:
-                issuer = await self._issuer_for(decision)
+                issuer = self._issuer_for(decision, masters)
                 outcome: _Outcome = await self.authority.call(
                     self._issue, decision, csr, key_id, issuer, claim
                 )
@@ -372,19 +379,23 @@ class Enrollment:
             raise EnrollmentRefused(403, f"identity-{e.code}", e.message) from None
         return identity
 
-    async def _issuer_for(self, admit: Admit) -> str:
-        """The CA that signs: a healthy master's for agents, a new one for masters, the lb CA for lb."""
+    def _issuer_for(self, admit: Admit, masters: list[str] | Exception | None) -> str:
+        """
+        The CA that signs: a healthy master's for agents (``masters``, read with the claim, or
+        the error that read met), a new one for masters, the lb CA for lb.
+        """
         if admit.role == "master":
             return admit.certname
         if admit.role == "lb":
             return LB_CA
-        healthy: list[str] = await self.records.call(_healthy_master_cas, self.records.target)
-        if not healthy:
+        if isinstance(masters, Exception):
+            raise masters
+        if not masters:
             raise EnrollmentRefused(
                 503, "no-master", "no healthy master is registered yet; try again later",
                 retry_after=self.retry_after,
             )
-        return self._spread(healthy)
+        return self._spread(masters)
 
     def _spread(self, cas: Sequence[str]) -> str:
         oldest = min(self._last_used.get(ca, 0) for ca in cas)
@@ -394,6 +405,22 @@ class Enrollment:
         return chosen
 
     # -- blocking steps (on the pool)
+
+    def _claim_with_masters(
+        self, admit: Admit, key_id: str
+    ) -> tuple[int | EnrollmentClaim, list[str] | Exception | None]:
+        """
+        :meth:`_claim`, then for a new agent claim the healthy masters' CAs.  Once the claim is
+        made, a failure to read them is returned rather than raised, so that the caller still
+        learns the claim's version and removes it again.
+        """
+        claimed = self._claim(admit, key_id)
+        if isinstance(claimed, EnrollmentClaim) or admit.role != "agent":
+            return claimed, None
+        try:
+            return claimed, _healthy_master_cas(self.records.target)
+        except Exception as e:
+            return claimed, e
 
     def _claim(self, admit: Admit, key_id: str) -> int | EnrollmentClaim:
         """

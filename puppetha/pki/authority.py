@@ -92,6 +92,10 @@ class ToRevoke:
     not_after: float | None = None
 
 
+#: Parsed CA certificates kept at most (a fleet has one CA per master, and a few more).
+_MAX_PARSED = 4096
+
+
 def crls_due(crls: Iterable[CRLRecord], now: float, margin: timedelta) -> list[str]:
     """Names of the CAs whose CRL's ``next_update`` is within ``margin`` of ``now`` (or past)."""
     limit = now + margin.total_seconds()
@@ -159,6 +163,9 @@ class CertificateAuthority:
         # Opened CA keys, by CA name; the clear keys exist only here, in memory.
         self._keys: dict[str, PrivateKey] = {}
         self._keys_lock = threading.Lock()
+        # Parsed CA certificates, by their PEM: every enrollment reads the chain of its issuer,
+        # and a record that changes brings another PEM, so an entry can never be stale.
+        self._parsed: dict[str, x509.Certificate] = {}
 
     # -- reading
 
@@ -172,7 +179,7 @@ class CertificateAuthority:
         return self.ca(ROOT)
 
     def certificate(self, name: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.ca(name).certificate_pem.encode("ascii"))
+        return self._parse(self.ca(name).certificate_pem)
 
     def crl(self, name: str) -> CRLRecord:
         found = self.records.get(CRLRecord, name)
@@ -421,7 +428,16 @@ class CertificateAuthority:
         if ca_name not in cas:
             raise UnknownCA(ca_name)
         names = bundles.chain_names(ca_name, {name: ca.parent for name, ca in cas.items()})
-        return [x509.load_pem_x509_certificate(cas[name].certificate_pem.encode("ascii")) for name in names]
+        return [self._parse(cas[name].certificate_pem) for name in names]
+
+    def _parse(self, pem: str) -> x509.Certificate:
+        cert = self._parsed.get(pem)
+        if cert is None:
+            cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+            if len(self._parsed) >= _MAX_PARSED:
+                self._parsed.clear()  # CAs removed over a long life; the ones in use come back
+            self._parsed[pem] = cert
+        return cert
 
     def _crl_record(self, name: str) -> Versioned[CRLRecord]:
         found = self.records.get(CRLRecord, name)
@@ -474,7 +490,7 @@ class CertificateAuthority:
             return cached
         record = self.ca(name)
         key = load_private_key(self.vault.open(unb64(record.sealed_key), name))
-        cert = x509.load_pem_x509_certificate(record.certificate_pem.encode("ascii"))
+        cert = self._parse(record.certificate_pem)
         if not same_public_key(key.public_key(), cert.public_key()):  # type: ignore[arg-type]
             raise AuthorityError(f"the sealed key of CA {name!r} does not match its certificate")
         with self._keys_lock:
