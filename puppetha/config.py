@@ -463,6 +463,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("scale", "drain_timeout", duration, "2m",
            "A draining master leaves the upstream when its last request ends, or after this long."),
     Option("scale", "stale", duration, "30s", "Without a load sample younger than this, nothing is decided."),
+    Option("lifecycle", "interval", duration, "60s",
+           "How often the primary lb node checks the enrolled instances against DescribeInstances "
+           "(lb role with [ha] elastic_ip)."),
+    Option("lifecycle", "revoke_terminated", boolean, "true",
+           "Revoke every certificate of an instance AWS says is terminated. A terminated master "
+           "leaves the upstream either way; its CA stays trusted for the agents it signed."),
+    Option("lifecycle", "grace", duration, "10m",
+           "An enrolled instance DescribeInstances does not know counts as terminated only this "
+           "long after it enrolled (EC2's reads are eventually consistent)."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
