@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
@@ -12,10 +12,22 @@ from twisted.internet.task import Clock
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
-from puppetha.ha.autoscale import LAUNCHED_BY_TAG, Launcher, ScaleActionRecord, fleet_masters
+from puppetha.ha.autoscale import LAUNCHED_BY_TAG, Launcher, ScaleActionRecord, ScalingService, fleet_masters
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
-from puppetha.ha.scaling import DRAIN, HOLD, LAUNCH, SERVING, STARTING, WARMING, Master, ScaleDecision
+from puppetha.ha.scaling import (
+    DRAIN,
+    HOLD,
+    LAUNCH,
+    SERVING,
+    STARTING,
+    WARMING,
+    Master,
+    MasterLoad,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+)
 from puppetha.store.records import MasterRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
@@ -163,3 +175,47 @@ def test_a_lease_lost_after_the_record_leaves_an_unfinished_launch_to_make_again
     assert len(done.instances) == 1
     assert instances(fleet)[0]["ClientToken"] == unfinished.client_token
     assert again.unfinished() == []
+
+
+# --- the service: sample, decide, launch, on a clock
+
+
+def busy_sample(now: float) -> Deferred[Sample]:
+    return succeed(Sample(now, {"m1": MasterLoad(in_flight=4, jruby_size=4, jruby_free=0)}))
+
+
+def run_service(moto: MotoServer, records: Records, guard: Guard, minutes: int) -> ScalingService:
+    launch = launcher(moto, records, guard)
+    clock = cast(Clock, launch.clock)
+
+    def masters(now: float) -> Deferred[list[Master]]:
+        # m1 serves; whatever was launched is starting (it never enrolls in this test).
+        starting = [Master(i, STARTING, v.record.decided_at)
+                    for v in records.list(ScaleActionRecord) for i in v.record.instances]
+        return succeed([Master("m1", SERVING, 0.0), *starting])
+
+    service = ScalingService(clock=clock, settings=ScaleSettings(enabled=True), interval=10.0, guard=guard,
+                             sample=busy_sample, masters=masters, launcher=launch)
+    service.startService()
+    clock.pump([10.0] * (minutes * 6))
+    service.stopService()
+    return service
+
+
+def test_a_busy_master_gets_one_more_and_the_starting_one_is_waited_for(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    service = run_service(moto, records, Guard(), minutes=10)
+    # Busy from the first sample: launched once out_window (60 s) held, then held while it starts.
+    (record,) = [v.record for v in records.list(ScaleActionRecord)]
+    assert (record.decided_at - 1000.0, record.action, record.count, record.token) == (60.0, LAUNCH, 1, 7)
+    assert {d.reason for _, d in service.decisions} == {"1 masters starting or warming"}
+    assert [i["InstanceId"] for i in instances(fleet)] == list(record.instances)
+
+
+def test_a_standby_samples_and_decides_nothing(moto: MotoServer, fleet: Fleet, records: Records) -> None:
+    service = run_service(moto, records, Guard(passes=0), minutes=10)
+    assert service.decisions == []
+    assert service.history == []
+    assert instances(fleet) == []
+    assert records.list(ScaleActionRecord) == []

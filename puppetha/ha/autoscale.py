@@ -14,14 +14,29 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from attrs import evolve, field, frozen
-from twisted.internet.defer import inlineCallbacks
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from puppetha.aws.cloud import ICloud, InstanceInfo
 from puppetha.ha.front import RunsBlocking
 from puppetha.ha.lease import Holding
-from puppetha.ha.scaling import LAUNCH, SERVING, STARTING, WARMING, Master, ScaleDecision
+from puppetha.ha.primary import NotPrimary
+from puppetha.ha.scaling import (
+    HOLD,
+    LAUNCH,
+    SERVING,
+    STARTING,
+    WARMING,
+    Master,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+    decide,
+)
+from puppetha.repeat import Repeating
 from puppetha.store.records import MasterRecord, Record, Records
 
 log = Logger()
@@ -155,3 +170,77 @@ class Launcher:
         """Blocking: recorded launches that never got their instances (to :meth:`launch` again)."""
         return [v.record for v in self.records.list(ScaleActionRecord)
                 if v.record.action == LAUNCH and not v.record.instances]
+
+
+class ScalingService(Service):
+    """
+    Every ``interval``, on the primary only: sample the masters' load, tell which masters there
+    are, decide (:func:`puppetha.ha.scaling.decide`) and launch.  ``sample(now)`` and
+    ``masters(now)`` fire with the :class:`Sample` and the list of :class:`Master`.  A node
+    that is not primary keeps no history: the one that becomes primary starts its windows anew.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        settings: ScaleSettings,
+        interval: float,
+        guard: Callable[[int | None], Holding],
+        sample: Callable[[float], Deferred[Sample]],
+        masters: Callable[[float], Deferred[list[Master]]],
+        launcher: Launcher,
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.interval = interval
+        self.guard = guard
+        self.sample = sample
+        self.masters = masters
+        self.launcher = launcher
+        self.history: list[Sample] = []
+        self.last_action: float | None = None
+        #: The last decisions with their reasons, newest last (for `puppetha status`, later).
+        self.decisions: list[tuple[float, ScaleDecision]] = []
+        self._repeating = Repeating(self._round, clock, interval)
+
+    def startService(self) -> None:
+        super().startService()
+        self._repeating.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._repeating.stop()
+
+    def _round(self) -> Deferred[Any]:
+        def failed(failure: Failure) -> None:
+            if failure.check(NotPrimary):
+                log.info("scaling: stopped, {reason}", reason=str(failure.value))
+            else:
+                log.failure("a scaling round failed; the next one tries again", failure)
+
+        return self.once().addErrback(failed)
+
+    @inlineCallbacks
+    def once(self) -> Any:
+        """One round; fires with its decision (None on a standby)."""
+        try:
+            token = self.guard(None).token
+        except NotPrimary:
+            self.history.clear()
+            return None
+        now = self.clock.seconds()
+        sample = yield self.sample(now)
+        self.history = [s for s in self.history
+                        if s.at >= now - self.settings.in_window - 2 * self.interval]
+        self.history.append(sample)
+        masters = yield self.masters(now)
+        decision = decide(self.settings, masters, self.history, now, self.last_action)
+        self.decisions = [*self.decisions[-19:], (now, decision)]
+        if decision.action == LAUNCH:
+            self.last_action = now
+            yield self.launcher.act(decision, token)
+        elif decision.action != HOLD:
+            log.info("scaling: {action} {master} is not built yet ({reason})", action=decision.action,
+                     master=decision.master, reason=decision.reason)
+        return decision
