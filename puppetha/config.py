@@ -433,8 +433,8 @@ OPTIONS: tuple[Option, ...] = (
            "How often a master's CRL files are compared with the store: a revoked lb node is "
            "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
     Option("scale", "enabled", boolean, "false",
-           "Launch masters when Puppet is busy and drain them when it is not (docs/scaling.md). The "
-           "primary lb node decides and acts."),
+           "Launch masters when Puppet is busy and drain them when it is not (docs/scaling.md): the "
+           "policy and its checks are built, the daemon does not act on it yet."),
     Option("scale", "launch_template", text, "",
            "The launch template (lt-... or its name) of new masters; its instances must pass "
            "[enroll] master_policy. Required when enabled."),
