@@ -8,13 +8,17 @@ from __future__ import annotations
 import functools
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
+from puppetha import build
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
+from puppetha.config import config_from_string
 from puppetha.enroll.service import revoke_identity
 from puppetha.ha.front import decide_trust
 from puppetha.ha.lease import Holding
@@ -27,8 +31,10 @@ from puppetha.ha.lifecycle import (
     Retirement,
     plan_sweep,
 )
-from puppetha.ha.primary import NotPrimary
-from puppetha.store.records import CARecord, CRLRecord, MasterRecord, NodeRecord
+from puppetha.ha.primary import FailoverService, NotPrimary
+from puppetha.store.records import CARecord, CRLRecord, MasterRecord, NodeRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+from puppetha.tap import failover_service
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
@@ -251,3 +257,45 @@ def test_aws_down_decides_nothing(world: World) -> None:
     before = world.state()
     assert sweep(sweeper(world, Guard(), cloud=down)) == []
     assert world.state() == before
+
+
+# --- the daemon's wiring
+
+
+class StubFront(Service):
+    """What failover_service reads of the front service."""
+
+    name = "front"
+    reloaded = None
+
+    def poke(self) -> Deferred[None]:
+        return Deferred()
+
+
+def test_the_sweep_runs_beside_failover_behind_its_guard(tmp_path: Path) -> None:
+    config = config_from_string(
+        f"[daemon]\nstate_dir = {tmp_path}\n"
+        "[ha]\nelastic_ip = eipalloc-0123456789abcdef0\ninstance_id = i-0123456789abcdef0\n"
+        "address = 127.0.0.1\n"
+        "[lifecycle]\ninterval = 30s\nrevoke_terminated = false\ngrace = 1h\n"
+    )
+    clock = Clock()
+    store = SQLiteStore(str(tmp_path / "puppetha.sqlite"))
+    try:
+        records = Records(store)
+        vault = build.open_vault(config, create=True)
+        authority = build.make_authority(config, records, vault, clock.seconds)
+        front = MultiService()
+        StubFront().setServiceParent(front)
+        services = failover_service(config, clock, records=records, vault=vault, cloud=cast(Any, None),
+                                    aws=cast(Any, None), front=front, authority=authority,
+                                    signing=cast(Any, None))
+        children = list(cast(MultiService, services))
+        failover = next(s for s in children if isinstance(s, FailoverService))
+        sweep = next(s for s in children if isinstance(s, LifecycleSweep))
+        # Started after failover, so stopped before it.
+        assert children.index(sweep) > children.index(failover)
+        assert sweep.guard == failover.guard
+        assert sweep.settings == LifecycleSettings(interval=30.0, revoke_terminated=False, grace=3600.0)
+    finally:
+        store.close()
