@@ -124,6 +124,20 @@ def test_decide(row, settings, masters, history, now, last, expected) -> None:  
         assert (decision.action, decision.count) == expected
 
 
+@pytest.mark.parametrize(
+    ("load_", "busy"),
+    [
+        (MasterLoad(jruby_size=4, jruby_free=4), 0.0),
+        (MasterLoad(jruby_size=4, jruby_free=1, in_flight=3), 0.75),
+        (MasterLoad(jruby_size=4, jruby_free=0, in_flight=6), 1.5),  # two borrows waiting
+        (MasterLoad(in_flight=0), 0.0),  # no jruby-metrics: in flight, as if one JRuby
+        (MasterLoad(in_flight=2), 2.0),
+    ],
+)
+def test_busy_share(load_: MasterLoad, busy: float) -> None:
+    assert load_.busy() == pytest.approx(busy)
+
+
 def test_held_needs_a_sample_from_the_start_of_the_window() -> None:
     history = steady(1.0, ["m1"], 0, 100)
     always: Callable[[Sample], bool] = lambda s: True  # noqa: E731

@@ -67,7 +67,8 @@ class MasterLoad:
     def busy(self) -> float:
         """
         JRubies in use plus borrows waiting, as a fraction of the pool (may exceed 1).  Without
-        jruby-metrics, nginx's in-flight count stands for the JRubies in use.
+        jruby-metrics, nginx's in-flight count, as if the pool had one JRuby (scaling out early
+        rather than late).
         """
         if self.jruby_size <= 0:
             return float(self.in_flight)
