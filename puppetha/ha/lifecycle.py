@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
+from puppetha.enroll.service import RevokedIdentity
 from puppetha.ha.front import RunsBlocking
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
@@ -121,7 +122,8 @@ class LifecycleSweep(Service):
     """
     Every ``interval``, on the primary only: read the enrolled instances, ask AWS about them, and
     retire the gone ones.  ``revoke(instance_id, reason)`` is
-    :func:`puppetha.enroll.service.revoke_identity` bound to the store and the authority;
+    :func:`puppetha.enroll.service.revoke_identity` bound to the store and the authority
+    (called with a certname; it returns what it revoked, or None);
     ``guard(token)`` is :meth:`puppetha.ha.primary.FailoverService.guard`.
     """
 
@@ -135,7 +137,7 @@ class LifecycleSweep(Service):
         blocking: RunsBlocking,
         cloud: ICloud,
         aws: RunsBlocking,
-        revoke: Callable[[str, str], Any],
+        revoke: Callable[[str, str], RevokedIdentity | None],
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -195,7 +197,14 @@ class LifecycleSweep(Service):
                 log.info("life cycle: stopped, {reason}", reason=str(e))
                 break
             if retirement.action == REVOKE:
-                yield self.blocking.call(self.revoke, retirement.instance_id, REVOCATION_REASON)
+                # By certname: one revocation covers every record the instance's claims name,
+                # and a certname finds its record even where no claim names it.
+                remaining = list(retirement.certnames)
+                while remaining:
+                    revoked = yield self.blocking.call(self.revoke, remaining.pop(0), REVOCATION_REASON)
+                    if revoked is not None:
+                        covered = {n.certname for n in revoked.nodes}
+                        remaining = [c for c in remaining if c not in covered]
                 log.info("life cycle: {instance_id} is {why}: revoked {certnames} under token {token}",
                          instance_id=retirement.instance_id, why=retirement.why,
                          certnames=" ".join(retirement.certnames), token=token)
