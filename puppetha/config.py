@@ -99,6 +99,17 @@ def integer(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction(text_value: str) -> float:
+    """A positive number, like ``0.8`` (a share of a pool, which load may exceed)."""
+    try:
+        value = float(text_value.strip())
+    except ValueError:
+        raise ValueError(f"not a number (like 0.8): {text_value!r}") from None
+    if not 0 <= value <= 100:
+        raise ValueError(f"{value} is outside 0..100")
+    return value
+
+
 def text(value: str) -> str:
     return value.strip()
 
@@ -421,6 +432,46 @@ OPTIONS: tuple[Option, ...] = (
     Option("master", "crl_interval", duration, "10s",
            "How often a master's CRL files are compared with the store: a revoked lb node is "
            "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
+    Option("scale", "enabled", boolean, "false",
+           "Launch masters when Puppet is busy and drain them when it is not (docs/scaling.md): the "
+           "policy and its checks are built, the daemon does not act on it yet."),
+    Option("scale", "launch_template", text, "",
+           "The launch template (lt-... or its name) of new masters; its instances must pass "
+           "[enroll] master_policy. Required when enabled."),
+    Option("scale", "min_masters", integer(0, 1000), "1", "Fewer serving masters than this: launch at once."),
+    Option("scale", "max_masters", integer(1, 1000), "4", "Never more masters than this."),
+    Option("scale", "max_launches", integer(1, 100), "2",
+           "At most this many masters launched by one decision, and starting or warming at once."),
+    Option("scale", "out_busy", fraction, "0.8",
+           "Scale out when the serving masters' mean busy share (JRubies in use plus borrows waiting, "
+           "over the pool) stays at or above this for out_window; a 503 or a queue-limit hit counts "
+           "as busy."),
+    Option("scale", "out_window", duration, "60s", "How long out_busy must hold."),
+    Option("scale", "in_busy", fraction, "0.3",
+           "Scale in (drain one master) when the busy share stays at or below this, with no 503, for "
+           "in_window."),
+    Option("scale", "in_window", duration, "10m", "How long in_busy must hold: longer than out_window."),
+    Option("scale", "target_busy", fraction, "0.6",
+           "The busy share a launch aims at; a drain is made only if the rest stay under it. "
+           "Between in_busy and out_busy."),
+    Option("scale", "cooldown", duration, "5m", "No launch or drain for this long after any."),
+    Option("scale", "warmup", duration, "5m",
+           "A new master's time from enrollment to serving (puppetserver starting its JRubies): not "
+           "judged, and no other launch, meanwhile."),
+    Option("scale", "launch_timeout", duration, "15m",
+           "A launched master not enrolled after this long no longer counts as coming."),
+    Option("scale", "drain_timeout", duration, "2m",
+           "A draining master leaves the upstream when its last request ends, or after this long."),
+    Option("scale", "stale", duration, "30s", "Without a load sample younger than this, nothing is decided."),
+    Option("lifecycle", "interval", duration, "60s",
+           "How often the primary lb node checks the enrolled instances against DescribeInstances "
+           "(lb role with [ha] elastic_ip)."),
+    Option("lifecycle", "revoke_terminated", boolean, "true",
+           "Revoke every certificate of an instance AWS says is terminated. A terminated master "
+           "leaves the upstream either way; its CA stays trusted for the agents it signed."),
+    Option("lifecycle", "grace", duration, "10m",
+           "An enrolled instance DescribeInstances does not know counts as terminated only this "
+           "long after it enrolled (EC2's reads are eventually consistent)."),
     Option("enc", "socket", path, "/run/puppetha/enc.sock", "The ENC's UNIX socket."),
     Option("enc", "socket_mode", file_mode, "0660", "The socket's mode."),
     Option("enc", "socket_owner", text, "", "User owning the socket (empty: the daemon's)."),
@@ -558,6 +609,7 @@ def _check_together(config: Config) -> None:
                               "[lb] enroll_port on this host; listen elsewhere and list it in "
                               "[lb] enroll_backends")
     _check_ha(config)
+    _check_scale(config)
     ssldir = config[("master", "ssldir")]
     if ssldir and not os.path.isdir(ssldir):
         raise ConfigError(f"{src}: [master] ssldir: no such directory: {ssldir}")
@@ -595,6 +647,17 @@ def _check_ha(config: Config) -> None:
         raise ConfigError(f"{src}: [ha] lease_margin: must be shorter than lease_duration")
     if config[("ha", "renew_interval")] >= duration_ - margin:
         raise ConfigError(f"{src}: [ha] renew_interval: must be shorter than lease_duration - lease_margin")
+
+
+def _check_scale(config: Config) -> None:
+    from puppetha.ha.scaling import settings_from_config
+
+    try:
+        settings_from_config(config)
+    except ValueError as e:
+        raise ConfigError(f"{config.source}: [scale] {e}") from None
+    if config[("scale", "enabled")] and not config[("scale", "launch_template")]:
+        raise ConfigError(f"{config.source}: [scale] launch_template: required when enabled")
 
 
 def load_config(

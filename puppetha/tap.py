@@ -35,12 +35,13 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import CannotListen, ensure_server_credentials, open_enrollment_listener
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.readiness import Readiness, ReadinessService
-from puppetha.enroll.service import Enrollment
+from puppetha.enroll.service import Enrollment, revoke_identity
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.heartbeat import HeartbeatProtocol, ensure_heartbeat_key
 from puppetha.ha.lease import Lease
+from puppetha.ha.lifecycle import LifecycleSettings, LifecycleSweep
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
@@ -302,7 +303,7 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         front.setServiceParent(root)
         if config[("ha", "elastic_ip")]:
             failover_service(config, reactor, records=records, vault=vault, cloud=cloud, aws=aws,
-                             front=front).setServiceParent(root)
+                             front=front, authority=authority, signing=signing).setServiceParent(root)
 
     if "enroll" in config.roles:
         readiness = ReadinessService(reactor, writes=store_calls, reads=store_reads, cloud=aws,
@@ -338,9 +339,13 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
 
 def failover_service(
     config: Config, reactor: Any, *, records: Records, vault: IKeyVault, cloud: ICloud,
-    aws: Blocking[ICloud], front: MultiService,
+    aws: Blocking[ICloud], front: MultiService, authority: CertificateAuthority,
+    signing: Blocking[CertificateAuthority],
 ) -> IService:
-    """Heartbeats, the lease and the Elastic IP (the lb role with [ha] elastic_ip)."""
+    """
+    Heartbeats, the lease and the Elastic IP (the lb role with [ha] elastic_ip), and what only
+    the primary does: the life cycle sweep.
+    """
     ha = {name: value for (section, name), value in config.values.items() if section == "ha"}
     node = ha["instance_id"]
     settings = FailoverSettings(
@@ -363,7 +368,7 @@ def failover_service(
     services = OrderedServices(reactor)
     ThreadPoolService(pool, reactor).setServiceParent(services)
     front_service = cast(FrontService, front.getServiceNamed("front"))
-    FailoverService(
+    failover = FailoverService(
         reactor=reactor,
         udp=reactor,
         monotonic=time.monotonic,
@@ -382,6 +387,22 @@ def failover_service(
         ensure_front=front_service.poke,
         generation=lambda: front_service.reloaded,
         acting_log=ActingLog(ha["acting_log"] or None, node),
+    )
+    failover.setServiceParent(services)
+    # Started after failover, so stopped before it: no sweep outlives the lease it acts under.
+    lifecycle = LifecycleSettings(interval=config[("lifecycle", "interval")],
+                                  revoke_terminated=config[("lifecycle", "revoke_terminated")],
+                                  grace=config[("lifecycle", "grace")])
+    LifecycleSweep(
+        clock=reactor,
+        settings=lifecycle,
+        guard=failover.guard,
+        records=records,
+        # Revocation signs CRLs: on the signing pool, never on the lease's.
+        blocking=signing,
+        cloud=cloud,
+        aws=aws,
+        revoke=functools.partial(revoke_identity, records, authority, now=reactor.seconds),
     ).setServiceParent(services)
     log.info("failover: {node} for {allocation_id}, heartbeats on udp {port}, lease {duration}s",
              node=node, allocation_id=ha["elastic_ip"], port=ha["heartbeat_port"],

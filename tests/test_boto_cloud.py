@@ -209,6 +209,76 @@ def test_unknown_launch_template_is_a_cloud_error(cloud: Boto3Cloud) -> None:
         cloud.run_instances(REGION, "no-such-template", 1)
 
 
+def test_run_instances_adds_tags_to_the_templates(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    # The template tags the role; the launch adds who launched it, and both are on the instance.
+    fleet.create_launch_template("puppet-master")
+    (launched,) = cloud.run_instances(REGION, "puppet-master", 1, tags={"puppetha:launched-by": "7"})
+    info = cloud.describe_instances(REGION, [launched])[launched]
+    assert info.tags[ROLE_TAG] == "master"
+    assert info.tags["puppetha:launched-by"] == "7"
+
+
+def test_run_instances_sends_the_client_token(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    # EC2 answers a repeated RunInstances with the same ClientToken with the first call's
+    # instances; moto does not, so what is checked here is that the token reaches EC2.
+    fleet.create_launch_template("puppet-master")
+    ids = cloud.run_instances(REGION, "puppet-master", 2, client_token="scale-7-1")
+    instances = fleet.ec2.describe_instances(InstanceIds=ids)["Reservations"][0]["Instances"]
+    assert {i["ClientToken"] for i in instances} == {"scale-7-1"}
+
+
+# --- terminate_instances
+
+
+def test_terminate_instances(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    doomed, kept = fleet.launch(role="master"), fleet.launch(role="master")
+    states = cloud.terminate_instances(REGION, [doomed.instance_id])
+    assert list(states) == [doomed.instance_id]
+    assert states[doomed.instance_id] in {"shutting-down", "terminated"}
+    now = cloud.describe_instances(REGION, [doomed.instance_id, kept.instance_id])
+    assert now[doomed.instance_id].state in {"shutting-down", "terminated"}
+    assert now[kept.instance_id].state == "running"
+
+
+def test_terminate_skips_unknown_ids_and_terminates_the_rest(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    doomed = fleet.launch()
+    states = cloud.terminate_instances(REGION, [UNKNOWN_ID, "garbage", doomed.instance_id])
+    assert list(states) == [doomed.instance_id]
+    assert cloud.terminate_instances(REGION, [UNKNOWN_ID, "garbage"]) == {}
+    assert cloud.terminate_instances(REGION, []) == {}
+
+
+def test_terminating_twice_is_not_an_error(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    doomed = fleet.launch()
+    cloud.terminate_instances(REGION, [doomed.instance_id])
+    again = cloud.terminate_instances(REGION, [doomed.instance_id])
+    assert again[doomed.instance_id] in {"shutting-down", "terminated"}
+
+
+def test_terminate_in_another_region_touches_nothing(cloud: Boto3Cloud, endpoint: str) -> None:
+    elsewhere = Fleet(endpoint, "eu-west-1").launch()
+    assert cloud.terminate_instances(REGION, [elsewhere.instance_id]) == {}
+    found = cloud.describe_instances("eu-west-1", [elsewhere.instance_id])
+    assert found[elsewhere.instance_id].state == "running"
+
+
+# --- find_instances
+
+
+def test_find_instances_by_tag_and_state(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    master, other_master = fleet.launch(role="master"), fleet.launch(role="master")
+    agent = fleet.launch(role="agent")
+    fleet.terminate(other_master.instance_id)
+    live = ["pending", "running"]
+    assert list(cloud.find_instances(REGION, {ROLE_TAG: "master"}, live)) == [master.instance_id]
+    assert list(cloud.find_instances(REGION, {ROLE_TAG: "agent"}, live)) == [agent.instance_id]
+    gone = cloud.find_instances(REGION, {ROLE_TAG: "master"}, ["terminated"])
+    assert list(gone) == [other_master.instance_id]
+    assert cloud.find_instances(REGION, {ROLE_TAG: "master", "env": "prod"}, live) == {}
+    with pytest.raises(ValueError, match="at least one state"):
+        cloud.find_instances(REGION, {ROLE_TAG: "master"}, [])
+
+
 # --- failures
 
 
@@ -223,6 +293,8 @@ def test_endpoint_down_is_a_cloud_error() -> None:
         cloud.describe_instances(REGION, [UNKNOWN_ID])
     with pytest.raises(CloudError, match="DescribeAddresses"):
         cloud.describe_address(REGION, "eipalloc-0123456789abcdef0")
+    with pytest.raises(CloudError, match="DescribeInstances"):
+        cloud.terminate_instances(REGION, [UNKNOWN_ID])
 
 
 def test_bad_region_is_refused(cloud: Boto3Cloud) -> None:

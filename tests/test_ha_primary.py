@@ -7,7 +7,7 @@ an Elastic IP behind ICloud.  Checks the acting logs: never two nodes acting at 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,22 @@ class CloudLink:
         self._check()
         return self.eips.owner
 
-    def run_instances(self, region: str, launch_template: str, count: int) -> list[str]:
+    def run_instances(
+        self,
+        region: str,
+        launch_template: str,
+        count: int,
+        tags: Mapping[str, str] | None = None,
+        client_token: str | None = None,
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def terminate_instances(self, region: str, instance_ids: Sequence[str]) -> dict[str, str]:
+        raise NotImplementedError
+
+    def find_instances(
+        self, region: str, tags: Mapping[str, str], states: Sequence[str]
+    ) -> dict[str, InstanceInfo]:
         raise NotImplementedError
 
 

@@ -153,7 +153,14 @@ class Boto3Cloud:
         instance_id = addresses[0].get("InstanceId")
         return str(instance_id) if instance_id else None
 
-    def run_instances(self, region: str, launch_template: str, count: int) -> list[str]:
+    def run_instances(
+        self,
+        region: str,
+        launch_template: str,
+        count: int,
+        tags: Mapping[str, str] | None = None,
+        client_token: str | None = None,
+    ) -> list[str]:
         if count < 1:
             raise ValueError(f"cannot launch {count} instances")
         ec2 = self._ec2(region)
@@ -162,9 +169,18 @@ class Boto3Cloud:
             if launch_template.startswith("lt-")
             else {"LaunchTemplateName": launch_template}
         )
-        # botocore fills in a ClientToken that its retries reuse, so a retried call launches once.
+        arguments: dict[str, Any] = {"LaunchTemplate": template, "MinCount": count, "MaxCount": count}
+        if tags:
+            arguments["TagSpecifications"] = [
+                {"ResourceType": "instance",
+                 "Tags": [{"Key": k, "Value": v} for k, v in sorted(tags.items())]}
+            ]
+        if client_token is not None:
+            # Without one, botocore fills in a ClientToken that its own retries reuse; ours also
+            # holds across a daemon that retries after a lost answer.
+            arguments["ClientToken"] = client_token
         with _as_cloud_error("RunInstances", region):
-            answer = ec2.run_instances(LaunchTemplate=template, MinCount=count, MaxCount=count)
+            answer = ec2.run_instances(**arguments)
         ids = [str(instance["InstanceId"]) for instance in answer.get("Instances", [])]
         log.info(
             "launched {count} instances from {launch_template}: {instance_ids}",
@@ -173,6 +189,39 @@ class Boto3Cloud:
             instance_ids=" ".join(ids),
         )
         return ids
+
+    def terminate_instances(self, region: str, instance_ids: Sequence[str]) -> dict[str, str]:
+        # Only instances that exist are named: with one unknown id the whole call would fail.
+        present = self.describe_instances(region, instance_ids)
+        if not present:
+            return {}
+        ec2 = self._ec2(region)
+        with _as_cloud_error("TerminateInstances", region):
+            answer = ec2.terminate_instances(InstanceIds=sorted(present))
+        states = {
+            str(change["InstanceId"]): str(change.get("CurrentState", {}).get("Name", ""))
+            for change in answer.get("TerminatingInstances", [])
+        }
+        log.info("terminating {instance_ids}", instance_ids=" ".join(sorted(states)))
+        return states
+
+    def find_instances(
+        self, region: str, tags: Mapping[str, str], states: Sequence[str]
+    ) -> dict[str, InstanceInfo]:
+        if not states:
+            raise ValueError("find_instances needs at least one state")
+        ec2 = self._ec2(region)
+        filters = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
+        filters.append({"Name": "instance-state-name", "Values": sorted(set(states))})
+        found: dict[str, InstanceInfo] = {}
+        with _as_cloud_error("DescribeInstances", region):
+            for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                for reservation in page.get("Reservations", []):
+                    account = str(reservation.get("OwnerId", ""))
+                    for instance in reservation.get("Instances", []):
+                        info = instance_info(instance, account, region)
+                        found[info.instance_id] = info
+        return dict(sorted(found.items()))
 
 
 @contextmanager

@@ -55,5 +55,33 @@ class ICloud(Interface):
     def describe_address(region: str, allocation_id: str) -> str | None:
         """The instance the Elastic IP is associated with now, or ``None``."""
 
-    def run_instances(region: str, launch_template: str, count: int) -> list[str]:
-        """Launch ``count`` instances from a launch template; returns their ids."""
+    def run_instances(
+        region: str,
+        launch_template: str,
+        count: int,
+        tags: Mapping[str, str] | None = None,
+        client_token: str | None = None,
+    ) -> list[str]:
+        """
+        Launch ``count`` instances from a launch template (an id ``lt-...`` or a name); returns
+        their ids.  ``tags`` are added to the instances' own (the template's tags stay), so a
+        launch can carry the tag that the master policy admits.  A repeated call with the same
+        ``client_token`` launches nothing more and returns the same ids.  Raises
+        :class:`CloudError`; ``ValueError`` for a count under one, before asking.
+        """
+
+    def terminate_instances(region: str, instance_ids: Sequence[str]) -> dict[str, str]:
+        """
+        Terminate the instances among ``instance_ids`` that exist in ``region``; returns each
+        one's state after the call (``shutting-down`` or ``terminated``).  Ids that name no
+        instance there are absent from the answer and terminate nothing; terminating an
+        instance twice is not an error.  Raises :class:`CloudError`.
+        """
+
+    def find_instances(
+        region: str, tags: Mapping[str, str], states: Sequence[str]
+    ) -> dict[str, InstanceInfo]:
+        """
+        The instances in ``region`` carrying every tag of ``tags`` and in one of ``states``
+        (e.g. the masters launched but not yet enrolled).  Raises :class:`CloudError`.
+        """

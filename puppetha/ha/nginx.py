@@ -100,6 +100,9 @@ class NginxRuntime:
     #: nginx's client-body and proxy buffering directory.
     temp_dir: str = "/var/lib/nginx"
     access_log: str | None = "/var/log/nginx/puppetha-access.log"
+    #: A UNIX datagram socket that also gets one line per proxied request, in
+    #: :data:`LOAD_LOG_FORMAT` (``puppetha.ha.load`` reads it); ``None``: not sent.
+    load_socket: str | None = None
     user: str | None = "www-data"
     worker_processes: str = "auto"
     worker_connections: int = 4096
@@ -162,6 +165,12 @@ def master_ports(masters: Iterable[MasterBackend], ports: FrontPorts) -> dict[st
 
 class RenderError(ValueError):
     """The state cannot be rendered (a value that would break or inject into the config)."""
+
+
+#: The load monitor's access log: its syslog tag and format name, and the format (``|``-separated,
+#: for the lists nginx writes with ", " when a request tried several masters).
+LOAD_LOG_NAME = "puppetha_load"
+LOAD_LOG_FORMAT = "v1|$upstream_addr|$status|$upstream_status|$request_time|$upstream_response_time"
 
 
 def _word(value: str, what: str) -> str:
@@ -307,7 +316,18 @@ def _http(state: FrontState) -> list[str]:
     lines = [
         "http {",
         "    server_tokens off;",
-        f"    access_log {_word(rt.access_log, 'access log') if rt.access_log else 'off'};",
+    ]
+    if rt.access_log or not rt.load_socket:
+        # "off" would turn off the load log of the same level too.
+        lines.append(f"    access_log {_word(rt.access_log, 'access log') if rt.access_log else 'off'};")
+    if rt.load_socket:
+        # Every upstream attempt of a request, for the load monitor (puppetha/ha/load.py).
+        lines += [
+            f"    log_format {LOAD_LOG_NAME} '{LOAD_LOG_FORMAT}';",
+            f"    access_log syslog:server=unix:{_word(rt.load_socket, 'load socket')},nohostname,"
+            f"tag={LOAD_LOG_NAME} {LOAD_LOG_NAME};",
+        ]
+    lines += [
         f"    client_body_temp_path {temp}/body;",
         f"    proxy_temp_path {temp}/proxy;",
         f"    fastcgi_temp_path {temp}/fastcgi;",

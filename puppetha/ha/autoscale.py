@@ -1,0 +1,246 @@
+"""
+The acting side of scaling, on the primary only: which masters the fleet has (registered ones
+from the store, launched-not-enrolled ones from EC2), and launching masters from the launch
+template, each launch recorded in the store under the lease token that made it.
+
+A launch is recorded before it is made: the record's name (token and sequence) gives the
+RunInstances client token, so a launch retried after a lost answer or a crash, under the same
+token, gets the same instances from EC2 instead of new ones.  Draining is not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+from attrs import evolve, field, frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from puppetha.aws.cloud import ICloud, InstanceInfo
+from puppetha.ha.front import RunsBlocking
+from puppetha.ha.lease import Holding
+from puppetha.ha.primary import NotPrimary
+from puppetha.ha.scaling import (
+    HOLD,
+    LAUNCH,
+    SERVING,
+    STARTING,
+    WARMING,
+    Master,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+    decide,
+)
+from puppetha.repeat import Repeating
+from puppetha.store.records import MasterRecord, Record, Records
+
+log = Logger()
+
+#: The tag EC2 puts on a launched master: the lease token of the launch.
+LAUNCHED_BY_TAG = "puppetha:launched-by-token"
+
+
+def _names(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+@frozen
+class ScaleActionRecord(Record):
+    """One scaling action, as decided and as done (``kind`` ``scale``)."""
+
+    KIND: ClassVar[str] = "scale"
+    #: ``<token>-<sequence>``, zero-padded so that the store lists actions in order.
+    name: str
+    action: str
+    token: int
+    decided_at: float
+    reason: str
+    count: int = 0
+    #: The instances launched; empty until RunInstances answered.
+    instances: tuple[str, ...] = field(default=(), converter=_names)
+
+    def key(self) -> str:
+        return self.name
+
+    def to_value(self) -> dict[str, Any]:
+        value = super().to_value()
+        value["instances"] = list(self.instances)
+        return value
+
+    @property
+    def client_token(self) -> str:
+        return f"puppetha-scale-{self.name}"
+
+
+def action_name(token: int, sequence: int) -> str:
+    return f"{token:012d}-{sequence:06d}"
+
+
+def fleet_masters(
+    registered: Iterable[MasterRecord],
+    enrolled_instances: Iterable[str],
+    launched: Mapping[str, InstanceInfo],
+    now: float,
+    warmup: float,
+) -> list[Master]:
+    """
+    The masters as the policy sees them: a registered, healthy master warms for ``warmup`` after
+    its registration and then serves; an instance launched as a master that has not enrolled is
+    starting.  Unhealthy masters are out of the upstream: they count for nothing.
+    """
+    masters = []
+    for record in registered:
+        if not record.healthy:
+            continue
+        ready = record.registered_at + warmup
+        if now < ready:
+            masters.append(Master(record.certname, WARMING, record.registered_at))
+        else:
+            masters.append(Master(record.certname, SERVING, ready))
+    enrolled = set(enrolled_instances)
+    for instance_id, info in sorted(launched.items()):
+        if instance_id not in enrolled:
+            masters.append(Master(instance_id, STARTING, info.launch_time))
+    return masters
+
+
+class Launcher:
+    """Launches masters for a decision, behind the failover guard, recorded in the store."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        guard: Callable[[int | None], Holding],
+        records: Records,
+        blocking: RunsBlocking,
+        cloud: ICloud,
+        aws: RunsBlocking,
+        region: str,
+        launch_template: str,
+    ) -> None:
+        self.clock = clock
+        self.guard = guard
+        self.records = records
+        self.blocking = blocking
+        self.cloud = cloud
+        self.aws = aws
+        self.region = region
+        self.launch_template = launch_template
+        self._sequence = 0
+
+    @inlineCallbacks
+    def act(self, decision: ScaleDecision, token: int) -> Any:
+        """
+        Fires with the :class:`ScaleActionRecord` of a launch, or None for any other decision.
+        Raises :class:`puppetha.ha.primary.NotPrimary` (nothing recorded, nothing launched) when
+        the guard refuses, before the record and again before RunInstances.
+        """
+        if decision.action != LAUNCH:
+            return None
+        self.guard(token)
+        self._sequence += 1
+        record = ScaleActionRecord(action_name(token, self._sequence), LAUNCH, token,
+                                   self.clock.seconds(), decision.reason, decision.count)
+        yield self.blocking.call(self.records.create, record)
+        done = yield self.launch(record)
+        return done
+
+    @inlineCallbacks
+    def launch(self, record: ScaleActionRecord) -> Any:
+        """Make (or make again, with the same client token) the launch ``record`` describes."""
+        self.guard(record.token)
+        ids = yield self.aws.call(
+            self.cloud.run_instances, self.region, self.launch_template, record.count,
+            tags={LAUNCHED_BY_TAG: str(record.token)}, client_token=record.client_token,
+        )
+        current = yield self.blocking.call(self.records.get, ScaleActionRecord, record.name)
+        done = evolve(record, instances=tuple(ids))
+        yield self.blocking.call(self.records.replace, done, current.version)
+        log.info("scaling: launched {count} masters ({reason}) under token {token}: {instances}",
+                 count=len(ids), reason=record.reason, token=record.token, instances=" ".join(ids))
+        return done
+
+    def unfinished(self) -> list[ScaleActionRecord]:
+        """Blocking: recorded launches that never got their instances (to :meth:`launch` again)."""
+        return [v.record for v in self.records.list(ScaleActionRecord)
+                if v.record.action == LAUNCH and not v.record.instances]
+
+
+class ScalingService(Service):
+    """
+    Every ``interval``, on the primary only: sample the masters' load, tell which masters there
+    are, decide (:func:`puppetha.ha.scaling.decide`) and launch.  ``sample(now)`` and
+    ``masters(now)`` fire with the :class:`Sample` and the list of :class:`Master`.  A node
+    that is not primary keeps no history: the one that becomes primary starts its windows anew.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        settings: ScaleSettings,
+        interval: float,
+        guard: Callable[[int | None], Holding],
+        sample: Callable[[float], Deferred[Sample]],
+        masters: Callable[[float], Deferred[list[Master]]],
+        launcher: Launcher,
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.interval = interval
+        self.guard = guard
+        self.sample = sample
+        self.masters = masters
+        self.launcher = launcher
+        self.history: list[Sample] = []
+        self.last_action: float | None = None
+        #: The last decisions with their reasons, newest last (for `puppetha status`, later).
+        self.decisions: list[tuple[float, ScaleDecision]] = []
+        self._repeating = Repeating(self._round, clock, interval)
+
+    def startService(self) -> None:
+        super().startService()
+        self._repeating.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._repeating.stop()
+
+    def _round(self) -> Deferred[Any]:
+        def failed(failure: Failure) -> None:
+            if failure.check(NotPrimary):
+                log.info("scaling: stopped, {reason}", reason=str(failure.value))
+            else:
+                log.failure("a scaling round failed; the next one tries again", failure)
+
+        return self.once().addErrback(failed)
+
+    @inlineCallbacks
+    def once(self) -> Any:
+        """One round; fires with its decision (None on a standby)."""
+        try:
+            token = self.guard(None).token
+        except NotPrimary:
+            self.history.clear()
+            return None
+        now = self.clock.seconds()
+        sample = yield self.sample(now)
+        self.history = [s for s in self.history
+                        if s.at >= now - self.settings.in_window - 2 * self.interval]
+        self.history.append(sample)
+        masters = yield self.masters(now)
+        decision = decide(self.settings, masters, self.history, now, self.last_action)
+        self.decisions = [*self.decisions[-19:], (now, decision)]
+        if decision.action == LAUNCH:
+            self.last_action = now
+            yield self.launcher.act(decision, token)
+        elif decision.action != HOLD:
+            log.info("scaling: {action} {master} is not built yet ({reason})", action=decision.action,
+                     master=decision.master, reason=decision.reason)
+        return decision

@@ -1,0 +1,216 @@
+"""
+The fleet's life cycle: a periodic sweep, on the primary lb node only, of the enrolled instances
+against DescribeInstances.  An instance that AWS says is terminated (or no longer knows, well
+after it enrolled) has its identity revoked (``[lifecycle] revoke_terminated``, on by default),
+so the CRLs that nginx serves carry its certificates at the front's next round; a master among
+them leaves the upstream and enrollment's choice of issuer with its registration, while its CA
+stays in nginx's bundle (the CRL refresher keeps every CA's CRL fresh) for the agents it signed.
+
+discover (store, AWS) -> :func:`plan_sweep` (pure) -> act (revoke or deregister, each behind the
+failover guard under the token the sweep began with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
+from puppetha.enroll.service import RevokedIdentity
+from puppetha.ha.front import RunsBlocking
+from puppetha.ha.lease import Holding
+from puppetha.ha.primary import NotPrimary
+from puppetha.repeat import Repeating
+from puppetha.store.records import MasterRecord, NodeRecord, Records
+
+log = Logger()
+
+#: DescribeInstances states after which an instance never runs again.
+GONE_STATES = frozenset({"shutting-down", "terminated"})
+#: Why a gone instance's certificates are revoked (RFC 5280).
+REVOCATION_REASON = "cessationOfOperation"
+
+REVOKE = "revoke"
+DEREGISTER = "deregister"
+KEEP = "keep"
+
+
+@frozen
+class LifecycleSettings:
+    """``[lifecycle]``."""
+
+    interval: float = 60.0
+    revoke_terminated: bool = True
+    #: An enrolled instance DescribeInstances does not know counts as gone only after this long:
+    #: EC2's reads are eventually consistent, and AWS forgets terminated instances after an hour.
+    grace: float = 600.0
+
+
+@frozen
+class Retirement:
+    """What the sweep does about one gone instance."""
+
+    instance_id: str
+    certnames: tuple[str, ...]
+    #: ``terminated``, ``shutting-down`` or ``unknown to AWS``.
+    why: str
+    action: str
+    #: Its registered masters (left the upstream by either action).
+    masters: tuple[str, ...] = ()
+
+
+def plan_sweep(
+    nodes: Sequence[NodeRecord],
+    masters: Collection[str],
+    described: Mapping[str, Mapping[str, InstanceInfo]],
+    now: float,
+    settings: LifecycleSettings,
+) -> list[Retirement]:
+    """
+    The gone instances among ``nodes`` (not yet revoked), and what to do about each.
+    ``described`` holds DescribeInstances' answer per region; a region missing from it (AWS
+    could not be asked) decides nothing.  ``masters`` are the registered masters' certnames.
+    """
+    by_instance: dict[str, list[NodeRecord]] = {}
+    for node in nodes:
+        if not node.revoked:
+            by_instance.setdefault(node.instance_id, []).append(node)
+    plan: list[Retirement] = []
+    for instance_id, records in sorted(by_instance.items()):
+        region = records[0].region
+        if region not in described:
+            continue
+        info = described[region].get(instance_id)
+        if info is not None:
+            if info.state not in GONE_STATES:
+                continue
+            why = info.state
+        elif now - max(r.enrolled_at for r in records) >= settings.grace:
+            why = "unknown to AWS"
+        else:
+            continue
+        certnames = tuple(sorted(r.certname for r in records))
+        registered = tuple(c for c in certnames if c in masters)
+        if settings.revoke_terminated:
+            action = REVOKE
+        elif registered:
+            action = DEREGISTER
+        else:
+            action = KEEP
+        plan.append(Retirement(instance_id, certnames, why, action, registered))
+    return plan
+
+
+def deregister_masters(records: Records, certnames: Sequence[str]) -> list[str]:
+    """Remove the masters' registrations (they leave the upstream and enrollment's choice)."""
+    removed = []
+    for certname in certnames:
+        current = records.get(MasterRecord, certname)
+        if current is not None and records.store.delete(MasterRecord.KIND, certname, current.version):
+            removed.append(certname)
+    return removed
+
+
+class LifecycleSweep(Service):
+    """
+    Every ``interval``, on the primary only: read the enrolled instances, ask AWS about them, and
+    retire the gone ones.  ``revoke(instance_id, reason)`` is
+    :func:`puppetha.enroll.service.revoke_identity` bound to the store and the authority
+    (called with a certname; it returns what it revoked, or None);
+    ``guard(token)`` is :meth:`puppetha.ha.primary.FailoverService.guard`.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        settings: LifecycleSettings,
+        guard: Callable[[int | None], Holding],
+        records: Records,
+        blocking: RunsBlocking,
+        cloud: ICloud,
+        aws: RunsBlocking,
+        revoke: Callable[[str, str], RevokedIdentity | None],
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.guard = guard
+        self.records = records
+        self.blocking = blocking
+        self.cloud = cloud
+        self.aws = aws
+        self.revoke = revoke
+        self._repeating = Repeating(self._round, clock, settings.interval)
+
+    def startService(self) -> None:
+        super().startService()
+        self._repeating.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._repeating.stop()
+
+    def _round(self) -> Deferred[Any]:
+        def failed(failure: Failure) -> None:
+            log.failure("the life cycle sweep failed; the next one tries again", failure)
+
+        return self.sweep().addErrback(failed)
+
+    @inlineCallbacks
+    def sweep(self) -> Any:
+        """One sweep; fires with the retirements acted on ([] on a standby)."""
+        try:
+            token = self.guard(None).token
+        except NotPrimary:
+            return []
+        nodes = [v.record for v in (yield self.blocking.call(self.records.list, NodeRecord))]
+        masters = {v.record.certname for v in (yield self.blocking.call(self.records.list, MasterRecord))}
+        wanted: dict[str, list[str]] = {}
+        for node in nodes:
+            if not node.revoked:
+                wanted.setdefault(node.region, []).append(node.instance_id)
+        described: dict[str, Mapping[str, InstanceInfo]] = {}
+        for region, ids in sorted(wanted.items()):
+            try:
+                described[region] = yield self.aws.call(self.cloud.describe_instances, region, ids)
+            except CloudError as e:
+                log.warn("life cycle: cannot ask AWS about {region}, nothing decided there: {error}",
+                         region=region, error=str(e))
+        plan = plan_sweep(nodes, masters, described, self.clock.seconds(), self.settings)
+        done: list[Retirement] = []
+        for retirement in plan:
+            if retirement.action == KEEP:
+                log.info("life cycle: {instance_id} ({certnames}) is {why}; its certificates stay valid "
+                         "([lifecycle] revoke_terminated is off)", instance_id=retirement.instance_id,
+                         certnames=" ".join(retirement.certnames), why=retirement.why)
+                continue
+            try:
+                self.guard(token)
+            except NotPrimary as e:
+                log.info("life cycle: stopped, {reason}", reason=str(e))
+                break
+            if retirement.action == REVOKE:
+                # By certname: one revocation covers every record the instance's claims name,
+                # and a certname finds its record even where no claim names it.
+                remaining = list(retirement.certnames)
+                while remaining:
+                    revoked = yield self.blocking.call(self.revoke, remaining.pop(0), REVOCATION_REASON)
+                    if revoked is not None:
+                        covered = {n.certname for n in revoked.nodes}
+                        remaining = [c for c in remaining if c not in covered]
+                log.info("life cycle: {instance_id} is {why}: revoked {certnames} under token {token}",
+                         instance_id=retirement.instance_id, why=retirement.why,
+                         certnames=" ".join(retirement.certnames), token=token)
+            else:
+                yield self.blocking.call(deregister_masters, self.records, retirement.masters)
+                log.info("life cycle: master {instance_id} is {why}: deregistered under token {token}",
+                         instance_id=retirement.instance_id, why=retirement.why, token=token)
+            done.append(retirement)
+        return done

@@ -1,0 +1,221 @@
+"""Launching masters for a decision, against moto and a real SQLite store, behind a guard."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from puppetha.aws.boto import Boto3Cloud
+from puppetha.aws.cloud import InstanceInfo
+from puppetha.ha.autoscale import LAUNCHED_BY_TAG, Launcher, ScaleActionRecord, ScalingService, fleet_masters
+from puppetha.ha.lease import Holding
+from puppetha.ha.primary import NotPrimary
+from puppetha.ha.scaling import (
+    DRAIN,
+    HOLD,
+    LAUNCH,
+    SERVING,
+    STARTING,
+    WARMING,
+    Master,
+    MasterLoad,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+)
+from puppetha.store.records import MasterRecord, Records
+from puppetha.store.sqlite import SQLiteStore
+from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
+
+REGION = "us-east-1"
+
+
+def registered(name: str, at: float, healthy: bool = True) -> MasterRecord:
+    return MasterRecord(certname=name, address="10.0.0.1", port=8140, ca=name, registered_at=at,
+                        healthy=healthy)
+
+
+def launched(instance_id: str, at: float) -> InstanceInfo:
+    return InstanceInfo(instance_id, "123456789012", REGION, "running", "", "", "", launch_time=at)
+
+
+def test_fleet_masters() -> None:
+    masters = fleet_masters(
+        [registered("i-a", 0.0), registered("i-b", 900.0), registered("i-c", 0.0, healthy=False)],
+        enrolled_instances=["i-a", "i-b", "i-c"],
+        launched={"i-a": launched("i-a", 0.0), "i-d": launched("i-d", 950.0)},
+        now=1000.0,
+        warmup=300.0,
+    )
+    assert masters == [Master("i-a", SERVING, 300.0), Master("i-b", WARMING, 900.0),
+                       Master("i-d", STARTING, 950.0)]
+
+
+class Synchronous:
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+class Guard:
+    """Primary under ``token`` for ``passes`` more checks (None: for ever)."""
+
+    def __init__(self, token: int = 7, passes: int | None = None) -> None:
+        self.token = token
+        self.passes = passes
+
+    def __call__(self, token: int | None) -> Holding:
+        if self.passes is not None:
+            if self.passes <= 0:
+                raise NotPrimary("this node does not hold the lease")
+            self.passes -= 1
+        if token is not None and token != self.token:
+            raise NotPrimary(f"token {token} is no longer current")
+        return Holding("lb-primary", "i-lb", self.token, 1, 0.8, 0.2, 0.0)
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fleet(moto: MotoServer) -> Fleet:
+    moto.reset()
+    fleet = Fleet(moto.endpoint_url, REGION)
+    fleet.create_launch_template("puppet-master")
+    return fleet
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[Records]:
+    store = SQLiteStore(str(tmp_path / "puppetha.sqlite"))
+    yield Records(store)
+    store.close()
+
+
+def launcher(moto: MotoServer, records: Records, guard: Guard) -> Launcher:
+    clock = Clock()
+    clock.advance(1000.0)
+    cloud = Boto3Cloud(moto.endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+                       secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"])
+    return Launcher(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
+                    aws=Synchronous(), region=REGION, launch_template="puppet-master")
+
+
+def result(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert len(out) == 1
+    return out[0]
+
+
+def instances(fleet: Fleet) -> list[dict[str, Any]]:
+    return [i for r in fleet.ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+
+
+def test_a_launch_is_made_from_the_template_and_recorded_with_its_token(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    done = result(launcher(moto, records, Guard()).act(ScaleDecision(LAUNCH, "busy 0.93", 2), 7))
+    assert isinstance(done, ScaleActionRecord)
+    found = instances(fleet)
+    assert sorted(i["InstanceId"] for i in found) == sorted(done.instances)
+    for instance in found:
+        tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+        # The template's role tag, for the master policy; the token, for whoever looks.
+        assert tags[ROLE_TAG] == "master"
+        assert tags[LAUNCHED_BY_TAG] == "7"
+        assert instance["ClientToken"] == done.client_token
+    stored = records.list(ScaleActionRecord)
+    assert [v.record for v in stored] == [done]
+    assert (done.action, done.token, done.count, done.reason, done.decided_at) == (LAUNCH, 7, 2, "busy 0.93",
+                                                                                   1000.0)
+
+
+@pytest.mark.parametrize("decision", [ScaleDecision(HOLD, "busy 0.5"),
+                                      ScaleDecision(DRAIN, "quiet", master="m1")])
+def test_other_decisions_launch_and_record_nothing(moto: MotoServer, fleet: Fleet, records: Records,
+                                                   decision: ScaleDecision) -> None:
+    assert result(launcher(moto, records, Guard()).act(decision, 7)) is None
+    assert instances(fleet) == []
+    assert records.list(ScaleActionRecord) == []
+
+
+def test_a_refused_guard_launches_and_records_nothing(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    for guard, token in [(Guard(passes=0), 7), (Guard(token=8), 7)]:
+        outcome = result(launcher(moto, records, guard).act(ScaleDecision(LAUNCH, "busy", 1), token))
+        assert outcome.check(NotPrimary)
+    assert instances(fleet) == []
+    assert records.list(ScaleActionRecord) == []
+
+
+def test_a_lease_lost_after_the_record_leaves_an_unfinished_launch_to_make_again(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    first = launcher(moto, records, Guard(passes=1))
+    outcome = result(first.act(ScaleDecision(LAUNCH, "busy", 1), 7))
+    assert outcome.check(NotPrimary)
+    assert instances(fleet) == []
+    (unfinished,) = first.unfinished()
+    assert unfinished.instances == ()
+    # Made again under the same token: the same client token, so EC2 would not launch twice.
+    again = launcher(moto, records, Guard())
+    done = result(again.launch(unfinished))
+    assert len(done.instances) == 1
+    assert instances(fleet)[0]["ClientToken"] == unfinished.client_token
+    assert again.unfinished() == []
+
+
+# --- the service: sample, decide, launch, on a clock
+
+
+def busy_sample(now: float) -> Deferred[Sample]:
+    return succeed(Sample(now, {"m1": MasterLoad(in_flight=4, jruby_size=4, jruby_free=0)}))
+
+
+def run_service(moto: MotoServer, records: Records, guard: Guard, minutes: int) -> ScalingService:
+    launch = launcher(moto, records, guard)
+    clock = cast(Clock, launch.clock)
+
+    def masters(now: float) -> Deferred[list[Master]]:
+        # m1 serves; whatever was launched is starting (it never enrolls in this test).
+        starting = [Master(i, STARTING, v.record.decided_at)
+                    for v in records.list(ScaleActionRecord) for i in v.record.instances]
+        return succeed([Master("m1", SERVING, 0.0), *starting])
+
+    service = ScalingService(clock=clock, settings=ScaleSettings(enabled=True), interval=10.0, guard=guard,
+                             sample=busy_sample, masters=masters, launcher=launch)
+    service.startService()
+    clock.pump([10.0] * (minutes * 6))
+    service.stopService()
+    return service
+
+
+def test_a_busy_master_gets_one_more_and_the_starting_one_is_waited_for(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    service = run_service(moto, records, Guard(), minutes=10)
+    # Busy from the first sample: launched once out_window (60 s) held, then held while it starts.
+    (record,) = [v.record for v in records.list(ScaleActionRecord)]
+    assert (record.decided_at - 1000.0, record.action, record.count, record.token) == (60.0, LAUNCH, 1, 7)
+    assert {d.reason for _, d in service.decisions} == {"1 masters starting or warming"}
+    assert [i["InstanceId"] for i in instances(fleet)] == list(record.instances)
+
+
+def test_a_standby_samples_and_decides_nothing(moto: MotoServer, fleet: Fleet, records: Records) -> None:
+    service = run_service(moto, records, Guard(passes=0), minutes=10)
+    assert service.decisions == []
+    assert service.history == []
+    assert instances(fleet) == []
+    assert records.list(ScaleActionRecord) == []
