@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from attrs import fields, frozen
 
-if TYPE_CHECKING:
-    from puppetha.config import Config
+
+class Options(Protocol):
+    """What the policy reads of a configuration (:class:`puppetha.config.Config` is one):
+    typed by shape, so that the configuration may check ``[scale]`` with this module."""
+
+    def __getitem__(self, key: tuple[str, str]) -> Any: ...
 
 #: Launched, not yet enrolled (no certificate, so not in the upstream).
 STARTING = "starting"
@@ -137,7 +141,7 @@ class ScaleSettings:
             raise ValueError("in_window: must be longer than out_window")
 
 
-def settings_from_config(config: Config) -> ScaleSettings:
+def settings_from_config(config: Options) -> ScaleSettings:
     """``[scale]``, every option but the launch template (which the acting side uses)."""
     return ScaleSettings(**{f.name: config[("scale", f.name)] for f in fields(ScaleSettings)})
 
