@@ -190,7 +190,8 @@ def launch_agents(fleet: Fleet, count: int) -> list[InstanceInfo]:
             TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": ROLE_TAG, "Value": "agent"}]}],
         )
         ids += [i["InstanceId"] for i in answer["Instances"]]
-    cloud = Boto3Cloud(fleet.endpoint_url, access_key_id="testing", secret_access_key="testing")
+    # The test's own look-up of a whole burst, not the daemon's: it may take its time on a busy box.
+    cloud = Boto3Cloud(fleet.endpoint_url, access_key_id="testing", secret_access_key="testing", deadline=60)
     found = cloud.describe_instances(REGION, ids)
     return [found[i] for i in ids]
 
