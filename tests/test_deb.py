@@ -230,6 +230,14 @@ def test_the_package_installs_runs_the_unit_enrolls_and_purges_cleanly(
         assert root.out(f"stat -c %Y {enc[2]}") == before, "puppetha-enroll found the bytecode stale"
         root.run(f"{systemctl} stop puppetha")
 
+    # An upgrade (here a reinstall: prerm upgrade, then postinst configure) leaves the ENC's
+    # bytecode in place and current, or every catalog on the masters would fail.
+    root.run(f"apt-get install -y -q --no-install-recommends --reinstall {package}")
+    root.run(f"runuser -u nobody -- cat {enc[2]} > /dev/null")
+    reinstalled = root.out(f"stat -c %Y {enc[2]}")
+    root.run("/opt/puppetha/bin/python -c 'from puppetha.enc import launcher; launcher.compile_script()'")
+    assert root.out(f"stat -c %Y {enc[2]}") == reinstalled, "the bytecode was stale after the upgrade"
+
     # remove: the program goes, every byte of it (bytecode, twistd's plugin cache); conffiles stay.
     root.run("apt-get remove -y -q puppetha")
     assert root.run("test -e /opt/puppetha || test -e /usr/bin/puppetha", check=False).returncode == 1
