@@ -512,3 +512,20 @@ def test_a_round_from_long_before_the_take_does_not_count(cluster: Cluster) -> N
     assert fresh[-1][0] >= taken - SETTINGS.lease_duration * 2
     assert took["at"] - fresh[-1][0] >= b.front_seconds
     cluster.assert_never_two_primaries()
+
+
+@pytest.mark.parametrize("offset", [n / 100 for n in range(10)])
+def test_a_standby_suspects_the_holder_as_soon_as_it_falls_silent(cluster: Cluster, offset: float) -> None:
+    """Not up to one heartbeat interval later, at its own next beat: at suspect_after, whatever the phase."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3 + offset)
+    cluster.wire.cut.add("i-a")  # silent; still renewing, so nobody takes over
+    last_heard = b.service.heartbeat.heard("i-a")
+    assert last_heard is not None
+    cluster.run(0.5)
+    assert b.service._suspected_at is not None
+    assert b.service._suspected_at - last_heard <= SETTINGS.suspect_after + 0.015
+    assert b.service.state == STANDBY

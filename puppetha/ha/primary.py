@@ -167,6 +167,8 @@ class FailoverService(Service):
         self._front_started: float | None = None
         self._front_waiters: list[tuple[float, Deferred[None]]] = []
         self._beats: LoopingCall | None = None
+        #: When the lease holder's heartbeats will have been silent for suspect_after.
+        self._silence: IDelayedCall | None = None
         self._registry: LoopingCall | None = None
         self.peers: list[tuple[str, int]] = []
 
@@ -192,8 +194,9 @@ class FailoverService(Service):
         for loop in (self._beats, self._registry):
             if loop is not None and loop.running:
                 loop.stop()
-        if self._next is not None and self._next.active():
-            self._next.cancel()
+        for call in (self._next, self._silence):
+            if call is not None and call.active():
+                call.cancel()
         if self._round is not None:
             yield self._round
         holding = self.holding
@@ -554,9 +557,21 @@ class FailoverService(Service):
         elif heartbeat.state == STOPPED and self.holding is None:
             # A graceful stop: the holder released the lease before saying so.
             self.poke()
+        lease = self.last_lease
+        if self.holding is None and lease is not None and heartbeat.node == lease.record.holder:
+            # Look for silence the moment it would begin, not at the next beat (up to one
+            # heartbeat_interval later).  A hair late, so the look never comes before it.
+            delay = self.settings.suspect_after + 0.001
+            if self._silence is not None and self._silence.active():
+                self._silence.reset(delay)
+            else:
+                self._silence = self.reactor.callLater(delay, self._look_for_silence)
 
     def _beat(self) -> None:
         self._send_heartbeat()
+        self._look_for_silence()
+
+    def _look_for_silence(self) -> None:
         # A standby looks at the lease as soon as the holder falls silent, not at its next
         # unhurried look: that is what makes detection fast.
         lease = self.last_lease
