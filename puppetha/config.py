@@ -405,7 +405,7 @@ OPTIONS: tuple[Option, ...] = (
            "The address heartbeats are received on."),
     Option("ha", "heartbeat_port", integer(1, 65535), "7946", "The UDP port of heartbeats (every lb node)."),
     Option("ha", "heartbeat_interval", duration, "0.1s", "How often a node sends its heartbeat."),
-    Option("ha", "suspect_after", duration, "0.3s",
+    Option("ha", "suspect_after", duration, "0.2s",
            "Heartbeat silence after which a standby looks closely at the lease (every suspect_poll)."),
     Option("ha", "heartbeat_stale", duration, "5s",
            "Heartbeats sent longer ago than this (by the sender's clock) are ignored."),

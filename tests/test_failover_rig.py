@@ -6,7 +6,9 @@ says; an agent outside makes its requests through that address.
 A killed primary's address goes to a standby and the agent's requests succeed again; a primary
 stopped with SIGTERM releases the lease and a standby takes it at once, without waiting for it
 to lapse.  In both, no two nodes ever acted as primary at once, by their own acting logs, and
-every AssociateAddress was made under a token newer than the ones before.
+every AssociateAddress was made under a token newer than the ones before.  A real ``puppet agent
+-t`` (Debian's, on a host of its own) runs through the address to a real puppetserver while the
+primary is killed, and the next run succeeds through the new primary.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import pytest
 from puppetha.testing.acting import overlaps, read_events, stray_associations, windows
 from puppetha.testing.eip import ElasticIPEmulator
 from puppetha.testing.keepalived import MASTER, KeepalivedNode
-from puppetha.testing.lb_rig import Agent, FleetPKI, LbDaemon, StandInMaster
+from puppetha.testing.lb_rig import (
+    RIG_GREETING,
+    Agent,
+    FleetPKI,
+    LbDaemon,
+    PuppetAgent,
+    RealMaster,
+    StandInMaster,
+)
 from puppetha.testing.moto import Fleet
 from puppetha.testing.netns import Host, Rig
 from puppetha.testing.partition import cut, heal
@@ -36,6 +46,9 @@ class Cluster:
     eip: ElasticIPEmulator
     agent: Agent
     daemons: dict[str, LbDaemon]
+    pki: FleetPKI
+    #: Debian's puppetserver behind the fronts (None: the stand-in).
+    master: RealMaster | None = None
 
     def name_of(self, address: str | None) -> str | None:
         return next((host.name for host in self.rig.hosts.values() if host.address == address), None)
@@ -60,9 +73,10 @@ def eventually(check: Callable[[], object], what: str, cluster: Cluster, seconds
         time.sleep(0.05)
 
 
-def start_cluster(tmp_path: Path, nodes: int) -> Iterator[Cluster]:
+def start_cluster(tmp_path: Path, nodes: int, puppetserver: bool = False) -> Iterator[Cluster]:
+    """``puppetserver``: Debian's behind the fronts, and a host for a puppet agent, not the stand-in."""
     names = [f"lb{n + 1}" for n in range(nodes)]
-    with Rig([*names, "aws", "master"]) as rig:
+    with Rig([*names, "aws", "master", *(["agent"] if puppetserver else [])]) as rig:
         socket_path = tmp_path / "associations.sock"
         with MotoInRig(rig["aws"], associations_socket=socket_path, log_dir=tmp_path) as moto:
             fleet = Fleet(moto.endpoint_url)
@@ -71,7 +85,10 @@ def start_cluster(tmp_path: Path, nodes: int) -> Iterator[Cluster]:
             mapping = {instance: rig[name] for name, instance in instances.items()}
             with ElasticIPEmulator(rig, allocation_id, rig.spare_address(), socket_path, mapping) as eip:
                 pki = FleetPKI(moto.endpoint_url, tmp_path / "pki")
-                master = StandInMaster(rig["master"], pki)
+                master: StandInMaster | RealMaster = (
+                    RealMaster(rig["master"], pki, tmp_path / "puppetserver") if puppetserver
+                    else StandInMaster(rig["master"], pki)
+                )
                 daemons = {
                     name: LbDaemon(
                         rig[name],
@@ -83,16 +100,18 @@ def start_cluster(tmp_path: Path, nodes: int) -> Iterator[Cluster]:
                     )
                     for name in names
                 }
-                cluster = Cluster(rig, eip, Agent(pki), daemons)
+                cluster = Cluster(rig, eip, Agent(pki), daemons, pki,
+                                  master if isinstance(master, RealMaster) else None)
                 try:
                     for daemon in daemons.values():
                         daemon.start()
                     eventually(lambda: eip.holder is not None, "an Elastic IP holder", cluster)
-                    eventually(
-                        lambda: cluster.served_by() == cluster.primary().name,
-                        "the agent served through the address",
-                        cluster,
-                    )
+                    if not puppetserver:
+                        eventually(
+                            lambda: cluster.served_by() == cluster.primary().name,
+                            "the agent served through the address",
+                            cluster,
+                        )
                     yield cluster
                 finally:
                     for daemon in daemons.values():
@@ -382,3 +401,57 @@ def test_the_bench_counts_the_time_two_nodes_acted_as_primary(intervals, expecte
 
     total, episodes = overlap(intervals, 0.0, 10.0)
     assert (round(total, 6), episodes) == expected
+
+
+@pytest.fixture
+def with_puppetserver(tmp_path: Path) -> Iterator[Cluster]:
+    yield from start_cluster(tmp_path, 2, puppetserver=True)
+
+
+def agent_requests(daemon: LbDaemon, certname: str) -> list[str]:
+    """The lines of ``daemon``'s nginx access log that name ``certname`` (its catalog, its report...)."""
+    try:
+        return [line for line in daemon.dir.joinpath("nginx-access.log").read_text().splitlines()
+                if certname in line]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_puppet_agent_run_through_the_elastic_ip_before_and_after_the_primary_is_killed(
+    with_puppetserver: Cluster, tmp_path: Path
+) -> None:
+    """
+    The run under way when the primary dies may fail (its connection dies with the node); the
+    next run, as an agent makes at its next interval, gets its catalog through the new primary.
+    """
+    cluster = with_puppetserver
+    agent = PuppetAgent(cluster.rig["agent"], cluster.pki, tmp_path / "agent", cluster.eip.address)
+    try:
+        primary = cluster.primary()
+        standby = next(name for name in cluster.daemons if name != primary.name)
+        # Until the front has a healthy master to proxy to (its first probes of a starting
+        # puppetserver fail): puppetserver answers a node's request with what its ENC said.
+        node = "/puppet/v3/node/agent-1.test?environment=production"
+        eventually(lambda: RIG_GREETING in (cluster.agent.served_by(cluster.eip.address, path=node) or ""),
+                   "the front proxying to puppetserver", cluster, seconds=120)
+        before = agent.start()
+        # Killed while the run talks to it: once its first request reached the primary's nginx.
+        eventually(lambda: agent_requests(cluster.daemons[primary.name], "agent-eip.test") or
+                   before.poll() is not None, "the agent's first request", cluster, seconds=120)
+        kill_host(cluster, primary)
+        output_before, _ = before.communicate(timeout=300)
+        cluster.eip.wait_for(cluster.rig[standby], timeout=30)
+
+        after = agent.start()
+        output_after, _ = after.communicate(timeout=300)
+        # --test is --detailed-exitcodes: 2, changes applied (the notify); 0 would be none.
+        assert after.returncode == 2, f"{output_after}\n--- the run before the kill:\n{output_before}"
+        assert RIG_GREETING in output_after
+        assert "Applied catalog" in output_after
+        assert any("/puppet/v3/catalog/agent-eip.test" in line
+                   for line in agent_requests(cluster.daemons[standby], "agent-eip.test"))
+        print(f"the run under way when {primary.name} was killed ended with {before.returncode}:\n"
+              + "\n".join(output_before.splitlines()[-8:]))
+        assert_one_primary_at_a_time(cluster)
+    finally:
+        agent.close()

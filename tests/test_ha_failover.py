@@ -102,7 +102,7 @@ def test_a_suspecting_standby_looks_often() -> None:
 
 @pytest.mark.parametrize(
     ("heard", "now", "suspected"),
-    [(None, 5.0, True), (4.0, 4.29, False), (4.0, 4.31, True), (4.0, 9.0, True)],
+    [(None, 5.0, True), (4.0, 4.19, False), (4.0, 4.21, True), (4.0, 9.0, True)],
 )
 def test_suspect(heard: float | None, now: float, suspected: bool) -> None:
     assert suspect(heard, now, SETTINGS.suspect_after) is suspected

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from zope.interface import implementer
 
 from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
@@ -182,6 +182,10 @@ class Node:
         wire.nodes[(address, 7946)] = heartbeat
         heartbeat.makeConnection(wire.transport((address, 7946)))
         self.fronts = 0
+        #: How long a front round takes (on the test's clock), and when each began and ended.
+        self.front_seconds = 0.0
+        self.front_rounds: list[tuple[float, float]] = []
+        self.clock = clock
         self.service = FailoverService(
             reactor=clock,
             udp=None,
@@ -206,7 +210,15 @@ class Node:
 
     def _front(self) -> Deferred[None]:
         self.fronts += 1
-        return succeed(None)
+        began = self.clock.seconds()
+        if not self.front_seconds:
+            self.front_rounds.append((began, began))
+            return succeed(None)
+
+        def done() -> None:
+            self.front_rounds.append((began, self.clock.seconds()))
+
+        return deferLater(self.clock, self.front_seconds, done)
 
 
 class Cluster:
@@ -431,3 +443,104 @@ def test_a_primary_that_could_not_renew_in_time_takes_its_own_lease_back_at_once
     assert cluster.eips.history == ["i-a"]  # the address was still there: no remap
     assert set(windows(cluster.events())) == {("i-a", 1), ("i-a", 2)}
     cluster.assert_never_two_primaries()
+
+
+def crash(cluster: Cluster, node: Node) -> None:
+    """Cut from everything, as a dead host is."""
+    node.reach.cut = True
+    node.cloud.cut = True
+    cluster.wire.cut.add(node.name)
+
+
+def associated(cluster: Cluster, node: str) -> dict[str, Any]:
+    return next(e for e in cluster.events() if e["event"] == "associate" and e["node"] == node)
+
+
+def took_lease(cluster: Cluster, node: str, token: int) -> float:
+    return float(next(e["start"] for e in cluster.events()
+                      if e["event"] == "acting" and e["node"] == node and e["token"] == token))
+
+
+def test_after_a_crash_the_front_round_runs_while_the_lease_lapses_not_after(cluster: Cluster) -> None:
+    """A round started when the holder fell silent is done by the take: the address follows at once."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    b.front_seconds = 0.4  # a slow store: a round takes half a lease
+    rounds_before = len(b.front_rounds)
+    crash(cluster, a)
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    assert associated(cluster, "i-b")["at"] - taken < 0.05  # not a whole round after the take
+    _began, ended = b.front_rounds[rounds_before]
+    assert ended <= taken  # nginx was made current before the address came
+    # And one more round after the address moved catches a store change the early one missed.
+    assert any(start >= taken for start, _ in b.front_rounds[rounds_before + 1:])
+    cluster.assert_never_two_primaries()
+
+
+def test_a_graceful_handover_writes_the_lease_and_renders_nginx_together(cluster: Cluster) -> None:
+    """No early round to use (nobody was silent): one round, begun with the take, done before the address."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    b.front_seconds = 0.1
+    rounds_before = b.fronts
+    a.service.stopService()
+    cluster.run(1)
+    assert b.service.state == PRIMARY
+    assert b.fronts == rounds_before + 1  # one round for the takeover, not one per step
+    began, ended = b.front_rounds[-1]
+    took = associated(cluster, "i-b")
+    assert began <= took_lease(cluster, "i-b", 2)  # started no later than the lease's write
+    assert ended <= took["at"]
+    cluster.assert_never_two_primaries()
+
+
+def test_a_round_from_long_before_the_take_does_not_count(cluster: Cluster) -> None:
+    """
+    Suspicion that lasted (the peers cut apart while the holder still renews) started its round
+    long ago: when the holder does die, a fresh round is waited for before the address moves.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    b.front_seconds = 0.3
+    cluster.wire.cut.add("i-a")  # heartbeats lost; the lease still renewed
+    cluster.run(5)
+    assert b.service.state == STANDBY
+    rounds_before = len(b.front_rounds)
+    a.reach.cut = a.cloud.cut = True
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    took = associated(cluster, "i-b")
+    fresh = [(start, end) for start, end in b.front_rounds[rounds_before:] if end <= took["at"]]
+    assert fresh
+    assert fresh[-1][0] >= taken - SETTINGS.lease_duration * 2
+    assert took["at"] - fresh[-1][0] >= b.front_seconds
+    cluster.assert_never_two_primaries()
+
+
+@pytest.mark.parametrize("offset", [n / 100 for n in range(10)])
+def test_a_standby_suspects_the_holder_as_soon_as_it_falls_silent(cluster: Cluster, offset: float) -> None:
+    """Not up to one heartbeat interval later, at its own next beat: at suspect_after, whatever the phase."""
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3 + offset)
+    cluster.wire.cut.add("i-a")  # silent; still renewing, so nobody takes over
+    last_heard = b.service.heartbeat.heard("i-a")
+    assert last_heard is not None
+    cluster.run(0.5)
+    assert b.service._suspected_at is not None
+    assert b.service._suspected_at - last_heard <= SETTINGS.suspect_after + 0.015
+    assert b.service.state == STANDBY

@@ -44,7 +44,7 @@ class FailoverSettings:
     suspect_poll: float = 0.05
     heartbeat_interval: float = 0.1
     #: Heartbeat silence after which the holder is suspected.
-    suspect_after: float = 0.3
+    suspect_after: float = 0.2
     #: How often the primary checks with DescribeAddresses that the address is still its own.
     address_check: float = 2.0
 

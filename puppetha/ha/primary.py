@@ -4,10 +4,13 @@ act; heartbeats to and from the peers; and, once it holds the lease, the Elastic
 
 Taking over is: take the lease (a compare-and-set that increments the token), make sure nginx
 serves the store's current config (a front round), AssociateAddress (retried with backoff),
-confirm with DescribeAddresses, and only then say ``primary``.  Every primary-only action passes
-:meth:`FailoverService.guard` first, which refuses unless the token is still ours and the lease is
-inside its safe window on the local monotonic clock.  A node that loses the lease, or cannot
-renew it in time, stops acting at once (a timer, not the next round, ends its window).
+confirm with DescribeAddresses, and only then say ``primary``.  The front round is started
+early, when the holder falls silent or at the latest as the take is decided, so the address does
+not wait for a whole round after the lease is ours (see :meth:`FailoverService._front_since`).
+Every primary-only action passes :meth:`FailoverService.guard` first, which refuses unless the
+token is still ours and the lease is inside its safe window on the local monotonic clock.  A
+node that loses the lease, or cannot renew it in time, stops acting at once (a timer, not the
+next round, ends its window).
 
 Each node appends what it did as primary to its *acting log* (JSON lines, monotonic clock):
 ``acting`` (token, from, until) at every renewal, ``stopped`` (token, from, until) when it stops,
@@ -25,7 +28,7 @@ from typing import IO, Any
 
 from attrs import evolve, frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -153,8 +156,19 @@ class FailoverService(Service):
         self._own_version: int | None = None
         #: The address was ours when we last knew, and no other holder has appeared since.
         self._address_was_ours = False
+        #: The oldest start of a front round that the address of the takeover under way may follow.
+        self._take_front_since: float | None = None
+        self._take_decided = 0.0
         self._port: IListeningPort | None = None
+        #: Local time at which the holder fell silent (None: not suspecting it).
+        self._suspected_at: float | None = None
+        #: The start of this node's latest finished front round, and of the one under way.
+        self._front_done: float | None = None
+        self._front_started: float | None = None
+        self._front_waiters: list[tuple[float, Deferred[None]]] = []
         self._beats: LoopingCall | None = None
+        #: When the lease holder's heartbeats will have been silent for suspect_after.
+        self._silence: IDelayedCall | None = None
         self._registry: LoopingCall | None = None
         self.peers: list[tuple[str, int]] = []
 
@@ -180,8 +194,9 @@ class FailoverService(Service):
         for loop in (self._beats, self._registry):
             if loop is not None and loop.running:
                 loop.stop()
-        if self._next is not None and self._next.active():
-            self._next.cancel()
+        for call in (self._next, self._silence):
+            if call is not None and call.active():
+                call.cancel()
         if self._round is not None:
             yield self._round
         holding = self.holding
@@ -262,12 +277,17 @@ class FailoverService(Service):
         decision = decide(situation, self.settings)
         self.watch = next_watch(situation)
         if decision.action is Action.TAKE_OVER:
+            # nginx is made current while the lease is being written, not after.
+            since = self._front_since(now)
+            self._front_round(since)
+            self._take_front_since, self._take_decided = since, now
             yield self._take(lease, decision.reason)
         elif decision.action is Action.RENEW:
             yield self._renew(lease if read else None)
         elif decision.action is Action.STEP_DOWN:
             self._stop_acting(decision.reason)
         self._maybe_move()
+        self._take_front_since = None
         self._maybe_check_address()
         self._schedule(decision.next_check - (self.monotonic() - started))
 
@@ -375,7 +395,9 @@ class FailoverService(Service):
         if holding is None or holding.token in (self.confirmed, self._moving):
             return
         self._moving = holding.token
-        d = self._move_address(holding.token, check_first=self._address_was_ours)
+        since, self._take_front_since = self._take_front_since, None
+        d = self._move_address(holding.token, check_first=self._address_was_ours, front_since=since,
+                               catch_up=since is not None and since < self._take_decided)
         d.addErrback(self._move_failed, holding.token)
 
     def _move_failed(self, failure: Failure, token: int) -> None:
@@ -416,13 +438,63 @@ class FailoverService(Service):
         self.state = TAKING_OVER
         self._maybe_move()
 
+    # -- the front before the address
+
+    def _front_since(self, now: float) -> float:
+        """
+        The oldest start of a front round whose result a takeover decided at ``now`` may use: one
+        started since the holder fell silent, if that is at most two lease durations ago (the
+        time a contender needs to be sure the holder is gone), else one started now.  A store
+        change that a round started this early missed is picked up by the round that follows
+        the takeover at once.
+        """
+        silent = self._suspected_at
+        if silent is not None and now - silent <= 2 * self.settings.lease_duration:
+            return silent
+        return now
+
+    def _front_round(self, since: float) -> Deferred[None]:
+        """
+        Fires once a front round that started at or after ``since`` has finished (failed rounds
+        count: they are logged and the old configuration keeps serving); starts one if needed.
+        """
+        if self._front_done is not None and self._front_done >= since:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._front_waiters.append((since, waiter))
+        if self._front_started is None or self._front_started < since:
+            self._start_front_round()
+        return waiter
+
+    def _start_front_round(self) -> None:
+        started = self.monotonic()
+        self._front_started = started
+        d = maybeDeferred(self.ensure_front)
+        d.addErrback(lambda f: log.failure("front round before taking the address failed", f))
+        d.addBoth(self._front_round_done, started)
+
+    def _front_round_done(self, _: object, started: float) -> None:
+        if self._front_done is None or started > self._front_done:
+            self._front_done = started
+        if self._front_started == started:
+            self._front_started = None
+        ready = [w for since, w in self._front_waiters if since <= started]
+        self._front_waiters = [(since, w) for since, w in self._front_waiters if since > started]
+        if self._front_waiters and self._front_started is None:
+            self._start_front_round()
+        for waiter in ready:
+            waiter.callback(None)
+
     @inlineCallbacks
-    def _move_address(self, token: int, check_first: bool = False) -> Any:
+    def _move_address(self, token: int, check_first: bool = False, front_since: float | None = None,
+                      catch_up: bool = False) -> Any:
+        """
+        ``front_since``: the oldest front round the address may follow (None: one started now);
+        ``catch_up``: that round may be from before the take, so run one more once the address
+        is ours, for a store change it missed.
+        """
         # nginx first: the address must reach a front serving the store's current config.
-        try:
-            yield self.ensure_front()
-        except Exception:
-            log.failure("front round before taking the address failed", Failure())
+        yield self._front_round(self.monotonic() if front_since is None else front_since)
         eip = self.address
         attempt = 0
         if check_first:
@@ -434,6 +506,8 @@ class FailoverService(Service):
                 owner = None
             if owner == eip.instance_id:
                 self._confirm(token)
+                if catch_up:
+                    self._front_round(self.monotonic())
                 return
         while True:
             self.guard(token)
@@ -461,6 +535,8 @@ class FailoverService(Service):
                      allocation_id=eip.allocation_id, owner=owner, instance_id=eip.instance_id)
             yield deferLater(self.reactor, backoff(attempt), lambda: None)
         self._confirm(token)
+        if catch_up:
+            self._front_round(self.monotonic())
 
     def _confirm(self, token: int) -> None:
         self.guard(token)
@@ -481,21 +557,39 @@ class FailoverService(Service):
         elif heartbeat.state == STOPPED and self.holding is None:
             # A graceful stop: the holder released the lease before saying so.
             self.poke()
+        lease = self.last_lease
+        if self.holding is None and lease is not None and heartbeat.node == lease.record.holder:
+            # Look for silence the moment it would begin, not at the next beat (up to one
+            # heartbeat_interval later).  A hair late, so the look never comes before it.
+            delay = self.settings.suspect_after + 0.001
+            if self._silence is not None and self._silence.active():
+                self._silence.reset(delay)
+            else:
+                self._silence = self.reactor.callLater(delay, self._look_for_silence)
 
     def _beat(self) -> None:
         self._send_heartbeat()
+        self._look_for_silence()
+
+    def _look_for_silence(self) -> None:
         # A standby looks at the lease as soon as the holder falls silent, not at its next
         # unhurried look: that is what makes detection fast.
         lease = self.last_lease
         if self.holding is not None or lease is None or lease.record.holder in ("", self.node):
             self._suspecting = False
+            self._suspected_at = None
             return
         silent = suspect(self.heartbeat.heard(lease.record.holder), self.monotonic(),
                          self.settings.suspect_after)
         if silent and not self._suspecting:
             log.info("suspecting {holder}: no heartbeat for {seconds}s", holder=lease.record.holder,
                      seconds=self.settings.suspect_after)
+            self._suspected_at = self.monotonic()
+            # If the holder is gone, nginx will be current before the lease lapses.
+            self._front_round(self._suspected_at)
             self.poke()
+        if not silent:
+            self._suspected_at = None
         self._suspecting = silent
 
     def _send_heartbeat(self) -> None:

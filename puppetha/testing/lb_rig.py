@@ -5,7 +5,10 @@ sealed by KMS, both in moto on the AWS host; a stand-in for a master's puppetser
 host; and a client outside that makes an agent's request through the Elastic IP.
 
 The stand-in master answers every request with the address the request came from, which is the
-lb node whose nginx proxied it: the client outside thus learns which node served it.
+lb node whose nginx proxied it: the client outside thus learns which node served it.  For whole
+agent runs, :class:`RealMaster` is Debian's puppetserver on the master host instead, and
+:class:`PuppetAgent` is Debian's puppet agent on a host of its own, whose ``puppet`` is the
+Elastic IP.
 
 Blocking code, for tests and benchmarks.
 """
@@ -215,11 +218,15 @@ class Agent:
         self.context.load_cert_chain(issued.certificate, issued.private_key)
         self.context.load_verify_locations(cadata=pki.ca_pem("root"))
 
-    def served_by(self, address: str, port: int = FRONT_PORT, timeout: float = 1.0) -> str | None:
-        """The lb address that proxied a request to ``address``, or None when it did not succeed."""
+    def served_by(self, address: str, port: int = FRONT_PORT, timeout: float = 1.0,
+                  path: str = "/puppet/v3/status/rig") -> str | None:
+        """
+        The lb address that proxied a request to ``address``, or None when it did not succeed
+        (with a real master and another ``path``: the body of its answer, when 200).
+        """
         connection = _FrontConnection(address, port, timeout=timeout, context=self.context)
         try:
-            connection.request("GET", "/puppet/v3/status/rig", headers={"Host": FRONT_NAME})
+            connection.request("GET", path, headers={"Host": FRONT_NAME, "Accept": "application/json"})
             answer = connection.getresponse()
             body = answer.read().decode()
         except (OSError, http.client.HTTPException):
@@ -399,3 +406,124 @@ class LbDaemon:
 
     def associations(self) -> list[dict[str, Any]]:
         return [entry for entry in self.acting() if entry["event"] == "associate"]
+
+
+#: What the real master's ENC says of every node: the test module, with a greeting to find in the run.
+RIG_GREETING = "served through the Elastic IP"
+RIG_ENC = f"""#!/bin/sh
+cat <<'END'
+environment: production
+classes:
+  puppetha_test:
+    greeting: {RIG_GREETING}
+parameters:
+  role: agent
+END
+"""
+
+
+class RealMaster:
+    """
+    Debian's puppetserver in ``host``, configured as :mod:`puppetha.enroll.puppetserver` writes a
+    master (lb certificates only, the agent's identity from nginx's headers), with a master
+    certificate from the fleet's CAs, and registered in the store for the lb nodes' fronts.
+    Its ENC is a script that classifies every node alike.
+    """
+
+    def __init__(self, host: Host, pki: FleetPKI, directory: Path, port: int = MASTER_PORT) -> None:
+        import shutil
+
+        from puppetha.enroll.puppetserver import MasterMaterial, MasterSettings
+        from puppetha.testing.puppetserver import TEST_MODULE, PuppetserverUnderTest
+
+        directory.mkdir(parents=True, exist_ok=True)
+        issued = pki.leaf(MASTER, MASTER, sans=[MASTER, FRONT_NAME], usage="server")
+        authority = pki.authority
+        material = MasterMaterial(
+            certname=MASTER,
+            certificate_pem=Path(issued.certificate).read_text(),
+            private_key_pem=Path(issued.private_key).read_text(),
+            ca_chain_pem=authority.ca_bundle_pem().decode("ascii"),
+            crl_chain_pem=authority.crl_chain_pem().decode("ascii"),
+            lb_ca_pem=pki.ca_pem("lb"),
+            lb_crl_pem=authority.crl("lb").crl_pem,
+        )
+        enc = directory / "enc"
+        enc.write_text(RIG_ENC)
+        enc.chmod(0o755)
+        # Debian's services.d, whose ca.cfg the master's files replace (no CA on a master).
+        shutil.copytree("/etc/puppet/puppetserver/services.d", directory / "services.d", dirs_exist_ok=True)
+        self.server = PuppetserverUnderTest(directory, popen=host.popen)
+        settings = MasterSettings(listen_address=host.address, listen_port=port, enc_command=str(enc))
+        self.server.configure(material, settings, TEST_MODULE)
+        probe = pki.leaf("lb", "probe.lb.test", usage="client")
+        self.server.start(probe.certificate, probe.private_key)
+        pki.register_master(host.address, port)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return self.server.log_tail(lines)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class PuppetAgent:
+    """
+    Debian's puppet agent in ``host``, with a certificate from the master's CA, the fleet's CA
+    bundle and CRLs in its ssldir, and ``server = puppet``, which the host's own ``/etc/hosts``
+    (``/etc/netns/NAMESPACE/hosts``, which ``ip netns exec`` mounts) resolves to the Elastic IP.
+    """
+
+    def __init__(self, host: Host, pki: FleetPKI, directory: Path, front_address: str,
+                 certname: str = "agent-eip.test") -> None:
+        from puppetha.testing.puppetserver import require_puppetserver
+
+        require_puppetserver()
+        self.host = host
+        self.directory = directory
+        ssldir = directory / "ssl"
+        for sub in ("certs", "private_keys"):
+            (ssldir / sub).mkdir(parents=True, exist_ok=True)
+        issued = pki.leaf(MASTER, certname, usage="client")
+        (ssldir / "certs" / f"{certname}.pem").write_bytes(Path(issued.certificate).read_bytes())
+        key = ssldir / "private_keys" / f"{certname}.pem"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(issued.private_key).read_bytes())
+        (ssldir / "certs" / "ca.pem").write_bytes(pki.authority.ca_bundle_pem())
+        (ssldir / "crl.pem").write_bytes(pki.authority.crl_chain_pem())
+        self.conf = directory / "puppet.conf"
+        self.conf.write_text(
+            "[main]\n"
+            f"certname = {certname}\n"
+            f"server = {FRONT_NAME}\n"
+            f"serverport = {FRONT_PORT}\n"
+            f"ca_server = {FRONT_NAME}\n"
+            f"ca_port = {FRONT_PORT}\n"
+            f"ssldir = {ssldir}\n"
+        )
+        self.etc = Path("/etc/netns") / host.namespace
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / "hosts").write_text(f"127.0.0.1 localhost\n{front_address} {FRONT_NAME}\n")
+
+    def command(self) -> list[str]:
+        from puppetha.testing.puppetserver import PUPPET
+
+        d = self.directory
+        return [
+            PUPPET, "agent", "--test", "--config", str(self.conf), "--confdir", str(d / "conf"),
+            "--vardir", str(d / "var"), "--logdir", str(d / "log"), "--rundir", str(d / "run"),
+            "--codedir", str(d / "code"), "--no-daemonize", "--color=false",
+        ]  # fmt: skip
+
+    def start(self) -> subprocess.Popen[str]:
+        """``puppet agent --test``, under way: read its output with ``communicate``."""
+        return self.host.popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.etc, ignore_errors=True)

@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from puppetha.instance.puppetserver import (
@@ -56,8 +56,15 @@ TEST_MODULE = {
 class PuppetserverUnderTest:
     """One puppetserver: :meth:`configure`, then :meth:`start`; :meth:`stop` when done."""
 
-    def __init__(self, directory: Path, heap: str = "512m") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        heap: str = "512m",
+        popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+    ) -> None:
+        """``popen`` starts the JVM: a rig's host passes its own, to run it in its namespace."""
         require_puppetserver()
+        self.popen = popen
         self.directory = directory
         self.layout = PuppetserverLayout.under(directory)
         self.heap = heap
@@ -85,7 +92,7 @@ class PuppetserverUnderTest:
         if self.settings is None:
             raise RuntimeError("configure() first")
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
+            self.process = self.popen(
                 java_command(self.layout, self.heap),
                 cwd="/usr/share/puppetserver",
                 stdin=subprocess.DEVNULL,
