@@ -424,7 +424,7 @@ END
 
 class RealMaster:
     """
-    Debian's puppetserver in ``host``, configured as :mod:`puppetha.enroll.puppetserver` writes a
+    Debian's puppetserver in ``host``, configured as :mod:`puppetha.instance.puppetserver` writes a
     master (lb certificates only, the agent's identity from nginx's headers), with a master
     certificate from the fleet's CAs, and registered in the store for the lb nodes' fronts.
     Its ENC is a script that classifies every node alike.
@@ -433,7 +433,7 @@ class RealMaster:
     def __init__(self, host: Host, pki: FleetPKI, directory: Path, port: int = MASTER_PORT) -> None:
         import shutil
 
-        from puppetha.enroll.puppetserver import MasterMaterial, MasterSettings
+        from puppetha.instance.puppetserver import MasterMaterial, MasterSettings
         from puppetha.testing.puppetserver import TEST_MODULE, PuppetserverUnderTest
 
         directory.mkdir(parents=True, exist_ok=True)
