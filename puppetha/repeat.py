@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -34,3 +35,21 @@ class Repeating:
         if self._loop.running:
             self._loop.stop()
         return finished.addCallback(lambda _: None)
+
+
+class RepeatingService(Service):
+    """
+    A service whose work is one round repeated by :class:`Repeating`: started with the service,
+    and stopped only once the round in progress has finished (so the store, stopped after it,
+    never closes under a write).  Subclasses set ``_repeating``.
+    """
+
+    _repeating: Repeating
+
+    def startService(self) -> None:
+        super().startService()
+        self._repeating.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        return self._repeating.stop()

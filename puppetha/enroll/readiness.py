@@ -15,14 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from puppetha.aws.cloud import ICloud
 from puppetha.pki.authority import RESERVED_CA_NAMES
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store import AlreadyExists, VersionConflict
 from puppetha.store.records import CARecord, MasterRecord, Records
 from puppetha.threads import Blocking
@@ -115,7 +114,7 @@ def healthy_masters(records: Records) -> int:
     )
 
 
-class ReadinessService(Service):
+class ReadinessService(RepeatingService):
     """
     Runs the check every ``interval`` seconds.  ``writes`` is the store's write pool (a write
     stuck behind a held lock shows here as it would for an enrollment), ``reads`` its read pool,
@@ -134,14 +133,6 @@ class ReadinessService(Service):
         self.last: CheckResult | None = None
         self._reported = ""
         self._repeating = Repeating(self.check, clock, interval)
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self._repeating.stop()
 
     def readiness(self) -> Readiness:
         return assess(self.last, self.clock.seconds(), self.interval)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from attrs import evolve, field, frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -36,7 +35,7 @@ from puppetha.ha.scaling import (
     ScaleSettings,
     decide,
 )
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store.records import MasterRecord, Record, Records
 
 log = Logger()
@@ -172,7 +171,7 @@ class Launcher:
                 if v.record.action == LAUNCH and not v.record.instances]
 
 
-class ScalingService(Service):
+class ScalingService(RepeatingService):
     """
     Every ``interval``, on the primary only: sample the masters' load, tell which masters there
     are, decide (:func:`puppetha.ha.scaling.decide`) and launch.  ``sample(now)`` and
@@ -203,14 +202,6 @@ class ScalingService(Service):
         #: The last decisions with their reasons, newest last (for `puppetha status`, later).
         self.decisions: list[tuple[float, ScaleDecision]] = []
         self._repeating = Repeating(self._round, clock, interval)
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self._repeating.stop()
 
     def _round(self) -> Deferred[Any]:
         def failed(failure: Failure) -> None:

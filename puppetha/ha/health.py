@@ -23,7 +23,6 @@ from OpenSSL import SSL, crypto
 from service_identity.cryptography import verify_certificate_hostname
 from treq import collect
 from treq.client import HTTPClient
-from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -43,7 +42,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from puppetha.ha.front import RunsBlocking
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store import IStore, VersionConflict
 from puppetha.store.records import CARecord, CRLRecord, MasterRecord, Records, Versioned
 
@@ -243,7 +242,7 @@ def set_health(store: IStore, found: Versioned[MasterRecord], healthy: bool) -> 
     return True
 
 
-class HealthService(Service):
+class HealthService(RepeatingService):
     """Probes every ``interval`` seconds; calls ``on_change`` after it changed any master."""
 
     def __init__(
@@ -272,15 +271,6 @@ class HealthService(Service):
         self.on_change = on_change
         self.health: dict[str, Health] = {}
         self._repeating = Repeating(self.round, clock, interval)
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        # Fires once a round in progress has written its flags: the store closes after us.
-        return self._repeating.stop()
 
     def round(self) -> Deferred[list[str]]:
         """One probe of every master; fires with the certnames whose flag this round changed."""

@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -27,7 +26,7 @@ from puppetha.enroll.service import RevokedIdentity
 from puppetha.ha.front import RunsBlocking
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store.records import MasterRecord, NodeRecord, Records
 
 log = Logger()
@@ -118,7 +117,7 @@ def deregister_masters(records: Records, certnames: Sequence[str]) -> list[str]:
     return removed
 
 
-class LifecycleSweep(Service):
+class LifecycleSweep(RepeatingService):
     """
     Every ``interval``, on the primary only: read the enrolled instances, ask AWS about them, and
     retire the gone ones.  ``revoke(instance_id, reason)`` is
@@ -148,14 +147,6 @@ class LifecycleSweep(Service):
         self.aws = aws
         self.revoke = revoke
         self._repeating = Repeating(self._round, clock, settings.interval)
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self._repeating.stop()
 
     def _round(self) -> Deferred[Any]:
         def failed(failure: Failure) -> None:

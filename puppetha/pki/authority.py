@@ -24,7 +24,6 @@ from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -36,7 +35,7 @@ from puppetha.pki.crl import Revocation, build_crl, check_reason
 from puppetha.pki.keys import KeyType, PrivateKey, load_private_key, private_key_pem, same_public_key
 from puppetha.pki.names import check_certname
 from puppetha.pki.vault import IKeyVault
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store import Create, Replace, TransactionConflict, VersionConflict, Write
 from puppetha.store.records import (
     CARecord,
@@ -498,7 +497,7 @@ class CertificateAuthority:
         return key
 
 
-class CRLRefresher(Service):
+class CRLRefresher(RepeatingService):
     """
     Every ``interval``, asks the authority (through ``authority_call``, which returns a
     Deferred so it can run on a thread pool) to re-sign the CRLs that expire within
@@ -520,15 +519,6 @@ class CRLRefresher(Service):
         self.interval = interval
         self.margin = margin
         self._repeating = Repeating(self._refresh, clock, interval.total_seconds())
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        # Fires once a run in progress has finished.
-        return self._repeating.stop()
 
     def _refresh(self) -> Deferred[None]:
         d = maybeDeferred(self.authority_call, self.margin)

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from attrs import frozen
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from puppetha.pki.authority import LB_CA, ROOT
-from puppetha.repeat import Repeating
+from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store import IStore
 from puppetha.store.records import CRLRecord, Records
 
@@ -134,7 +133,7 @@ class RunsBlocking(Protocol):
     def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]: ...
 
 
-class CRLFilesService(Service):
+class CRLFilesService(RepeatingService):
     """
     Every ``interval``, writes the store's CRLs into ``files`` where they changed.  A failed
     round (store unreachable, a file not writable) is logged; the next one tries again, and the
@@ -156,14 +155,6 @@ class CRLFilesService(Service):
         self._repeating = Repeating(self.refresh, clock, interval)
         #: What the last round could not write, so each problem is logged once, not every round.
         self._missing: list[str] = []
-
-    def startService(self) -> None:
-        super().startService()
-        self._repeating.start()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        return self._repeating.stop()
 
     def refresh(self) -> Deferred[list[str]]:
         """One round; fires with the paths rewritten (an empty list when it failed)."""
