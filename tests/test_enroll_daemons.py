@@ -20,7 +20,11 @@ from puppetha.store.records import NodeRecord
 from puppetha.testing.aws import FakeAWSSigner
 from puppetha.testing.moto import Fleet, MotoServer
 from tests.aws_fixtures import boto_test_credentials
-from tests.fault_fixtures import Daemon, Reply, fleet, moto, signer  # noqa: F401 - fixtures
+
+# The fixtures' own assertions are rewritten wherever they are first imported.
+pytest.register_assert_rewrite("tests.fault_fixtures")
+
+from tests.fault_fixtures import Daemon, Reply, fleet, moto, signer  # noqa: E402, F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("moto")
 
