@@ -326,10 +326,12 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
                             aws=aws, on_master=poke_front or (lambda: None), readiness=readiness.readiness,
                             metric_sources=metric_sources).setServiceParent(root)
 
+    # Before the ENC's socket file: a metrics port in use must not leave that file behind.  The
+    # ENC's source joins the sources after; each scrape asks those there are then.
+    add_metrics_listener(root, config, reactor, metric_sources)
+
     if "enc" in config.roles:
         enc_service(config, reactor, store_reads, aws, metric_sources).setServiceParent(root)
-
-    add_metrics_listener(root, config, reactor, metric_sources)
 
     Announcement(config).setServiceParent(root)
     return root
@@ -367,7 +369,7 @@ def add_metrics_listener(root: MultiService, config: Config, reactor: Any,
     # Opened now, like the enrollment port: a port in use stops the start with one line.
     open_metrics_listener(reactor, listen, make_metrics_site(Scrape(metric_sources), reactor)
                           ).setServiceParent(root)
-    log.info("metrics on {listen}: {sources}", listen=listen, sources=", ".join(sorted(metric_sources)))
+    log.info("metrics on {listen}", listen=listen)
 
 
 def failover_service(

@@ -50,10 +50,13 @@ class _Scraped:
 
 
 class Scrape:
-    """The named sources of the daemon's families, asked together at each scrape."""
+    """
+    The named sources of the daemon's families, asked together at each scrape: those in
+    ``sources`` at the time (the daemon's wiring may add some after the listener opened).
+    """
 
     def __init__(self, sources: Mapping[str, Source]) -> None:
-        self.sources = dict(sources)
+        self.sources = sources
 
     def families(self) -> Deferred[list[Metric]]:
         """Every source's families; a failing source is logged and left out."""
