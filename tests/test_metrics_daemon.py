@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from puppetha.ha.autoscale import ScaleActionRecord
-from puppetha.store.records import LeaseRecord
+from puppetha.store.records import LeaseRecord, Records
 from puppetha.testing.aws import FakeAWSSigner
-from puppetha.testing.moto import Fleet, MotoServer
+from puppetha.testing.lb_daemon import LbNode, eventually
+from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer
+from puppetha.testing.nginx import FrontPKI, require_nginx
 
 # The fixtures' own assertions are rewritten wherever they are first imported.
 pytest.register_assert_rewrite("tests.fault_fixtures", "tests.enroll_fixtures")
@@ -164,3 +167,75 @@ def test_a_port_in_use_stops_the_daemon_in_one_line(tmp_path: Path) -> None:
                          "Address already in use"), run.stdout + run.stderr
     assert not any("Traceback" in line for line in lines)
     assert not (tmp_path / "enc.sock").exists()  # the ENC socket opened before it is closed again
+
+
+def test_two_lb_nodes_report_the_primary_the_lease_and_each_others_heartbeats(
+    tmp_path: Path, moto: MotoServer, fleet: Fleet  # noqa: F811
+) -> None:
+    require_nginx()
+    allocation = fleet.allocate_address()
+    instances = [fleet.launch("lb").instance_id for _ in range(2)]
+    pki = FrontPKI(tmp_path / "pki")
+    pki.add_ca("lb")
+    common = {
+        "daemon.roles": "lb",
+        "store.path": str(tmp_path / "pki" / "store.sqlite"),
+        "pki.vault_key_file": str(tmp_path / "pki" / "vault.key"),
+        "enroll.front": "puppet:8140",
+        "aws.endpoint_url": moto.endpoint_url,
+        "aws.region": "us-east-1",
+        "lb.interval": "1s",
+        "lb.health_interval": "1s",
+        "ha.elastic_ip": allocation,
+    }
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["aws_secret_access_key"]}
+    nodes = []
+    for name, instance_id in zip(("lb-a", "lb-b"), instances, strict=True):
+        issued = pki.leaf("lb", name, sans=["puppet"], usage="both")
+        node = LbNode(name, instance_id, tmp_path, common, certificate=issued.certificate,
+                      private_key=issued.private_key, env=env)
+        node.settings["metrics.listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
+        nodes.append(node)
+    a, b = nodes
+    logs = [a.log, b.log]
+
+    def port(node: LbNode) -> int:
+        return int(node.settings["metrics.listen"].split(":")[1])
+
+    def figures(node: LbNode) -> dict[str, Any]:
+        try:
+            return scrape(port(node))
+        except ConnectionRefusedError:  # not listening yet
+            return {}
+
+    try:
+        a.start()
+        a.start_nginx()
+        eventually(lambda: figures(a).get("puppetha_primary") == {(): 1}, "the first node primary", logs)
+        b.start()
+        b.start_nginx()
+        peer_b, peer_a = (("peer", b.instance_id),), (("peer", a.instance_id),)
+        eventually(lambda: peer_a in figures(b).get("puppetha_heartbeat_age_seconds", {})
+                   and peer_b in figures(a).get("puppetha_heartbeat_age_seconds", {}),
+                   "each node hearing the other", logs)
+        on_a, on_b = figures(a), figures(b)
+        stored = Records(pki.store).get(LeaseRecord, "lb-primary")
+        assert stored is not None
+    finally:
+        a.stop_all()
+        b.stop_all()
+        pki.close()
+    assert on_a["puppetha_primary"] == {(): 1}
+    assert on_b["puppetha_primary"] == {(): 0}
+    assert on_b["puppetha_failover_state_info"] == {(("state", "standby"),): 1}
+    # Heartbeats every 0.1 s: heard well within a second (a loaded machine may lag a little).
+    assert 0 <= on_a["puppetha_heartbeat_age_seconds"][peer_b] < 2
+    assert 0 <= on_b["puppetha_heartbeat_age_seconds"][peer_a] < 2
+    # Both read the one lease from the store: the primary holds it, under the stored token.
+    for seen in (on_a, on_b):
+        assert seen["puppetha_lease_holder_info"] == {(("holder", a.instance_id),): 1}
+        assert seen["puppetha_lease_token"] == {(): stored.record.token}
+        assert 0 <= seen["puppetha_lease_renewed_age_seconds"][()] < 5
+    for log in logs:
+        assert "Traceback" not in log.read_text()
