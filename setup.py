@@ -18,6 +18,7 @@ setup(
         "puppetha.enroll",
         "puppetha.ha",
         "puppetha.instance",
+        "puppetha.metrics",
         "puppetha.pki",
         "puppetha.store",
         "puppetha.testing",
@@ -37,6 +38,8 @@ setup(
         "pyyaml>=6",
         "treq>=23.11",
         "klein>=24.8",
+        # The metrics endpoint's text format, rendered from a registry of the daemon's own.
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

@@ -261,6 +261,18 @@ def endpoint(value: str) -> str:
     return value
 
 
+def metrics_endpoint(value: str) -> str:
+    """Empty (no metrics listener), or an endpoint that names the address it listens on."""
+    value = value.strip()
+    if not value:
+        return value
+    endpoint(value)
+    if value.startswith("tcp") and "interface=" not in value:
+        raise ValueError(f"{value!r}: name the interface (interface=127.0.0.1 for this host only): "
+                         "the figures describe the fleet, and without one every address listens")
+    return value
+
+
 def server_names(value: str) -> tuple[str, ...]:
     """DNS names and IP addresses for the enrollment server's certificate: at least one."""
     names = words(value)
@@ -482,6 +494,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("enc", "stale_limit", duration, "1h",
            "While AWS or the store is unreachable, a node's last good classification is served "
            "for at most this long."),
+    Option("metrics", "listen", metrics_endpoint, "",
+           "Where GET /metrics (Prometheus's text format, plain HTTP) listens, e.g. "
+           "tcp:9464:interface=127.0.0.1; a tcp endpoint must name its interface. Empty: no "
+           "metrics. Keep it on loopback or a private address: the figures reveal the fleet "
+           "(masters, lb nodes, the primary, CRL dates) to whoever can read them (docs/metrics.md)."),
 )
 
 _BY_KEY: Mapping[tuple[str, str], Option] = {(o.section, o.name): o for o in OPTIONS}
@@ -719,13 +736,14 @@ def markdown_reference() -> str:
         "`[lb] master_name` set (the default host `puppet` is in no master's certificate); on an lb",
         "node, `[ha] elastic_ip` needs `instance_id` and `address`, a `lease_margin` under",
         "`lease_duration` and a `renew_interval` under their difference; `roles` must name at least",
-        "one role; `[enroll] listen` is checked to its port (0..65535), keywords and interface address,",
+        "one role; `[enroll] listen` and `[metrics] listen` are checked to their port (0..65535),",
+        "keywords and interface address (`[metrics] listen` must name its interface),",
         "and `server_names` must name at least one valid DNS name or IP address.",
         "",
         "At start the daemon then checks or opens everything before it says `puppetha started`: the",
         "state directory must be writable, the lb role's certificate and key must parse and match,",
-        "and the enrollment port and the ENC socket are opened (a port in use, an address this host",
-        "does not have, a socket path held by another process or not a socket, an unknown",
+        "and the enrollment port, the metrics port and the ENC socket are opened (a port in use, an",
+        "address this host does not have, a socket path held by another process or not a socket, an unknown",
         "`socket_owner` or `socket_group`). Any failure is one line on stderr and a non-zero exit.",
     ]
     for section in SECTIONS:

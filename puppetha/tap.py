@@ -44,6 +44,8 @@ from puppetha.ha.lease import Lease
 from puppetha.ha.lifecycle import LifecycleSettings, LifecycleSweep
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
+from puppetha.metrics.endpoint import Scrape, Source, make_metrics_site, open_metrics_listener
+from puppetha.metrics.sources import enc_source, enrollment_source, failover_sources, store_sources
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
@@ -134,8 +136,12 @@ def enrollment_listener(
     aws: Blocking[ICloud],
     on_master: Callable[[], object],
     readiness: Callable[[], Readiness] | None = None,
+    metric_sources: dict[str, Source] | None = None,
 ) -> IService:
-    """The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set)."""
+    """
+    The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set); its
+    counts join ``metric_sources``.
+    """
     certs = config[("aws", "identity_certs")]
     try:
         trust = TrustStore.from_file(certs or SHIPPED_TRUST_FILE)
@@ -171,6 +177,8 @@ def enrollment_listener(
     credentials = ensure_server_credentials(
         authority, config.state_dir, config[("enroll", "server_names")], KeyType(config[("pki", "key_type")])
     )
+    if metric_sources is not None:
+        metric_sources["enrollment"] = enrollment_source(enrollment)
     log.info("enrollment API on {listen}; clients pin the root CA {pin}",
              listen=config[("enroll", "listen")], pin=credentials.root_fingerprint)
     # A flood on the enrollment port may take its share of descriptors, never the ENC's.
@@ -295,6 +303,9 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     store_reads = store_blocking(read_pool, records, abandon=True,
                                  episodes=Episodes("store reads", reactor, quiet=3 * store_deadline))
 
+    # What GET /metrics reads at each scrape ([metrics] listen): each part adds its own below.
+    metric_sources: dict[str, Source] = store_sources(store_reads, reactor)
+
     # Same host: a master's registration reaches nginx at once; other hosts' lb roles see it on
     # their next round ([lb] interval).
     poke_front: Callable[[], object] | None = None
@@ -303,7 +314,8 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
         front.setServiceParent(root)
         if config[("ha", "elastic_ip")]:
             failover_service(config, reactor, records=records, vault=vault, cloud=cloud, aws=aws,
-                             front=front, authority=authority, signing=signing).setServiceParent(root)
+                             front=front, authority=authority, signing=signing,
+                             metric_sources=metric_sources).setServiceParent(root)
 
     if "enroll" in config.roles:
         readiness = ReadinessService(reactor, writes=store_calls, reads=store_reads, cloud=aws,
@@ -311,40 +323,64 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
                                      interval=config[("enroll", "health_interval")])
         readiness.setServiceParent(root)
         enrollment_listener(config, reactor, authority=authority, signing=signing, store_calls=store_calls,
-                            aws=aws, on_master=poke_front or (lambda: None),
-                            readiness=readiness.readiness).setServiceParent(root)
+                            aws=aws, on_master=poke_front or (lambda: None), readiness=readiness.readiness,
+                            metric_sources=metric_sources).setServiceParent(root)
+
+    # Before the ENC's socket file: a metrics port in use must not leave that file behind.  The
+    # ENC's source joins the sources after; each scrape asks those there are then.
+    add_metrics_listener(root, config, reactor, metric_sources)
 
     if "enc" in config.roles:
-        classifier = Classifier(
-            reactor,
-            store_reads,
-            aws,
-            ttl=config[("enc", "cache_ttl")],
-            stale_limit=config[("enc", "stale_limit")],
-        )
-        enc = ENCSocketService(
-            reactor,
-            classifier,
-            config[("enc", "socket")],
-            owner=config[("enc", "socket_owner")],
-            group=config[("enc", "socket_group")],
-            mode=config[("enc", "socket_mode")],
-        )
-        enc.open()  # now, so that a bad socket setting stops the start with one line
-        enc.setServiceParent(root)
+        enc_service(config, reactor, store_reads, aws, metric_sources).setServiceParent(root)
 
     Announcement(config).setServiceParent(root)
     return root
 
 
+def enc_service(config: Config, reactor: Any, store_reads: Blocking[Records], aws: Blocking[ICloud],
+                metric_sources: dict[str, Source]) -> IService:
+    """The ENC on its socket, already listening; its counts join ``metric_sources``."""
+    classifier = Classifier(
+        reactor,
+        store_reads,
+        aws,
+        ttl=config[("enc", "cache_ttl")],
+        stale_limit=config[("enc", "stale_limit")],
+    )
+    enc = ENCSocketService(
+        reactor,
+        classifier,
+        config[("enc", "socket")],
+        owner=config[("enc", "socket_owner")],
+        group=config[("enc", "socket_group")],
+        mode=config[("enc", "socket_mode")],
+    )
+    enc.open()  # now, so that a bad socket setting stops the start with one line
+    metric_sources["enc"] = enc_source(enc.factory)
+    return enc
+
+
+def add_metrics_listener(root: MultiService, config: Config, reactor: Any,
+                         metric_sources: Mapping[str, Source]) -> None:
+    """GET /metrics on [metrics] listen, if set, over the sources the parts of the daemon gave."""
+    listen = config[("metrics", "listen")]
+    if not listen:
+        return
+    # Opened now, like the enrollment port: a port in use stops the start with one line.
+    open_metrics_listener(reactor, listen, make_metrics_site(Scrape(metric_sources), reactor)
+                          ).setServiceParent(root)
+    log.info("metrics on {listen}", listen=listen)
+
+
 def failover_service(
     config: Config, reactor: Any, *, records: Records, vault: IKeyVault, cloud: ICloud,
     aws: Blocking[ICloud], front: MultiService, authority: CertificateAuthority,
-    signing: Blocking[CertificateAuthority],
+    signing: Blocking[CertificateAuthority], metric_sources: dict[str, Source] | None = None,
 ) -> IService:
     """
     Heartbeats, the lease and the Elastic IP (the lb role with [ha] elastic_ip), and what only
-    the primary does: the life cycle sweep.
+    the primary does: the life cycle sweep.  This node's view (heartbeats heard, primary or not)
+    joins ``metric_sources``.
     """
     ha = {name: value for (section, name), value in config.values.items() if section == "ha"}
     node = ha["instance_id"]
@@ -389,6 +425,8 @@ def failover_service(
         acting_log=ActingLog(ha["acting_log"] or None, node),
     )
     failover.setServiceParent(services)
+    if metric_sources is not None:
+        metric_sources.update(failover_sources(failover))
     # Started after failover, so stopped before it: no sweep outlives the lease it acts under.
     lifecycle = LifecycleSettings(interval=config[("lifecycle", "interval")],
                                   revoke_terminated=config[("lifecycle", "revoke_terminated")],

@@ -730,3 +730,29 @@ def test_secure_socket_sets_mode_and_owner(tmp_path: Path) -> None:
         assert st.st_gid == grp.getgrnam("nogroup").gr_gid
         with pytest.raises(ValueError, match="no such user"):
             secure_socket(str(path), "no-such-user-here")
+
+
+def test_answers_are_counted_by_outcome_with_their_latency(served, clock) -> None:
+    factory = ENCFactory(served, clock)
+    protocol, transport = connect(factory)
+    clock.advance(0.3)  # the client takes its time to send the line
+    protocol.dataReceived(b"web1.example.com\n")
+    assert transport.value().startswith(b"OK ")
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"nobody.example.com\n")
+    assert transport.value().startswith(b"ERR unknown-node ")
+    assert factory.answers == {"ok": 1, "unknown-node": 1}
+    assert factory.latencies.count == 2
+    assert factory.latencies.sum == pytest.approx(0.3)
+    assert dict(factory.latencies.cumulative())[0.25] == 1  # the quick refusal
+    assert dict(factory.latencies.cumulative())[0.5] == 2
+
+
+def test_a_busy_refusal_and_a_timeout_are_counted_once(served, clock) -> None:
+    factory = ENCFactory(served, clock, timeout=1.0, max_connections=1)
+    connect(factory)  # holds the one place, says nothing
+    _, refused = connect(factory)
+    assert refused.value().startswith(b"ERR busy ")
+    clock.advance(1.0)
+    assert factory.answers == {"busy": 1, "timeout": 1}
+    assert factory.latencies.count == 1  # the timeout's; the busy refusal waited for nothing

@@ -246,6 +246,18 @@ def test_agent_without_any_master_is_asked_to_retry(world: World) -> None:
     assert world.enroll(agent).status == 200
 
 
+def test_answers_are_counted_by_role_and_refusals_by_code(world: World) -> None:
+    agent = world.launch("agent")
+    assert world.enroll(agent).error == "no-master"
+    enroll_master(world)
+    assert world.enroll(agent).status == 200
+    assert world.enroll(agent, csr=make_csr(agent.instance_id)).error == "already-enrolled"
+    # Refused for its shape by the API, before the enrollment: counted with the others.
+    assert world.call("/v1/enroll", b"{not json").error == "malformed-json"
+    assert world.enrollment.enrolled == {"master": 1, "agent": 1}
+    assert world.enrollment.refused == {"no-master": 1, "already-enrolled": 1, "malformed-json": 1}
+
+
 # -- identity refusals ------------------------------------------------------------------------
 
 

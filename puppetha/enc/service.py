@@ -19,6 +19,7 @@ import os
 import pwd
 import socket
 import stat
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -50,6 +51,7 @@ from puppetha.enc.classify import (
     scopes_for,
     to_enc_yaml,
 )
+from puppetha.latency import Latencies
 from puppetha.store.records import Classification, NodeRecord, Records
 from puppetha.threads import Blocking, Episodes
 
@@ -645,6 +647,10 @@ class ENCFactory(Factory):
         self.connections = 0
         # ERR timeout answers, logged once when they start and once when answers come again.
         self.timeouts = Episodes("ENC answers", clock, quiet=timeout)
+        #: Every call answered, by outcome: ``ok``, an ERR code, or ``busy`` (the metrics read these).
+        self.answers: Counter[str] = Counter()
+        #: How long the answered calls took, from the connection to the answer (``busy`` aside).
+        self.latencies = Latencies()
 
     @override
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -656,7 +662,22 @@ class _CountedENCProtocol(ENCProtocol):
         super().__init__(factory.classifier, factory.clock, factory.timeout, busy)
         self._owner = factory
         self._counted = True
+        self._began = factory.clock.seconds()
         factory.connections += 1
+
+    @override
+    def connectionMade(self) -> None:
+        if self._busy:
+            self._owner.answers["busy"] += 1
+        super().connectionMade()
+
+    @override
+    def _answer(self, data: bytes) -> None:
+        if not self._answered:
+            outcome = "ok" if data.startswith(b"OK ") else data.split(b" ", 2)[1].decode("ascii")
+            self._owner.answers[outcome] += 1
+            self._owner.latencies.observe(self._owner.clock.seconds() - self._began)
+        super()._answer(data)
 
     @override
     def _said_timeout(self) -> None:

@@ -153,20 +153,23 @@ class EnrollmentAPI:
     @app.route("/v1/enroll", methods=["POST"])
     def enroll(self, request: Request) -> bytes | Deferred[bytes]:
         if _too_large(request):
-            return write_json(
-                request, 413, error_body("too-large", f"the body is larger than {MAX_BODY} bytes")
-            )
+            return self._refuse(request, 413, "too-large", f"the body is larger than {MAX_BODY} bytes")
         if not _is_json(request):
-            return write_json(request, 415, error_body("not-json", "Content-Type must be application/json"))
+            return self._refuse(request, 415, "not-json", "Content-Type must be application/json")
         parsed = parse_enrollment(_body(request))
         if isinstance(parsed, tuple):
             code, message = parsed
-            return write_json(request, 400, error_body(code, message))
+            return self._refuse(request, 400, code, message)
         answer = self.enrollment.enroll(parsed, client_source(request)).addCallbacks(
             lambda issued: write_json(request, 200, issued.to_json()),
             lambda failure: failure_response(request, failure),
         )
         return _answer_later(answer)
+
+    def _refuse(self, request: Request, status: int, code: str, message: str) -> bytes:
+        """A request refused for its shape, before the enrollment: counted with its refusals."""
+        self.enrollment.refused[code] += 1
+        return write_json(request, status, error_body(code, message))
 
     @app.route("/v1/ca", methods=["GET"])
     def ca(self, request: Request) -> Deferred[bytes]:

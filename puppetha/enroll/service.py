@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -260,6 +261,10 @@ class Enrollment:
         self._uses = 0
         # Claims this daemon is working on (reactor thread only), with the key they are for.
         self._in_flight: dict[str, str] = {}
+        #: Enrollments answered with a certificate, by role, and refusals by code, since the
+        #: start (the metrics endpoint reads these; the API adds the refusals of its own).
+        self.enrolled: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
 
     # -- the enrollment
 
@@ -269,8 +274,9 @@ class Enrollment:
 
     async def _enroll(self, request: EnrollmentRequest, source: str | None) -> IssuedEnrollment:
         try:
-            return await self._admit_and_issue(request, source)
+            issued = await self._admit_and_issue(request, source)
         except EnrollmentRefused as refusal:
+            self.refused[refusal.code] += 1
             log.info(
                 "refused enrollment as {role} from {source}: {code}: {reason}",
                 role=request.role,
@@ -281,10 +287,14 @@ class Enrollment:
             raise
         except StoreUnavailable as e:
             log.warn("enrollment failed, store unavailable: {error}", error=str(e))
+            self.refused["store-unavailable"] += 1
             raise self._unavailable("store-unavailable", "the store cannot be reached") from e
         except CloudError as e:
             log.warn("enrollment failed, AWS unavailable: {error}", error=str(e))
+            self.refused["aws-unavailable"] += 1
             raise self._unavailable("aws-unavailable", "AWS cannot be asked about the instance") from e
+        self.enrolled[request.role] += 1
+        return issued
 
     def _unavailable(self, code: str, message: str) -> EnrollmentRefused:
         return EnrollmentRefused(503, code, f"{message}; try again later", retry_after=self.retry_after)
