@@ -315,6 +315,8 @@ class EnrollmentChannel(HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._refused:  # lines already read past the refused one
+            return
         if not self.persistent:
             # After a request that closes the connection, Twisted drops whatever follows.
             super().lineReceived(line)
@@ -331,6 +333,8 @@ class EnrollmentChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         # Raw data is a request's body, or (while a request is answered) the next requests,
         # which Twisted keeps and hands back as lines later.  Only a chunked body is framed.
+        if self._refused:
+            return
         if self._chunks is not None:
             try:
                 if self._chunks.feed(data) is not None:
