@@ -10,9 +10,12 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.web.http import HTTPChannel
 
 from puppetha.enroll.api import EnrollmentChannel
@@ -94,6 +97,24 @@ def test_requests_after_a_chunked_one_on_the_same_read_are_framed_as_heads(world
     message = b"a header line is not a name, a colon and a value"
     assert raw.endswith(b'{"error":"bad-framing","message":"%s"}\n' % message)
     assert client.transport.disconnecting
+
+
+@given(chunks=st.lists(st.binary(min_size=1, max_size=40), max_size=5),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+       after=st.binary(max_size=20))
+def test_a_chunked_body_ends_where_its_last_chunk_does_in_any_reads(
+    chunks: list[bytes], cuts: list[int], after: bytes
+) -> None:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    raw = body + after
+    edges = sorted({0, len(raw), *(cut % (len(raw) + 1) for cut in cuts)})
+    checked = ChunkedBody()
+    for start, end in itertools.pairwise(edges):
+        ended = checked.feed(raw[start:end])
+        if ended is not None:
+            assert start + ended == len(body)
+            return
+    raise AssertionError("the body's end was never found")
 
 
 def test_a_chunked_body_reports_where_it_ends() -> None:
