@@ -5,10 +5,12 @@ overlays on this machine's (writes stay in the test's directory; the machine has
 There the daemon runs from the unit's ``ExecStart`` as the unit's user
 (:mod:`puppetha.testing.systemd` plays systemd), an instance enrolls against it with the
 packaged ``puppetha-enroll`` (moto as AWS, the IMDS emulator), and apt removes, then purges it.
+The package is built once per session (:mod:`tests.deb_fixtures`).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import re
@@ -31,24 +33,8 @@ PYTHON = sys.executable
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 OVERLAID = ("etc", "opt", "usr", "var", "run")
-TOOLS = {"/usr/bin/unshare": "util-linux", "/usr/bin/nsenter": "util-linux", "/usr/bin/apt-get": "apt",
-         "/usr/sbin/runuser": "util-linux"}
 
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package, built from this checkout by ``scripts/build-deb`` (its build deps with apt)."""
-    if os.geteuid() != 0:
-        raise RuntimeError("the package test installs with apt into a mount namespace: run it as root")
-    for path, package in TOOLS.items():
-        if not os.path.exists(path):
-            raise RuntimeError(f"{path} is missing (apt-get install {package})")
-    out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run([str(ROOT / "scripts" / "build-deb"), str(out)], capture_output=True, text=True,
-                          timeout=1800, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (deb,) = out.glob("puppetha_*.deb")
-    return deb
+pytest_plugins = ["tests.deb_fixtures"]
 
 
 class CleanRoot:
@@ -254,3 +240,23 @@ def test_the_package_installs_runs_the_unit_enrolls_and_purges_cleanly(
     assert "puppetha.sqlite" in root.out("ls /var/lib/puppetha")
     # Nothing of it is left on the machine itself: every write went to the overlays.
     assert not shutil.which("puppetha-enroll", path="/usr/bin")
+
+
+def _setup_keyword(name: str) -> str:
+    call = next(node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup")
+    value = next(keyword.value for keyword in call.keywords if keyword.arg == name)
+    assert isinstance(value, ast.Constant)
+    return str(value.value)
+
+
+def test_the_package_is_maintained_by_the_projects_author() -> None:
+    maintainer = f"{_setup_keyword('author')} <{_setup_keyword('author_email')}>"
+    control = (ROOT / "debian" / "control").read_text()
+    assert re.search(r"^Maintainer: (.*)$", control, re.M)[1] == maintainer  # type: ignore[index]
+    # Every changelog entry is signed by it, and nothing names a placeholder on localhost.
+    changelog = (ROOT / "debian" / "changelog").read_text()
+    signatures = re.findall(r"^ -- (.*?)  ", changelog, re.M)
+    assert signatures
+    assert set(signatures) == {maintainer}
+    assert "localhost" not in control + changelog

@@ -8,7 +8,8 @@ puppetserver and puppet agent; moto as AWS; an IMDS emulator per host; systemd p
 from the text.  It ends with the agent's runs applying their catalogs through nginx; then, as
 the guide's operator would, it revokes the agent and sees every host follow: nginx refuses it,
 the master's CRL files follow the store, and the agent's own CRL copy is refreshed through the
-front.
+front.  Step 0's build is the session's (:mod:`tests.deb_fixtures`): the package
+``tests/test_deb.py`` installs too, made by the command the guide gives.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from puppetha.aws.cloud import InstanceInfo
 from puppetha.testing.aws import FakeAWSSigner
 from puppetha.testing.moto import TEST_CREDENTIALS, client
 from puppetha.testing.netns import Host, Rig, new_prefix, require_netns
+
+pytest.register_assert_rewrite("tests.deb_fixtures")
+
+from tests.deb_fixtures import BUILD_COMMAND  # noqa: E402 - after the rewrite hook
+
+pytest_plugins = ["tests.deb_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "deployment.md"
@@ -120,7 +127,7 @@ def test_the_guide_is_a_sequence_of_commands_for_named_hosts() -> None:
     assert {h for s in steps for h in s.hosts} == {BUILD, *HOSTS}
     # Installed before configured, configured before started, on every daemon host.
     order = [s.script for s in steps]
-    install = next(i for i, s in enumerate(order) if "systemctl enable puppetha" in s)
+    install = next(i for i, s in enumerate(order) if "apt-get install -y /srv/puppetha/puppetha_" in s)
     configure = next(i for i, s in enumerate(order) if "cat > /etc/puppetha/puppetha.conf" in s)
     start = next(i for i, s in enumerate(order) if "systemctl start puppetha" in s)
     assert install < configure < start
@@ -449,17 +456,23 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             mounts.close()
 
 
-def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: Fleet) -> None:
+def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: Fleet, package: Path) -> None:
     steps = guide_steps(GUIDE.read_text())
     outputs: list[tuple[Step, str, str]] = []
     for step in steps:
+        if step.hosts == (BUILD,):
+            # The build, once per session: the guide's command is the one the package was built by.
+            assert step.script == f"cd /path/to/puppetha\n{BUILD_COMMAND} /srv/puppetha\n", step.script
+            host_namespace(fleet, BUILD)
+            fleet.run(BUILD, f"install -D -m 0644 {package} /srv/puppetha/{package.name}")
+            continue
         for host in step.hosts:
             host_namespace(fleet, host)
             output = fleet.run(host, fleet.substitute(step.script, host))
             outputs.append((step, host, output))
             if "puppetha ca show" in step.script:
                 fleet.fingerprint = re.findall(r"fingerprint\s+(sha256:[0-9a-f]{64})", output)[0]
-            if "systemctl enable puppetha" in step.script:
+            if "apt-get install -y /srv/puppetha/puppetha_" in step.script:
                 # Installed, not configured: the unit does not start, whatever asks it to.
                 started = fleet.run(host, "systemctl start puppetha; systemctl is-active puppetha || true")
                 assert "inactive" in started
@@ -497,7 +510,7 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
     assert enc is not None, puppet_conf
     assert f"`external_nodes = {enc.group(1)}`" in " ".join(GUIDE.read_text().split()), enc.group(1)
     interpreter, isolated, bytecode = enc.group(1).split()[:3]
-    assert (interpreter, isolated) == ("/opt/puppetha/bin/python3", "-IS"), enc.group(1)
+    assert (interpreter, isolated) == ("/opt/puppetha/bin/python", "-IS"), enc.group(1)
     fleet.run("master1", f"setpriv --reuid puppet --regid puppet --init-groups test -r {bytecode}")
 
     revocation_is_followed_everywhere(fleet, certname)
@@ -505,7 +518,7 @@ def test_the_guide_followed_literally_ends_with_agents_applying_catalogs(fleet: 
 
 #: On enroll1: every CA's CRL re-signed now, as the daemons do once one nears its end
 #: (``[pki] crl_refresh_margin``, years away in the walk).
-RESIGN_CRLS = """/opt/puppetha/bin/python3 -c '
+RESIGN_CRLS = """/opt/puppetha/bin/python -c '
 import sys, time
 from datetime import timedelta
 from puppetha.context import Context

@@ -71,6 +71,37 @@ def test_open_file_is_made_private(path: str) -> None:
     store.close()
 
 
+# Tries to take the database out of WAL mode, which needs every other connection gone.
+SWITCH_OUT_OF_WAL = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], timeout=0.2, isolation_level=None)
+try:
+    print(connection.execute("PRAGMA journal_mode = DELETE").fetchone()[0])
+except sqlite3.OperationalError as e:
+    print(e)
+connection.close()
+"""
+
+
+def test_a_second_store_of_the_file_keeps_the_first_ones_locks(path: str) -> None:
+    first = SQLiteStore(path)
+    first.create("node", "n1", {"v": 1})
+    second = SQLiteStore(path)  # the same file, in the same process
+    second.create("node", "n2", {"v": 2})
+    other = subprocess.run([sys.executable, "-c", SWITCH_OUT_OF_WAL, path],
+                           capture_output=True, text=True, check=True)
+    # Another process still sees the file in use: it may neither switch it out of WAL mode nor,
+    # closing as if it were the last connection, remove the WAL from under the open stores.
+    assert other.stdout.strip() == "database is locked"
+    assert os.path.exists(path + "-wal")
+    assert os.path.exists(path + "-shm")
+    assert first.replace("node", "n2", {"v": 3}, 1).version == 2
+    assert second.get("node", "n2") == Item("node", "n2", {"v": 3}, 2)
+    assert first.journal_mode() == second.journal_mode() == "wal"
+    first.close()
+    second.close()
+
+
 def test_wal_mode(path: str, store: SQLiteStore) -> None:
     assert store.journal_mode() == "wal"
     with sqlite3.connect(path) as other:

@@ -34,6 +34,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from puppetha.aws.cloud import CloudError
+from puppetha.enroll.framing import MAX_HEADERS, MAX_REQUEST_LINE, BadFraming, ChunkedBody, RequestHead
 from puppetha.enroll.readiness import Readiness
 from puppetha.enroll.service import Enrollment, EnrollmentRefused, EnrollmentRequest
 from puppetha.store import StoreUnavailable
@@ -269,12 +270,6 @@ IDLE_TIMEOUT = 30
 #: a client sending a byte every few seconds would hold its connection for ever.
 REQUEST_DEADLINE = 10
 
-#: Longest request line, and the most bytes of request line and headers together.
-MAX_REQUEST_LINE = 8 * 1024
-MAX_HEADERS = 16 * 1024
-#: Most header lines (Twisted refuses past 500 with a bare 400).
-MAX_HEADER_LINES = 100
-
 _STATUS_TEXT = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -282,8 +277,12 @@ class EnrollmentChannel(HTTPChannel):
     """
     Twisted's HTTP channel, strict about framing: a request must arrive whole within
     :data:`REQUEST_DEADLINE`; an over-long request line, too many header bytes or lines, lines
-    ended by a bare LF, and anything Twisted finds malformed are answered with a JSON error
-    (400, 408 or 431) and the connection is closed, never held open unanswered.
+    ended by a bare LF, and any malformed request line, header or chunk are answered with a JSON
+    error (400, 408 or 431) and the connection is closed, never held open unanswered.
+
+    Each line of a head and each byte of a chunked body is checked (:mod:`.framing`) before
+    Twisted's parser sees it, so Twisted never has to refuse anything itself: its refusal is a
+    bare plain-text 400 with no public way to change it.
     """
 
     MAX_LENGTH = MAX_REQUEST_LINE
@@ -292,11 +291,11 @@ class EnrollmentChannel(HTTPChannel):
 
     _deadline: IDelayedCall | None = None
     _refused = False
-    _lines = 0  # lines of the request being read
-    _head_size = 0  # their bytes, as Twisted counts them against totalHeadersSize
-    _head = b""  # the bytes of the head being read, until its blank line
+    _head_bytes = b""  # the bytes of the head being read, until its blank line
+    _chunks: ChunkedBody | None = None  # the chunked body being read
 
     def connectionMade(self) -> None:
+        self._request_head = RequestHead()
         super().connectionMade()
         self._arm()
 
@@ -309,46 +308,64 @@ class EnrollmentChannel(HTTPChannel):
             # Only the head of a request is lines; a body may hold any bytes.  The head is kept
             # here (at most the header limit, past which the request is refused anyway) so a
             # line split across reads is judged whole.
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
-            head = self._head if end < 0 else self._head[: end + 4]
+            self._head_bytes += data
+            end = self._head_bytes.find(b"\r\n\r\n")
+            head = self._head_bytes if end < 0 else self._head_bytes[: end + 4]
             if _BARE_LF.search(head):
-                self._refuse(400, "bad-framing", "lines must end with CRLF")
+                self._refuse(BadFraming(400, "bad-framing", "lines must end with CRLF"))
                 return
-            self._head = b"" if end >= 0 else self._head[-(MAX_HEADERS + 4):]
+            self._head_bytes = b"" if end >= 0 else self._head_bytes[-(MAX_HEADERS + 4):]
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._head_size + len(line) > self.totalHeadersSize:
-            self._refuse(431, "headers-too-large", f"the request line and headers pass {MAX_HEADERS} bytes")
+        if self._refused:  # lines already read past the refused one
             return
-        if self._lines > MAX_HEADER_LINES:
-            self._refuse(431, "headers-too-large", f"more than {MAX_HEADER_LINES} header lines")
+        if not self.persistent:
+            # After a request that closes the connection, Twisted drops whatever follows.
+            super().lineReceived(line)
             return
-        self._lines += 1
-        self._head_size += len(line)
+        try:
+            self._request_head.line(line)
+        except BadFraming as refusal:
+            self._refuse(refusal)
+            return
+        if self._request_head.done and self._request_head.chunked:
+            self._chunks = ChunkedBody()
         super().lineReceived(line)
 
+    def rawDataReceived(self, data: bytes) -> None:
+        # Raw data is a request's body, or (while a request is answered) the next requests,
+        # which Twisted keeps and hands back as lines later.  Only a chunked body is framed.
+        if self._refused:
+            return
+        if self._chunks is not None:
+            try:
+                if self._chunks.feed(data) is not None:
+                    self._chunks = None
+            except BadFraming as refusal:
+                self._refuse(refusal)
+                return
+        super().rawDataReceived(data)
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._lines == 0:
-            self._refuse(400, "request-line-too-long", f"the request line passes {MAX_REQUEST_LINE} bytes")
+        if not self._request_head.started:
+            self._refuse(BadFraming(400, "request-line-too-long",
+                                    f"the request line passes {MAX_REQUEST_LINE} bytes"))
         else:
-            self._refuse(431, "headers-too-large", f"a header line passes {MAX_REQUEST_LINE} bytes")
+            self._refuse(BadFraming(431, "headers-too-large",
+                                    f"a header line passes {MAX_REQUEST_LINE} bytes"))
 
     def allContentReceived(self) -> None:
         # The request is whole: its answer may take longer (AWS, the store), which is not the
         # client's doing.  The next request on this connection gets a deadline of its own.
         self._disarm()
-        self._lines = self._head_size = 0
+        self._request_head = RequestHead()
+        self._chunks = None
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's answer to what it cannot parse is a bare 400 in plain text.
-        self._refuse(400, "bad-framing", "the request is not well-formed HTTP/1.1")
 
     def _arm(self) -> None:
         self._deadline = self.callLater(self.request_deadline, self._too_slow)
@@ -360,19 +377,21 @@ class EnrollmentChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        self._refuse(408, "too-slow", f"the request did not arrive whole within {self.request_deadline:g}s")
+        self._refuse(BadFraming(408, "too-slow",
+                                f"the request did not arrive whole within {self.request_deadline:g}s"))
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, refusal: BadFraming) -> None:
         if self._refused:
             return
         self._refused = True
         self._disarm()
-        body = json.dumps(error_body(code, message), separators=(",", ":")).encode("utf-8") + b"\n"
+        answer = error_body(refusal.code, refusal.message)
+        body = json.dumps(answer, separators=(",", ":")).encode("utf-8") + b"\n"
         if self.transport is not None:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                % (status, _STATUS_TEXT[status], len(body), body)
+                % (refusal.status, _STATUS_TEXT[refusal.status], len(body), body)
             )
         self.loseConnection()
 

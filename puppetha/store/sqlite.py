@@ -113,23 +113,39 @@ class _Connection(sqlite3.Connection):
 
 
 def _ensure_private_file(path: str) -> None:
-    """Create the database file owner-only, or take group and other access off an existing one."""
+    """
+    Create the database file owner-only, or take group and other access off an existing one.
+
+    An existing file is changed by its path, never opened: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, those of SQLite's connections included
+    (another store of the same file, in this process), and SQLite's locks are what keep
+    another process from, say, taking a live database out of WAL mode.
+    """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
     except OSError as e:
         raise StoreUnavailable(f"cannot open store {path}: {e.strerror}") from None
+    else:
+        # A file this call made: nobody holds a lock on it yet.
+        os.close(fd)
+        return
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        found = os.stat(path)
+        if not stat.S_ISREG(found.st_mode):
+            raise StoreUnavailable(f"cannot open store {path}: not a regular file")
+        mode = stat.S_IMODE(found.st_mode)
         if mode & 0o077:
             # It holds sealed CA keys and node records: nobody but the owner reads it.
-            os.fchmod(fd, mode & 0o700)
+            os.chmod(path, mode & 0o700)
             log.warn(
                 "store file {path} was mode {mode:o}; made it owner-only",
                 path=path,
                 mode=mode,
             )
-    finally:
-        os.close(fd)
+    except OSError as e:
+        raise StoreUnavailable(f"cannot open store {path}: {e.strerror}") from None
 
 
 @implementer(IStore)
