@@ -9,8 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     # The same in debian/control's Maintainer and debian/changelog (tests/test_deb.py checks).
-    author="Seed 33fbc291 maintainers",
-    author_email="maintainers@users.noreply.r-seed-33fbc291.example",
+    author="The puppetha maintainers",
+    author_email="maintainers@puppetha.invalid",
     license="Apache-2.0",
     python_requires=">=3.11",
     # twisted.plugins is listed so that `twistd puppetha` finds our ServiceMaker.
