@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.service import _healthy_master_cas
 from puppetha.ha.autoscale import ScaleActionRecord, ScalingService, fleet_masters
-from puppetha.ha.drain import SHUTTING_DOWN_TITLE, Drainer, NothingToDrain, ShuttingDownWorkers
+from puppetha.ha.drain import SHUTTING_DOWN_TITLE, Drainer, DrainRefused, ShuttingDownWorkers
 from puppetha.ha.primary import NotPrimary
 from puppetha.ha.scaling import (
     DRAIN,
@@ -65,6 +66,12 @@ def enrolled_master(records: Records, fleet: Fleet, certname: str) -> str:
     records.create(MasterRecord(certname=certname, address=info.private_ip, port=8140, ca=certname,
                                 registered_at=0.0))
     return info.instance_id
+
+
+def beside_another(records: Records, fleet: Fleet, certname: str) -> str:
+    """``certname`` enrolled with another master in service (so that it may be drained)."""
+    enrolled_master(records, fleet, "other")
+    return enrolled_master(records, fleet, certname)
 
 
 def drainer(moto: MotoServer, records: Records, guard: Guard, clock: Clock, *,
@@ -134,7 +141,7 @@ def test_a_draining_master_gets_no_new_agents(moto: MotoServer, fleet: Fleet, re
 def test_a_drain_terminates_once_nothing_is_in_flight_or_after_drain_timeout(
     moto: MotoServer, fleet: Fleet, records: Records, in_flight: list[int] | None, terminated_at: float,
 ) -> None:
-    instance = enrolled_master(records, fleet, "m1")
+    instance = beside_another(records, fleet, "m1")
     clock = started_clock()
     answers = list(in_flight or [])
     asked: list[str] = []
@@ -173,12 +180,31 @@ def test_a_drain_terminates_once_nothing_is_in_flight_or_after_drain_timeout(
 
 def test_an_unknown_master_is_not_drained(moto: MotoServer, fleet: Fleet, records: Records) -> None:
     outcome = result(drainer(moto, records, Guard(), started_clock()).act(DRAIN_M1, 7))
-    assert outcome.check(NothingToDrain)
+    assert outcome.check(DrainRefused)
     assert records.list(ScaleActionRecord) == []
 
 
+def test_the_last_master_in_service_is_not_drained(moto: MotoServer, fleet: Fleet, records: Records) -> None:
+    instance = enrolled_master(records, fleet, "m1")
+    enrolled_master(records, fleet, "m2")
+    enrolled_master(records, fleet, "m3")
+    down = records.get(MasterRecord, "m2")
+    draining = records.get(MasterRecord, "m3")
+    assert down is not None
+    assert draining is not None
+    records.replace(evolve(down.record, healthy=False), down.version)
+    records.replace(evolve(draining.record, draining_since=900.0, drain_token=7), draining.version)
+    # Whatever decided it (a policy bug, a bound): m2 is down and m3 draining, m1 stays.
+    outcome = result(drainer(moto, records, Guard(), started_clock()).act(DRAIN_M1, 7))
+    assert outcome.check(DrainRefused)
+    assert "last one in service" in str(outcome.value)
+    assert records.list(ScaleActionRecord) == []
+    assert not master(records, "m1").draining
+    assert state(fleet, instance) == "running"
+
+
 def test_a_drain_decided_twice_is_one_drain(moto: MotoServer, fleet: Fleet, records: Records) -> None:
-    enrolled_master(records, fleet, "m1")
+    beside_another(records, fleet, "m1")
     drain = drainer(moto, records, Guard(), started_clock())
     first = result(drain.act(DRAIN_M1, 7))
     again = result(drain.act(DRAIN_M1, 7))
@@ -192,7 +218,7 @@ def test_a_drain_decided_twice_is_one_drain(moto: MotoServer, fleet: Fleet, reco
 def test_a_refused_guard_records_marks_and_terminates_nothing(
     moto: MotoServer, fleet: Fleet, records: Records
 ) -> None:
-    instance = enrolled_master(records, fleet, "m1")
+    instance = beside_another(records, fleet, "m1")
     for guard, token in [(Guard(passes=0), 7), (Guard(token=8), 7)]:
         outcome = result(drainer(moto, records, guard, started_clock()).act(DRAIN_M1, token))
         assert outcome.check(NotPrimary)
@@ -205,7 +231,7 @@ def test_a_refused_guard_records_marks_and_terminates_nothing(
 def test_a_lease_lost_after_the_record_is_resumed_by_the_next_primary(
     moto: MotoServer, fleet: Fleet, records: Records
 ) -> None:
-    instance = enrolled_master(records, fleet, "m1")
+    instance = beside_another(records, fleet, "m1")
     clock = started_clock()
     # The guard passes once (before the record), then the lease is gone: nothing marked.
     outcome = result(drainer(moto, records, Guard(passes=1), clock).act(DRAIN_M1, 7))
@@ -228,7 +254,7 @@ def test_a_lease_lost_after_the_record_is_resumed_by_the_next_primary(
 def test_a_deposed_primary_cannot_terminate_a_drained_master(
     moto: MotoServer, fleet: Fleet, records: Records
 ) -> None:
-    instance = enrolled_master(records, fleet, "m1")
+    instance = beside_another(records, fleet, "m1")
     clock = started_clock()
     result(drainer(moto, records, Guard(), clock).act(DRAIN_M1, 7))
     clock.advance(200.0)
@@ -245,7 +271,7 @@ def test_a_deposed_primary_cannot_terminate_a_drained_master(
 def test_a_crash_after_termination_is_finished_by_the_next_round(
     moto: MotoServer, fleet: Fleet, records: Records
 ) -> None:
-    instance = enrolled_master(records, fleet, "m1")
+    instance = beside_another(records, fleet, "m1")
     clock = started_clock()
     result(drainer(moto, records, Guard(), clock).act(DRAIN_M1, 7))
     clock.advance(10.0)

@@ -39,8 +39,11 @@ from puppetha.store.records import MasterRecord, NodeRecord, Records
 log = Logger()
 
 
-class NothingToDrain(Exception):
-    """The decision names no registered master (it left since the masters were read)."""
+class DrainRefused(Exception):
+    """
+    Nothing drained: the decision names no registered master (it left since the masters were
+    read), or the master is the last one in service (healthy, not draining).
+    """
 
 
 #: nginx's title for a worker that finishes its requests after a reload, then exits.
@@ -119,7 +122,8 @@ class Drainer:
         Fires with the drain's :class:`ScaleActionRecord` once its master is marked draining, or
         None for any other decision.  Raises :class:`puppetha.ha.primary.NotPrimary` when the
         guard refuses (before the record: nothing recorded, nothing marked), and
-        :class:`NothingToDrain` when the master is not registered.
+        :class:`DrainRefused` (nothing recorded) when the master is not registered or is the
+        last one in service.
         """
         if decision.action != DRAIN or decision.master is None:
             return None
@@ -132,10 +136,15 @@ class Drainer:
         certname = decision.master or ""
         master = self.records.get(MasterRecord, certname)
         if master is None:
-            raise NothingToDrain(f"master {certname} is not registered")
+            raise DrainRefused(f"master {certname} is not registered")
         for v in self.records.list(ScaleActionRecord):
             if v.record.action == DRAIN and v.record.master == certname and v.record.finished_at is None:
                 return v.record
+        others = [v.record for v in self.records.list(MasterRecord)
+                  if v.record.certname != certname and v.record.healthy and not v.record.draining]
+        if not others:
+            # Whatever the decision said: its agents would have no master to go to.
+            raise DrainRefused(f"master {certname} is the last one in service")
         node = self.records.get(NodeRecord, certname)
         instance = node.record.instance_id if node is not None else certname
         region = node.record.region if node is not None else self.region
