@@ -288,6 +288,23 @@ def test_a_crash_after_termination_is_finished_by_the_next_round(
     assert again.unfinished() == []
 
 
+def test_a_master_retired_by_the_life_cycle_mid_drain_finishes_the_drain(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    instance = beside_another(records, fleet, "m1")
+    clock = started_clock()
+    drain = drainer(moto, records, Guard(), clock, in_flight=lambda certname: 3)
+    result(drain.act(DRAIN_M1, 7))
+    # Its instance died and the sweep deregistered it before its requests were said to end.
+    fleet.terminate(instance)
+    records.store.delete(MasterRecord.KIND, "m1")
+    clock.advance(10.0)
+    (done,) = result(drain.advance(7))
+    assert done.finished_at == 1010.0
+    assert drain.unfinished() == []
+    assert master(records, "other").healthy
+
+
 # --- the service acts on drain decisions
 
 
