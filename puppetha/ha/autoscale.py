@@ -12,7 +12,7 @@ is :mod:`puppetha.ha.drain`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -42,10 +42,15 @@ from puppetha.ha.scaling import (
 from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store.records import MasterRecord, Record, Records
 
-if TYPE_CHECKING:
-    from puppetha.ha.drain import Drainer
-
 log = Logger()
+
+
+class Drains(Protocol):
+    """What the service asks of :class:`puppetha.ha.drain.Drainer` (which imports this module)."""
+
+    def act(self, decision: ScaleDecision, token: int) -> Deferred[Any]: ...
+
+    def advance(self, token: int) -> Deferred[Any]: ...
 
 #: The tag EC2 puts on a launched master: the lease token of the launch.
 LAUNCHED_BY_TAG = "puppetha:launched-by-token"
@@ -219,7 +224,7 @@ class ScalingService(RepeatingService):
         sample: Callable[[float], Deferred[Sample]],
         masters: Callable[[float], Deferred[list[Master]]],
         launcher: Launcher,
-        drainer: Drainer | None = None,
+        drainer: Drains | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
