@@ -180,9 +180,8 @@ class Drainer:
             now = self.clock.seconds()
             marked = evolve(found.record, draining_since=now, drain_token=token)
             yield self.blocking.call(self.records.replace, marked, found.version)
-            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents, "
-                     "out of the upstream once its requests end", certname=certname, reason=record.reason,
-                     token=token)
+            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents or "
+                     "requests; those in flight finish", certname=certname, reason=record.reason, token=token)
             yield self._poke()
             # Drained at a later round only: the front's reload must have begun first.
             return record
