@@ -473,7 +473,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("scale", "launch_timeout", duration, "15m",
            "A launched master not enrolled after this long no longer counts as coming."),
     Option("scale", "drain_timeout", duration, "2m",
-           "A draining master leaves the upstream when its last request ends, or after this long."),
+           "A draining master gets no new agents or requests; the requests nginx had sent it may "
+           "finish for this long, then it is terminated (sooner once none is in flight)."),
     Option("scale", "stale", duration, "30s", "Without a load sample younger than this, nothing is decided."),
     Option("lifecycle", "interval", duration, "60s",
            "How often the primary lb node checks the enrolled instances against DescribeInstances "

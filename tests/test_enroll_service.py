@@ -195,6 +195,32 @@ def test_a_master_enrolling_again_keeps_its_place_and_port(world: World) -> None
     assert after.record.registered_at == before.record.registered_at
 
 
+def test_a_draining_master_gets_no_agents_and_enrolling_again_does_not_end_its_drain(world: World) -> None:
+    draining, _ = enroll_master(world)
+    other, _ = enroll_master(world)
+    found = world.records.get(MasterRecord, draining.instance_id)
+    assert found is not None
+    marked_at = world.clock.seconds()
+    world.records.replace(evolve(found.record, draining_since=marked_at, drain_token=7), found.version)
+    # The draining master enrolls again (a reset identity, or its own host asking anew): its
+    # registration keeps the drain, so it cannot win agents back by enrolling.
+    world.clock.advance(600)
+    reset_enrollment(world.records, draining.instance_id)
+    assert world.enroll(draining, "master").status == 200
+    after = world.records.get(MasterRecord, draining.instance_id)
+    assert after is not None
+    assert (after.record.draining_since, after.record.drain_token) == (marked_at, 7)
+    issuers = set()
+    for _ in range(3):
+        agent = world.launch("agent")
+        answer = world.enroll(agent)
+        assert answer.status == 200, answer.body
+        node = world.records.get(NodeRecord, agent.instance_id)
+        assert node is not None
+        issuers.add(node.record.issuer)
+    assert issuers == {other.instance_id}
+
+
 def test_masters_beyond_the_reserved_ports_send_agents_to_the_front(
     enroll_aws, aws_signer, tmp_path: Path
 ) -> None:

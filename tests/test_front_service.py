@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from attrs import evolve
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
@@ -23,9 +24,10 @@ from puppetha.ha.front import (
     NginxRefused,
     NginxReloadFailed,
 )
-from puppetha.ha.nginx import FrontSettings
+from puppetha.ha.nginx import MASTERS_UPSTREAM, FrontSettings
 from puppetha.store.records import MasterRecord, NodeRecord, Records
 from puppetha.testing.nginx import FrontPKI
+from tests.test_front_render import upstream_servers
 
 
 class RecordingControl(NginxControl):
@@ -222,4 +224,27 @@ def test_a_revoked_master_leaves_the_front_within_one_round(tmp_path: Path, pki:
     assert revoke_identity(pki.records, pki.authority, "m1", "keyCompromise", clock.seconds) is not None
     clock.advance(10)
     assert "10.0.0.1:8140" not in nginx_conf.read_text()
+    service.stopService()
+
+
+def test_a_draining_master_leaves_the_upstream_at_the_next_round_and_its_ca_stays(
+    tmp_path: Path, pki: FrontPKI
+) -> None:
+    pki.add_ca("m2")
+    records = Records(pki.store)
+    records.create(MasterRecord(certname="m1", address="10.0.0.1", port=8140, ca="m1", registered_at=1))
+    records.create(MasterRecord(certname="m2", address="10.0.0.2", port=8140, ca="m2", registered_at=2))
+    service, _, clock = make_service(tmp_path, pki, Synchronous())
+    service.startService()
+    live = tmp_path / "front" / "live"
+    assert upstream_servers((live / "nginx.conf").read_text(), MASTERS_UPSTREAM) == ["10.0.0.1:8140",
+                                                                                     "10.0.0.2:8140"]
+    ca_before = (live / "ca.pem").read_bytes()
+    found = records.get(MasterRecord, "m1")
+    assert found is not None
+    records.replace(evolve(found.record, draining_since=clock.seconds(), drain_token=7), found.version)
+    clock.advance(10)
+    assert upstream_servers((live / "nginx.conf").read_text(), MASTERS_UPSTREAM) == ["10.0.0.2:8140"]
+    # Its agents' certificates still verify, through the other master.
+    assert (live / "ca.pem").read_bytes() == ca_before
     service.stopService()

@@ -106,6 +106,8 @@ def steady(busy: float, names: list[str], start: float, end: float, step: float 
         ("quiet, but the rest would pass the target", evolve(ON, in_busy=0.5, target_busy=0.6, out_busy=0.9),
          serving("m1", "m2"), steady(0.5, ["m1", "m2"], 0, 600), 600, None, (HOLD, 0)),
         ("quiet at min_masters", ON, serving("m1"), steady(0.0, ["m1"], 0, 600), 600, None, (HOLD, 0)),
+        ("quiet, min_masters 0: the last serving master is never drained", evolve(ON, min_masters=0),
+         serving("m1"), steady(0.0, ["m1"], 0, 600), 600, None, (HOLD, 0)),
         ("over max_masters: drain", evolve(ON, max_masters=1), serving("m1", "m2"), [], 10, None,
          (DRAIN, "m1")),
         ("one drain at a time", ON, [*serving("m1", "m2", "m3"), Master("m4", DRAINING, 0)],

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -662,6 +662,10 @@ class Enrollment:
                 registered_at=known.record.registered_at if known is not None else now,
                 healthy=True,
             )
+            if known is not None:
+                # Enrolling again does not end a drain the primary began.
+                master = evolve(master, draining_since=known.record.draining_since,
+                                drain_token=known.record.drain_token, drained_at=known.record.drained_at)
             writes.append(_upsert(records, master, same_owner=lambda old: True))
         return writes
 
@@ -747,7 +751,8 @@ def _already_enrolled(admit: Admit) -> EnrollmentRefused:
 
 
 def _healthy_master_cas(records: Records) -> list[str]:
-    masters = [m.record for m in records.list(MasterRecord) if m.record.healthy]
+    # A draining master gets no new agents: they would lose it within drain_timeout.
+    masters = [m.record for m in records.list(MasterRecord) if m.record.healthy and not m.record.draining]
     cas = {c.record.name for c in records.list(CARecord)}
     return sorted({
         m.ca for m in masters

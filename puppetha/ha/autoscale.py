@@ -5,13 +5,14 @@ template, each launch recorded in the store under the lease token that made it.
 
 A launch is recorded before it is made: the record's name (token and sequence) gives the
 RunInstances client token, so a launch retried after a lost answer or a crash, under the same
-token, gets the same instances from EC2 instead of new ones.  Draining is not built yet.
+token, gets the same instances from EC2 instead of new ones.  Draining, recorded the same way,
+is :mod:`puppetha.ha.drain`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from attrs import evolve, field, frozen
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -24,6 +25,9 @@ from puppetha.ha.front import RunsBlocking
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
 from puppetha.ha.scaling import (
+    DRAIN,
+    DRAINED,
+    DRAINING,
     HOLD,
     LAUNCH,
     SERVING,
@@ -39,6 +43,14 @@ from puppetha.repeat import Repeating, RepeatingService
 from puppetha.store.records import MasterRecord, Record, Records
 
 log = Logger()
+
+
+class Drains(Protocol):
+    """What the service asks of :class:`puppetha.ha.drain.Drainer` (which imports this module)."""
+
+    def act(self, decision: ScaleDecision, token: int) -> Deferred[Any]: ...
+
+    def advance(self, token: int) -> Deferred[Any]: ...
 
 #: The tag EC2 puts on a launched master: the lease token of the launch.
 LAUNCHED_BY_TAG = "puppetha:launched-by-token"
@@ -60,8 +72,13 @@ class ScaleActionRecord(Record):
     decided_at: float
     reason: str
     count: int = 0
-    #: The instances launched; empty until RunInstances answered.
+    #: The instances launched (empty until RunInstances answered), or the one drained.
     instances: tuple[str, ...] = field(default=(), converter=_names)
+    #: A drain's master (certname) and its instance's region.
+    master: str = ""
+    region: str = ""
+    #: When a drain was done: the instance terminated and the master deregistered.
+    finished_at: float | None = None
 
     def key(self) -> str:
         return self.name
@@ -80,6 +97,16 @@ def action_name(token: int, sequence: int) -> str:
     return f"{token:012d}-{sequence:06d}"
 
 
+def next_action_name(records: Records, token: int) -> str:
+    """
+    Blocking: the name of the next action under ``token``, after those in the store (a launch
+    and a drain share the sequence, and a restarted daemon holding the same token goes on).
+    """
+    prefix = f"{token:012d}-"
+    used = [int(v.record.name[len(prefix):]) for v in records.list(ScaleActionRecord, prefix)]
+    return action_name(token, max(used, default=0) + 1)
+
+
 def fleet_masters(
     registered: Iterable[MasterRecord],
     enrolled_instances: Iterable[str],
@@ -90,10 +117,17 @@ def fleet_masters(
     """
     The masters as the policy sees them: a registered, healthy master warms for ``warmup`` after
     its registration and then serves; an instance launched as a master that has not enrolled is
-    starting.  Unhealthy masters are out of the upstream: they count for nothing.
+    starting; a master the primary drains is draining, then drained (healthy or not: it is on
+    its way out either way).  Unhealthy masters are out of the upstream: they count for nothing.
     """
     masters = []
     for record in registered:
+        if record.drained_at is not None:
+            masters.append(Master(record.certname, DRAINED, record.drained_at))
+            continue
+        if record.draining_since is not None:
+            masters.append(Master(record.certname, DRAINING, record.draining_since))
+            continue
         if not record.healthy:
             continue
         ready = record.registered_at + warmup
@@ -131,7 +165,6 @@ class Launcher:
         self.aws = aws
         self.region = region
         self.launch_template = launch_template
-        self._sequence = 0
 
     @inlineCallbacks
     def act(self, decision: ScaleDecision, token: int) -> Any:
@@ -143,9 +176,9 @@ class Launcher:
         if decision.action != LAUNCH:
             return None
         self.guard(token)
-        self._sequence += 1
-        record = ScaleActionRecord(action_name(token, self._sequence), LAUNCH, token,
-                                   self.clock.seconds(), decision.reason, decision.count)
+        name = yield self.blocking.call(next_action_name, self.records, token)
+        record = ScaleActionRecord(name, LAUNCH, token, self.clock.seconds(), decision.reason,
+                                   decision.count)
         yield self.blocking.call(self.records.create, record)
         done = yield self.launch(record)
         return done
@@ -173,8 +206,10 @@ class Launcher:
 
 class ScalingService(RepeatingService):
     """
-    Every ``interval``, on the primary only: sample the masters' load, tell which masters there
-    are, decide (:func:`puppetha.ha.scaling.decide`) and launch.  ``sample(now)`` and
+    Every ``interval``, on the primary only: carry on the drains in progress (``drainer``), sample
+    the masters' load, tell which masters there are, decide (:func:`puppetha.ha.scaling.decide`),
+    and launch or begin a drain (without a ``drainer``, drain decisions are only logged).
+    ``sample(now)`` and
     ``masters(now)`` fire with the :class:`Sample` and the list of :class:`Master`.  A node
     that is not primary keeps no history: the one that becomes primary starts its windows anew.
     """
@@ -189,6 +224,7 @@ class ScalingService(RepeatingService):
         sample: Callable[[float], Deferred[Sample]],
         masters: Callable[[float], Deferred[list[Master]]],
         launcher: Launcher,
+        drainer: Drains | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -197,6 +233,7 @@ class ScalingService(RepeatingService):
         self.sample = sample
         self.masters = masters
         self.launcher = launcher
+        self.drainer = drainer
         self.history: list[Sample] = []
         self.last_action: float | None = None
         #: The last decisions with their reasons, newest last (for `puppetha status`, later).
@@ -220,6 +257,8 @@ class ScalingService(RepeatingService):
         except NotPrimary:
             self.history.clear()
             return None
+        if self.drainer is not None:
+            yield self.drainer.advance(token)
         now = self.clock.seconds()
         sample = yield self.sample(now)
         self.history = [s for s in self.history
@@ -231,6 +270,9 @@ class ScalingService(RepeatingService):
         if decision.action == LAUNCH:
             self.last_action = now
             yield self.launcher.act(decision, token)
+        elif decision.action == DRAIN and self.drainer is not None:
+            self.last_action = now
+            yield self.drainer.act(decision, token)
         elif decision.action != HOLD:
             log.info("scaling: {action} {master} is not built yet ({reason})", action=decision.action,
                      master=decision.master, reason=decision.reason)

@@ -381,7 +381,9 @@ def decide_front(
             certname=m.certname,
             address=m.address,
             port=m.port,
-            healthy=m.healthy and m.ca in trust.trusted,
+            # A draining master leaves the upstream at once: new requests go to the others, and
+            # nginx's reload lets the old workers finish the requests they had sent it.
+            healthy=m.healthy and m.ca in trust.trusted and not m.draining,
             registered_at=m.registered_at,
         )
         for m in inputs.masters

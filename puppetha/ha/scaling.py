@@ -272,6 +272,10 @@ def decide(
     if held(history, since, now, settings.in_window, quiet):
         if len(serving) <= settings.min_masters:
             return _hold(f"quiet, but at min_masters {settings.min_masters}")
+        if len(serving) == 1:
+            # min_masters 0 lets the fleet shrink to none only by an operator's hand: a drain
+            # of the last serving master would leave every agent without one.
+            return _hold("quiet, but the last serving master")
         # Only when the rest would stay under the target: otherwise the next window launches again.
         after = busy_now * len(serving) / (len(serving) - 1)
         if after > settings.target_busy:

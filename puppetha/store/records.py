@@ -240,9 +240,20 @@ class MasterRecord(Record):
     ca: str
     registered_at: float
     healthy: bool = True
+    #: When the primary began to drain it (None: not draining): it gets no new agents and is
+    #: out of the upstream; the requests nginx had sent it finish (docs/scaling.md).
+    draining_since: float | None = None
+    #: The lease token of the drain.
+    drain_token: int | None = None
+    #: When its requests had ended, or ``drain_timeout`` passed: it is to be terminated.
+    drained_at: float | None = None
 
     def key(self) -> str:
         return self.certname
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
 
 
 @frozen
