@@ -16,6 +16,7 @@ kind           key                             record
 ``lease``      lease name                      :class:`LeaseRecord`
 ``lbnode``     node id (instance id)           :class:`LbNodeRecord`
 ``secret``     secret name (``heartbeat``)     :class:`SealedSecret`
+``loadreport`` node id (instance id)           :class:`LoadReportRecord`
 =============  ==============================  =============================================
 """
 
@@ -354,3 +355,23 @@ class SealedSecret(Record):
 
     def key(self) -> str:
         return self.name
+
+
+@frozen
+class LoadReportRecord(Record):
+    """
+    An lb node's latest view of the masters' load, replaced every sampling interval (``[scale]
+    interval``) by its own daemon: the primary merges the fresh ones.  ``loads`` is certname ->
+    the fields of :class:`puppetha.ha.scaling.MasterLoad`; readers validate it
+    (:func:`puppetha.ha.monitor.report_loads`): another node wrote it.
+    """
+
+    KIND: ClassVar[str] = "loadreport"
+    node: str
+    #: The node's wall clock when it took the sample, and the interval the sample covers.
+    at: float
+    interval: float
+    loads: dict[str, dict[str, Any]] = field(factory=dict)
+
+    def key(self) -> str:
+        return self.node
