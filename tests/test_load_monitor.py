@@ -25,6 +25,7 @@ from puppetha.ha.health import ProbeCredentials, StatusProbe, read_credentials
 from puppetha.ha.jruby import JRubyStatus
 from puppetha.ha.load import Attempt, LoadCounter, LoadLogProtocol
 from puppetha.ha.monitor import (
+    NO_REPORT,
     LoadMonitor,
     LoadReport,
     fresh_reports,
@@ -34,7 +35,16 @@ from puppetha.ha.monitor import (
     read_sample,
     report_loads,
 )
-from puppetha.ha.scaling import MasterLoad, Sample
+from puppetha.ha.scaling import (
+    HOLD,
+    SERVING,
+    Master,
+    MasterLoad,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+    decide,
+)
 from puppetha.pki.authority import LB_CA
 from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records, Versioned
 from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
@@ -51,7 +61,6 @@ def report(node: str, at: float, **loads: MasterLoad) -> LoadReport:
 @pytest.mark.parametrize(
     ("reports", "expected"),
     [
-        ([], {}),
         ([report("lb1", 100.0, m1=MasterLoad(requests=4, in_flight=2, upstream_time=0.5, agents=3))],
          {"m1": MasterLoad(requests=4, in_flight=2, upstream_time=0.5, agents=3)}),
         # What each nginx counted adds up; the upstream time is weighted by requests.
@@ -78,6 +87,14 @@ def report(node: str, at: float, **loads: MasterLoad) -> LoadReport:
 )
 def test_merge_reports(reports: list[LoadReport], expected: dict[str, MasterLoad]) -> None:
     assert merge_reports(reports, 105.0) == Sample(105.0, expected)
+
+
+def test_no_report_is_no_fresh_sample() -> None:
+    # Not a fleet at rest: the policy holds, it neither drains nor judges the window quiet.
+    sample = merge_reports([], 105.0)
+    assert sample == Sample(NO_REPORT, {})
+    decision = decide(ScaleSettings(enabled=True), [Master("m1", SERVING, 0.0)], [sample], 105.0, None)
+    assert decision == ScaleDecision(HOLD, "no fresh load sample")
 
 
 def stored(node: str, at: float, loads: Any) -> Versioned[LoadReportRecord]:
@@ -190,7 +207,7 @@ def test_a_round_publishes_the_nodes_sample(pki: FrontPKI) -> None:
                                                            queue_limit_hits=2, jruby_borrow=0.5,
                                                            jruby_wait=0.1, agents=2)
     assert read_sample(pki.store, now=1015.0, stale=30.0).loads["m1"].queue_limit_hits == 2
-    assert read_sample(pki.store, now=1050.0, stale=30.0) == Sample(1050.0, {})
+    assert read_sample(pki.store, now=1050.0, stale=30.0) == Sample(NO_REPORT, {})
     monitor.stopService()
 
 

@@ -107,6 +107,10 @@ def fresh_reports(found: Iterable[Versioned[LoadReportRecord]], now: float, stal
     return reports
 
 
+#: The time of a sample merged from no report at all.
+NO_REPORT = -math.inf
+
+
 def merge_reports(reports: Iterable[LoadReport], now: float) -> Sample:
     """
     The masters' load as the lb nodes saw it, merged into one sample at ``now``.  What each node
@@ -115,8 +119,13 @@ def merge_reports(reports: Iterable[LoadReport], now: float) -> Sample:
     puppetserver's pool is the newest report's, its interval counters (requests, queue-limit
     hits) the highest any node saw, the agents the highest count.
     """
+    reports = sorted(reports, key=lambda r: (r.at, r.node))
+    if not reports:
+        # No node saw anything: a sample of no time, which the policy never finds fresh.  An
+        # empty sample at ``now`` would read as a fleet at rest.
+        return Sample(NO_REPORT, {})
     merged: dict[str, MasterLoad] = {}
-    for report in sorted(reports, key=lambda r: (r.at, r.node)):
+    for report in reports:
         for certname, load in report.loads.items():
             before = merged.get(certname)
             if before is None:
