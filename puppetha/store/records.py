@@ -3,21 +3,23 @@ What puppetha keeps, as typed records over the versioned items of :class:`IStore
 
 Kinds and keys (the same on every backend; ``docs/store.md`` lists them):
 
-=============  ==============================  =============================================
-kind           key                             record
-=============  ==============================  =============================================
-``ca``         CA name (``root``, a certname)  :class:`CARecord` (certificate, sealed key)
-``crl``        CA name                         :class:`CRLRecord` (number, signed CRL)
-``revoked``    ``<ca>/<serial hex>``           :class:`RevokedRecord`
-``claim``      ``<instance id>/<role>``        :class:`EnrollmentClaim`
-``node``       certname                        :class:`NodeRecord` (the instance's identity)
-``master``     certname                        :class:`MasterRecord`
-``class``      scope (``default``, ``sg:..``)  :class:`Classification`
-``lease``      lease name                      :class:`LeaseRecord`
-``lbnode``     node id (instance id)           :class:`LbNodeRecord`
-``secret``     secret name (``heartbeat``)     :class:`SealedSecret`
-``loadreport`` node id (instance id)           :class:`LoadReportRecord`
-=============  ==============================  =============================================
+==============  ==============================  =============================================
+kind            key                             record
+==============  ==============================  =============================================
+``ca``          CA name (``root``, a certname)  :class:`CARecord` (certificate, sealed key)
+``crl``         CA name                         :class:`CRLRecord` (number, signed CRL)
+``revoked``     ``<ca>/<serial hex>``           :class:`RevokedRecord`
+``claim``       ``<instance id>/<role>``        :class:`EnrollmentClaim`
+``node``        certname                        :class:`NodeRecord` (the instance's identity)
+``master``      certname                        :class:`MasterRecord`
+``class``       scope (``default``, ``sg:..``)  :class:`Classification`
+``lease``       lease name                      :class:`LeaseRecord`
+``lbnode``      node id (instance id)           :class:`LbNodeRecord`
+``secret``      secret name (``heartbeat``)     :class:`SealedSecret`
+``loadreport``  node id (instance id)           :class:`LoadReportRecord`
+``scale``       ``<token>-<sequence>``          :class:`puppetha.ha.autoscale.ScaleActionRecord`
+``scalelog``    ``decisions``                   :class:`puppetha.ha.autoscale.ScaleLogRecord`
+==============  ==============================  =============================================
 """
 
 from __future__ import annotations
