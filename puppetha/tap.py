@@ -46,7 +46,7 @@ from puppetha.ha.heartbeat import HeartbeatProtocol, ensure_heartbeat_key
 from puppetha.ha.lease import Lease
 from puppetha.ha.lifecycle import LifecycleSettings, LifecycleSweep
 from puppetha.ha.load import LoadCounter
-from puppetha.ha.monitor import LoadMonitor, LoadSocket, probe_jruby, read_sample
+from puppetha.ha.monitor import LoadMonitor, LoadSocket, LoadSocketError, probe_jruby, read_sample
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.ha.scaling import Master, Sample, ScaleDecision, settings_from_config
@@ -571,7 +571,10 @@ def front_services(
     if lb["load_socket"]:
         counter = LoadCounter()
         load_socket = LoadSocket(reactor, lb["load_socket"], counter, lb["nginx_user"] or None)
-        load_socket.open()  # now, so that a path that cannot be bound stops the start with one line
+        try:
+            load_socket.open()  # now, so that a path that cannot be bound stops the start with one line
+        except LoadSocketError as e:
+            raise ConfigError(f"[lb] load_socket: {e}") from None
         load_socket.setServiceParent(services)
         LoadMonitor(
             clock=reactor,

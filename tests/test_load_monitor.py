@@ -312,7 +312,8 @@ def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str
     path = str(tmp_path / "run" / "load.sock")
     # A socket left by a daemon that died is replaced.
     os.makedirs(os.path.dirname(path))
-    Path(path).write_bytes(b"")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dead:
+        dead.bind(path)
     counter = SignallingCounter()
     try:
         port = blockingCallFromThread(runner.reactor, listen_load_socket, runner.reactor, path, counter,

@@ -17,12 +17,14 @@ import json
 import math
 import os
 import pwd
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import evolve, fields, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime, IReactorUNIXDatagram
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -295,25 +297,45 @@ def read_sample(store: IStore, now: float, stale: float) -> Sample:
     return merge_reports(fresh_reports(Records(store).list(LoadReportRecord), now, stale), now)
 
 
+class LoadSocketError(Exception):
+    """The load socket cannot be opened (the message names the path, and why)."""
+
+
 def listen_load_socket(
     reactor: IReactorUNIXDatagram, path: str, counter: LoadCounter, nginx_user: str | None
 ) -> Any:
     """
     Opens the UNIX datagram socket nginx sends its load log to, feeding ``counter``.  A socket
-    left by a daemon that died is replaced.
+    left by a daemon that died is replaced; anything else at ``path`` is left alone, and
+    :class:`LoadSocketError` says why the socket cannot be opened.
     """
     directory = os.path.dirname(path)
     if directory:
-        # Traversable by nginx's workers, writable only by the daemon.
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    if os.path.lexists(path):
+        try:
+            # Traversable by nginx's workers, writable only by the daemon.
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as e:
+            raise LoadSocketError(f"{path}: cannot make its directory: {e.strerror}") from None
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise LoadSocketError(f"{path}: cannot open it: {e.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(found.st_mode):
+            raise LoadSocketError(f"{path} exists and is not a socket")
         os.unlink(path)
     # nginx's workers send to it, and they run as [lb] nginx_user, not as the daemon: sending to
     # a UNIX socket takes write permission on it.  When the daemon can give the socket to that
     # user (it runs as root), only that user may send; otherwise any local user may, and all a
     # sender can do is add counts: the launches they cause stay within max_launches and
     # max_masters, and puppetserver's own figures do not come through here.
-    port = reactor.listenUNIXDatagram(path, LoadLogProtocol(counter), maxPacketSize=MAX_DATAGRAM, mode=0o666)
+    try:
+        port = reactor.listenUNIXDatagram(path, LoadLogProtocol(counter), maxPacketSize=MAX_DATAGRAM,
+                                          mode=0o666)
+    except CannotListenError as e:
+        raise LoadSocketError(f"{path}: cannot open it: {e.socketError}") from None
     if nginx_user and os.geteuid() == 0:
         try:
             user = pwd.getpwnam(nginx_user)
