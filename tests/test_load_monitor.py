@@ -171,11 +171,16 @@ def test_a_round_publishes_the_nodes_sample(pki: FrontPKI) -> None:
         records.create(record)
     answers: dict[str, list[JRubyStatus | None]] = {"m1": [status(0, 100), status(1, 130, hits=2)],
                                                     "m2": [None, None]}
+    broken = {"m2"}
     asked: list[tuple[str, bytes]] = []
 
     def jruby(master: MasterRecord, credentials: ProbeCredentials) -> Deferred[JRubyStatus | None]:
         asked.append((master.certname, credentials.certificate_pem))
-        return succeed(answers[master.certname].pop(0))
+        answer = answers[master.certname].pop(0)
+        if master.certname in broken:
+            # A probe that cannot even start: m2 has no figures, m1 keeps its own.
+            raise ValueError("no such CA")
+        return succeed(answer)
 
     clock = Clock()
     clock.advance(1000.0)

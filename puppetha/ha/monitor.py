@@ -255,7 +255,8 @@ class LoadMonitor(RepeatingService):
         loads = self.counter.take({upstream_address(m): m.certname for m in masters}, interval)
         # Only masters in the upstream: a master that is down has no pool to ask about.
         healthy = [m for m in masters if m.healthy]
-        probes = [self.jruby(m, credentials) for m in healthy]
+        # A probe that cannot even start (a CA that does not load) costs its master's figures only.
+        probes = [maybeDeferred(self.jruby, m, credentials) for m in healthy]
         d: Deferred[Any] = DeferredList(probes, consumeErrors=True)
 
         def merged(results: list[tuple[bool, Any]]) -> LoadReportRecord:
