@@ -46,7 +46,8 @@ from puppetha.ha.scaling import (
     decide,
 )
 from puppetha.pki.authority import LB_CA
-from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records, Versioned
+from puppetha.store import Item
+from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records
 from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
 from tests.test_front_health import ReactorThread
 from tests.test_jruby_metrics import ANSWER
@@ -97,8 +98,9 @@ def test_no_report_is_no_fresh_sample() -> None:
     assert decision == ScaleDecision(HOLD, "no fresh load sample")
 
 
-def stored(node: str, at: float, loads: Any) -> Versioned[LoadReportRecord]:
-    return Versioned(LoadReportRecord(node=node, at=at, interval=10.0, loads=loads), 1)
+def stored(node: str, at: float, loads: Any) -> Item:
+    record = LoadReportRecord(node=node, at=at, interval=10.0, loads=loads)
+    return Item(LoadReportRecord.KIND, node, record.to_value(), 1)
 
 
 @pytest.mark.parametrize(
@@ -118,9 +120,17 @@ def stored(node: str, at: float, loads: Any) -> Versioned[LoadReportRecord]:
 )
 def test_a_report_that_fails_its_check_is_left_out(loads: Any, error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        report_loads(stored("lb1", 100.0, loads).record)
+        report_loads(LoadReportRecord.from_value(stored("lb1", 100.0, loads).value))
     assert fresh_reports([stored("lb1", 100.0, loads), stored("lb2", 100.0, {"m1": {"requests": 2}})],
                          now=100.0, stale=30.0) == [LoadReport("lb2", 100.0, {"m1": MasterLoad(requests=2)})]
+
+
+def test_what_is_not_a_report_is_left_out() -> None:
+    found = [Item(LoadReportRecord.KIND, "odd", {"node": "odd"}, 1),
+             Item(LoadReportRecord.KIND, "noon", {"node": "noon", "at": "noon", "interval": 1, "loads": {}},
+                  1),
+             stored("lb1", 100.0, {"m1": {"requests": 2}})]
+    assert [r.node for r in fresh_reports(found, now=100.0, stale=30.0)] == ["lb1"]
 
 
 def test_only_fresh_reports_count() -> None:

@@ -35,8 +35,8 @@ from puppetha.ha.jruby import JRUBY_METRICS_PATH, JRubyStatus, parse_jruby_metri
 from puppetha.ha.load import LoadCounter, LoadLogProtocol
 from puppetha.ha.scaling import MasterLoad, Sample
 from puppetha.repeat import Repeating, RepeatingService
-from puppetha.store import AlreadyExists, IStore, VersionConflict
-from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records, Versioned
+from puppetha.store import AlreadyExists, IStore, Item, VersionConflict
+from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records
 
 log = Logger()
 
@@ -91,18 +91,19 @@ class LoadReport:
     loads: Mapping[str, MasterLoad]
 
 
-def fresh_reports(found: Iterable[Versioned[LoadReportRecord]], now: float, stale: float) -> list[LoadReport]:
+def fresh_reports(items: Iterable[Item], now: float, stale: float) -> list[LoadReport]:
     """
-    The reports taken within ``stale`` of ``now`` (either way: another host's clock), checked; a
-    report that fails its check is logged and left out, as a stale one is.
+    The reports (the store's ``loadreport`` items) taken within ``stale`` of ``now`` (either
+    way: another host's clock), checked; a report that fails its check, or is not a report at
+    all, is logged and left out, as a stale one is.
     """
     reports = []
-    for versioned in found:
-        record = versioned.record
+    for item in items:
         try:
+            record = LoadReportRecord.from_value(item.value)
             loads = report_loads(record)
         except (ValueError, TypeError) as e:
-            log.warn("load report of {node} ignored: {error}", node=record.node, error=str(e))
+            log.warn("load report {key} ignored: {error}", key=item.key, error=str(e))
             continue
         if abs(now - record.at) <= stale:
             reports.append(LoadReport(record.node, float(record.at), loads))
@@ -295,7 +296,7 @@ def publish_report(store: IStore, report: LoadReportRecord) -> LoadReportRecord:
 
 def read_sample(store: IStore, now: float, stale: float) -> Sample:
     """Blocking: the fresh reports in the store, merged (what the primary's policy judges)."""
-    return merge_reports(fresh_reports(Records(store).list(LoadReportRecord), now, stale), now)
+    return merge_reports(fresh_reports(store.list(LoadReportRecord.KIND), now, stale), now)
 
 
 class LoadSocketError(Exception):

@@ -190,8 +190,8 @@ def status(ctx: Context, args: argparse.Namespace) -> int:
         owner=owner,
         owner_error=owner_error,
         masters=[v.record for v in records.list(MasterRecord)],
-        load=merge_reports(fresh_reports(records.list(LoadReportRecord), now, ctx.config[("scale", "stale")]),
-                           now),
+        load=merge_reports(fresh_reports(records.store.list(LoadReportRecord.KIND), now,
+                                         ctx.config[("scale", "stale")]), now),
         scaling=ctx.config[("scale", "enabled")],
         decisions=kept.record.decisions if kept is not None else (),
     )
