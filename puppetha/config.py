@@ -396,6 +396,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("lb", "nginx_temp_dir", path, "/var/lib/nginx", "Where nginx buffers request bodies."),
     Option("lb", "nginx_access_log", path, "/var/log/nginx/puppetha-access.log",
            "nginx's access log for the front (empty: none)."),
+    Option("lb", "load_socket", path, "",
+           "The UNIX datagram socket nginx sends one line per proxied request to, for the load "
+           "monitor (docs/scaling.md); its directory must be reachable by [lb] nginx_user. With it "
+           "the node samples the masters' load every [scale] interval and publishes it in the "
+           "store. Empty: no load log and no sampling. Required with [scale] enabled."),
     Option("lb", "interval", duration, "2s",
            "How often the front re-reads the store: a change made on another host (a master "
            "enrolled, a node revoked, a CRL re-signed) reaches nginx within it; one made on this "
@@ -445,8 +450,13 @@ OPTIONS: tuple[Option, ...] = (
            "How often a master's CRL files are compared with the store: a revoked lb node is "
            "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
     Option("scale", "enabled", boolean, "false",
-           "Launch masters when Puppet is busy and drain them when it is not (docs/scaling.md): the "
-           "policy and its checks are built, the daemon does not act on it yet."),
+           "Launch masters when Puppet is busy (docs/scaling.md): the primary lb node decides every "
+           "interval from the lb nodes' load samples and launches from launch_template. Needs "
+           "[ha] elastic_ip and [lb] load_socket on lb nodes. Drain decisions are logged, not "
+           "acted on yet."),
+    Option("scale", "interval", duration, "10s",
+           "How often every lb node samples the masters' load (nginx's load log, puppetserver's "
+           "jruby-metrics, agents per master) and publishes it, and the primary decides."),
     Option("scale", "launch_template", text, "",
            "The launch template (lt-... or its name) of new masters; its instances must pass "
            "[enroll] master_policy. Required when enabled."),
@@ -674,8 +684,19 @@ def _check_scale(config: Config) -> None:
         settings_from_config(config)
     except ValueError as e:
         raise ConfigError(f"{config.source}: [scale] {e}") from None
-    if config[("scale", "enabled")] and not config[("scale", "launch_template")]:
+    if not config[("scale", "enabled")]:
+        return
+    if not config[("scale", "launch_template")]:
         raise ConfigError(f"{config.source}: [scale] launch_template: required when enabled")
+    if "lb" in config.roles:
+        # The primary decides (the failover lease) on what the lb nodes sampled (the load log).
+        for section, name in (("ha", "elastic_ip"), ("lb", "load_socket")):
+            if not config[(section, name)]:
+                raise ConfigError(f"{config.source}: [{section}] {name}: required with [scale] enabled")
+    if config[("scale", "stale")] < 2 * config[("scale", "interval")]:
+        # A node's report is up to one interval old when the primary reads it, and the
+        # primary's round comes up to one interval later.
+        raise ConfigError(f"{config.source}: [scale] stale: must be at least twice interval")
 
 
 def load_config(

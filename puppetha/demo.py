@@ -8,7 +8,10 @@ then enroll with the real ``puppetha-enroll``, a classification is stored with
 ``puppetha classify``, and the ENC is asked for an agent with the real ``puppetha-enc``.
 Then two lb nodes enroll and run (each a ``twistd puppetha`` with the lb role and its own real
 nginx, on loopback), the primary is killed with ``kill -9``, and the Elastic IP moves to the
-standby as moto says, with ``puppetha status`` before and after.
+standby as moto says, with ``puppetha status`` before and after.  The lb nodes run with
+``[scale]`` on: the master runs no puppetserver, so the primary finds no healthy master and
+launches one from a launch template in moto (``[scale] min_masters``), which ``puppetha status``
+shows with its reason.
 
 Run it with ``./scripts/demo`` (or ``python -m puppetha.demo``).
 """
@@ -46,6 +49,8 @@ ACCOUNT = "123456789012"
 REGION = "us-east-1"
 #: Credentials for the moto server only; it accepts any.
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": REGION}
+#: The launch template the primary launches masters from (its instances are tagged as masters).
+LAUNCH_TEMPLATE = "puppet-master"
 
 
 class DemoError(Exception):
@@ -96,7 +101,8 @@ class Demo:
 
     def write_cli_conf(self, moto: MotoServer, allocation: str) -> None:
         self.cli_conf.write_text(f"[aws]\nendpoint_url = {moto.endpoint_url}\nregion = {REGION}\n\n"
-                                 f"[ha]\nelastic_ip = {allocation}\n")
+                                 f"[ha]\nelastic_ip = {allocation}\n\n"
+                                 f"[scale]\nenabled = true\nlaunch_template = {LAUNCH_TEMPLATE}\n")
 
     def daemon_command(self, moto: MotoServer, trust_file: Path) -> list[str]:
         settings = {
@@ -226,6 +232,9 @@ class Demo:
         say("\n5. Two lb nodes enroll (certificates from the lb CA) and run: each a `twistd puppetha`")
         say("   with the lb role and its own nginx, sharing the daemon's store and the Elastic IP.")
         say("   (The demo's master runs no puppetserver: the lb nodes' probes soon mark it unhealthy.)")
+        say("   [scale] is on: each node samples the masters' load from its nginx's load log, and the\n"
+            f"   primary launches masters from the launch template {LAUNCH_TEMPLATE} in moto.")
+        fleet.create_launch_template(LAUNCH_TEMPLATE)
         with IMDSThread() as imds:
             hosts = [self.enroll(imds, signer, lb, "lb", pin) for lb in lbs]
         common = {
@@ -235,13 +244,18 @@ class Demo:
             "aws.region": REGION,
             "enroll.front": "127.0.0.1:8140",
             "ha.elastic_ip": allocation,
+            "scale.enabled": "true",
+            "scale.launch_template": LAUNCH_TEMPLATE,
+            "scale.interval": "2s",
+            "scale.stale": "6s",
         }
         (self.state / "lb").mkdir()
         (self.state / "root-ca.pem").write_text(self.cli("ca", "show", "--pem"))
         for lb, host in zip(lbs, hosts, strict=True):
             ssldir = host / "ssl"
             self.lb_nodes.append(LbNode(
-                lb.instance_id, lb.instance_id, self.state / "lb", common,
+                lb.instance_id, lb.instance_id, self.state / "lb",
+                {**common, "lb.load_socket": str(self.state / "lb" / lb.instance_id / "load.sock")},
                 certificate=str(ssldir / "certs" / f"{lb.instance_id}.pem"),
                 private_key=str(ssldir / "private_keys" / f"{lb.instance_id}.pem"), env=self.env))
         first, second = self.lb_nodes
@@ -280,6 +294,7 @@ class Demo:
         primary = self.wait(lambda: agreed(self.lb_nodes), "a primary and a standby", *self.lb_nodes)
         standby = second if primary is first else first
         say(f"   {primary.instance_id} holds the lease and the Elastic IP; {standby.instance_id} stands by.")
+        self.show_launch(fleet, primary)
         say("\n   puppetha status (before):")
         say(indent(self.cli("status")))
 
@@ -304,6 +319,20 @@ class Demo:
             f"{', '.join(str(token) for token in sorted({token for _, token in acted}))}; "
             f"{len(overlaps(acted))} with two primaries at once, {len(stray_associations(events))} "
             "AssociateAddress outside its token's window.")
+
+    def show_launch(self, fleet: Fleet, primary: LbNode) -> None:
+        """The primary's launch of a master for want of a healthy one, as status and EC2 show it."""
+
+        def launched() -> dict[str, Any] | None:
+            status: dict[str, Any] = json.loads(self.cli("status", "--json"))
+            return next((d for d in status["scaling"]["decisions"] if d["action"] == "launch"), None)
+
+        launch = self.wait(launched, "the primary launching a master", primary)
+        found = fleet.ec2.describe_instances(
+            Filters=[{"Name": "tag-key", "Values": ["puppetha:launched-by-token"]}])
+        ids = [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]]
+        say(f"   With no healthy master, the primary launched {', '.join(ids)} from {LAUNCH_TEMPLATE} "
+            f"under token {launch['token']} ({launch['reason']}); it would enroll itself as a master.")
 
     def front_get(self, node: LbNode, path: str) -> tuple[int, str]:
         """A request to ``node``'s nginx front as an agent makes it, trusting the fleet's root only."""

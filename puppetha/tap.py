@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -36,16 +38,28 @@ from puppetha.enroll.listener import CannotListen, ensure_server_credentials, op
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.readiness import Readiness, ReadinessService
 from puppetha.enroll.service import Enrollment, revoke_identity
+from puppetha.ha.autoscale import Launcher, ScalingService, discover_fleet, write_decision
+from puppetha.ha.drain import Drainer, ShuttingDownWorkers
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
 from puppetha.ha.health import HealthService, StatusProbe
 from puppetha.ha.heartbeat import HeartbeatProtocol, ensure_heartbeat_key
 from puppetha.ha.lease import Lease
 from puppetha.ha.lifecycle import LifecycleSettings, LifecycleSweep
+from puppetha.ha.load import LoadCounter
+from puppetha.ha.monitor import LoadMonitor, LoadSocket, LoadSocketError, probe_jruby, read_sample
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
+from puppetha.ha.scaling import Master, Sample, ScaleDecision, settings_from_config
 from puppetha.metrics.endpoint import Scrape, Source, make_metrics_site, open_metrics_listener
-from puppetha.metrics.sources import enc_source, enrollment_source, failover_sources, store_sources
+from puppetha.metrics.sources import (
+    enc_source,
+    enrollment_source,
+    failover_sources,
+    load_source,
+    scale_decision_source,
+    store_sources,
+)
 from puppetha.pki.authority import LB_CA, AuthorityError, CertificateAuthority, CRLRefresher
 from puppetha.pki.certs import fingerprint
 from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
@@ -442,10 +456,64 @@ def failover_service(
         aws=aws,
         revoke=functools.partial(revoke_identity, records, authority, now=reactor.seconds),
     ).setServiceParent(services)
+    if config[("scale", "enabled")]:
+        scaling = scaling_service(config, reactor, guard=failover.guard, records=records, cloud=cloud,
+                                  aws=aws, blocking=signing, poke=front_service.poke)
+        scaling.setServiceParent(services)
+        if metric_sources is not None:
+            metric_sources["scale_decisions"] = scale_decision_source(lambda: scaling.decisions)
+    if metric_sources is not None and config[("lb", "load_socket")]:
+        # The fleet's merged load, as the primary judges it: the same on every lb node.
+        stale = config[("scale", "stale")]
+        metric_sources["load"] = load_source(
+            lambda: signing.call(read_sample, records.store, reactor.seconds(), stale)
+            .addCallback(lambda sample: sample.loads))
     log.info("failover: {node} for {allocation_id}, heartbeats on udp {port}, lease {duration}s",
              node=node, allocation_id=ha["elastic_ip"], port=ha["heartbeat_port"],
              duration=settings.lease_duration)
     return services
+
+
+def scaling_service(
+    config: Config, reactor: Any, *, guard: Callable[[int | None], Any], records: Records, cloud: ICloud,
+    aws: Blocking[ICloud], blocking: Blocking[Any], poke: Callable[[], object],
+) -> ScalingService:
+    """
+    The scaling loop ([scale] enabled), on the primary only: the lb nodes' fresh load reports
+    merged, the fleet from the store and EC2, the policy, launches from the launch template, and
+    drains (``poke`` runs the front's round, so that a draining master leaves the upstream).
+    """
+    settings = settings_from_config(config)
+    region = config[("aws", "region")]
+    node = config[("ha", "instance_id")]
+
+    def sample(now: float) -> Deferred[Sample]:
+        return blocking.call(read_sample, records.store, now, settings.stale)
+
+    def masters(now: float) -> Deferred[list[Master]]:
+        d: Deferred[list[Master]] = discover_fleet(records=records, blocking=blocking, cloud=cloud, aws=aws,
+                                                   region=region, now=now, settings=settings)
+        return d
+
+    def publish(at: float, decision: ScaleDecision, token: int) -> Deferred[Any]:
+        return blocking.call(write_decision, records, node, token, at, decision)
+
+    log.info("scaling: every {interval}s on the primary, masters from launch template {template}",
+             interval=config[("scale", "interval")], template=config[("scale", "launch_template")])
+    return ScalingService(
+        clock=reactor,
+        settings=settings,
+        interval=config[("scale", "interval")],
+        guard=guard,
+        sample=sample,
+        masters=masters,
+        launcher=Launcher(clock=reactor, guard=guard, records=records, blocking=blocking, cloud=cloud,
+                          aws=aws, region=region, launch_template=config[("scale", "launch_template")]),
+        drainer=Drainer(clock=reactor, guard=guard, records=records, blocking=blocking, cloud=cloud, aws=aws,
+                        region=region, settings=settings,
+                        in_flight=ShuttingDownWorkers(config[("lb", "nginx_pid")]), poke=poke),
+        publish=publish,
+    )
 
 
 def check_state_dir(config: Config) -> None:
@@ -523,6 +591,7 @@ def front_services(
             temp_dir=lb["nginx_temp_dir"],
             access_log=lb["nginx_access_log"] or None,
             live_dir=os.path.join(lb["nginx_dir"], LIVE),
+            load_socket=lb["load_socket"] or None,
         ),
     )
     front = FrontService(
@@ -539,12 +608,13 @@ def front_services(
         exclude_cas=[LB_CA],  # the lb CA signs lb nodes only; agents never chain to it
         interval=lb["interval"],
     )
+    # The very name nginx checks: a master nginx would answer 502 for is not healthy.
+    probe = StatusProbe(reactor, master_name=master_name)
     health = HealthService(
         clock=reactor,
         blocking=blocking,
         store=store,
-        # The very name nginx checks: a master nginx would answer 502 for is not healthy.
-        probe=StatusProbe(reactor, master_name=master_name),
+        probe=probe,
         certificate=lb["certificate"],
         private_key=lb["private_key"],
         interval=lb["health_interval"],
@@ -557,6 +627,27 @@ def front_services(
     front.setName("front")
     front.setServiceParent(services)
     health.setServiceParent(services)
+    if lb["load_socket"]:
+        counter = LoadCounter()
+        load_socket = LoadSocket(reactor, lb["load_socket"], counter, lb["nginx_user"] or None)
+        try:
+            load_socket.open()  # now, so that a path that cannot be bound stops the start with one line
+        except LoadSocketError as e:
+            raise ConfigError(f"[lb] load_socket: {e}") from None
+        load_socket.setServiceParent(services)
+        LoadMonitor(
+            clock=reactor,
+            node=config[("ha", "instance_id")] or socket.gethostname(),
+            blocking=blocking,
+            store=store,
+            counter=counter,
+            jruby=functools.partial(probe_jruby, probe),
+            certificate=lb["certificate"],
+            private_key=lb["private_key"],
+            interval=config[("scale", "interval")],
+        ).setServiceParent(services)
+        log.info("load monitor: nginx's load log on {path}, sampled every {interval}s",
+                 path=lb["load_socket"], interval=config[("scale", "interval")])
     log.info("front: nginx config in {directory}, agents on port {port}",
              directory=lb["nginx_dir"], port=lb["front_port"])
     return services, front.poke

@@ -12,7 +12,19 @@ from twisted.internet.task import Clock
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
-from puppetha.ha.autoscale import LAUNCHED_BY_TAG, Launcher, ScaleActionRecord, ScalingService, fleet_masters
+from puppetha.ha.autoscale import (
+    KEPT_DECISIONS,
+    LAUNCHED_BY_TAG,
+    SCALE_LOG,
+    Launcher,
+    ScaleActionRecord,
+    ScaleLogRecord,
+    ScalingService,
+    discover_fleet,
+    fleet_masters,
+    launched_masters,
+    write_decision,
+)
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
 from puppetha.ha.scaling import (
@@ -28,7 +40,7 @@ from puppetha.ha.scaling import (
     ScaleDecision,
     ScaleSettings,
 )
-from puppetha.store.records import MasterRecord, Records
+from puppetha.store.records import MasterRecord, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
 
@@ -219,3 +231,80 @@ def test_a_standby_samples_and_decides_nothing(moto: MotoServer, fleet: Fleet, r
     assert service.history == []
     assert instances(fleet) == []
     assert records.list(ScaleActionRecord) == []
+
+
+# --- what the daemon gives the service: the fleet, and the decisions kept for `puppetha status`
+
+
+def test_decisions_are_kept_bounded_with_their_reasons(records: Records) -> None:
+    write_decision(records, "i-lb1", 7, 10.0, ScaleDecision(HOLD, "busy 0.50"))
+    write_decision(records, "i-lb1", 7, 20.0, ScaleDecision(HOLD, "busy 0.90"))
+    # A hold replaces the hold before it: the latest stands for a run of them.
+    kept = records.get(ScaleLogRecord, SCALE_LOG)
+    assert kept is not None
+    assert [(d["at"], d["reason"]) for d in kept.record.decisions] == [(20.0, "busy 0.90")]
+    write_decision(records, "i-lb1", 7, 30.0, ScaleDecision(LAUNCH, "busy 0.95 >= 0.8 for 60s", 2))
+    write_decision(records, "i-lb2", 8, 40.0, ScaleDecision(HOLD, "2 masters starting or warming"))
+    kept = records.get(ScaleLogRecord, SCALE_LOG)
+    assert kept is not None
+    assert kept.record.decisions == (
+        {"at": 20.0, "node": "i-lb1", "token": 7, "action": HOLD, "reason": "busy 0.90", "count": 0,
+         "master": None},
+        {"at": 30.0, "node": "i-lb1", "token": 7, "action": LAUNCH, "reason": "busy 0.95 >= 0.8 for 60s",
+         "count": 2, "master": None},
+        {"at": 40.0, "node": "i-lb2", "token": 8, "action": HOLD, "reason": "2 masters starting or warming",
+         "count": 0, "master": None},
+    )
+    for i in range(2 * KEPT_DECISIONS):
+        write_decision(records, "i-lb2", 8, 50.0 + i, ScaleDecision(DRAIN, f"quiet {i}", master="m1"))
+    kept = records.get(ScaleLogRecord, SCALE_LOG)
+    assert kept is not None
+    assert len(kept.record.decisions) == KEPT_DECISIONS
+    assert kept.record.decisions[-1]["reason"] == f"quiet {2 * KEPT_DECISIONS - 1}"
+
+
+def test_the_fleet_from_the_store_and_ec2(moto: MotoServer, fleet: Fleet, records: Records) -> None:
+    launch = launcher(moto, records, Guard())
+    done = result(launch.act(ScaleDecision(LAUNCH, "busy", 2), 7))
+    first, second = done.instances
+    records.create(registered("m1", 0.0))
+    # The first launched instance enrolled and registered as master m2 (its certname).
+    records.create(registered("m2", 990.0))
+    records.create(NodeRecord(certname="m2", instance_id=first, role="master", account="1", region=REGION,
+                              private_ip="10.0.0.2", serial=2, issuer="root", certificate_pem="",
+                              enrolled_at=990.0, not_after=2000.0))
+    settings = ScaleSettings(enabled=True, warmup=300.0)
+
+    def masters(now: float) -> list[Master]:
+        found: list[Master] = result(discover_fleet(
+            records=records, blocking=Synchronous(), cloud=launch.cloud, aws=Synchronous(), region=REGION,
+            now=now, settings=settings))
+        return found
+
+    # EC2's launch time is the wall clock's; the test's clock is its own.
+    assert [(m.name, m.state) for m in masters(1000.0)] == [("m1", SERVING), ("m2", WARMING),
+                                                            (second, STARTING)]
+    # Terminated, it is not coming any more; after launch_timeout nothing is looked up at all.
+    fleet.ec2.terminate_instances(InstanceIds=[second])
+    assert [(m.name, m.state) for m in masters(1000.0)] == [("m1", SERVING), ("m2", WARMING)]
+    assert launched_masters(records, 1000.0 + settings.launch_timeout, settings.launch_timeout) == []
+
+
+def test_the_service_keeps_each_decision_under_its_token(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    launch = launcher(moto, records, Guard())
+    clock = cast(Clock, launch.clock)
+    kept: list[tuple[float, str, int]] = []
+
+    def publish(at: float, decision: ScaleDecision, token: int) -> Deferred[None]:
+        kept.append((at, decision.action, token))
+        return succeed(None)
+
+    service = ScalingService(clock=clock, settings=ScaleSettings(enabled=True), interval=10.0, guard=Guard(),
+                             sample=busy_sample, masters=lambda now: succeed([Master("m1", SERVING, 0.0)]),
+                             launcher=launch, publish=publish)
+    service.startService()
+    clock.pump([10.0] * 6)
+    service.stopService()
+    assert kept == [(1000.0 + 10 * i, HOLD, 7) for i in range(6)] + [(1060.0, LAUNCH, 7)]

@@ -64,6 +64,13 @@ def test_the_demo_fleet_enrolls_is_classified_and_fails_over(tmp_path: Path) -> 
     # The new primary's nginx serves the fleet's CA to an agent that trusts only the root.
     assert re.search(r"GET /puppet-ca/v1/certificate/ca -> 200, [1-9]\d* CA certificate", out), out
 
+    # [scale] on: with its one master down (no puppetserver), the primary launched one from the
+    # launch template, and status shows why.
+    assert re.search(r"the primary launched i-[0-9a-f]+ from puppet-master under token \d+ "
+                     r"\(0 masters, fewer than min_masters 1\)", out), out
+    assert re.search(r"^ *scaling: on\n(.*\n)* *\d+s ago  i-[0-9a-f]+  token \d+  launch 1: 0 masters, "
+                     r"fewer than min_masters 1$", after, re.MULTILINE), after
+
     # The demo cleaned up after itself: the daemons stopped and the ENC socket is gone.
     assert not (state / "enc.sock").exists()
     for node in (old, new):

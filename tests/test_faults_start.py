@@ -252,3 +252,27 @@ def test_the_lb_role_without_its_nginx_stops_the_start(tmp_path: Path, setting: 
                    f"certificate = {cert}\nprivate_key = {key}\n"
                    f"{nginx_dir}{setting.format(tmp=tmp_path)}\n")
     assert expected.format(tmp=tmp_path) in line
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("{tmp}/a-file/load.sock",
+         "[lb] load_socket: {tmp}/a-file/load.sock: cannot make its directory: File exists"),
+        # Never removed: only a socket left by a daemon that died is replaced.
+        ("{tmp}/a-file", "[lb] load_socket: {tmp}/a-file exists and is not a socket"),
+    ],
+)
+def test_a_load_socket_that_cannot_be_opened_stops_the_start(
+    tmp_path: Path, path: str, expected: str
+) -> None:
+    (tmp_path / "a-file").write_text("a file")
+    cert, key = tmp_path / "lb.pem", tmp_path / "lb.key"
+    cert_pem, key_pem = self_signed()
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    line = refused(tmp_path, config=f"[daemon]\nroles = lb\n[lb]\nmaster_name = puppet.test\n"
+                   f"certificate = {cert}\nprivate_key = {key}\nnginx_dir = {tmp_path}/nginx\n"
+                   f"nginx = /bin/true\nload_socket = {path.format(tmp=tmp_path)}\n")
+    assert line == "puppetha: " + expected.format(tmp=tmp_path)
+    assert (tmp_path / "a-file").read_text() == "a file"

@@ -6,9 +6,20 @@ import io
 import json
 from pathlib import Path
 
+import attrs
+
 from puppetha.cli import main
+from puppetha.ha.autoscale import write_decision
+from puppetha.ha.scaling import HOLD, LAUNCH, ScaleDecision
 from puppetha.ha.status import cluster_status, heard_age, render
-from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Records, Versioned
+from puppetha.store.records import (
+    LbNodeRecord,
+    LeaseRecord,
+    LoadReportRecord,
+    MasterRecord,
+    Records,
+    Versioned,
+)
 from puppetha.store.sqlite import SQLiteStore
 
 NOW = 1_764_000_100.0
@@ -34,7 +45,8 @@ def test_status_says_who_is_primary_and_whether_aws_agrees() -> None:
     assert status["elastic_ip"]["agrees_with_lease"] is True
     assert [n["node"] for n in status["lb_nodes"]] == [A.node, B.node]
     assert status["lb_nodes"][0]["address"] == "10.0.0.1:7946"
-    assert status["masters"] == [{"certname": "master-1", "address": "10.0.1.5:8140", "healthy": False}]
+    assert status["masters"] == [{"certname": "master-1", "address": "10.0.1.5:8140", "healthy": False,
+                                  "load": None}]
     text = render(status)
     assert f"primary: {A.node} (token 3" in text
     assert f"elastic ip: eipalloc-0123456789 on {A.node}\n" in text
@@ -70,6 +82,48 @@ def test_the_command_on_a_store_without_failover(tmp_path: Path) -> None:
     out = io.StringIO()
     assert main(["--config", str(conf), "status"], out=out, err=err, now=lambda: NOW) == 0
     assert out.getvalue().startswith("primary: none (lease released, token 2)\nelastic ip: not configured")
+
+
+def test_the_command_shows_each_masters_load_and_the_last_decisions(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLiteStore(str(path))
+    records = Records(store)
+    records.create(attrs.evolve(MASTER, healthy=True))
+    records.create(MasterRecord("master-2", "10.0.1.6", 8140, "master-2", 1.0))
+    # Two lb nodes' fresh reports add up; a dead node's stale one counts for nothing.
+    for node, at, requests in [("i-lb1", NOW - 5, 30), ("i-lb2", NOW - 8, 10), ("i-dead", NOW - 600, 999)]:
+        records.create(LoadReportRecord(node, at, 10.0, {"master-1": {
+            "requests": requests, "in_flight": 2, "jruby_size": 4, "jruby_free": 1, "agents": 12}}))
+    for at, decision in [(NOW - 70, ScaleDecision(LAUNCH, "busy 1.25 >= 0.8 for 60s", 1)),
+                         (NOW - 10, ScaleDecision(HOLD, "1 masters starting or warming"))]:
+        write_decision(records, "i-lb1", 4, at, decision)
+    store.close()
+    conf = tmp_path / "puppetha.conf"
+    conf.write_text(f"[store]\npath = {path}\n[pki]\nvault_key_file = {tmp_path}/vault.key\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["--config", str(conf), "status", "--json"], out=out, err=err, now=lambda: NOW) == 0
+    result = json.loads(out.getvalue())
+    assert [m["load"] for m in result["masters"]] == [
+        # busy: 3 of 4 JRubies in use, no request waiting for one.
+        {"requests": 40, "in_flight": 4, "busy": 0.75, "unavailable": 0, "queue_limit_hits": 0,
+         "jruby_free": 1, "jruby_size": 4, "agents": 12},
+        None,
+    ]
+    assert result["scaling"] == {"enabled": False, "decisions": [
+        {"at": NOW - 70, "age": 70.0, "node": "i-lb1", "token": 4, "action": LAUNCH,
+         "reason": "busy 1.25 >= 0.8 for 60s", "count": 1, "master": None},
+        {"at": NOW - 10, "age": 10.0, "node": "i-lb1", "token": 4, "action": HOLD,
+         "reason": "1 masters starting or warming", "count": 0, "master": None},
+    ]}
+    out = io.StringIO()
+    assert main(["--config", str(conf), "status"], out=out, err=err, now=lambda: NOW) == 0
+    text = out.getvalue()
+    assert ("  master-1  10.0.1.5:8140  healthy\n    load: 40 requests, 4 in flight, busy 0.75, 0 503s, "
+            "JRuby 1/4 free, 12 agents\n") in text
+    assert "  master-2  10.0.1.6:8140  healthy\n    load: no fresh report from any lb node\n" in text
+    assert text.endswith("scaling: off\n"
+                         "  10s ago  i-lb1  token 4  hold: 1 masters starting or warming\n"
+                         "  70s ago  i-lb1  token 4  launch 1: busy 1.25 >= 0.8 for 60s\n")
 
 
 def test_the_new_records_round_trip_and_have_kinds_of_their_own(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from attrs import evolve
@@ -366,8 +367,38 @@ def test_scale_settings_from_the_file() -> None:
         ("in_window = 1m", r"\[scale\] in_window: must be longer than out_window"),
         ("out_busy = lots", r"\[scale\] out_busy: not a number"),
         ("max_launches = 0", r"\[scale\] max_launches: 0 is outside"),
+        # A report is up to an interval old when read, and the primary's round up to one later.
+        ("enabled = true\nlaunch_template = t\ninterval = 20s",
+         r"\[scale\] stale: must be at least twice interval"),
     ],
 )
 def test_bad_scale_settings_stop_the_start(content: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_string(f"[scale]\n{content}\n")
+
+
+SOCKET = "load_socket = /run/puppetha/load.sock\n"
+HA = "elastic_ip = eipalloc-0123456789abcdef0\ninstance_id = i-0123456789abcdef0\naddress = 10.0.0.1\n"
+
+
+@pytest.mark.parametrize(
+    ("lb", "ha", "message"),
+    [
+        (SOCKET, "", r"\[ha\] elastic_ip: required with \[scale\] enabled"),
+        ("", HA, r"\[lb\] load_socket: required with \[scale\] enabled"),
+        (SOCKET, HA, None),
+    ],
+)
+def test_scaling_lb_nodes_need_the_lease_and_the_load_log(
+    tmp_path: Path, lb: str, ha: str, message: str | None
+) -> None:
+    for name in ("lb.pem", "lb.key"):
+        (tmp_path / name).write_text("")
+    content = (f"[daemon]\nroles = lb\n[enroll]\nfront = puppet.test:8140\n[scale]\nenabled = true\n"
+               f"launch_template = puppet-master\n[lb]\ncertificate = {tmp_path}/lb.pem\n"
+               f"private_key = {tmp_path}/lb.key\n{lb}[ha]\n{ha}")
+    if message is None:
+        assert config_from_string(content)[("scale", "enabled")]
+    else:
+        with pytest.raises(ConfigError, match=message):
+            config_from_string(content)

@@ -7,6 +7,9 @@ A launch is recorded before it is made: the record's name (token and sequence) g
 RunInstances client token, so a launch retried after a lost answer or a crash, under the same
 token, gets the same instances from EC2 instead of new ones.  Draining, recorded the same way,
 is :mod:`puppetha.ha.drain`.
+
+The primary keeps its last decisions, with their reasons, in one ``scalelog`` record, so that
+``puppetha status`` (another process) shows them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from puppetha.ha.scaling import (
     decide,
 )
 from puppetha.repeat import Repeating, RepeatingService
-from puppetha.store.records import MasterRecord, Record, Records
+from puppetha.store import AlreadyExists, VersionConflict
+from puppetha.store.records import MasterRecord, NodeRecord, Record, Records
 
 log = Logger()
 
@@ -105,6 +109,97 @@ def next_action_name(records: Records, token: int) -> str:
     prefix = f"{token:012d}-"
     used = [int(v.record.name[len(prefix):]) for v in records.list(ScaleActionRecord, prefix)]
     return action_name(token, max(used, default=0) + 1)
+
+
+#: How many decisions the ``scalelog`` record keeps, newest last.
+KEPT_DECISIONS = 20
+#: The one ``scalelog`` record: the decisions of whichever node is primary.
+SCALE_LOG = "decisions"
+
+
+def _decisions(value: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], ...]:
+    return tuple(dict(d) for d in value)
+
+
+@frozen
+class ScaleLogRecord(Record):
+    """
+    The primaries' last decisions, newest last (``kind`` ``scalelog``, key ``decisions``): each
+    ``{"at", "node", "token", "action", "reason", "count", "master"}``, at most
+    :data:`KEPT_DECISIONS`.
+    """
+
+    KIND: ClassVar[str] = "scalelog"
+    name: str
+    decisions: tuple[dict[str, Any], ...] = field(default=(), converter=_decisions)
+
+    def key(self) -> str:
+        return self.name
+
+    def to_value(self) -> dict[str, Any]:
+        return {"name": self.name, "decisions": list(self.decisions)}
+
+
+def write_decision(
+    records: Records, node: str, token: int, at: float, decision: ScaleDecision
+) -> ScaleLogRecord:
+    """
+    Blocking: one decision added to those kept, the oldest dropped past :data:`KEPT_DECISIONS`;
+    a hold replaces a hold just before it.
+    """
+    entry = {"at": at, "node": node, "token": token, "action": decision.action, "reason": decision.reason,
+             "count": decision.count, "master": decision.master}
+    for _ in range(3):
+        found = records.get(ScaleLogRecord, SCALE_LOG)
+        kept = found.record.decisions if found is not None else ()
+        if kept and kept[-1].get("action") == HOLD and decision.action == HOLD:
+            # Holds follow one another every round: the latest stands for them all, and the
+            # actions before it stay.
+            kept = kept[:-1]
+        record = ScaleLogRecord(SCALE_LOG, (*kept, entry)[-KEPT_DECISIONS:])
+        try:
+            if found is None:
+                records.create(record)
+            else:
+                records.replace(record, found.version)
+            return record
+        except (AlreadyExists, VersionConflict):
+            # Another node wrote meanwhile (a former primary's last round): read it again.
+            continue
+    log.info("scaling: decision not kept, the log kept changing: {reason}", reason=decision.reason)
+    return record
+
+
+def launched_masters(records: Records, now: float, launch_timeout: float) -> list[str]:
+    """Blocking: the instances launched as masters within ``launch_timeout`` (only they may be starting)."""
+    return sorted({instance for v in records.list(ScaleActionRecord)
+                   if v.record.action == LAUNCH and now - v.record.decided_at < launch_timeout
+                   for instance in v.record.instances})
+
+
+def enrolled_masters(records: Records) -> tuple[list[MasterRecord], list[str]]:
+    """Blocking: the registered masters, and the instances that ever enrolled as a master."""
+    return ([v.record for v in records.list(MasterRecord)],
+            [v.record.instance_id for v in records.list(NodeRecord) if "master" in v.record.roles])
+
+
+#: States in which a launched instance may still come to enroll.
+_COMING = ("pending", "running")
+
+
+@inlineCallbacks
+def discover_fleet(
+    *, records: Records, blocking: RunsBlocking, cloud: ICloud, aws: RunsBlocking, region: str,
+    now: float, settings: ScaleSettings,
+) -> Any:
+    """Fires with :func:`fleet_masters` of the store and of what EC2 says of the launched instances."""
+    registered, enrolled = yield blocking.call(enrolled_masters, records)
+    ids = yield blocking.call(launched_masters, records, now, settings.launch_timeout)
+    launched: dict[str, InstanceInfo] = {}
+    if ids:
+        found = yield aws.call(cloud.describe_instances, region, ids)
+        launched = {i: info for i, info in found.items() if info.state in _COMING}
+    return fleet_masters(registered, enrolled, launched, now, settings.warmup)
 
 
 def fleet_masters(
@@ -225,6 +320,7 @@ class ScalingService(RepeatingService):
         masters: Callable[[float], Deferred[list[Master]]],
         launcher: Launcher,
         drainer: Drains | None = None,
+        publish: Callable[[float, ScaleDecision, int], Deferred[Any]] | None = None,
     ) -> None:
         self.clock = clock
         self.settings = settings
@@ -234,9 +330,11 @@ class ScalingService(RepeatingService):
         self.masters = masters
         self.launcher = launcher
         self.drainer = drainer
+        #: Keeps the decisions where ``puppetha status`` reads them (under the round's token).
+        self.publish = publish
         self.history: list[Sample] = []
         self.last_action: float | None = None
-        #: The last decisions with their reasons, newest last (for `puppetha status`, later).
+        #: The last decisions with their reasons, newest last.
         self.decisions: list[tuple[float, ScaleDecision]] = []
         self._repeating = Repeating(self._round, clock, interval)
 
@@ -266,7 +364,7 @@ class ScalingService(RepeatingService):
         self.history.append(sample)
         masters = yield self.masters(now)
         decision = decide(self.settings, masters, self.history, now, self.last_action)
-        self.decisions = [*self.decisions[-19:], (now, decision)]
+        self.decisions = [*self.decisions[-(KEPT_DECISIONS - 1):], (now, decision)]
         if decision.action == LAUNCH:
             self.last_action = now
             yield self.launcher.act(decision, token)
@@ -274,6 +372,8 @@ class ScalingService(RepeatingService):
             self.last_action = now
             yield self.drainer.act(decision, token)
         elif decision.action != HOLD:
-            log.info("scaling: {action} {master} is not built yet ({reason})", action=decision.action,
-                     master=decision.master, reason=decision.reason)
+            log.info("scaling: {action} {master} decided, and this daemon has no drainer ({reason})",
+                     action=decision.action, master=decision.master, reason=decision.reason)
+        if self.publish is not None:
+            yield self.publish(now, decision, token)
         return decision

@@ -178,6 +178,21 @@ class StatusProbe:
         self.master_name = master_name
 
     def __call__(self, master: MasterRecord, credentials: ProbeCredentials) -> Deferred[bool]:
+        d = self.fetch(master, credentials, "/status/v1/simple", limit=STATUS_BODY_LIMIT)
+
+        def failed(failure: Failure) -> bool:
+            log.debug("probe of {certname} failed: {error}", certname=master.certname, error=failure.value)
+            return False
+
+        return d.addCallbacks(lambda answer: answer[0] == 200, failed)
+
+    def fetch(
+        self, master: MasterRecord, credentials: ProbeCredentials, path: str, limit: int
+    ) -> Deferred[tuple[int, bytes]]:
+        """
+        ``GET path`` from one master, as the health probe asks: fires with the status and the
+        body (at most ``limit`` bytes, or :class:`BodyTooLong`), within the probe's deadline.
+        """
         endpoint = _MasterEndpoint(
             self.reactor,
             master.address,
@@ -193,28 +208,48 @@ class StatusProbe:
         # The deadline is ours, on the injected reactor (treq's ``timeout=`` uses the global one).
         host = f"{master.certname}:{master.port}".encode("ascii")
         d: Deferred[Any] = http.get(
-            "https://master/status/v1/simple", headers=Headers({b"Host": [host]}), unbuffered=True
+            f"https://master{path}", headers=Headers({b"Host": [host]}), unbuffered=True
         )
-        # The body is read and dropped, within the same deadline, so the connection ends.
-        d.addCallback(lambda response: collect(response, _drop).addCallback(lambda _: response.code == 200))
+
+        def read(response: Any) -> Deferred[tuple[int, bytes]]:
+            # The body is read within the same deadline, so the connection ends.
+            body = _Body(limit)
+            return collect(response, body.add).addCallback(lambda _: (response.code, body.data()))
+
+        d.addCallback(read)
         timer = self.reactor.callLater(self.timeout, d.cancel)
 
-        def answered(running: bool) -> bool:
+        def done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            return running
+            return result
 
-        def failed(failure: Failure) -> bool:
-            if timer.active():
-                timer.cancel()
-            log.debug("probe of {certname} failed: {error}", certname=master.certname, error=failure.value)
-            return False
-
-        return d.addCallbacks(answered, failed)
+        return d.addBoth(done)
 
 
-def _drop(data: bytes) -> None:
-    pass
+#: What a ``/status/v1/simple`` answer may hold (``running``, or a few words more).
+STATUS_BODY_LIMIT = 4096
+
+
+class BodyTooLong(Exception):
+    """A master's answer was longer than its reader allows."""
+
+
+class _Body:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            # Raised in treq's collector: the response's transport is stopped, the Deferred fails.
+            raise BodyTooLong(f"more than {self.limit} bytes")
+        self.parts.append(data)
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
 
 
 Probe = Callable[[MasterRecord, ProbeCredentials], Deferred[bool]]

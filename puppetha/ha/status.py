@@ -3,8 +3,9 @@
 
 The lb nodes as each registered itself (state, the nginx generation it serves, how long ago its
 peers last heard it), the lease (holder, token, age), the Elastic IP's owner per
-DescribeAddresses, and the masters with their health.  :func:`cluster_status` is pure; the
-command only reads and prints.
+DescribeAddresses, the masters with their health and their load (the lb nodes' fresh reports,
+merged as the primary merges them), and the primary's last scaling decisions with their
+reasons.  :func:`cluster_status` is pure; the command only reads and prints.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any
 
 from puppetha.aws.cloud import CloudError
 from puppetha.context import EXIT_FAILED, Context
+from puppetha.ha.autoscale import SCALE_LOG, ScaleLogRecord
 from puppetha.ha.lease import FAILOVER_LEASE
-from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Versioned
+from puppetha.ha.monitor import fresh_reports, merge_reports
+from puppetha.ha.scaling import MasterLoad, Sample
+from puppetha.store.records import LbNodeRecord, LeaseRecord, LoadReportRecord, MasterRecord, Versioned
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "status", help="the lb nodes, the primary, the lease, the Elastic IP's owner and the masters")
+        "status", help="the lb nodes, the primary, the lease, the Elastic IP's owner, the masters with "
+        "their load, and the last scaling decisions")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=status)
 
@@ -49,8 +54,13 @@ def cluster_status(
     owner: str | None,
     owner_error: str | None,
     masters: Iterable[MasterRecord],
+    load: Sample | None = None,
+    scaling: bool = False,
+    decisions: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
+    """``load``: the merged fresh reports (None: none); ``decisions``: the kept ones, oldest first."""
     nodes = list(nodes)
+    loads = load.loads if load is not None else {}
     holder = lease.record.holder if lease is not None and lease.record.holder else None
     return {
         "lb_nodes": [
@@ -79,9 +89,29 @@ def cluster_status(
             "agrees_with_lease": None if not elastic_ip or owner_error else owner == holder,
         },
         "masters": [
-            {"certname": m.certname, "address": f"{m.address}:{m.port}", "healthy": m.healthy}
+            {"certname": m.certname, "address": f"{m.address}:{m.port}", "healthy": m.healthy,
+             "load": _load(loads[m.certname]) if m.certname in loads else None}
             for m in sorted(masters, key=lambda m: m.certname)
         ],
+        "scaling": {
+            "enabled": scaling,
+            "decisions": [
+                {**d, "age": round(max(0.0, now - float(d.get("at", now))), 3)} for d in decisions
+            ],
+        },
+    }
+
+
+def _load(load: MasterLoad) -> dict[str, Any]:
+    return {
+        "requests": load.requests,
+        "in_flight": load.in_flight,
+        "busy": round(load.busy(), 3),
+        "unavailable": load.unavailable,
+        "queue_limit_hits": load.queue_limit_hits,
+        "jruby_free": load.jruby_free,
+        "jruby_size": load.jruby_size,
+        "agents": load.agents,
     }
 
 
@@ -115,6 +145,26 @@ def render(status: Mapping[str, Any]) -> str:
         lines.append("  (none registered)")
     for m in status["masters"]:
         lines.append(f"  {m['certname']}  {m['address']}  {'healthy' if m['healthy'] else 'UNHEALTHY'}")
+        load = m["load"]
+        if load is None:
+            lines.append("    load: no fresh report from any lb node")
+        else:
+            jruby = (f"JRuby {load['jruby_free']}/{load['jruby_size']} free" if load["jruby_size"]
+                     else "no jruby-metrics")
+            lines.append(f"    load: {load['requests']} requests, {load['in_flight']} in flight, busy "
+                         f"{load['busy']:.2f}, {load['unavailable']} 503s, {jruby}, {load['agents']} agents")
+    scaling = status["scaling"]
+    lines.append(f"scaling: {'on' if scaling['enabled'] else 'off'}")
+    if not scaling["decisions"]:
+        lines.append("  (no decision yet)")
+    for d in reversed(scaling["decisions"]):
+        what = d["action"]
+        if d.get("count"):
+            what += f" {d['count']}"
+        if d.get("master"):
+            what += f" {d['master']}"
+        lines.append(f"  {d['age']:.0f}s ago  {d.get('node', '?')}  token {d.get('token', '?')}  "
+                     f"{what}: {d['reason']}")
     return "\n".join(lines) + "\n"
 
 
@@ -130,14 +180,20 @@ def status(ctx: Context, args: argparse.Namespace) -> int:
             owner = make_cloud(ctx.config).describe_address(ctx.config[("aws", "region")], elastic_ip)
         except (CloudError, ValueError) as e:
             owner_error = str(e)
+    now = ctx.now()
+    kept = records.get(ScaleLogRecord, SCALE_LOG)
     result = cluster_status(
-        now=ctx.now(),
+        now=now,
         nodes=[v.record for v in records.list(LbNodeRecord)],
         lease=records.get(LeaseRecord, FAILOVER_LEASE),
         elastic_ip=elastic_ip,
         owner=owner,
         owner_error=owner_error,
         masters=[v.record for v in records.list(MasterRecord)],
+        load=merge_reports(fresh_reports(records.store.list(LoadReportRecord.KIND), now,
+                                         ctx.config[("scale", "stale")]), now),
+        scaling=ctx.config[("scale", "enabled")],
+        decisions=kept.record.decisions if kept is not None else (),
     )
     if args.json:
         ctx.out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")

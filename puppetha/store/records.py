@@ -3,20 +3,23 @@ What puppetha keeps, as typed records over the versioned items of :class:`IStore
 
 Kinds and keys (the same on every backend; ``docs/store.md`` lists them):
 
-=============  ==============================  =============================================
-kind           key                             record
-=============  ==============================  =============================================
-``ca``         CA name (``root``, a certname)  :class:`CARecord` (certificate, sealed key)
-``crl``        CA name                         :class:`CRLRecord` (number, signed CRL)
-``revoked``    ``<ca>/<serial hex>``           :class:`RevokedRecord`
-``claim``      ``<instance id>/<role>``        :class:`EnrollmentClaim`
-``node``       certname                        :class:`NodeRecord` (the instance's identity)
-``master``     certname                        :class:`MasterRecord`
-``class``      scope (``default``, ``sg:..``)  :class:`Classification`
-``lease``      lease name                      :class:`LeaseRecord`
-``lbnode``     node id (instance id)           :class:`LbNodeRecord`
-``secret``     secret name (``heartbeat``)     :class:`SealedSecret`
-=============  ==============================  =============================================
+==============  ==============================  =============================================
+kind            key                             record
+==============  ==============================  =============================================
+``ca``          CA name (``root``, a certname)  :class:`CARecord` (certificate, sealed key)
+``crl``         CA name                         :class:`CRLRecord` (number, signed CRL)
+``revoked``     ``<ca>/<serial hex>``           :class:`RevokedRecord`
+``claim``       ``<instance id>/<role>``        :class:`EnrollmentClaim`
+``node``        certname                        :class:`NodeRecord` (the instance's identity)
+``master``      certname                        :class:`MasterRecord`
+``class``       scope (``default``, ``sg:..``)  :class:`Classification`
+``lease``       lease name                      :class:`LeaseRecord`
+``lbnode``      node id (instance id)           :class:`LbNodeRecord`
+``secret``      secret name (``heartbeat``)     :class:`SealedSecret`
+``loadreport``  node id (instance id)           :class:`LoadReportRecord`
+``scale``       ``<token>-<sequence>``          :class:`puppetha.ha.autoscale.ScaleActionRecord`
+``scalelog``    ``decisions``                   :class:`puppetha.ha.autoscale.ScaleLogRecord`
+==============  ==============================  =============================================
 """
 
 from __future__ import annotations
@@ -365,3 +368,23 @@ class SealedSecret(Record):
 
     def key(self) -> str:
         return self.name
+
+
+@frozen
+class LoadReportRecord(Record):
+    """
+    An lb node's latest view of the masters' load, replaced every sampling interval (``[scale]
+    interval``) by its own daemon: the primary merges the fresh ones.  ``loads`` is certname ->
+    the fields of :class:`puppetha.ha.scaling.MasterLoad`; readers validate it
+    (:func:`puppetha.ha.monitor.report_loads`): another node wrote it.
+    """
+
+    KIND: ClassVar[str] = "loadreport"
+    node: str
+    #: The node's wall clock when it took the sample, and the interval the sample covers.
+    at: float
+    interval: float
+    loads: dict[str, dict[str, Any]] = field(factory=dict)
+
+    def key(self) -> str:
+        return self.node

@@ -1,0 +1,354 @@
+"""
+The load monitor's senses: reports checked and merged as tables, an lb node's sampling round over
+a real SQLite store, the jruby-metrics probe over real TLS, and the load socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.threads import blockingCallFromThread
+
+from puppetha.ha.health import ProbeCredentials, StatusProbe, read_credentials
+from puppetha.ha.jruby import JRubyStatus
+from puppetha.ha.load import Attempt, LoadCounter, LoadLogProtocol
+from puppetha.ha.monitor import (
+    NO_REPORT,
+    LoadMonitor,
+    LoadReport,
+    fresh_reports,
+    listen_load_socket,
+    merge_reports,
+    probe_jruby,
+    read_sample,
+    report_loads,
+)
+from puppetha.ha.scaling import (
+    HOLD,
+    SERVING,
+    Master,
+    MasterLoad,
+    Sample,
+    ScaleDecision,
+    ScaleSettings,
+    decide,
+)
+from puppetha.pki.authority import LB_CA
+from puppetha.store import Item
+from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records
+from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
+from tests.test_front_health import ReactorThread
+from tests.test_jruby_metrics import ANSWER
+
+LINE = b"<190>Nov 27 14:30:00 puppetha_load: v1|"
+
+
+def report(node: str, at: float, **loads: MasterLoad) -> LoadReport:
+    return LoadReport(node, at, loads)
+
+
+@pytest.mark.parametrize(
+    ("reports", "expected"),
+    [
+        ([report("lb1", 100.0, m1=MasterLoad(requests=4, in_flight=2, upstream_time=0.5, agents=3))],
+         {"m1": MasterLoad(requests=4, in_flight=2, upstream_time=0.5, agents=3)}),
+        # What each nginx counted adds up; the upstream time is weighted by requests.
+        ([report("lb1", 100.0, m1=MasterLoad(requests=3, in_flight=1, upstream_time=1.0, unavailable=1)),
+          report("lb2", 101.0, m1=MasterLoad(requests=1, in_flight=2, upstream_time=3.0, unavailable=2))],
+         {"m1": MasterLoad(requests=4, in_flight=3, upstream_time=1.5, unavailable=3)}),
+        # puppetserver's pool is the newest report's; its interval counters the highest seen;
+        # the agents (one store for all) the highest count, never the sum.
+        ([report("lb2", 101.0, m1=MasterLoad(jruby_size=4, jruby_free=1, jruby_requested=5,
+                                              queue_limit_hits=0, jruby_wait=0.2, jruby_borrow=0.7,
+                                              agents=10)),
+          report("lb1", 100.0, m1=MasterLoad(jruby_size=4, jruby_free=4, jruby_requested=9,
+                                              queue_limit_hits=1, agents=10))],
+         {"m1": MasterLoad(jruby_size=4, jruby_free=1, jruby_requested=9, queue_limit_hits=1, jruby_wait=0.2,
+                           jruby_borrow=0.7, agents=10)}),
+        # A node that could not reach puppetserver has no pool figures: the other's stand.
+        ([report("lb1", 100.0, m1=MasterLoad(jruby_size=2, jruby_free=0)),
+          report("lb2", 101.0, m1=MasterLoad(requests=2))],
+         {"m1": MasterLoad(requests=2, jruby_size=2, jruby_free=0)}),
+        # Masters only one node knows of yet are kept.
+        ([report("lb1", 100.0, m1=MasterLoad(requests=1)), report("lb2", 100.0, m2=MasterLoad(requests=2))],
+         {"m1": MasterLoad(requests=1), "m2": MasterLoad(requests=2)}),
+    ],
+)
+def test_merge_reports(reports: list[LoadReport], expected: dict[str, MasterLoad]) -> None:
+    assert merge_reports(reports, 105.0) == Sample(105.0, expected)
+
+
+def test_no_report_is_no_fresh_sample() -> None:
+    # Not a fleet at rest: the policy holds, it neither drains nor judges the window quiet.
+    sample = merge_reports([], 105.0)
+    assert sample == Sample(NO_REPORT, {})
+    decision = decide(ScaleSettings(enabled=True), [Master("m1", SERVING, 0.0)], [sample], 105.0, None)
+    assert decision == ScaleDecision(HOLD, "no fresh load sample")
+
+
+def stored(node: str, at: float, loads: Any) -> Item:
+    record = LoadReportRecord(node=node, at=at, interval=10.0, loads=loads)
+    return Item(LoadReportRecord.KIND, node, record.to_value(), 1)
+
+
+@pytest.mark.parametrize(
+    ("loads", "error"),
+    [
+        ("m1", "a map of at most 1000"),
+        ({"m1": {"requests": -1}}, "m1: requests is not a non-negative count"),
+        ({"m1": {"requests": 1.5}}, "m1: requests is not a non-negative count"),
+        ({"m1": {"requests": True}}, "m1: requests is not a non-negative count"),
+        ({"m1": {"upstream_time": float("nan")}}, "m1: upstream_time is not a non-negative number"),
+        ({"m1": {"upstream_time": "1"}}, "m1: upstream_time is not a non-negative number"),
+        ({"m1": {"fork_bomb": 1}}, "unknown load fields"),
+        ({"m1": []}, "not a certname with its load"),
+        ({"": {}}, "not a certname with its load"),
+        ({f"m{i}": {} for i in range(1001)}, "a map of at most 1000"),
+    ],
+)
+def test_a_report_that_fails_its_check_is_left_out(loads: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        report_loads(LoadReportRecord.from_value(stored("lb1", 100.0, loads).value))
+    assert fresh_reports([stored("lb1", 100.0, loads), stored("lb2", 100.0, {"m1": {"requests": 2}})],
+                         now=100.0, stale=30.0) == [LoadReport("lb2", 100.0, {"m1": MasterLoad(requests=2)})]
+
+
+def test_what_is_not_a_report_is_left_out() -> None:
+    found = [Item(LoadReportRecord.KIND, "odd", {"node": "odd"}, 1),
+             Item(LoadReportRecord.KIND, "noon", {"node": "noon", "at": "noon", "interval": 1, "loads": {}},
+                  1),
+             stored("lb1", 100.0, {"m1": {"requests": 2}})]
+    assert [r.node for r in fresh_reports(found, now=100.0, stale=30.0)] == ["lb1"]
+
+
+def test_only_fresh_reports_count() -> None:
+    found = [stored("dead", 60.0, {"m1": {"requests": 100}}), stored("lb1", 75.0, {"m1": {"requests": 1}}),
+             stored("ahead", 140.0, {"m1": {"requests": 100}})]
+    assert [r.node for r in fresh_reports(found, now=100.0, stale=30.0)] == ["lb1"]
+
+
+# --- an lb node's round, over a real store
+
+
+class Synchronous:
+    def call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+def status(free: int, requested: int, hits: int = 0) -> JRubyStatus:
+    return JRubyStatus(size=2, free=free, requested_total=requested, queue_limit_hits_total=hits,
+                       borrow_time=0.5, wait_time=0.1)
+
+
+def agent(certname: str, issuer: str, revoked: bool = False) -> NodeRecord:
+    return NodeRecord(certname=certname, instance_id=f"i-{certname}", role="agent", account="1", region="r",
+                      private_ip="10.0.0.9", serial=len(certname), issuer=issuer, certificate_pem="",
+                      enrolled_at=1.0, not_after=2.0, revoked_at=5.0 if revoked else None)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Iterator[FrontPKI]:
+    pki = FrontPKI(tmp_path / "pki")
+    pki.add_ca(LB_CA)
+    yield pki
+    pki.close()
+
+
+def test_a_round_publishes_the_nodes_sample(pki: FrontPKI) -> None:
+    lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+    records = Records(pki.store)
+    for certname, address, healthy in [("m1", "10.0.0.1", True), ("m2", "fd00::2", True),
+                                       ("down", "10.0.0.3", False)]:
+        records.create(MasterRecord(certname=certname, address=address, port=8140, ca=certname,
+                                    registered_at=1.0, healthy=healthy))
+    for record in [agent("a1", "m1"), agent("a2", "m1"), agent("a3", "m2"),
+                   agent("gone", "m1", revoked=True)]:
+        records.create(record)
+    answers: dict[str, list[JRubyStatus | None]] = {"m1": [status(0, 100), status(1, 130, hits=2)],
+                                                    "m2": [None, None]}
+    broken = {"m2"}
+    asked: list[tuple[str, bytes]] = []
+
+    def jruby(master: MasterRecord, credentials: ProbeCredentials) -> Deferred[JRubyStatus | None]:
+        asked.append((master.certname, credentials.certificate_pem))
+        answer = answers[master.certname].pop(0)
+        if master.certname in broken:
+            # A probe that cannot even start: m2 has no figures, m1 keeps its own.
+            raise ValueError("no such CA")
+        return succeed(answer)
+
+    clock = Clock()
+    clock.advance(1000.0)
+    counter = LoadCounter()
+    nginx = LoadLogProtocol(counter)
+    monitor = LoadMonitor(clock=clock, node="i-lb1", blocking=Synchronous(), store=pki.store, counter=counter,
+                          jruby=jruby, certificate=lb.certificate, private_key=lb.private_key, interval=10.0)
+    for _ in range(3):
+        nginx.datagramReceived(LINE + b"10.0.0.1:8140|200|200|10.0|10.0", None)
+    nginx.datagramReceived(LINE + b"[fd00::2]:8140|503|503|0.0|0.0", None)
+    monitor.startService()
+    # The unhealthy master is not asked; the probe presents the lb node's certificate.
+    assert asked == [("m1", Path(lb.certificate).read_bytes()), ("m2", Path(lb.certificate).read_bytes())]
+    first = Records(pki.store).get(LoadReportRecord, "i-lb1")
+    assert first is not None
+    assert (first.record.at, first.record.interval) == (1000.0, 10.0)
+    assert report_loads(first.record) == {
+        "m1": MasterLoad(requests=3, in_flight=3, upstream_time=10.0, jruby_size=2, jruby_free=0,
+                         jruby_requested=100, jruby_borrow=0.5, jruby_wait=0.1, agents=2),
+        "m2": MasterLoad(requests=1, unavailable=1, agents=1),
+        "down": MasterLoad(),
+    }
+    # The next round: the counters of puppetserver as differences, nginx's counts afresh.
+    clock.advance(10.0)
+    second = Records(pki.store).get(LoadReportRecord, "i-lb1")
+    assert second is not None
+    assert second.version > first.version
+    assert report_loads(second.record)["m1"] == MasterLoad(jruby_size=2, jruby_free=1, jruby_requested=30,
+                                                           queue_limit_hits=2, jruby_borrow=0.5,
+                                                           jruby_wait=0.1, agents=2)
+    assert read_sample(pki.store, now=1015.0, stale=30.0).loads["m1"].queue_limit_hits == 2
+    assert read_sample(pki.store, now=1050.0, stale=30.0) == Sample(NO_REPORT, {})
+    monitor.stopService()
+
+
+# --- the jruby-metrics probe, over real TLS
+
+
+class JRubyServer(LbOnlyServer):
+    """Answers puppetserver's status API as ``body`` says, for lb certificates only."""
+
+    def __init__(self, issued: IssuedFiles, lb_ca_pem: str, code: int, body: bytes) -> None:
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                paths.append(self.path)
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(issued, lb_ca_pem, Handler)
+
+
+@pytest.mark.parametrize(
+    ("code", "body", "expected"),
+    [
+        (200, json.dumps(ANSWER).encode(), JRubyStatus(size=4, free=1, requested_total=120,
+                                                       queue_limit_hits_total=3, borrow_time=0.85,
+                                                       wait_time=0.0405)),
+        (404, b"no", None),
+        (200, b"{not json", None),
+        (200, json.dumps({"status": {}}).encode(), None),  # level info: no figures
+        # puppetserver's figures, but longer than any answer of puppetserver's
+        (200, json.dumps({**ANSWER, "padding": "x" * 300_000}).encode(), None),
+    ],
+)
+def test_jruby_probe_over_real_tls(
+    pki: FrontPKI, code: int, body: bytes, expected: JRubyStatus | None
+) -> None:
+    runner = ReactorThread()
+    server = None
+    try:
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1", "puppet.test"], usage="server")
+        server = JRubyServer(issued, pki.authority.ca(LB_CA).certificate_pem, code, body)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10, master_name="puppet.test")
+        run: Callable[[], Any] = lambda: probe_jruby(probe, master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) == expected
+        assert server.paths == ["/status/v1/services/jruby-metrics?level=debug"]
+    finally:
+        if server is not None:
+            server.stop()
+        runner.stop()
+
+
+def test_jruby_probe_refuses_a_master_with_the_wrong_name(pki: FrontPKI) -> None:
+    runner = ReactorThread()
+    server = None
+    try:
+        lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+        pki.add_ca("m1")
+        issued = pki.leaf("m1", "m1", sans=["m1"], usage="server")
+        answer = json.dumps(ANSWER).encode()
+        server = JRubyServer(issued, pki.authority.ca(LB_CA).certificate_pem, 200, answer)
+        credentials = read_credentials(lb.certificate, lb.private_key, pki.store)
+        master = MasterRecord(certname="m1", address=LOOPBACK, port=server.port, ca="m1", registered_at=1)
+        probe = StatusProbe(runner.reactor, timeout=10, master_name="puppet.test")
+        run: Callable[[], Any] = lambda: probe_jruby(probe, master, credentials)  # noqa: E731
+        assert blockingCallFromThread(runner.reactor, run) is None
+        assert server.paths == []
+    finally:
+        if server is not None:
+            server.stop()
+        runner.stop()
+
+
+# --- the load socket
+
+
+class SignallingCounter(LoadCounter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = threading.Event()
+
+    def add(self, attempts: list[Attempt]) -> None:
+        super().add(attempts)
+        self.received.set()
+
+
+@pytest.mark.parametrize("nginx_user", [None, "www-data"])
+def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str | None) -> None:
+    runner = ReactorThread()
+    path = str(tmp_path / "run" / "load.sock")
+    # A socket left by a daemon that died is replaced.
+    os.makedirs(os.path.dirname(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dead:
+        dead.bind(path)
+    counter = SignallingCounter()
+    try:
+        port = blockingCallFromThread(runner.reactor, listen_load_socket, runner.reactor, path, counter,
+                                      nginx_user)
+        mode = os.stat(path)
+        if nginx_user and os.geteuid() == 0:
+            # Only nginx's workers may send.
+            assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (pwd.getpwnam(nginx_user).pw_uid, 0o600)
+        else:
+            assert stat.S_IMODE(mode.st_mode) == 0o666
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(LINE + b"10.0.0.1:8140|200|200|1.0|1.0", path)
+
+        assert counter.received.wait(timeout=10)
+
+        def took() -> dict[str, MasterLoad]:
+            return counter.take({"10.0.0.1:8140": "m1"}, 1.0)
+
+        loads = blockingCallFromThread(runner.reactor, took)
+        assert loads["m1"] == MasterLoad(requests=1, in_flight=1, upstream_time=1.0)
+        blockingCallFromThread(runner.reactor, port.stopListening)
+    finally:
+        runner.stop()
