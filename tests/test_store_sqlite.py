@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from puppetha.store import AlreadyExists, Create, Item, StoreError, StoreUnavailable, VersionConflict
-from puppetha.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from puppetha.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from tests.store_contract import BARRIER_TIMEOUT, StoreContract, StoreFactory, increment
 
 
@@ -78,12 +78,39 @@ def test_wal_mode(path: str, store: SQLiteStore) -> None:
 
 
 def test_schema_version(path: str, store: SQLiteStore) -> None:
-    assert store.schema_version() == SCHEMA_VERSION == 1
+    assert store.schema_version() == SCHEMA_VERSION == 2
     with sqlite3.connect(path) as other:
         assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert [r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == [
-            "items"
-        ]
+        tables = other.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        assert [r[0] for r in tables] == ["generations", "items"]
+
+
+def test_a_store_of_schema_1_is_migrated_and_counts(path: str) -> None:
+    # A file made by the previous release: items only, no counters.
+    with sqlite3.connect(path) as old:
+        for statement in MIGRATIONS[1]:
+            old.execute(statement)
+        old.execute("PRAGMA user_version = 1")
+        old.execute("INSERT INTO items (kind, key, version, value) VALUES ('master', 'm1', 1, '{}')")
+    os.chmod(path, 0o600)
+    store = SQLiteStore(path)
+    assert store.schema_version() == 2
+    assert store.generations() == {"ca": 0, "crl": 0, "master": 0}
+    assert store.get("master", "m1") == Item("master", "m1", {}, 1)
+    store.delete("master", "m1")
+    assert store.generations()["master"] == 1
+    store.close()
+
+
+def test_a_write_by_another_process_moves_the_counter(path: str, store: SQLiteStore) -> None:
+    before = store.generations()
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from puppetha.store.sqlite import SQLiteStore;"
+         " SQLiteStore(sys.argv[1]).create('master', 'm1', {'healthy': True})", path],
+        check=True,
+    )  # fmt: skip
+    assert store.generations() == {**before, "master": before["master"] + 1}
 
 
 def test_reopening_keeps_data(path: str) -> None:

@@ -573,7 +573,7 @@ class Enrollment:
         backends = [
             MasterBackend(m.record.certname, m.record.address, m.record.port, m.record.healthy,
                           m.record.registered_at)
-            for m in records.list(MasterRecord)
+            for m in records.current(MasterRecord)
         ]  # fmt: skip
         port = master_ports(backends, self.front_ports).get(issuer)
         if port is None:
@@ -737,8 +737,10 @@ def _already_enrolled(admit: Admit) -> EnrollmentRefused:
 
 
 def _healthy_master_cas(records: Records) -> list[str]:
-    masters = [m.record for m in records.list(MasterRecord) if m.record.healthy]
-    cas = {c.record.name for c in records.list(CARecord)}
+    # Both from memory while the store's change counters of masters and CAs stand still: a master
+    # deregistered, marked unhealthy or removed (by any daemon) moves the counter with its write.
+    masters = [m.record for m in records.current(MasterRecord) if m.record.healthy]
+    cas = {c.record.name for c in records.current(CARecord)}
     return sorted({
         m.ca for m in masters
         if m.ca in cas and m.ca not in RESERVED_CA_NAMES and not _revoked_node(records, m.certname)

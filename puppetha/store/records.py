@@ -22,12 +22,14 @@ kind           key                             record
 from __future__ import annotations
 
 import base64
+import builtins
+import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from attrs import asdict, field, fields, frozen
 
-from puppetha.store import IStore, Item
+from puppetha.store import COUNTED_KINDS, IGenerations, IStore, Item
 
 R = TypeVar("R", bound="Record")
 T = TypeVar("T")
@@ -289,11 +291,30 @@ class Versioned(Generic[T]):
     version: int
 
 
+@frozen
+class _Held:
+    """Every record of one counted kind, as read at a generation."""
+
+    generation: int
+    records: tuple[Versioned[Any], ...]
+    by_key: Mapping[str, Versioned[Any]]
+
+
 class Records:
-    """Typed reads and writes over an :class:`IStore` (synchronous, like the store)."""
+    """
+    Typed reads and writes over an :class:`IStore` (synchronous, like the store).
+
+    The few records every enrollment needs (:data:`puppetha.store.COUNTED_KINDS`: CAs, CRLs,
+    masters) are kept in memory by :meth:`current` and :meth:`current_get`, read again only
+    when the store's change counter of their kind says they changed (one small read instead of
+    every record).  A store without counters (:class:`IGenerations`) is simply read every time.
+    """
 
     def __init__(self, store: IStore) -> None:
         self.store = store
+        self._counted = IGenerations.providedBy(store)
+        self._held: dict[str, _Held] = {}
+        self._held_lock = threading.Lock()
 
     def get(self, cls: type[R], key: str) -> Versioned[R] | None:
         item = self.store.get(cls.KIND, key)
@@ -307,11 +328,44 @@ class Records:
             for item in self.store.list(cls.KIND, prefix)
         ]
 
+    def current(self, cls: type[R]) -> builtins.list[Versioned[R]]:
+        """
+        Every record of ``cls``, ordered by key, as :meth:`list` would read it now: of a counted
+        kind, from memory unless the kind's generation moved since it was read.
+        """
+        return list(self._current(cls).records)
+
+    def current_get(self, cls: type[R], key: str) -> Versioned[R] | None:
+        """The record ``key`` of ``cls`` as :meth:`get` would read it now (see :meth:`current`)."""
+        return self._current(cls).by_key.get(key)
+
+    def _current(self, cls: type[R]) -> _Held:
+        if not self._counted or cls.KIND not in COUNTED_KINDS:
+            return _hold(0, self.list(cls))
+        # The generation first, the records after: a write landing between the two leaves
+        # newer records under the older generation, which only costs the next call a read.
+        # The other order could keep stale records under a current generation.
+        generation = self.store.generations()[cls.KIND]  # type: ignore[attr-defined]
+        with self._held_lock:
+            held = self._held.get(cls.KIND)
+        if held is not None and held.generation == generation:
+            return held
+        held = _hold(generation, self.list(cls))
+        with self._held_lock:
+            kept = self._held.get(cls.KIND)
+            if kept is None or kept.generation <= generation:
+                self._held[cls.KIND] = held
+        return held
+
     def create(self, record: Record) -> Item:
         return self.store.create(record.KIND, record.key(), record.to_value())
 
     def replace(self, record: Record, expected_version: int) -> Item:
         return self.store.replace(record.KIND, record.key(), record.to_value(), expected_version)
+
+
+def _hold(generation: int, records: builtins.list[Versioned[Any]]) -> _Held:
+    return _Held(generation, tuple(records), {v.record.key(): v for v in records})
 
 
 @frozen
