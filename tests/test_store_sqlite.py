@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from puppetha.store import AlreadyExists, Create, Item, StoreError, StoreUnavailable, VersionConflict
+from puppetha.store import (
+    AlreadyExists,
+    Create,
+    Item,
+    StoreError,
+    StoreUnavailable,
+    TransactionConflict,
+    VersionConflict,
+)
 from puppetha.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from tests.store_contract import BARRIER_TIMEOUT, StoreContract, StoreFactory, increment
 
@@ -337,4 +346,94 @@ def test_counter_across_processes(path: str) -> None:
     assert store.get("counter", "serial") == Item(
         "counter", "serial", {"n": PROCESSES * times}, 1 + PROCESSES * times
     )
+    store.close()
+
+
+# -- group commit ----------------------------------------------------------------------------
+
+
+def writes_in_one_group(store: SQLiteStore, writes: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """
+    Starts each of ``writes`` in a thread of its own while the test holds the process's write
+    lock, releases it once all are queued, and returns what each returned or raised.
+    """
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, write: Callable[[], object]) -> None:
+        try:
+            outcomes[name] = write()
+        except Exception as e:
+            outcomes[name] = e
+
+    assert store._writers.acquire(timeout=BARRIER_TIMEOUT)
+    threads = [threading.Thread(target=run, args=item) for item in writes.items()]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + BARRIER_TIMEOUT
+        while len(store._queue) < len(writes):
+            assert time.monotonic() < deadline, "the writes never queued"
+            time.sleep(0.001)
+    finally:
+        store._writers.release()
+    for thread in threads:
+        thread.join(BARRIER_TIMEOUT)
+    return outcomes
+
+
+def test_queued_writes_share_one_commit_and_a_refusal_undoes_only_its_own(store: SQLiteStore) -> None:
+    store.create("node", "taken", {"first": True})
+    store.create("node", "counter", {"n": 1})
+    commits = store.commits
+    outcomes = writes_in_one_group(store, {
+        "create": lambda: store.create("node", "new", {}),
+        "taken": lambda: store.create("node", "taken", {"second": True}),
+        "stale": lambda: store.replace("node", "counter", {"n": 7}, 5),
+        "replace": lambda: store.replace("node", "counter", {"n": 2}, 1),
+        "transaction": lambda: store.transact([Create("node", "t1", {}), Create("node", "taken", {})]),
+        "delete": lambda: store.delete("node", "taken-not"),
+    })  # fmt: skip
+    assert store.commits == commits + 1
+    assert outcomes["create"] == Item("node", "new", {}, 1)
+    assert isinstance(outcomes["taken"], AlreadyExists)
+    assert isinstance(outcomes["stale"], VersionConflict)
+    assert outcomes["replace"] == Item("node", "counter", {"n": 2}, 2)
+    assert isinstance(outcomes["transaction"], TransactionConflict)
+    assert outcomes["delete"] is False
+    # What was refused left nothing; what was not is there, committed.
+    assert store.get("node", "taken") == Item("node", "taken", {"first": True}, 1)
+    assert store.get("node", "t1") is None
+    assert store.get("node", "counter") == Item("node", "counter", {"n": 2}, 2)
+    with sqlite3.connect(store.path) as other:
+        assert other.execute("SELECT key FROM items WHERE kind = 'node' ORDER BY key").fetchall() == [
+            ("counter",), ("new",), ("taken",)
+        ]
+
+
+def test_a_statement_the_database_refuses_fails_its_write_alone(path: str, store: SQLiteStore) -> None:
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TRIGGER refuse BEFORE INSERT ON items WHEN NEW.key = 'refused'"
+                      " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    outcomes = writes_in_one_group(store, {
+        "before": lambda: store.create("node", "before", {}),
+        "refused": lambda: store.create("node", "refused", {}),
+        "after": lambda: store.create("node", "after", {}),
+    })  # fmt: skip
+    assert isinstance(outcomes["refused"], StoreError)
+    assert outcomes["before"] == Item("node", "before", {}, 1)
+    assert outcomes["after"] == Item("node", "after", {}, 1)
+    assert [i.key for i in store.list("node")] == ["after", "before"]
+
+
+def test_a_write_still_queued_at_its_deadline_is_refused_and_never_written(path: str) -> None:
+    store = SQLiteStore(path, busy_timeout=0.2)
+    assert store._writers.acquire()
+    try:
+        with pytest.raises(StoreUnavailable, match="this process's writers"):
+            store.create("node", "late", {})
+        assert store._queue == []
+    finally:
+        store._writers.release()
+    store.create("node", "next", {})
+    assert store.get("node", "late") is None
     store.close()
