@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("warming up ...", flush=True)
         warm = Figures("warm-up")
         wave(warm, pids, [job(d.port, n * options.warmup + i) for n, d in enumerate(daemons)
-                          for i in range(options.warmup)], options.concurrency, clients)
+                          for i in range(options.warmup)], options.concurrency,
+                          clients=clients, aws_pids=[moto.pid])
         setups = {"1 daemon": daemons[:1], f"{options.daemons} daemons": daemons}
         figures = {name: Figures(name) for name in setups}
         next_agent = options.warmup * options.daemons
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serving = setups[name]
                 jobs = [job(serving[i % len(serving)].port, next_agent + i) for i in range(options.agents)]
                 next_agent += options.agents
-                wave(figures[name], pids, jobs, options.concurrency, clients)
+                wave(figures[name], pids, jobs, options.concurrency, clients=clients, aws_pids=[moto.pid])
                 print(f"round {round_number + 1} {name}: {figures[name].rates[-1]:.1f}/s", flush=True)
             order.reverse()
 
@@ -174,14 +175,14 @@ def report(figures: dict[str, Figures], options: argparse.Namespace, load_before
     print(f"\n{options.agents} new agents per wave, concurrency {options.concurrency}, {options.rounds} "
           f"interleaved rounds, {options.clients} client process(es); load average {load_before} before, "
           f"{load_after} after; {os.cpu_count()} CPUs")
-    print("| setup | rate | p50 | p99 | server CPU per certificate | client CPU per certificate "
-          "| cores busy: servers + clients | rates per round |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| setup | rate | p50 | p99 | CPU per certificate: servers, clients, AWS (moto) "
+          "| cores busy: servers + clients + AWS | rates per round |")
+    print("|---|---|---|---|---|---|---|")
     for f in figures.values():
         rates = ", ".join(f"{r:.1f}" for r in f.rates)
         print(f"| {f.name} | {f.rate:.1f}/s | {f.percentile(0.5):.0f} ms | {f.percentile(0.99):.0f} ms | "
-              f"{f.cpu_per_cert_ms:.2f} ms | {f.client_cpu_per_cert_ms:.2f} ms | "
-              f"{f.cores(f.cpu):.2f} + {f.cores(f.client_cpu):.2f} | {rates} |")
+              f"{f.cpu_per_cert_ms:.2f}, {f.client_cpu_per_cert_ms:.2f}, {f.aws_cpu_per_cert_ms:.2f} ms | "
+              f"{f.cores(f.cpu):.2f} + {f.cores(f.client_cpu):.2f} + {f.cores(f.aws_cpu):.2f} | {rates} |")
     per_round = [b / a for a, b in zip(one.rates, many.rates, strict=True)]
     print(f"{many.name} / 1 daemon: x{many.rate / one.rate:.2f} overall; per round "
           + ", ".join(f"x{r:.2f}" for r in per_round) + f" (median x{statistics.median(per_round):.2f})")

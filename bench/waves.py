@@ -55,6 +55,8 @@ class Figures:
     cpu: float = 0.0
     #: The clients' own CPU, seconds.
     client_cpu: float = 0.0
+    #: AWS's CPU (moto's process, when it is named to :func:`wave`), seconds.
+    aws_cpu: float = 0.0
     done: int = 0
     failures: list[str] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
@@ -71,6 +73,10 @@ class Figures:
     @property
     def client_cpu_per_cert_ms(self) -> float:
         return 1000 * self.client_cpu / self.done if self.done else 0.0
+
+    @property
+    def aws_cpu_per_cert_ms(self) -> float:
+        return 1000 * self.aws_cpu / self.done if self.done else 0.0
 
     def cores(self, cpu: float) -> float:
         """``cpu`` seconds as the number of cores kept busy during the waves."""
@@ -149,15 +155,22 @@ def wave(
     pids: Sequence[int],
     jobs: Sequence[Job],
     concurrency: int,
+    *,
     clients: Clients | None = None,
+    aws_pids: Sequence[int] = (),
 ) -> None:
-    """Runs ``jobs`` ``concurrency`` at a time; the CPU of the servers ``pids`` goes to ``figures``."""
+    """
+    Runs ``jobs`` ``concurrency`` at a time; the CPU of the servers ``pids``, of the clients and
+    of AWS (``aws_pids``: moto's process) goes to ``figures``.
+    """
     clients = clients or Clients()
     cpu_before = sum(cpu_seconds(p) for p in pids)
+    aws_before = sum(cpu_seconds(p) for p in aws_pids)
     start = time.perf_counter()
     latencies, failures, client_cpu = clients.run(jobs, concurrency)
     elapsed = time.perf_counter() - start
     figures.cpu += sum(cpu_seconds(p) for p in pids) - cpu_before
+    figures.aws_cpu += sum(cpu_seconds(p) for p in aws_pids) - aws_before
     figures.client_cpu += client_cpu
     figures.elapsed += elapsed
     figures.done += len(latencies)
