@@ -244,6 +244,28 @@ def test_writer_waits_then_gives_up_while_readers_carry_on(path: str) -> None:
     store.close()
 
 
+def test_writer_waiting_for_another_process_goes_on_once_it_commits(path: str, store: SQLiteStore) -> None:
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO items (kind, key, version, value) VALUES ('node', 'first', 1, '{}')")
+    holding = threading.Event()
+    outcome: list[object] = []
+
+    def write() -> None:
+        holding.set()
+        outcome.append(store.create("node", "second", {}))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    holding.wait(BARRIER_TIMEOUT)
+    time.sleep(0.05)  # the writer has tried BEGIN IMMEDIATE by now, and waits
+    holder.execute("COMMIT")
+    holder.close()
+    writer.join(BARRIER_TIMEOUT)
+    assert outcome == [Item("node", "second", {}, 1)]
+    assert [i.key for i in store.list("node")] == ["first", "second"]
+
+
 @contextmanager
 def immutable(*paths: str) -> Iterator[None]:
     """The files made immutable (``chattr +i``): even root cannot write them.  Needs root."""
