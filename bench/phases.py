@@ -72,6 +72,10 @@ def phase_of(frame: FrameType | None) -> str:
     detail = None if frame is None else _store_detail(frame)
     while frame is not None:
         code = frame.f_code
+        if code.co_name.startswith("<"):
+            # A comprehension or lambda: the function around it names the phase.
+            frame = frame.f_back
+            continue
         for suffix, function, phase in PHASES:
             if function in ("*", code.co_name) and code.co_filename.endswith(suffix):
                 return phase if detail is None or phase == detail else f"{phase}; {detail}"
