@@ -6,20 +6,23 @@ unhealthy or removed, here or by another daemon, leaves the choice at once.  On 
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import boto3
 import pytest
 from attrs import evolve
 from zope.interface import implementer
 
 from puppetha.enroll.service import revoke_identity
 from puppetha.store import IGenerations, IStore, Item, Value, Write
-from puppetha.store.dynamodb import DynamoDBStore
-from puppetha.store.records import MasterRecord, NodeRecord, Records
+from puppetha.store.dynamodb import DynamoDBStore, partition_key
+from puppetha.store.records import MAX_HELD, MasterRecord, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.aws import FakeAWSSigner
 from tests.aws_fixtures import boto_test_credentials
@@ -196,3 +199,37 @@ def test_a_master_dropped_by_another_daemon_leaves_the_choice_at_its_next_enroll
     else:
         other.remove(first)
     assert {enroll(cached) for _ in range(3)} == {second}
+
+
+def test_a_change_the_counters_miss_is_read_within_max_held(cached: World, backend: str) -> None:
+    """A writer that does not count (a daemon of the release before, during an upgrade)."""
+    now = [0.0]
+    records = Records(cached.store, now=lambda: now[0])
+    first = enroll(cached, "master")
+    held = records.current_get(MasterRecord, first)
+    assert held is not None
+    assert held.record.healthy
+    unhealthy = evolve(held.record, healthy=False).to_value()
+    if backend == "sqlite":
+        assert isinstance(cached.store, SQLiteStore)
+        with sqlite3.connect(cached.store.path) as old:
+            for trigger in ("count_insert", "count_update", "count_delete"):
+                old.execute(f"DROP TRIGGER {trigger}")
+        cached.store.replace("master", first, unhealthy, held.version)
+    else:
+        assert isinstance(cached.store, DynamoDBStore)
+        client = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=cached.moto.endpoint_url)
+        client.put_item(TableName=cached.store.table, Item={
+            "pk": {"S": partition_key("master", first)}, "sk": {"S": first},
+            "v": {"N": str(held.version + 1)}, "w": {"S": "an-earlier-release"},
+            "value": {"S": json.dumps(unhealthy)},
+        })  # fmt: skip
+    now[0] += MAX_HELD - 0.1
+    still = records.current_get(MasterRecord, first)
+    assert still is not None
+    assert still.record.healthy  # the counter did not move: held as read
+    now[0] += 0.2
+    seen = records.current_get(MasterRecord, first)
+    assert seen is not None
+    assert not seen.record.healthy
+    assert seen.version == held.version + 1

@@ -24,7 +24,8 @@ from __future__ import annotations
 import base64
 import builtins
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from attrs import asdict, field, fields, frozen
@@ -32,6 +33,9 @@ from attrs import asdict, field, fields, frozen
 from puppetha.store import COUNTED_KINDS, IGenerations, IStore, Item
 
 R = TypeVar("R", bound="Record")
+
+#: Seconds :meth:`Records.current` keeps records at most, whatever the change counters say.
+MAX_HELD = 5.0
 T = TypeVar("T")
 
 
@@ -298,6 +302,8 @@ class _Held:
     generation: int
     records: tuple[Versioned[Any], ...]
     by_key: Mapping[str, Versioned[Any]]
+    #: When they were read (``Records.now``).
+    read_at: float
 
 
 class Records:
@@ -308,10 +314,17 @@ class Records:
     masters) are kept in memory by :meth:`current` and :meth:`current_get`, read again only
     when the store's change counter of their kind says they changed (one small read instead of
     every record).  A store without counters (:class:`IGenerations`) is simply read every time.
+    Whatever the counters say, records held ``max_held`` seconds are read again: a writer that
+    does not count (a daemon of an earlier release on a shared DynamoDB table, during an
+    upgrade) is seen within that bound.
     """
 
-    def __init__(self, store: IStore) -> None:
+    def __init__(
+        self, store: IStore, *, max_held: float = MAX_HELD, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
+        self.max_held = max_held
+        self.now = now
         self._counted = IGenerations.providedBy(store)
         self._held: dict[str, _Held] = {}
         self._held_lock = threading.Lock()
@@ -341,19 +354,20 @@ class Records:
 
     def _current(self, cls: type[R]) -> _Held:
         if not self._counted or cls.KIND not in COUNTED_KINDS:
-            return _hold(0, self.list(cls))
+            return _hold(0, self.list(cls), 0.0)
         # The generation first, the records after: a write landing between the two leaves
         # newer records under the older generation, which only costs the next call a read.
         # The other order could keep stale records under a current generation.
         generation = self.store.generations()[cls.KIND]  # type: ignore[attr-defined]
         with self._held_lock:
             held = self._held.get(cls.KIND)
-        if held is not None and held.generation == generation:
+        read_at = self.now()
+        if held is not None and held.generation == generation and read_at - held.read_at < self.max_held:
             return held
-        held = _hold(generation, self.list(cls))
+        held = _hold(generation, self.list(cls), read_at)
         with self._held_lock:
             kept = self._held.get(cls.KIND)
-            if kept is None or kept.generation <= generation:
+            if kept is None or (kept.generation, kept.read_at) <= (generation, read_at):
                 self._held[cls.KIND] = held
         return held
 
@@ -364,8 +378,8 @@ class Records:
         return self.store.replace(record.KIND, record.key(), record.to_value(), expected_version)
 
 
-def _hold(generation: int, records: builtins.list[Versioned[Any]]) -> _Held:
-    return _Held(generation, tuple(records), {v.record.key(): v for v in records})
+def _hold(generation: int, records: builtins.list[Versioned[Any]], read_at: float) -> _Held:
+    return _Held(generation, tuple(records), {v.record.key(): v for v in records}, read_at)
 
 
 @frozen
