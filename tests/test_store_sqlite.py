@@ -459,3 +459,31 @@ def test_a_write_still_queued_at_its_deadline_is_refused_and_never_written(path:
     store.create("node", "next", {})
     assert store.get("node", "late") is None
     store.close()
+
+
+def test_a_child_forked_during_a_write_neither_waits_for_nor_commits_the_parents(store: SQLiteStore) -> None:
+    outcome: list[object] = []
+    assert store._writers.acquire(timeout=BARRIER_TIMEOUT)
+    try:
+        writer = threading.Thread(target=lambda: outcome.append(store.create("node", "parent", {})))
+        writer.start()
+        deadline = time.monotonic() + BARRIER_TIMEOUT
+        while not store._queue:
+            assert time.monotonic() < deadline, "the parent's write never queued"
+            time.sleep(0.001)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports by its exit code
+            code = 4  # its own write failed
+            try:
+                store.create("node", "child", {})
+                code = 0 if store.get("node", "parent") is None else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        store._writers.release()
+    writer.join(BARRIER_TIMEOUT)
+    # The parent's write was the parent's alone: committed once, by the parent.
+    assert outcome == [Item("node", "parent", {}, 1)]
+    assert [i.key for i in store.list("node")] == ["child", "parent"]

@@ -140,6 +140,13 @@ class _WriteRequest:
         self.error: BaseException | None = None
 
 
+def _forget_writers(store: SQLiteStore | None) -> None:
+    if store is not None:
+        store._writers = threading.Lock()
+        store._queue = []
+        store._queue_lock = threading.Lock()
+
+
 class _Connection(sqlite3.Connection):
     """A connection that can be weakly referenced (the base class cannot)."""
 
@@ -193,6 +200,10 @@ class SQLiteStore:
         self._queue_lock = threading.Lock()
         #: Write transactions committed by this object (for tests and benchmarks).
         self.commits = 0
+        # A child forked while a thread of the parent wrote must neither wait for the parent's
+        # locks nor commit the parent's queued writes (it has none of its threads).
+        forgetful = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_writers(forgetful()))
         self._closed = False
         _ensure_private_file(path)
         self._unavailable(self._open_schema)
