@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.threads import blockingCallFromThread
 
+from bench.phases import Sampler
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import make_enrollment_site
@@ -114,9 +116,21 @@ def request_body(signer: FakeAWSSigner, instance: InstanceInfo, role: str) -> by
     ).encode()
 
 
+#: TLS client contexts by CA file: made once, not per agent (loading the CA file and the
+#: default settings cost the client more CPU than its half of the handshake).
+_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def client_context(root_pem: str) -> ssl.SSLContext:
+    context = _contexts.get(root_pem)
+    if context is None:
+        context = _contexts[root_pem] = ssl.create_default_context(cafile=root_pem)
+    return context
+
+
 def enroll_once(port: int, root_pem: str, source: str, body: bytes) -> tuple[int, float]:
+    context = client_context(root_pem)
     start = time.perf_counter()
-    context = ssl.create_default_context(cafile=root_pem)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
         raw.sendall(f"PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n".encode())
         with context.wrap_socket(raw, server_hostname="puppet") as tls:
@@ -134,6 +148,14 @@ def enroll_once(port: int, root_pem: str, source: str, body: bytes) -> tuple[int
     return status, time.perf_counter() - start
 
 
+def enrolled(port: int, root_pem: str, source: str, body: bytes) -> float:
+    """One agent's enrollment, which must succeed; its latency (a job of :mod:`bench.waves`)."""
+    code, took = enroll_once(port, root_pem, source, body)
+    if code != 200:
+        raise RuntimeError(f"HTTP {code}")
+    return took
+
+
 @dataclass
 class Daemon:
     """The enrollment side of the daemon, on a private reactor in a thread."""
@@ -146,6 +168,14 @@ class Daemon:
     enrollment: Enrollment
     port: IListeningPort
     root_pem: Path
+
+    def threads(self) -> dict[int, str]:
+        """The daemon's threads by ident: its reactor's and its pool's."""
+        found = {cast(int, self.thread.ident): "reactor"}
+        for worker in list(getattr(self.pool, "threads", [])):
+            if worker.ident is not None:
+                found[worker.ident] = "pool"
+        return found
 
     def stop(self) -> None:
         blockingCallFromThread(self.reactor, self.port.stopListening)
@@ -259,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="stop enrolling after this long")
     parser.add_argument("--key-type", default="ec-p256", choices=[k.value for k in KeyType],
                         help="key type of the CAs (default ec-p256)")
+    parser.add_argument("--phases", action="store_true",
+                        help="sample the daemon's threads and say where an enrollment's time goes")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
@@ -285,12 +317,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the master could not enroll: HTTP {status}", file=sys.stderr)
                 return 1
             bodies = [(a.private_ip, request_body(signer, a, "agent")) for a in agents]
-            run = run_clients(daemon, bodies, options.concurrency, options.seconds)
+            with ExitStack() as sampling:
+                sampler = sampling.enter_context(Sampler(daemon.threads)) if options.phases else None
+                run = run_clients(daemon, bodies, options.concurrency, options.seconds)
             sealed = unb64(daemon.authority.ca(ROOT).sealed_key)
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
         finally:
             daemon.stop()
     report(run, options, signing, rerun)
+    if sampler is not None:
+        print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
+        print(sampler.report(len(run.latencies)))
     return 0 if run.latencies and not run.failures else 1
 
 

@@ -21,16 +21,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from bench.enroll import REGION, enroll_once, request_body
-from bench.vs_puppetserver_ca import agents_in_subnets, cpu_seconds
+from bench.enroll import REGION, enroll_once, enrolled, request_body
+from bench.vs_puppetserver_ca import agents_in_subnets
+from bench.waves import Clients, Figures, Job, wave
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
@@ -96,55 +96,6 @@ def running_daemon(work: Path, name: str, state: Path, moto_url: str, trust: Pat
             process.wait()
 
 
-@dataclass
-class Figures:
-    name: str
-    done: int = 0
-    elapsed: float = 0.0
-    cpu: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    rates: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed else 0.0
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return 0.0
-        return 1000 * ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
-
-
-def wave(
-    figures: Figures, pids: Sequence[int], jobs: Sequence[Callable[[], float]], concurrency: int
-) -> None:
-    lock = threading.Lock()
-    latencies: list[float] = []
-
-    def one(job: Callable[[], float]) -> None:
-        try:
-            took = job()
-        except Exception as e:  # one line per failed agent; the wave goes on
-            with lock:
-                figures.failures.append(str(e)[:200])
-            return
-        with lock:
-            latencies.append(took)
-
-    cpu_before = sum(cpu_seconds(p) for p in pids)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as clients:
-        list(clients.map(one, jobs))
-    elapsed = time.perf_counter() - start
-    figures.cpu += sum(cpu_seconds(p) for p in pids) - cpu_before
-    figures.elapsed += elapsed
-    figures.done += len(latencies)
-    figures.latencies += latencies
-    figures.rates.append(len(latencies) / elapsed)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--agents", type=int, default=200, help="new agents per wave (default 200)")
@@ -153,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--daemons", type=int, default=2, help="daemons in the second setup (default 2)")
     parser.add_argument("--warmup", type=int, default=30,
                         help="agents per daemon before the clock (default 30)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="client processes, the agents in flight shared among them (default 1)")
     given = list(argv if argv is not None else sys.argv[1:])
     options = parser.parse_args(given)
     rerun = shlex.join([".venv/bin/python", "-m", "bench.enroll_daemons", *given])
@@ -187,19 +140,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"the master could not enroll: HTTP {status}", file=sys.stderr)
             return 1
 
-        def job(port: int, i: int) -> Callable[[], float]:
-            def run() -> float:
-                code, took = enroll_once(port, str(root), *bodies[i])
-                if code != 200:
-                    raise RuntimeError(f"HTTP {code}")
-                return took
-            return run
+        def job(port: int, i: int) -> Job:
+            # A partial of a module's function: it pickles, for client processes.
+            return partial(enrolled, port, str(root), *bodies[i])
 
         pids = [d.process.pid for d in daemons]
+        clients = Clients(options.clients)
+        stack.callback(clients.close)
         print("warming up ...", flush=True)
         warm = Figures("warm-up")
         wave(warm, pids, [job(d.port, n * options.warmup + i) for n, d in enumerate(daemons)
-                          for i in range(options.warmup)], options.concurrency)
+                          for i in range(options.warmup)], options.concurrency,
+                          clients=clients, aws_pids=[moto.pid])
         setups = {"1 daemon": daemons[:1], f"{options.daemons} daemons": daemons}
         figures = {name: Figures(name) for name in setups}
         next_agent = options.warmup * options.daemons
@@ -209,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serving = setups[name]
                 jobs = [job(serving[i % len(serving)].port, next_agent + i) for i in range(options.agents)]
                 next_agent += options.agents
-                wave(figures[name], pids, jobs, options.concurrency)
+                wave(figures[name], pids, jobs, options.concurrency, clients=clients, aws_pids=[moto.pid])
                 print(f"round {round_number + 1} {name}: {figures[name].rates[-1]:.1f}/s", flush=True)
             order.reverse()
 
@@ -221,13 +173,16 @@ def report(figures: dict[str, Figures], options: argparse.Namespace, load_before
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     one, many = figures.values()
     print(f"\n{options.agents} new agents per wave, concurrency {options.concurrency}, {options.rounds} "
-          f"interleaved rounds; load average {load_before} before, {load_after} after; {os.cpu_count()} CPUs")
-    print("| setup | rate | p50 | p99 | server CPU per certificate | rates per round |")
-    print("|---|---|---|---|---|---|")
+          f"interleaved rounds, {options.clients} client process(es); load average {load_before} before, "
+          f"{load_after} after; {os.cpu_count()} CPUs")
+    print("| setup | rate | p50 | p99 | CPU per certificate: servers, clients, AWS (moto) "
+          "| cores busy: servers + clients + AWS | rates per round |")
+    print("|---|---|---|---|---|---|---|")
     for f in figures.values():
         rates = ", ".join(f"{r:.1f}" for r in f.rates)
         print(f"| {f.name} | {f.rate:.1f}/s | {f.percentile(0.5):.0f} ms | {f.percentile(0.99):.0f} ms | "
-              f"{1000 * f.cpu / max(f.done, 1):.2f} ms | {rates} |")
+              f"{f.cpu_per_cert_ms:.2f}, {f.client_cpu_per_cert_ms:.2f}, {f.aws_cpu_per_cert_ms:.2f} ms | "
+              f"{f.cores(f.cpu):.2f} + {f.cores(f.client_cpu):.2f} + {f.cores(f.aws_cpu):.2f} | {rates} |")
     per_round = [b / a for a, b in zip(one.rates, many.rates, strict=True)]
     print(f"{many.name} / 1 daemon: x{many.rate / one.rate:.2f} overall; per round "
           + ", ".join(f"x{r:.2f}" for r in per_round) + f" (median x{statistics.median(per_round):.2f})")

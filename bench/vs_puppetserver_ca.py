@@ -35,13 +35,11 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,6 +55,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from bench.enroll import MAX_INSTANCES, REGION, enroll_once, request_body, start_daemon
+from bench.waves import Figures, peak_rss_mib, wave
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import TrustStore
@@ -70,25 +69,10 @@ from puppetha.testing.nginx import free_port
 
 JAVA = "/usr/bin/java"
 DEBIAN_PUPPETSERVER = Path("/etc/puppet/puppetserver")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVER_NAME = "localhost"
 
 
 # -- measuring a server process ---------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of ``pid`` and its reaped children, from ``/proc``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the command: state is field 3, utime 14, stime 15, cutime 16, cstime 17.
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLOCK_TICKS
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 # -- puppetserver with its own CA ---------------------------------------------------------------
@@ -349,61 +333,6 @@ def running_puppetha(
 # -- waves and figures ----------------------------------------------------------------------
 
 
-@dataclass
-class Figures:
-    """One peer's results over all rounds."""
-
-    name: str
-    latencies: list[float] = field(default_factory=list)
-    elapsed: float = 0.0
-    cpu: float = 0.0
-    done: int = 0
-    failures: list[str] = field(default_factory=list)
-    rates: list[float] = field(default_factory=list)
-    peak_rss: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.elapsed if self.elapsed else 0.0
-
-    @property
-    def cpu_per_cert_ms(self) -> float:
-        return 1000 * self.cpu / self.done if self.done else 0.0
-
-    def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return 0.0
-        return 1000 * ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
-
-
-def wave(figures: Figures, pid: int, jobs: Sequence[Callable[[], float]], concurrency: int) -> None:
-    """Runs ``jobs`` (each one agent; returns its latency) ``concurrency`` at a time."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def one(job: Callable[[], float]) -> None:
-        try:
-            took = job()
-        except Exception as e:  # one line per failed agent; the wave goes on
-            with lock:
-                figures.failures.append(str(e)[:200])
-            return
-        with lock:
-            latencies.append(took)
-
-    cpu_before = cpu_seconds(pid)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as clients:
-        list(clients.map(one, jobs))
-    elapsed = time.perf_counter() - start
-    figures.cpu += cpu_seconds(pid) - cpu_before
-    figures.elapsed += elapsed
-    figures.done += len(latencies)
-    figures.latencies += latencies
-    figures.rates.append(len(latencies) / elapsed)
-
-
 def launch_agents(fleet: Fleet, cloud: Boto3Cloud, count: int, subnet_id: str) -> list[InstanceInfo]:
     ids: list[str] = []
     while len(ids) < count:
@@ -443,10 +372,11 @@ def report(peers: dict[str, Figures], options: argparse.Namespace, rerun: str) -
           f"load average before: {options.load_before}")
     print(options.ca_keys)
     print(f"{'':14s}{'rate/s':>9s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU ms/cert':>13s}{'peak RSS MiB':>14s}"
-          f"   rates per round")
+          f"{'client ms/cert':>16s}   rates per round")
     for f in (ps, ha, floor):
         print(f"{f.name:14s}{f.rate:9.1f}{f.percentile(0.5):9.1f}{f.percentile(0.99):9.1f}"
-              f"{f.cpu_per_cert_ms:13.2f}{f.peak_rss:14.0f}   {', '.join(f'{r:.1f}' for r in f.rates)}")
+              f"{f.cpu_per_cert_ms:13.2f}{f.peak_rss:14.0f}{f.client_cpu_per_cert_ms:16.2f}   "
+              f"{', '.join(f'{r:.1f}' for r in f.rates)}")
     print("\npuppetha against puppetserver's CA (baseline):")
     print(f"  rate           {ha.rate:8.1f}/s  vs {ps.rate:8.1f}/s   {ratio(ha.rate, ps.rate)}")
     print(f"  p50            {ha.percentile(0.5):8.1f} ms vs {ps.percentile(0.5):8.1f} ms  "
@@ -476,14 +406,14 @@ def run_rounds(peers: dict[str, Peer], options: argparse.Namespace) -> dict[str,
     figures = {name: Figures(name) for name in peers}
     print(f"warming up: {options.warmup} agents each ...", flush=True)
     for pid, make_job in peers.values():
-        wave(Figures("warm-up"), pid, [make_job(i) for i in range(options.warmup)], options.concurrency)
+        wave(Figures("warm-up"), [pid], [make_job(i) for i in range(options.warmup)], options.concurrency)
     order = list(peers)
     for round_number in range(options.rounds):
         first = options.warmup + round_number * options.agents
         for name in order:
             pid, make_job = peers[name]
             jobs = [make_job(i) for i in range(first, first + options.agents)]
-            wave(figures[name], pid, jobs, options.concurrency)
+            wave(figures[name], [pid], jobs, options.concurrency)
             print(f"round {round_number + 1} {name}: {figures[name].rates[-1]:.1f}/s", flush=True)
         order = order[1:] + order[:1]  # each peer goes first once in three rounds
     return figures

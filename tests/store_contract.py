@@ -34,11 +34,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from puppetha.store import (
+    COUNTED_KINDS,
     MAX_TRANSACTION_WRITES,
     AlreadyExists,
     Check,
     Create,
     Delete,
+    IGenerations,
     IStore,
     Item,
     Replace,
@@ -649,6 +651,57 @@ class StoreContract:
         assert final is not None
         assert final.value == {"n": RACERS * increments}, final
         assert final.version == 1 + RACERS * increments, final
+
+
+    # -- change counters (IGenerations)
+
+    def test_counted_writes_move_their_kind_only(self, stores: StoreFactory) -> None:
+        store, other = stores(), stores()
+        assert IGenerations.providedBy(store)
+        counters: IGenerations = store
+        start = dict(counters.generations())
+        assert sorted(start) == sorted(COUNTED_KINDS)
+
+        def moved() -> dict[str, int]:
+            now = counters.generations()
+            return {kind: now[kind] - start[kind] for kind in now if now[kind] != start[kind]}
+
+        # Other kinds never count.
+        store.create("node", "n1", {})
+        store.transact([Create("claim", "i-1/agent", {}), Delete("node", "n1")])
+        assert moved() == {}
+        # Every committed write of a counted kind does, whoever made it (another daemon here).
+        other.create("master", "m1", {"healthy": True})
+        assert moved() == {"master": 1}
+        other.replace("master", "m1", {"healthy": False}, 1)
+        assert moved()["master"] == 2
+        other.transact([Create("ca", "c1", {}), Create("crl", "c1", {})])
+        assert moved() == {"master": 2, "ca": 1, "crl": 1}
+        assert other.delete("master", "m1")
+        assert moved()["master"] == 3
+        other.create("master", "m2", {})
+        assert other.delete("master", "m2", expected_version=1)
+        assert moved()["master"] == 5
+
+    def test_refused_writes_do_not_count(self, store: IStore) -> None:
+        assert IGenerations.providedBy(store)
+        counters: IGenerations = store
+        store.create("master", "m1", {})
+        store.create("ca", "c1", {})
+        before = dict(counters.generations())
+        with pytest.raises(AlreadyExists):
+            store.create("master", "m1", {})
+        with pytest.raises(VersionConflict):
+            store.replace("master", "m1", {}, 7)
+        with pytest.raises(VersionConflict):
+            store.delete("master", "m1", expected_version=7)
+        assert not store.delete("master", "absent")
+        with pytest.raises(TransactionConflict):
+            store.transact([Delete("ca", "c1"), Create("master", "m1", {})])
+        # A Check writes nothing, so it counts nothing.
+        store.transact([Check("master", "m1", 1), Create("node", "n1", {})])
+        assert counters.generations() == before
+        assert store.get("ca", "c1") is not None
 
 
 _namespaces = itertools.count()

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,8 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from puppetha.store import AlreadyExists, Create, Item, StoreError, StoreUnavailable, VersionConflict
-from puppetha.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from puppetha.store import (
+    AlreadyExists,
+    Create,
+    Item,
+    StoreError,
+    StoreUnavailable,
+    TransactionConflict,
+    VersionConflict,
+)
+from puppetha.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from tests.store_contract import BARRIER_TIMEOUT, StoreContract, StoreFactory, increment
 
 
@@ -109,12 +118,39 @@ def test_wal_mode(path: str, store: SQLiteStore) -> None:
 
 
 def test_schema_version(path: str, store: SQLiteStore) -> None:
-    assert store.schema_version() == SCHEMA_VERSION == 1
+    assert store.schema_version() == SCHEMA_VERSION == 2
     with sqlite3.connect(path) as other:
         assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert [r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == [
-            "items"
-        ]
+        tables = other.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        assert [r[0] for r in tables] == ["generations", "items"]
+
+
+def test_a_store_of_schema_1_is_migrated_and_counts(path: str) -> None:
+    # A file made by the previous release: items only, no counters.
+    with sqlite3.connect(path) as old:
+        for statement in MIGRATIONS[1]:
+            old.execute(statement)
+        old.execute("PRAGMA user_version = 1")
+        old.execute("INSERT INTO items (kind, key, version, value) VALUES ('master', 'm1', 1, '{}')")
+    os.chmod(path, 0o600)
+    store = SQLiteStore(path)
+    assert store.schema_version() == 2
+    assert store.generations() == {"ca": 0, "crl": 0, "master": 0}
+    assert store.get("master", "m1") == Item("master", "m1", {}, 1)
+    store.delete("master", "m1")
+    assert store.generations()["master"] == 1
+    store.close()
+
+
+def test_a_write_by_another_process_moves_the_counter(path: str, store: SQLiteStore) -> None:
+    before = store.generations()
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from puppetha.store.sqlite import SQLiteStore;"
+         " SQLiteStore(sys.argv[1]).create('master', 'm1', {'healthy': True})", path],
+        check=True,
+    )  # fmt: skip
+    assert store.generations() == {**before, "master": before["master"] + 1}
 
 
 def test_reopening_keeps_data(path: str) -> None:
@@ -239,6 +275,28 @@ def test_writer_waits_then_gives_up_while_readers_carry_on(path: str) -> None:
     store.close()
 
 
+def test_writer_waiting_for_another_process_goes_on_once_it_commits(path: str, store: SQLiteStore) -> None:
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO items (kind, key, version, value) VALUES ('node', 'first', 1, '{}')")
+    holding = threading.Event()
+    outcome: list[object] = []
+
+    def write() -> None:
+        holding.set()
+        outcome.append(store.create("node", "second", {}))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    holding.wait(BARRIER_TIMEOUT)
+    time.sleep(0.05)  # the writer has tried BEGIN IMMEDIATE by now, and waits
+    holder.execute("COMMIT")
+    holder.close()
+    writer.join(BARRIER_TIMEOUT)
+    assert outcome == [Item("node", "second", {}, 1)]
+    assert [i.key for i in store.list("node")] == ["first", "second"]
+
+
 @contextmanager
 def immutable(*paths: str) -> Iterator[None]:
     """The files made immutable (``chattr +i``): even root cannot write them.  Needs root."""
@@ -342,3 +400,121 @@ def test_counter_across_processes(path: str) -> None:
         "counter", "serial", {"n": PROCESSES * times}, 1 + PROCESSES * times
     )
     store.close()
+
+
+# -- group commit ----------------------------------------------------------------------------
+
+
+def writes_in_one_group(store: SQLiteStore, writes: dict[str, Callable[[], object]]) -> dict[str, object]:
+    """
+    Starts each of ``writes`` in a thread of its own while the test holds the process's write
+    lock, releases it once all are queued, and returns what each returned or raised.
+    """
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, write: Callable[[], object]) -> None:
+        try:
+            outcomes[name] = write()
+        except Exception as e:
+            outcomes[name] = e
+
+    assert store._writers.acquire(timeout=BARRIER_TIMEOUT)
+    threads = [threading.Thread(target=run, args=item) for item in writes.items()]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + BARRIER_TIMEOUT
+        while len(store._queue) < len(writes):
+            assert time.monotonic() < deadline, "the writes never queued"
+            time.sleep(0.001)
+    finally:
+        store._writers.release()
+    for thread in threads:
+        thread.join(BARRIER_TIMEOUT)
+    return outcomes
+
+
+def test_queued_writes_share_one_commit_and_a_refusal_undoes_only_its_own(store: SQLiteStore) -> None:
+    store.create("node", "taken", {"first": True})
+    store.create("node", "counter", {"n": 1})
+    commits = store.commits
+    outcomes = writes_in_one_group(store, {
+        "create": lambda: store.create("node", "new", {}),
+        "taken": lambda: store.create("node", "taken", {"second": True}),
+        "stale": lambda: store.replace("node", "counter", {"n": 7}, 5),
+        "replace": lambda: store.replace("node", "counter", {"n": 2}, 1),
+        "transaction": lambda: store.transact([Create("node", "t1", {}), Create("node", "taken", {})]),
+        "delete": lambda: store.delete("node", "taken-not"),
+    })  # fmt: skip
+    assert store.commits == commits + 1
+    assert outcomes["create"] == Item("node", "new", {}, 1)
+    assert isinstance(outcomes["taken"], AlreadyExists)
+    assert isinstance(outcomes["stale"], VersionConflict)
+    assert outcomes["replace"] == Item("node", "counter", {"n": 2}, 2)
+    assert isinstance(outcomes["transaction"], TransactionConflict)
+    assert outcomes["delete"] is False
+    # What was refused left nothing; what was not is there, committed.
+    assert store.get("node", "taken") == Item("node", "taken", {"first": True}, 1)
+    assert store.get("node", "t1") is None
+    assert store.get("node", "counter") == Item("node", "counter", {"n": 2}, 2)
+    with sqlite3.connect(store.path) as other:
+        assert other.execute("SELECT key FROM items WHERE kind = 'node' ORDER BY key").fetchall() == [
+            ("counter",), ("new",), ("taken",)
+        ]
+
+
+def test_a_statement_the_database_refuses_fails_its_write_alone(path: str, store: SQLiteStore) -> None:
+    with sqlite3.connect(path) as other:
+        other.execute("CREATE TRIGGER refuse BEFORE INSERT ON items WHEN NEW.key = 'refused'"
+                      " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    outcomes = writes_in_one_group(store, {
+        "before": lambda: store.create("node", "before", {}),
+        "refused": lambda: store.create("node", "refused", {}),
+        "after": lambda: store.create("node", "after", {}),
+    })  # fmt: skip
+    assert isinstance(outcomes["refused"], StoreError)
+    assert outcomes["before"] == Item("node", "before", {}, 1)
+    assert outcomes["after"] == Item("node", "after", {}, 1)
+    assert [i.key for i in store.list("node")] == ["after", "before"]
+
+
+def test_a_write_still_queued_at_its_deadline_is_refused_and_never_written(path: str) -> None:
+    store = SQLiteStore(path, busy_timeout=0.2)
+    assert store._writers.acquire()
+    try:
+        with pytest.raises(StoreUnavailable, match="this process's writers"):
+            store.create("node", "late", {})
+        assert store._queue == []
+    finally:
+        store._writers.release()
+    store.create("node", "next", {})
+    assert store.get("node", "late") is None
+    store.close()
+
+
+def test_a_child_forked_during_a_write_neither_waits_for_nor_commits_the_parents(store: SQLiteStore) -> None:
+    outcome: list[object] = []
+    assert store._writers.acquire(timeout=BARRIER_TIMEOUT)
+    try:
+        writer = threading.Thread(target=lambda: outcome.append(store.create("node", "parent", {})))
+        writer.start()
+        deadline = time.monotonic() + BARRIER_TIMEOUT
+        while not store._queue:
+            assert time.monotonic() < deadline, "the parent's write never queued"
+            time.sleep(0.001)
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports by its exit code
+            code = 4  # its own write failed
+            try:
+                store.create("node", "child", {})
+                code = 0 if store.get("node", "parent") is None else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        store._writers.release()
+    writer.join(BARRIER_TIMEOUT)
+    # The parent's write was the parent's alone: committed once, by the parent.
+    assert outcome == [Item("node", "parent", {}, 1)]
+    assert [i.key for i in store.list("node")] == ["child", "parent"]

@@ -583,7 +583,7 @@ class Enrollment:
         backends = [
             MasterBackend(m.record.certname, m.record.address, m.record.port, m.record.healthy,
                           m.record.registered_at)
-            for m in records.list(MasterRecord)
+            for m in records.current(MasterRecord)
         ]  # fmt: skip
         port = master_ports(backends, self.front_ports).get(issuer)
         if port is None:
@@ -751,9 +751,11 @@ def _already_enrolled(admit: Admit) -> EnrollmentRefused:
 
 
 def _healthy_master_cas(records: Records) -> list[str]:
-    # A draining master gets no new agents: they would lose it within drain_timeout.
-    masters = [m.record for m in records.list(MasterRecord) if m.record.healthy and not m.record.draining]
-    cas = {c.record.name for c in records.list(CARecord)}
+    # Both from memory while the store's change counters of masters and CAs stand still: a master
+    # deregistered, marked unhealthy or draining, or removed (by any daemon) moves the counter with
+    # its write.  A draining master gets no new agents: they would lose it within drain_timeout.
+    masters = [m.record for m in records.current(MasterRecord) if m.record.healthy and not m.record.draining]
+    cas = {c.record.name for c in records.current(CARecord)}
     return sorted({
         m.ca for m in masters
         if m.ca in cas and m.ca not in RESERVED_CA_NAMES and not _revoked_node(records, m.certname)

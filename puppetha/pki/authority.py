@@ -168,8 +168,11 @@ class CertificateAuthority:
 
     # -- reading
 
+    # CA and CRL records are read through Records.current*: from memory while the store's change
+    # counter of their kind stands still, so an enrollment reads what changed, not everything.
+
     def ca(self, name: str) -> CARecord:
-        found = self.records.get(CARecord, name)
+        found = self.records.current_get(CARecord, name)
         if found is None:
             raise UnknownCA(name)
         return found.record
@@ -181,7 +184,7 @@ class CertificateAuthority:
         return self._parse(self.ca(name).certificate_pem)
 
     def crl(self, name: str) -> CRLRecord:
-        found = self.records.get(CRLRecord, name)
+        found = self.records.current_get(CRLRecord, name)
         if found is None:
             raise UnknownCA(name)
         return found.record
@@ -192,7 +195,7 @@ class CertificateAuthority:
 
     def crl_chain_pem(self, ca_names: Sequence[str] | None = None) -> bytes:
         """The CRLs of ``ca_names`` (default: every CA, root included), root first."""
-        crls = {v.record.ca: v.record for v in self.records.list(CRLRecord)}
+        crls = {v.record.ca: v.record for v in self.records.current(CRLRecord)}
         names = sorted(crls, key=lambda n: (n != ROOT, n)) if ca_names is None else list(ca_names)
         missing = [name for name in names if name not in crls]
         if missing:
@@ -201,7 +204,9 @@ class CertificateAuthority:
 
     def ca_bundle_pem(self) -> bytes:
         """Every CA certificate, root first: what nginx trusts for client certificates."""
-        cas = sorted((v.record for v in self.records.list(CARecord)), key=lambda r: (r.name != ROOT, r.name))
+        cas = sorted(
+            (v.record for v in self.records.current(CARecord)), key=lambda r: (r.name != ROOT, r.name)
+        )
         return "".join(ca.certificate_pem for ca in cas).encode("ascii")
 
     # -- creating CAs
@@ -216,7 +221,7 @@ class CertificateAuthority:
 
     def ensure_root(self, common_name: str) -> CARecord:
         """The root CA, created first if the store has none (safe to race with other daemons)."""
-        found = self.records.get(CARecord, ROOT)
+        found = self.records.current_get(CARecord, ROOT)
         if found is not None:
             return found.record
         try:
@@ -241,7 +246,7 @@ class CertificateAuthority:
         check_certname(name)
         if name == ROOT:
             raise AuthorityError("the root is made with init_root, not ensure_ca")
-        found = self.records.get(CARecord, name)
+        found = self.records.current_get(CARecord, name)
         if found is not None:
             return found.record
         try:
@@ -423,7 +428,7 @@ class CertificateAuthority:
     # -- helpers
 
     def _chain(self, ca_name: str) -> list[x509.Certificate]:
-        cas = {v.record.name: v.record for v in self.records.list(CARecord)}
+        cas = {v.record.name: v.record for v in self.records.current(CARecord)}
         if ca_name not in cas:
             raise UnknownCA(ca_name)
         names = bundles.chain_names(ca_name, {name: ca.parent for name, ca in cas.items()})

@@ -141,3 +141,21 @@ class IStore(Interface):
 
     def close() -> None:
         """Release connections; the store is unusable afterwards."""
+
+
+#: The kinds whose every change the store counts (:class:`IGenerations`): few records, read by
+#: every enrollment, written rarely (a new CA, a CRL signed, a master registered or gone).
+COUNTED_KINDS = ("ca", "crl", "master")
+
+
+class IGenerations(Interface):
+    """
+    A store that counts the changes of :data:`COUNTED_KINDS`: each committed write (create,
+    replace, delete; in a transaction or alone) of an item of such a kind makes that kind's
+    generation grow, whichever process or daemon made it, and a refused write changes nothing.
+    A reader holding the records of a kind at a generation knows they are still current while
+    the generation is the same, and asks for one small read instead of every record.
+    """
+
+    def generations() -> Mapping[str, int]:
+        """The generation of each of :data:`COUNTED_KINDS`, read now (one round trip)."""

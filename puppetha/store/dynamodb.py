@@ -5,6 +5,8 @@ The table layout, its limits and the reasons for them are in ``docs/dynamodb.md`
 a head item per store item at ``pk = "<kind>#<shard>"``, ``sk = <key>``, where the shard is a
 stable hash of the key; values too big for one DynamoDB item live zlib-compressed in immutable
 chunk items at ``pk = "chunk#<generation>"``, written in the same transaction as their head.
+The change counters of :class:`IGenerations` are items at ``pk = "gen"``, ``sk = <kind>``,
+counted up in the transaction of every write of a counted kind.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from zope.interface import implementer
 
 from puppetha.aws.boto import DEFAULT_DEADLINE, within_deadline
 from puppetha.store import (
+    COUNTED_KINDS,
     AlreadyExists,
+    Check,
     Create,
     Delete,
+    IGenerations,
     IStore,
     Item,
     Replace,
@@ -186,7 +191,11 @@ def _encode(kind: str, key: str, text: str, version: int, write_id: str) -> _Enc
     return _Encoded(decode_value(text), head, tuple(chunks), size)
 
 
-@implementer(IStore)
+#: Partition of the change counters (no kind's partition has this name: theirs hold a ``#``).
+GENERATIONS_PK = "gen"
+
+
+@implementer(IStore, IGenerations)
 class DynamoDBStore:
     """
     :class:`IStore` on one DynamoDB table.  Blocking and thread-safe: the daemon calls it from
@@ -236,7 +245,8 @@ class DynamoDBStore:
         validate_key(key)
         write_id = uuid.uuid4().hex
         encoded = _encode(kind, key, encode_value(value), 1, write_id)
-        if encoded.chunks:
+        if encoded.chunks or kind in COUNTED_KINDS:
+            # A transaction: it counts the change in the same write.
             self._single(Create(kind, key, value), encoded)
             return Item(kind, key, encoded.value, 1)
         try:
@@ -260,7 +270,7 @@ class DynamoDBStore:
         encoded = _encode(kind, key, encode_value(value), expected_version + 1, write_id)
         if not version_can_exist(expected_version):
             raise VersionConflict(kind, key, expected_version)
-        if encoded.chunks:
+        if encoded.chunks or kind in COUNTED_KINDS:
             self._single(Replace(kind, key, value, expected_version), encoded)
             return Item(kind, key, encoded.value, expected_version + 1)
         try:
@@ -284,6 +294,8 @@ class DynamoDBStore:
     def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
         validate_kind(kind)
         validate_key(key)
+        if kind in COUNTED_KINDS:
+            return self._delete_counted(kind, key, expected_version)
         arguments: dict[str, Any] = {
             "TableName": self.table,
             "Key": self._key(kind, key),
@@ -309,6 +321,33 @@ class DynamoDBStore:
         old = answer.get("Attributes")
         self._drop_chunks_of(old)
         return bool(old)
+
+    def _delete_counted(self, kind: str, key: str, expected_version: int | None) -> bool:
+        """A delete of a counted kind, in a transaction with its count; whether the item existed."""
+        if expected_version is not None:
+            validate_version(expected_version)
+            if not version_can_exist(expected_version):
+                raise VersionConflict(kind, key, expected_version)
+            self._single(Delete(kind, key, expected_version), None)
+            return True
+        for _ in range(5):
+            head = self._get_head(kind, key)
+            if head is None:
+                return False
+            try:
+                # At the version just read, so "it existed" is true of the item deleted.
+                self._single(Delete(kind, key, int(head["v"]["N"])), None)
+            except VersionConflict:
+                continue
+            return True
+        raise StoreUnavailable(f"{kind} {key!r} kept changing while being deleted")
+
+    def generations(self) -> dict[str, int]:
+        found = dict.fromkeys(COUNTED_KINDS, 0)
+        for counter in self._query(GENERATIONS_PK, ""):
+            if counter["sk"]["S"] in found:
+                found[counter["sk"]["S"]] = int(counter["n"]["N"])
+        return found
 
     def list(self, kind: str, prefix: str = "") -> list[Item]:
         validate_kind(kind)
@@ -472,10 +511,10 @@ class DynamoDBStore:
                 items.append(item)
         return items
 
-    def _single(self, write: Write, encoded: _Encoded) -> None:
-        """A single big write, done as a transaction; its refusal is the write's own error."""
+    def _single(self, write: Write, encoded: _Encoded | None) -> None:
+        """A single write done as a transaction; its refusal is the write's own error."""
         try:
-            self._commit([write], {0: encoded})
+            self._commit([write], {} if encoded is None else {0: encoded})
         except TransactionConflict as e:
             raise e.reasons[0] from None
 
@@ -493,6 +532,20 @@ class DynamoDBStore:
                 }
                 for chunk in e.chunks
             )
+        # Each counted kind written is counted once (one action per item in a transaction).
+        counted = sorted({w.kind for w in writes if w.kind in COUNTED_KINDS and not isinstance(w, Check)})
+        actions.extend(
+            {
+                "Update": {
+                    "TableName": self.table,
+                    "Key": {"pk": {"S": GENERATIONS_PK}, "sk": {"S": kind}},
+                    "UpdateExpression": "ADD #n :one",
+                    "ExpressionAttributeNames": {"#n": "n"},
+                    "ExpressionAttributeValues": {":one": {"N": "1"}},
+                }
+            }
+            for kind in counted
+        )
         if len(actions) > MAX_TRANSACTION_ACTIONS:
             raise ValueError(
                 f"transaction needs {len(actions)} DynamoDB writes with its value chunks, "

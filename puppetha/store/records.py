@@ -25,14 +25,20 @@ kind            key                             record
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import builtins
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from attrs import asdict, field, fields, frozen
 
-from puppetha.store import IStore, Item
+from puppetha.store import COUNTED_KINDS, IGenerations, IStore, Item
 
 R = TypeVar("R", bound="Record")
+
+#: Seconds :meth:`Records.current` keeps records at most, whatever the change counters say.
+MAX_HELD = 5.0
 T = TypeVar("T")
 
 
@@ -303,11 +309,39 @@ class Versioned(Generic[T]):
     version: int
 
 
-class Records:
-    """Typed reads and writes over an :class:`IStore` (synchronous, like the store)."""
+@frozen
+class _Held:
+    """Every record of one counted kind, as read at a generation."""
 
-    def __init__(self, store: IStore) -> None:
+    generation: int
+    records: tuple[Versioned[Any], ...]
+    by_key: Mapping[str, Versioned[Any]]
+    #: When they were read (``Records.now``).
+    read_at: float
+
+
+class Records:
+    """
+    Typed reads and writes over an :class:`IStore` (synchronous, like the store).
+
+    The few records every enrollment needs (:data:`puppetha.store.COUNTED_KINDS`: CAs, CRLs,
+    masters) are kept in memory by :meth:`current` and :meth:`current_get`, read again only
+    when the store's change counter of their kind says they changed (one small read instead of
+    every record).  A store without counters (:class:`IGenerations`) is simply read every time.
+    Whatever the counters say, records held ``max_held`` seconds are read again: a writer that
+    does not count (a daemon of an earlier release on a shared DynamoDB table, during an
+    upgrade) is seen within that bound.
+    """
+
+    def __init__(
+        self, store: IStore, *, max_held: float = MAX_HELD, now: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
+        self.max_held = max_held
+        self.now = now
+        self._counted = IGenerations.providedBy(store)
+        self._held: dict[str, _Held] = {}
+        self._held_lock = threading.Lock()
 
     def get(self, cls: type[R], key: str) -> Versioned[R] | None:
         item = self.store.get(cls.KIND, key)
@@ -321,11 +355,45 @@ class Records:
             for item in self.store.list(cls.KIND, prefix)
         ]
 
+    def current(self, cls: type[R]) -> builtins.list[Versioned[R]]:
+        """
+        Every record of ``cls``, ordered by key, as :meth:`list` would read it now: of a counted
+        kind, from memory unless the kind's generation moved since it was read.
+        """
+        return list(self._current(cls).records)
+
+    def current_get(self, cls: type[R], key: str) -> Versioned[R] | None:
+        """The record ``key`` of ``cls`` as :meth:`get` would read it now (see :meth:`current`)."""
+        return self._current(cls).by_key.get(key)
+
+    def _current(self, cls: type[R]) -> _Held:
+        if not self._counted or cls.KIND not in COUNTED_KINDS:
+            return _hold(0, self.list(cls), 0.0)
+        # The generation first, the records after: a write landing between the two leaves
+        # newer records under the older generation, which only costs the next call a read.
+        # The other order could keep stale records under a current generation.
+        generation = self.store.generations()[cls.KIND]  # type: ignore[attr-defined]
+        with self._held_lock:
+            held = self._held.get(cls.KIND)
+        read_at = self.now()
+        if held is not None and held.generation == generation and read_at - held.read_at < self.max_held:
+            return held
+        held = _hold(generation, self.list(cls), read_at)
+        with self._held_lock:
+            kept = self._held.get(cls.KIND)
+            if kept is None or (kept.generation, kept.read_at) <= (generation, read_at):
+                self._held[cls.KIND] = held
+        return held
+
     def create(self, record: Record) -> Item:
         return self.store.create(record.KIND, record.key(), record.to_value())
 
     def replace(self, record: Record, expected_version: int) -> Item:
         return self.store.replace(record.KIND, record.key(), record.to_value(), expected_version)
+
+
+def _hold(generation: int, records: builtins.list[Versioned[Any]], read_at: float) -> _Held:
+    return _Held(generation, tuple(records), {v.record.key(): v for v in records}, read_at)
 
 
 @frozen

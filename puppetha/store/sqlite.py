@@ -7,11 +7,13 @@ Several daemons and the admin CLI may open the same file at once: every write ru
 Readers never wait for writers (WAL).
 
 Threads: each thread gets its own connection (``threading.local``), so reads run in parallel
-with a write.  The process's own writers queue on a lock before ``BEGIN IMMEDIATE``: SQLite's
-busy handler polls in growing sleeps, which under load wastes more time than the commits take,
-so only one writer per process ever waits on the file lock, for other processes.  Both waits
-together stay inside ``busy_timeout``: a write either starts within it or fails with
-:class:`StoreUnavailable`, having changed nothing.
+with a write.  The process's own writes queue up, and one writer at a time commits every
+write queued by then in one transaction (group commit, each write in a savepoint of its own so
+a refusal undoes it alone): SQLite's busy handler polls in growing sleeps, which under load
+wastes more time than the commits take, and each commit is an fsync, so only one writer per
+process ever waits on the file lock, for other processes, and concurrent writes share their
+fsync.  Both waits together stay inside ``busy_timeout``: a write either starts within it or
+fails with :class:`StoreUnavailable`, having changed nothing.
 
 A connection that failed with anything but "busy" is dropped and the next call opens a new
 one: SQLite opens a database it may not write (a read-only file, a full or failing disk) read-only
@@ -29,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -38,6 +40,7 @@ from puppetha.store import (
     AlreadyExists,
     Create,
     Delete,
+    IGenerations,
     IStore,
     Item,
     Replace,
@@ -68,7 +71,7 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 
 #: What ``PRAGMA user_version`` says once every migration below has run.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Statements that take the schema from version ``n - 1`` to ``n``, by ``n``.
 MIGRATIONS: Mapping[int, Sequence[str]] = {
@@ -83,6 +86,25 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
             value TEXT NOT NULL,
             PRIMARY KEY (kind, key)
         )
+        """,
+    ),
+    # The change counters of IGenerations (COUNTED_KINDS as this step made them: a migration
+    # never changes), kept by triggers so that every writer counts, whatever code path or
+    # process it comes from, inside the transaction of its write.
+    2: (
+        "CREATE TABLE generations (kind TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+        "INSERT INTO generations (kind, n) VALUES ('ca', 0), ('crl', 0), ('master', 0)",
+        """
+        CREATE TRIGGER count_insert AFTER INSERT ON items WHEN NEW.kind IN ('ca', 'crl', 'master')
+        BEGIN UPDATE generations SET n = n + 1 WHERE kind = NEW.kind; END
+        """,
+        """
+        CREATE TRIGGER count_update AFTER UPDATE ON items WHEN NEW.kind IN ('ca', 'crl', 'master')
+        BEGIN UPDATE generations SET n = n + 1 WHERE kind = NEW.kind; END
+        """,
+        """
+        CREATE TRIGGER count_delete AFTER DELETE ON items WHEN OLD.kind IN ('ca', 'crl', 'master')
+        BEGIN UPDATE generations SET n = n + 1 WHERE kind = OLD.kind; END
         """,
     ),
 }
@@ -102,6 +124,27 @@ def _prefix_bound(prefix: str) -> str | None:
             return prefix[:-1] + chr(last)
         prefix = prefix[:-1]
     return None
+
+
+#: Writes of this process committed together at most (one transaction, one fsync).
+MAX_GROUP = 64
+
+
+class _WriteRequest:
+    """One write waiting for a group commit, and then what it returned or raised."""
+
+    def __init__(self, work: Callable[[_Connection], Any]) -> None:
+        self.work = work
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _forget_writers(store: SQLiteStore | None) -> None:
+    if store is not None:
+        store._writers = threading.Lock()
+        store._queue = []
+        store._queue_lock = threading.Lock()
 
 
 class _Connection(sqlite3.Connection):
@@ -148,7 +191,7 @@ def _ensure_private_file(path: str) -> None:
         raise StoreUnavailable(f"cannot open store {path}: {e.strerror}") from None
 
 
-@implementer(IStore)
+@implementer(IStore, IGenerations)
 class SQLiteStore:
     """
     :class:`IStore` over one SQLite file.  Blocking: call it from a thread pool.
@@ -168,6 +211,15 @@ class SQLiteStore:
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._writers = threading.Lock()
+        # Writes waiting for the next group commit (see _write), oldest first.
+        self._queue: list[_WriteRequest] = []
+        self._queue_lock = threading.Lock()
+        #: Write transactions committed by this object (for tests and benchmarks).
+        self.commits = 0
+        # A child forked while a thread of the parent wrote must neither wait for the parent's
+        # locks nor commit the parent's queued writes (it has none of its threads).
+        forgetful = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_writers(forgetful()))
         self._closed = False
         _ensure_private_file(path)
         self._unavailable(self._open_schema)
@@ -251,6 +303,92 @@ class SQLiteStore:
                 raise
         finally:
             self._writers.release()
+
+    def _write(self, work: Callable[[_Connection], T]) -> T:
+        """
+        Runs ``work`` in a write transaction and returns what it returned once that transaction
+        is committed, or raises what it raised with nothing of it written.
+
+        Group commit: the writes of this process queue up, and whichever writer takes the
+        process's write lock commits every write queued by then (at most :data:`MAX_GROUP`) in
+        one transaction, each inside a savepoint of its own: a write that is refused (its
+        ``work`` raises) is rolled back alone, the others stay.  One ``BEGIN IMMEDIATE`` and one
+        fsync serve them all, where each write used to wait its turn for a commit of its own.
+        A writer returns only after the commit that holds its write; if that commit fails, so
+        does every write in it, and none is kept.
+        """
+        request = _WriteRequest(work)
+        deadline = time.monotonic() + self.busy_timeout
+        with self._queue_lock:
+            self._queue.append(request)
+        while not request.done.is_set():
+            if self._writers.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                try:
+                    if not request.done.is_set():
+                        self._commit_queued(deadline)
+                finally:
+                    self._writers.release()
+                continue
+            with self._queue_lock:
+                waiting = request in self._queue
+                if waiting:
+                    self._queue.remove(request)
+            if waiting:
+                raise StoreUnavailable(
+                    f"store {self.path}: no write lock within {self.busy_timeout:g}s (this process's writers)"
+                )
+            # Another writer took it into the transaction it is committing now.
+            request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return cast(T, request.result)
+
+    def _commit_queued(self, deadline: float) -> None:
+        """With this process's write lock held: commit the queued writes (see :meth:`_write`)."""
+        with self._queue_lock:
+            group = self._queue[:MAX_GROUP]
+            del self._queue[:MAX_GROUP]
+        try:
+            connection = self._connection()
+            if not connection.opened_writable:
+                # Opened during a fault that made the file read-only; open anew (still read-only
+                # if the fault goes on, and the write fails as it should).
+                self._drop()
+                connection = self._connection()
+            # Whatever the wait for this process's writers left of the deadline, for the others'.
+            remaining = max(int((deadline - time.monotonic()) * 1000), 1)
+            connection.execute(f"PRAGMA busy_timeout = {remaining}")
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                for request in group:
+                    connection.execute("SAVEPOINT write")
+                    try:
+                        request.result = request.work(connection)
+                    except Exception as e:
+                        if not connection.in_transaction:
+                            # SQLite rolled the whole transaction back (an I/O error, a full
+                            # disk): every write of the group fails.
+                            raise
+                        # A refusal, or a statement SQLite refused alone: undo this write only.
+                        connection.execute("ROLLBACK TO write")
+                        request.error = e
+                    connection.execute("RELEASE write")
+                connection.execute("COMMIT")
+                self.commits += 1
+            except BaseException:
+                # SQLite may already have rolled back by itself (I/O errors, a full disk).
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        except BaseException as e:
+            for request in group:
+                request.result = None
+                request.error = e
+            if isinstance(e, sqlite3.Error):
+                self._drop_after(e)  # this thread's connection failed (its own write may wait)
+        finally:
+            for request in group:
+                request.done.set()
 
     def _unavailable(self, f: Callable[[], T]) -> T:
         try:
@@ -340,17 +478,16 @@ class SQLiteStore:
         validate_key(key)
         text = encode_value(value)
 
-        def write() -> None:
-            with self._writing() as connection:
-                cursor = connection.execute(
-                    "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)"
-                    " ON CONFLICT (kind, key) DO NOTHING",
-                    (kind, key, text),
-                )
-                if cursor.rowcount != 1:
-                    raise AlreadyExists(kind, key)
+        def write(connection: _Connection) -> None:
+            cursor = connection.execute(
+                "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (kind, key) DO NOTHING",
+                (kind, key, text),
+            )
+            if cursor.rowcount != 1:
+                raise AlreadyExists(kind, key)
 
-        self._unavailable(write)
+        self._unavailable(lambda: self._write(write))
         return Item(kind, key, decode_value(text), 1)
 
     def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
@@ -361,17 +498,16 @@ class SQLiteStore:
         if not version_can_exist(expected_version):
             raise VersionConflict(kind, key, expected_version)
 
-        def write() -> None:
-            with self._writing() as connection:
-                cursor = connection.execute(
-                    "UPDATE items SET value = ?, version = version + 1"
-                    " WHERE kind = ? AND key = ? AND version = ?",
-                    (text, kind, key, expected_version),
-                )
-                if cursor.rowcount != 1:
-                    raise VersionConflict(kind, key, expected_version)
+        def write(connection: _Connection) -> None:
+            cursor = connection.execute(
+                "UPDATE items SET value = ?, version = version + 1"
+                " WHERE kind = ? AND key = ? AND version = ?",
+                (text, kind, key, expected_version),
+            )
+            if cursor.rowcount != 1:
+                raise VersionConflict(kind, key, expected_version)
 
-        self._unavailable(write)
+        self._unavailable(lambda: self._write(write))
         return Item(kind, key, decode_value(text), expected_version + 1)
 
     def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
@@ -382,20 +518,19 @@ class SQLiteStore:
             if not version_can_exist(expected_version):
                 raise VersionConflict(kind, key, expected_version)
 
-        def write() -> bool:
-            with self._writing() as connection:
-                if expected_version is None:
-                    cursor = connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (kind, key))
-                    return cursor.rowcount == 1
-                cursor = connection.execute(
-                    "DELETE FROM items WHERE kind = ? AND key = ? AND version = ?",
-                    (kind, key, expected_version),
-                )
-                if cursor.rowcount != 1:
-                    raise VersionConflict(kind, key, expected_version)
-                return True
+        def write(connection: _Connection) -> bool:
+            if expected_version is None:
+                cursor = connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (kind, key))
+                return cursor.rowcount == 1
+            cursor = connection.execute(
+                "DELETE FROM items WHERE kind = ? AND key = ? AND version = ?",
+                (kind, key, expected_version),
+            )
+            if cursor.rowcount != 1:
+                raise VersionConflict(kind, key, expected_version)
+            return True
 
-        return self._unavailable(write)
+        return self._unavailable(lambda: self._write(write))
 
     def list(self, kind: str, prefix: str = "") -> list[Item]:
         validate_kind(kind)
@@ -419,25 +554,29 @@ class SQLiteStore:
 
         return self._unavailable(read)
 
+    def generations(self) -> dict[str, int]:
+        return self._unavailable(
+            lambda: dict(self._connection().execute("SELECT kind, n FROM generations").fetchall())
+        )
+
     def transact(self, writes: Sequence[Write]) -> None:
         writes = list(writes)
         texts = validate_writes(writes)
         if not writes:
             return
 
-        def apply() -> None:
-            with self._writing() as connection:
-                reasons = [
-                    reason
-                    for reason in (self._refusal(connection, write) for write in writes)
-                    if reason is not None
-                ]
-                if reasons:
-                    raise TransactionConflict(reasons)
-                for i, write in enumerate(writes):
-                    self._apply(connection, write, texts.get(i, ""))
+        def apply(connection: _Connection) -> None:
+            reasons = [
+                reason
+                for reason in (self._refusal(connection, write) for write in writes)
+                if reason is not None
+            ]
+            if reasons:
+                raise TransactionConflict(reasons)
+            for i, write in enumerate(writes):
+                self._apply(connection, write, texts.get(i, ""))
 
-        self._unavailable(apply)
+        self._unavailable(lambda: self._write(apply))
 
     def _refusal(self, connection: sqlite3.Connection, write: Write) -> StoreError | None:
         """Why ``write`` cannot be applied now, or ``None`` if it can."""

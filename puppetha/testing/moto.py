@@ -86,6 +86,13 @@ class MotoServer:
             raise MotoServerError("moto server is not running")
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The server's process (its CPU is AWS's side of a benchmark)."""
+        if self._process is None:
+            raise MotoServerError("moto server is not running")
+        return self._process.pid
+
     def start(self) -> MotoServer:
         if self._process is not None:
             return self
