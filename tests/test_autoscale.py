@@ -58,14 +58,16 @@ def launched(instance_id: str, at: float) -> InstanceInfo:
 
 def test_fleet_masters() -> None:
     masters = fleet_masters(
-        [registered("i-a", 0.0), registered("i-b", 900.0), registered("i-c", 0.0, healthy=False)],
-        enrolled_instances=["i-a", "i-b", "i-c"],
-        launched={"i-a": launched("i-a", 0.0), "i-d": launched("i-d", 950.0)},
+        [registered("i-a", 0.0), registered("i-b", 900.0), registered("i-c", 0.0, healthy=False),
+         # Enrolled, its puppetserver not answering yet: warming, not gone (else launched again).
+         registered("i-e", 950.0, healthy=False)],
+        enrolled_instances=["i-a", "i-b", "i-c", "i-e"],
+        launched={"i-a": launched("i-a", 0.0), "i-d": launched("i-d", 950.0), "i-e": launched("i-e", 900.0)},
         now=1000.0,
         warmup=300.0,
     )
     assert masters == [Master("i-a", SERVING, 300.0), Master("i-b", WARMING, 900.0),
-                       Master("i-d", STARTING, 950.0)]
+                       Master("i-e", WARMING, 950.0), Master("i-d", STARTING, 950.0)]
 
 
 class Synchronous:

@@ -210,10 +210,12 @@ def fleet_masters(
     warmup: float,
 ) -> list[Master]:
     """
-    The masters as the policy sees them: a registered, healthy master warms for ``warmup`` after
-    its registration and then serves; an instance launched as a master that has not enrolled is
+    The masters as the policy sees them: a registered master warms for ``warmup`` after its
+    registration and then serves; an instance launched as a master that has not enrolled is
     starting; a master the primary drains is draining, then drained (healthy or not: it is on
-    its way out either way).  Unhealthy masters are out of the upstream: they count for nothing.
+    its way out either way).  A master unhealthy after its warm-up is out of the upstream and
+    counts for nothing; within it, it is warming whatever its health says (puppetserver is
+    still starting its JRubies), so that it is not launched again.
     """
     masters = []
     for record in registered:
@@ -223,9 +225,9 @@ def fleet_masters(
         if record.draining_since is not None:
             masters.append(Master(record.certname, DRAINING, record.draining_since))
             continue
-        if not record.healthy:
-            continue
         ready = record.registered_at + warmup
+        if not record.healthy and now >= ready:
+            continue
         if now < ready:
             masters.append(Master(record.certname, WARMING, record.registered_at))
         else:
