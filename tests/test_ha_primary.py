@@ -426,14 +426,22 @@ def test_no_two_primaries_whatever_the_clocks_say(
 
 
 def test_a_primary_that_could_not_renew_in_time_takes_its_own_lease_back_at_once(cluster: Cluster) -> None:
-    """A store that stalls for longer than the window, but not for a lapse: no failover, no flap."""
+    """
+    A store that stalls for longer than the window, but not for a lapse: no failover, no flap.
+    The lapse counts from the last renewal, which the standby heard of at once from the holder's
+    heartbeat: the stall begins right after one.
+    """
     a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
     a.service.startService()
     cluster.run(0.5)
     b.service.startService()
     cluster.run(3)
+    held = a.service.holding
+    assert held is not None
+    while a.service.holding is held:
+        cluster.run(0.01)
     a.reach.cut = True
-    cluster.run(0.7)
+    cluster.run(0.65)
     assert a.service.holding is None  # the window passed: it stopped acting
     a.reach.cut = False
     cluster.run(3)
@@ -544,3 +552,38 @@ def test_a_standby_suspects_the_holder_as_soon_as_it_falls_silent(cluster: Clust
     assert b.service._suspected_at is not None
     assert b.service._suspected_at - last_heard <= SETTINGS.suspect_after + 0.015
     assert b.service.state == STANDBY
+
+
+@pytest.mark.parametrize("phase", [n / 100 for n in range(0, 20, 3)])
+def test_after_a_crash_the_lease_is_taken_a_duration_after_the_last_renewal_was_heard_of(
+    cluster: Cluster, phase: float
+) -> None:
+    """
+    The holder's heartbeat names each version as soon as its renewal lands: the standby's watch
+    starts then, not at its own first read after suspecting (which came up to suspect_after
+    plus a renewal interval later), and the take follows a full duration later, never sooner.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3 + phase)
+    last = a.service.holding
+    assert last is not None
+    crash(cluster, a)
+    crashed_at = cluster.clock.seconds()
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    # a's last renewal began (and, on this store, landed) at renew_started: b waited a duration.
+    assert SETTINGS.lease_duration <= taken - last.renew_started <= SETTINGS.lease_duration + 0.02
+    assert taken - crashed_at < SETTINGS.suspect_after + SETTINGS.lease_duration
+    # The takeover's moments, in the order they came, for a benchmark to read.
+    (timeline,) = [e for e in cluster.events() if e["event"] == "takeover" and e["node"] == "i-b"]
+    assert timeline["token"] == 2
+    assert timeline["watch_since"] == pytest.approx(last.renew_started)
+    order = ["watch_since", "suspected", "decided", "taken", "written", "front", "associate", "associated",
+             "confirmed"]
+    moments = [timeline[name] for name in order]
+    assert moments == sorted(moments)
+    cluster.assert_never_two_primaries()

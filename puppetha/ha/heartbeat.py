@@ -5,7 +5,7 @@ key every lb node shares (kept in the store, sealed by the vault), numbered agai
 A datagram is ``PHA1`` + 32 bytes of HMAC over the rest + a JSON body::
 
     {"node": "i-0abc", "boot": 1764250000123456789, "seq": 42, "sent": 1764250001.5,
-     "state": "primary", "token": 7, "generation": "gen-...", "port": 7946}
+     "state": "primary", "token": 7, "lease": 1203, "generation": "gen-...", "port": 7946}
 
 ``boot`` names the sender's incarnation (its wall clock in nanoseconds when it started) and
 ``seq`` grows by one per datagram within it: a receiver accepts only a (boot, seq) above the last
@@ -13,6 +13,10 @@ it accepted from that node, so a replayed datagram is dropped.  ``sent`` must be
 ``stale_after`` of the receiver's wall clock, so a datagram recorded long ago is dropped even by a
 receiver that has just restarted.  Forged datagrams fail the HMAC.  None of this decides who is
 primary (the lease does): heartbeats make failover fast, and carry a graceful handover at once.
+
+``lease`` (absent when the sender holds no lease) is the store's version of the lease after the
+sender's last write of it that it saw succeed: a receiver then knows that version was in the
+store before the moment it heard of it, which is all a contender's watch needs (docs/ha.md).
 """
 
 from __future__ import annotations
@@ -63,20 +67,25 @@ class Heartbeat:
     generation: str
     #: The sender's heartbeat port (its address is the datagram's source).
     port: int
+    #: The lease's version after the sender's last successful write of it (None: holds none).
+    lease: int | None = None
 
 
 def encode(key: bytes, heartbeat: Heartbeat) -> bytes:
+    fields: dict[str, Any] = {
+        "node": heartbeat.node,
+        "boot": heartbeat.boot,
+        "seq": heartbeat.seq,
+        "sent": heartbeat.sent,
+        "state": heartbeat.state,
+        "token": heartbeat.token,
+        "generation": heartbeat.generation,
+        "port": heartbeat.port,
+    }
+    if heartbeat.lease is not None:
+        fields["lease"] = heartbeat.lease
     body = json.dumps(
-        {
-            "node": heartbeat.node,
-            "boot": heartbeat.boot,
-            "seq": heartbeat.seq,
-            "sent": heartbeat.sent,
-            "state": heartbeat.state,
-            "token": heartbeat.token,
-            "generation": heartbeat.generation,
-            "port": heartbeat.port,
-        },
+        fields,
         separators=(",", ":"),
         sort_keys=True,
     ).encode("utf-8")
@@ -104,11 +113,15 @@ def decode(key: bytes, data: bytes) -> Heartbeat:
             token=_field(value, "token", int),
             generation=_field(value, "generation", str),
             port=_field(value, "port", int),
+            # Absent from a node that holds no lease, and from versions before it was sent.
+            lease=_field(value, "lease", int) if isinstance(value, dict) and "lease" in value else None,
         )
     except (ValueError, TypeError) as e:
         raise BadHeartbeat(f"malformed: {e}") from None
     if heartbeat.state not in STATES or not heartbeat.node or not 0 < heartbeat.port < 65536:
         raise BadHeartbeat("malformed: bad state, node or port")
+    if heartbeat.lease is not None and heartbeat.lease < 1:
+        raise BadHeartbeat("malformed: bad lease version")
     return heartbeat
 
 
@@ -203,13 +216,16 @@ class HeartbeatProtocol(DatagramProtocol):
         peer = self.peers.get(node)
         return None if peer is None else peer.heard
 
-    def send(self, targets: Iterable[tuple[str, int]], *, state: str, token: int, generation: str) -> None:
+    def send(self, targets: Iterable[tuple[str, int]], *, state: str, token: int, generation: str,
+             lease: int | None = None) -> None:
         if self.transport is None:
             return
         self._seq += 1
         datagram = encode(
             self._key,
-            Heartbeat(self.node, self.boot, self._seq, self.wall(), state, token, generation, self.port),
+            Heartbeat(
+                self.node, self.boot, self._seq, self.wall(), state, token, generation, self.port, lease
+            ),
         )
         for host, port in targets:
             try:

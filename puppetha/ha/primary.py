@@ -15,7 +15,10 @@ next round, ends its window).
 Each node appends what it did as primary to its *acting log* (JSON lines, monotonic clock):
 ``acting`` (token, from, until) at every renewal, ``stopped`` (token, from, until) when it stops,
 and ``associate`` (token, at, done) for every AssociateAddress, so a test rig can check that no
-two nodes ever acted at once and that no address was moved under a stale token.
+two nodes ever acted at once and that no address was moved under a stale token; and, once the
+address is confirmed after a takeover, ``takeover``: when each step of it happened (suspicion,
+the watch's start, the take, the front round, AssociateAddress, the confirmation), so a
+benchmark can say where the time went.
 """
 
 from __future__ import annotations
@@ -151,8 +154,8 @@ class FailoverService(Service):
         self._next: IDelayedCall | None = None
         self._window: IDelayedCall | None = None
         self._moving: int | None = None
-        self._checked = 0.0
-        self._checking = False
+        #: When the primary last checked where the address is, and whether a check is under way.
+        self._checked, self._checking = 0.0, False
         self._own_version: int | None = None
         #: The address was ours when we last knew, and no other holder has appeared since.
         self._address_was_ours = False
@@ -171,6 +174,10 @@ class FailoverService(Service):
         self._silence: IDelayedCall | None = None
         self._registry: LoopingCall | None = None
         self.peers: list[tuple[str, int]] = []
+        #: Per peer, the lease version its heartbeats last named as written, and when we first heard it.
+        self._versions_heard: dict[str, tuple[int, float]] = {}
+        #: The moments of the takeover under way (local monotonic clock), for the acting log.
+        self._timeline: dict[str, float | None] = {}
 
     # -- lifecycle
 
@@ -273,10 +280,16 @@ class FailoverService(Service):
             watch=self.watch,
             holder_heard=self.heartbeat.heard(holder) if holder else None,
             own_version=self._own_version,
+            version_heard=self._versions_heard.get(holder) if holder else None,
         )
         decision = decide(situation, self.settings)
         self.watch = next_watch(situation)
         if decision.action is Action.TAKE_OVER:
+            self._timeline = {
+                "suspected": self._suspected_at,
+                "watch_since": self.watch.since if self.watch is not None else None,
+                "decided": now,
+            }
             # nginx is made current while the lease is being written, not after.
             since = self._front_since(now)
             self._front_round(since)
@@ -310,6 +323,7 @@ class FailoverService(Service):
         self.watch = None
         self.token_seen = max(self.token_seen, holding.token)
         self._acting_from = holding.renew_started
+        self._mark(taken=holding.renew_started, written=self.monotonic())
         self.state = TAKING_OVER
         log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason,
                  acted_from=holding.renew_started)
@@ -340,6 +354,8 @@ class FailoverService(Service):
             return
         self.holding = renewed
         self._acting(renewed)
+        # At once, not at the next beat: a standby's watch of this version may start when it hears.
+        self._send_heartbeat()
 
     def _acting(self, holding: Holding) -> None:
         """Arm the end of the window and say, in the acting log, until when we may act."""
@@ -495,6 +511,7 @@ class FailoverService(Service):
         """
         # nginx first: the address must reach a front serving the store's current config.
         yield self._front_round(self.monotonic() if front_since is None else front_since)
+        self._mark(front=self.monotonic())
         eip = self.address
         attempt = 0
         if check_first:
@@ -517,9 +534,11 @@ class FailoverService(Service):
                 association = yield self.aws.call(
                     self.cloud.associate_address, eip.region, eip.allocation_id, eip.instance_id
                 )
-                self.acting_log.write("associate", token=token, at=at, done=self.monotonic(),
+                done = self.monotonic()
+                self.acting_log.write("associate", token=token, at=at, done=done,
                                       allocation_id=eip.allocation_id, instance_id=eip.instance_id,
                                       association_id=association)
+                self._mark(associate=at, associated=done)
                 owner = yield self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
             except CloudError as e:
                 self.acting_log.write("associate-failed", token=token, at=at, done=self.monotonic(),
@@ -538,12 +557,20 @@ class FailoverService(Service):
         if catch_up:
             self._front_round(self.monotonic())
 
+    def _mark(self, **moments: float) -> None:
+        """Notes moments of the takeover under way (none under way: nothing)."""
+        if self._timeline:
+            self._timeline.update(moments)
+
     def _confirm(self, token: int) -> None:
         self.guard(token)
         self.confirmed = token
         self._address_was_ours = True
         self._moving = None
         self.state = PRIMARY
+        if self._timeline:
+            self.acting_log.write("takeover", token=token, confirmed=self.monotonic(), **self._timeline)
+            self._timeline = {}
         log.info("primary with token {token}: {allocation_id} is on {instance_id}",
                  token=token, allocation_id=self.address.allocation_id, instance_id=self.address.instance_id)
         self._send_heartbeat()
@@ -551,6 +578,10 @@ class FailoverService(Service):
     # -- heartbeats and the registry of lb nodes
 
     def _heard(self, heartbeat: Heartbeat) -> None:
+        if heartbeat.lease is not None:
+            known = self._versions_heard.get(heartbeat.node)
+            if known is None or known[0] != heartbeat.lease:
+                self._versions_heard[heartbeat.node] = (heartbeat.lease, self.monotonic())
         if heartbeat.token > self.token_seen:
             self.token_seen = heartbeat.token
             self.poke()
@@ -599,6 +630,7 @@ class FailoverService(Service):
             state=self.state,
             token=holding.token if holding is not None else self.token_seen,
             generation=self.generation() or "",
+            lease=holding.version if holding is not None else None,
         )
 
     def _register(self) -> Deferred[None]:
