@@ -81,9 +81,31 @@ def test_the_holder_says_which_version_of_the_lease_it_wrote_last() -> None:
     for datagram, _ in wire.sent:
         b.datagramReceived(datagram, ("10.0.0.1", 7946))
     assert [h.lease for h in heard] == [1203, None]
+    assert b.lease_version_heard("i-a") is None  # it holds none now
     # A node that holds no lease sends the body every earlier version sends, and reads theirs.
     assert b"lease" not in wire.sent[1][0]
     assert decode(KEY, encode(KEY, beat())).lease is None
+
+
+def test_a_lease_version_counts_from_the_first_heartbeat_that_named_it() -> None:
+    clock = Clock()
+    a, wire, _ = node("i-a", clock)
+    b, _, _ = node("i-b", clock)
+
+    def hear(lease: int | None) -> None:
+        a.send([PEER], state="primary", token=7, generation="gen-1", lease=lease)
+        b.datagramReceived(wire.sent[-1][0], ("10.0.0.1", 7946))
+        clock.advance(0.1)
+
+    assert b.lease_version_heard("i-a") is None
+    hear(5)
+    hear(5)
+    assert b.lease_version_heard("i-a") == (5, 0.0)
+    hear(6)
+    assert b.lease_version_heard("i-a") == (6, 0.2)
+    hear(None)
+    hear(6)
+    assert b.lease_version_heard("i-a") == (6, 0.4)  # not from before the gap
 
 
 def test_forged_heartbeats_are_ignored() -> None:

@@ -96,8 +96,12 @@ class CloudLink:
         self.eips = eips
         self.cut = False
         self.throttle = 0
+        #: Every call made: its name and the test's clock then (set by the node).
+        self.calls: list[tuple[str, float]] = []
+        self.clock: Clock | None = None
 
-    def _check(self) -> None:
+    def _check(self, call: str = "AssociateAddress") -> None:
+        self.calls.append((call, self.clock.seconds() if self.clock is not None else 0.0))
         if self.cut:
             raise CloudError("AssociateAddress: connect timeout")
         if self.throttle:
@@ -114,7 +118,7 @@ class CloudLink:
         return f"eipassoc-{len(self.eips.history)}"
 
     def describe_address(self, region: str, allocation_id: str) -> str | None:
-        self._check()
+        self._check("DescribeAddresses")
         return self.eips.owner
 
     def run_instances(
@@ -177,6 +181,7 @@ class Node:
 
         self.reach = Reachable(store)
         self.cloud = CloudLink(eips)
+        self.cloud.clock = clock
         records = Records(self.reach)
         heartbeat = HeartbeatProtocol(node=name, key=KEY, port=7946, monotonic=monotonic, wall=wall)
         wire.nodes[(address, 7946)] = heartbeat
@@ -355,7 +360,7 @@ def test_a_graceful_stop_hands_over_at_once(cluster: Cluster) -> None:
 
 def test_throttled_associate_is_retried_with_backoff_inside_the_window(cluster: Cluster) -> None:
     a = cluster.add("i-a", "10.0.0.1")
-    a.cloud.throttle = 3
+    a.cloud.throttle = 4  # the DescribeAddresses made at the start, then three AssociateAddress
     a.service.startService()
     cluster.run(2)
     assert a.service.state == PRIMARY
@@ -586,4 +591,30 @@ def test_after_a_crash_the_lease_is_taken_a_duration_after_the_last_renewal_was_
              "confirmed"]
     moments = [timeline[name] for name in order]
     assert moments == sorted(moments)
+    cluster.assert_never_two_primaries()
+
+
+def test_a_standby_asks_aws_ahead_of_a_takeover_so_associate_address_pays_no_first_call(
+    cluster: Cluster,
+) -> None:
+    """
+    At its start and when it suspects the holder, a standby makes one read-only DescribeAddresses:
+    boto3 makes its client and its connection then, not on the AssociateAddress of a takeover.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(0.1)
+    assert [name for name, _ in b.cloud.calls] == ["DescribeAddresses"]
+    cluster.run(3)
+    assert len(b.cloud.calls) == 1  # a calm standby asks nothing more
+    crash(cluster, a)
+    crashed_at = cluster.clock.seconds()
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    after = [(name, at) for name, at in b.cloud.calls if at >= crashed_at]
+    assert after[0][0] == "DescribeAddresses"
+    assert after[1][0] == "AssociateAddress"
+    assert after[0][1] < took_lease(cluster, "i-b", 2)
     cluster.assert_never_two_primaries()

@@ -142,6 +142,8 @@ class Peer:
     address: str
     #: Receiver's monotonic time of that heartbeat.
     heard: float
+    #: Receiver's monotonic time of the first heartbeat that named the same ``lease`` version.
+    lease_heard: float | None = None
 
 
 def verdict(previous: Peer | None, heartbeat: Heartbeat, wall_now: float, stale_after: float) -> str | None:
@@ -202,7 +204,13 @@ class HeartbeatProtocol(DatagramProtocol):
         if reason is not None:
             self._drop(reason, addr)
             return
-        self.peers[heartbeat.node] = Peer(heartbeat, str(addr[0]), self.monotonic())
+        now = self.monotonic()
+        previous = self.peers.get(heartbeat.node)
+        lease_heard = None if heartbeat.lease is None else now
+        same_version = previous is not None and previous.heartbeat.lease == heartbeat.lease
+        if same_version and previous is not None and heartbeat.lease is not None:
+            lease_heard = previous.lease_heard
+        self.peers[heartbeat.node] = Peer(heartbeat, str(addr[0]), now, lease_heard)
         self.on_heartbeat(heartbeat)
 
     def _drop(self, reason: str, addr: Any) -> None:
@@ -215,6 +223,16 @@ class HeartbeatProtocol(DatagramProtocol):
     def heard(self, node: str) -> float | None:
         peer = self.peers.get(node)
         return None if peer is None else peer.heard
+
+    def lease_version_heard(self, node: str) -> tuple[int, float] | None:
+        """
+        The lease version ``node`` last said it wrote, and when that was first heard (local
+        monotonic clock): the version was in the store before then.  None: it named none.
+        """
+        peer = self.peers.get(node)
+        if peer is None or peer.heartbeat.lease is None or peer.lease_heard is None:
+            return None
+        return peer.heartbeat.lease, peer.lease_heard
 
     def send(self, targets: Iterable[tuple[str, int]], *, state: str, token: int, generation: str,
              lease: int | None = None) -> None:

@@ -174,10 +174,10 @@ class FailoverService(Service):
         self._silence: IDelayedCall | None = None
         self._registry: LoopingCall | None = None
         self.peers: list[tuple[str, int]] = []
-        #: Per peer, the lease version its heartbeats last named as written, and when we first heard it.
-        self._versions_heard: dict[str, tuple[int, float]] = {}
         #: The moments of the takeover under way (local monotonic clock), for the acting log.
         self._timeline: dict[str, float | None] = {}
+        #: When this node last asked AWS ahead of a takeover (see _warm_aws).
+        self._warmed: float | None = None
 
     # -- lifecycle
 
@@ -192,6 +192,7 @@ class FailoverService(Service):
         self._registry = LoopingCall(self._register)
         self._registry.clock = self.reactor
         self._registry.start(self.status_interval, now=True)
+        self._warm_aws("the daemon started")
         self.poke()
 
     @inlineCallbacks
@@ -280,7 +281,7 @@ class FailoverService(Service):
             watch=self.watch,
             holder_heard=self.heartbeat.heard(holder) if holder else None,
             own_version=self._own_version,
-            version_heard=self._versions_heard.get(holder) if holder else None,
+            version_heard=self.heartbeat.lease_version_heard(holder) if holder else None,
         )
         decision = decide(situation, self.settings)
         self.watch = next_watch(situation)
@@ -454,6 +455,29 @@ class FailoverService(Service):
         self.state = TAKING_OVER
         self._maybe_move()
 
+    def _warm_aws(self, why: str) -> Deferred[None]:
+        """
+        One DescribeAddresses, read-only and allowed to anyone, ahead of a takeover: boto3 makes
+        its EC2 client on the first call (a third of a second on a loaded host, spent on the
+        service's model) and keeps the connection it opens, so AssociateAddress, when it comes,
+        pays neither.  Its answer is only logged.  Not again within ``address_check`` of the last
+        one (a standby that starts also suspects the holder it has not heard yet).
+        """
+        now = self.monotonic()
+        if self._warmed is not None and now - self._warmed < self.settings.address_check:
+            return succeed(None)
+        self._warmed = now
+        eip = self.address
+        d = self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
+
+        def seen(owner: str | None) -> None:
+            log.info("{allocation_id} is on {owner} ({why})", allocation_id=eip.allocation_id,
+                     owner=owner or "no instance", why=why)
+
+        d.addCallbacks(seen, lambda f: log.warn("cannot ask AWS where {allocation_id} is ({why}): {error}",
+                                                allocation_id=eip.allocation_id, why=why, error=str(f.value)))
+        return d
+
     # -- the front before the address
 
     def _front_since(self, now: float) -> float:
@@ -578,10 +602,6 @@ class FailoverService(Service):
     # -- heartbeats and the registry of lb nodes
 
     def _heard(self, heartbeat: Heartbeat) -> None:
-        if heartbeat.lease is not None:
-            known = self._versions_heard.get(heartbeat.node)
-            if known is None or known[0] != heartbeat.lease:
-                self._versions_heard[heartbeat.node] = (heartbeat.lease, self.monotonic())
         if heartbeat.token > self.token_seen:
             self.token_seen = heartbeat.token
             self.poke()
@@ -616,8 +636,10 @@ class FailoverService(Service):
             log.info("suspecting {holder}: no heartbeat for {seconds}s", holder=lease.record.holder,
                      seconds=self.settings.suspect_after)
             self._suspected_at = self.monotonic()
-            # If the holder is gone, nginx will be current before the lease lapses.
+            # If the holder is gone, nginx will be current before the lease lapses, and so
+            # will the way to AWS.
             self._front_round(self._suspected_at)
+            self._warm_aws(f"suspecting {lease.record.holder}")
             self.poke()
         if not silent:
             self._suspected_at = None
