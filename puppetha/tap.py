@@ -403,6 +403,7 @@ def failover_service(
         cloud=cloud,
         aws=aws,
         revoke=functools.partial(revoke_identity, records, authority, now=reactor.seconds),
+        lb_region=config[("aws", "region")],
     ).setServiceParent(services)
     log.info("failover: {node} for {allocation_id}, heartbeats on udp {port}, lease {duration}s",
              node=node, allocation_id=ha["elastic_ip"], port=ha["heartbeat_port"],
