@@ -618,3 +618,45 @@ def test_a_standby_asks_aws_ahead_of_a_takeover_so_associate_address_pays_no_fir
     assert after[1][0] == "AssociateAddress"
     assert after[0][1] < took_lease(cluster, "i-b", 2)
     cluster.assert_never_two_primaries()
+
+
+def test_a_primary_that_begins_to_stop_says_so_and_its_standby_gets_ready_meanwhile(cluster: Cluster) -> None:
+    """
+    The daemon's other services stop before the lease is released: the standby that hears the
+    holder say it is stopping renders nginx and asks AWS meanwhile, and decides nothing.  The
+    address then follows the take at once, not a front round later.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    b.front_seconds = 0.1
+    rounds_before, calls_before = len(b.front_rounds), len(b.cloud.calls)
+    a.service.announce_stopping()
+    cluster.run(0.3)  # a's other services stopping
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    assert len(b.front_rounds) == rounds_before + 1
+    assert [name for name, _ in b.cloud.calls[calls_before:]] == ["DescribeAddresses"]
+    a.service.stopService()
+    cluster.run(1)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    assert associated(cluster, "i-b")["at"] - taken < b.front_seconds  # no round between them
+    assert b.front_rounds[rounds_before][1] <= taken
+    # The round after the address catches what the early one missed.
+    assert any(start >= taken for start, _ in b.front_rounds[rounds_before + 1:])
+    cluster.assert_never_two_primaries()
+
+
+def test_only_the_holder_saying_it_stops_gets_a_standby_ready(cluster: Cluster) -> None:
+    a, b, c = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2"), cluster.add("i-c", "10.0.0.3")
+    for node in (a, b, c):
+        node.service.startService()
+        cluster.run(0.5)
+    cluster.run(3)
+    rounds_before = len(c.front_rounds)
+    b.service.announce_stopping()  # a standby: says nothing
+    a.service.heartbeat.send(a.service.peers, state="stopping", token=1, generation="gen-1")
+    cluster.run(0.3)
+    assert len(c.front_rounds) == rounds_before + 1  # from a, the holder, only

@@ -46,7 +46,8 @@ KEY_BYTES = 32
 HEARTBEAT_KEY = "heartbeat"
 _KEY_CONTEXT = "puppetha heartbeat key"
 
-STATES = ("standby", "taking-over", "primary", "stopped")
+#: ``stopping`` is said once, by a primary whose daemon begins to stop, before its services do.
+STATES = ("standby", "taking-over", "primary", "stopping", "stopped")
 
 
 class BadHeartbeat(ValueError):

@@ -27,12 +27,12 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from attrs import evolve, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorCore, IReactorTime, IReactorUDP
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -50,6 +50,8 @@ log = Logger()
 STANDBY = "standby"
 TAKING_OVER = "taking-over"
 PRIMARY = "primary"
+#: Said once, in a heartbeat, by a primary whose daemon begins to stop (see announce_stopping).
+STOPPING = "stopping"
 STOPPED = "stopped"
 
 
@@ -94,6 +96,12 @@ def backoff(attempt: int, first: float = 0.05, cap: float = 1.0) -> float:
 
 class FailoverService(Service):
     """One lb node's part in failover.  Off unless an Elastic IP is configured (``[ha]``)."""
+
+    #: Local time at which the holder last said it was stopping (None: never): like the moment
+    #: it falls silent, a front round begun then may serve the takeover that follows.
+    _holder_stopping: float | None = None
+    #: Whether announce_stopping is registered to run when the reactor begins to shut down.
+    _announces = False
 
     def __init__(
         self,
@@ -193,7 +201,23 @@ class FailoverService(Service):
         self._registry.clock = self.reactor
         self._registry.start(self.status_interval, now=True)
         self._warm_aws("the daemon started")
+        if IReactorCore.providedBy(self.reactor) and not self._announces:
+            self._announces = True
+            # Before any service stops: the daemon's other services stop first, one after another,
+            # and the lease is released only once they have (see stopService).
+            core = cast(IReactorCore, self.reactor)
+            core.addSystemEventTrigger("before", "shutdown", self.announce_stopping)
         self.poke()
+
+    def announce_stopping(self) -> None:
+        """
+        A primary whose daemon begins to stop says so at once, in one heartbeat: a standby that
+        hears it makes nginx current and its way to AWS ready while this daemon's services stop,
+        so the takeover that follows the release waits for neither.  It decides nothing.
+        """
+        if self.holding is not None and not self._stopping:
+            self.heartbeat.send(self.peers, state=STOPPING, token=self.holding.token,
+                                generation=self.generation() or "", lease=self.holding.version)
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -488,7 +512,7 @@ class FailoverService(Service):
         change that a round started this early missed is picked up by the round that follows
         the takeover at once.
         """
-        silent = self._suspected_at
+        silent = self._suspected_at if self._suspected_at is not None else self._holder_stopping
         if silent is not None and now - silent <= 2 * self.settings.lease_duration:
             return silent
         return now
@@ -609,6 +633,12 @@ class FailoverService(Service):
             # A graceful stop: the holder released the lease before saying so.
             self.poke()
         lease = self.last_lease
+        if (heartbeat.state == STOPPING and self.holding is None and lease is not None
+                and heartbeat.node == lease.record.holder):
+            log.info("{holder} says it is stopping", holder=heartbeat.node)
+            self._holder_stopping = self.monotonic()
+            self._front_round(self._holder_stopping)
+            self._warm_aws(f"{heartbeat.node} is stopping")
         if self.holding is None and lease is not None and heartbeat.node == lease.record.holder:
             # Look for silence the moment it would begin, not at the next beat (up to one
             # heartbeat_interval later).  A hair late, so the look never comes before it.
