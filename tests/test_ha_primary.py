@@ -20,7 +20,15 @@ from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.heartbeat import HeartbeatProtocol
 from puppetha.ha.lease import Lease
-from puppetha.ha.primary import PRIMARY, STANDBY, ActingLog, ElasticIP, FailoverService, NotPrimary
+from puppetha.ha.primary import (
+    OVERDUE,
+    PRIMARY,
+    STANDBY,
+    ActingLog,
+    ElasticIP,
+    FailoverService,
+    NotPrimary,
+)
 from puppetha.store import IStore, Item, StoreUnavailable, Value, Write
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.store.sqlite import SQLiteStore
@@ -47,6 +55,8 @@ class Reachable:
     def __init__(self, store: IStore) -> None:
         self.store = store
         self.cut = False
+        #: Writes land, but their answers are lost.
+        self.lose_answers = False
 
     def _check(self) -> None:
         if self.cut:
@@ -62,7 +72,10 @@ class Reachable:
 
     def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
         self._check()
-        return self.store.replace(kind, key, value, expected_version)
+        item = self.store.replace(kind, key, value, expected_version)
+        if self.lose_answers:
+            raise StoreUnavailable("the answer was lost")
+        return item
 
     def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
         self._check()
@@ -660,3 +673,40 @@ def test_only_the_holder_saying_it_stops_gets_a_standby_ready(cluster: Cluster) 
     a.service.heartbeat.send(a.service.peers, state="stopping", token=1, generation="gen-1")
     cluster.run(0.3)
     assert len(c.front_rounds) == rounds_before + 1  # from a, the holder, only
+
+
+def test_a_renewal_that_landed_unheard_of_is_read_when_the_next_is_overdue(cluster: Cluster) -> None:
+    """
+    The holder dies with a renewal in flight: the write lands, its answer and heartbeat are lost.
+    The standby reads the lease once the holder's heartbeats have named no new version for
+    OVERDUE renewal intervals, not only when it suspects the holder (up to suspect_after after
+    its last heartbeat): the watch of the unheard version starts then.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    held = a.service.holding
+    assert held is not None
+    while a.service.holding is held:  # just after a renewal, heard of by b
+        cluster.run(0.01)
+    a.reach.lose_answers = True
+    version = lease_version(cluster)
+    while lease_version(cluster) == version:  # the next renewal lands; a never learns it did
+        cluster.run(0.01)
+    landed = cluster.clock.seconds()
+    crash(cluster, a)
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    overdue = SETTINGS.renew_interval * (OVERDUE - 1)
+    assert taken - landed <= SETTINGS.lease_duration + overdue + 0.03
+    assert taken - landed >= SETTINGS.lease_duration
+    cluster.assert_never_two_primaries()
+
+
+def lease_version(cluster: Cluster) -> int:
+    stored = Records(cluster.store).get(LeaseRecord, "lb-primary")
+    assert stored is not None
+    return stored.version

@@ -55,6 +55,12 @@ STOPPING = "stopping"
 STOPPED = "stopped"
 
 
+#: A standby reads the lease when the holder's heartbeats have named no new version for this many
+#: renewal intervals: a renewal whose answer was lost with the holder landed unheard of, and
+#: the watch of that version starts only at this node's first read of it.
+OVERDUE = 1.25
+
+
 class NotPrimary(Exception):
     """The guard refused a primary-only action."""
 
@@ -102,6 +108,8 @@ class FailoverService(Service):
     _holder_stopping: float | None = None
     #: Whether announce_stopping is registered to run when the reactor begins to shut down.
     _announces = False
+    #: When the holder's heartbeats will have named no new lease version for OVERDUE renewals.
+    _overdue: IDelayedCall | None = None
 
     def __init__(
         self,
@@ -226,7 +234,7 @@ class FailoverService(Service):
         for loop in (self._beats, self._registry):
             if loop is not None and loop.running:
                 loop.stop()
-        for call in (self._next, self._silence):
+        for call in (self._next, self._silence, self._overdue):
             if call is not None and call.active():
                 call.cancel()
         if self._round is not None:
@@ -640,13 +648,27 @@ class FailoverService(Service):
             self._front_round(self._holder_stopping)
             self._warm_aws(f"{heartbeat.node} is stopping")
         if self.holding is None and lease is not None and heartbeat.node == lease.record.holder:
+            named = self.heartbeat.lease_version_heard(heartbeat.node)
+            if named is not None and named[1] == self.heartbeat.heard(heartbeat.node):
+                # A new version: the next is due a renewal interval from now.
+                self._rearm("_overdue", self.settings.renew_interval * OVERDUE, self._renewal_overdue)
             # Look for silence the moment it would begin, not at the next beat (up to one
             # heartbeat_interval later).  A hair late, so the look never comes before it.
-            delay = self.settings.suspect_after + 0.001
-            if self._silence is not None and self._silence.active():
-                self._silence.reset(delay)
-            else:
-                self._silence = self.reactor.callLater(delay, self._look_for_silence)
+            self._rearm("_silence", self.settings.suspect_after + 0.001, self._look_for_silence)
+
+    def _rearm(self, name: str, delay: float, f: Callable[[], object]) -> None:
+        """(Re)sets the timer kept in attribute ``name`` to call ``f`` after ``delay``."""
+        call: IDelayedCall | None = getattr(self, name)
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            setattr(self, name, self.reactor.callLater(delay, f))
+
+    def _renewal_overdue(self) -> None:
+        # Still alive, the holder is only late; dead, it may have written a version nobody heard
+        # of: read it now, so the watch of it starts now, not at suspicion.
+        if self.holding is None:
+            self.poke()
 
     def _beat(self) -> None:
         self._send_heartbeat()
