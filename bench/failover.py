@@ -16,7 +16,10 @@ a TCP server that names its host; for puppetha, the daemon's nginx front, proxyi
 TLS request (client certificate) to a stand-in master that names the lb node the request came
 through.
 
-Per trial, the primary (the holder of the address) is stopped one of two ways:
+Per trial, once the cluster has settled and after a random wait of up to a second (seeded:
+``--seed``), so that the stop falls anywhere in keepalived's advert cycle and puppetha's
+renewal and heartbeat cycles rather than where the bench's own pace puts it, the primary (the
+holder of the address) is stopped one of two ways:
 
 - ``kill -9``: every process of the primary's host gets SIGKILL and its link is unplugged, as
   when the instance dies; nothing says goodbye.
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import subprocess
 import sys
@@ -452,10 +456,15 @@ def first_answer_from(cluster: Cluster, address: str, names: Sequence[str], time
     return min(answered)
 
 
-def run_trial(bed: Testbed, cluster: Cluster, kind: str) -> Trial:
+#: The longest random wait before a stop: keepalived's advert interval, five of puppetha's renewals.
+PHASE = 1.0
+
+
+def run_trial(bed: Testbed, cluster: Cluster, kind: str, phase: random.Random) -> Trial:
     primary = settle(bed, cluster)
     others = [host for host in bed.lb_hosts if host is not primary]
     moves_before = len(bed.eip.history)
+    time.sleep(phase.uniform(0, PHASE))
     stopped_at = time.monotonic()
     if kind == "kill -9":
         bed.crash_host(primary.name)
@@ -558,9 +567,10 @@ def run_system(system: str, args: argparse.Namespace) -> Iterator[Trial | Partit
                 print(f"\n{system} settings:")
                 for key, value in cluster.settings().items():
                     print(f"  {key}: {value}")
+                phase = random.Random(args.seed)
                 for kind in args.kinds:
                     for n in range(args.trials):
-                        trial = run_trial(bed, cluster, kind)
+                        trial = run_trial(bed, cluster, kind, phase)
                         print(
                             f"  {system} {kind} #{n + 1}: {trial.stopped} stopped; address held "
                             f"{trial.address_held:.3f} s, first request {trial.first_request:.3f} s",
@@ -634,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="'' for none")
     parser.add_argument("--partition-seconds", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="2 trials, 5 s partitions")
+    parser.add_argument("--seed", type=int, default=12, help="of the random waits before the stops")
     parser.add_argument("--keep", metavar="DIR", help="keep every log (daemons, nginx, moto) under DIR")
     args = parser.parse_args(argv)
     if args.quick:
@@ -652,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"bench/failover.py: {args.trials} trials of each of {', '.join(args.kinds)}; partitions "
         f"{', '.join(args.partitions) or 'none'} for {args.partition_seconds:g} s; client polls every "
-        f"{POLL * 1000:g} ms (not waiting for earlier ones), each given {REQUEST_TIMEOUT * 1000:g} ms"
+        f"{POLL * 1000:g} ms (not waiting for earlier ones), each given {REQUEST_TIMEOUT * 1000:g} ms; "
+        f"stops after a random wait of up to {PHASE:g} s (seed {args.seed})"
     )
     trials: list[Trial] = []
     partitions: list[PartitionResult] = []
