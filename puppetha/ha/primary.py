@@ -343,9 +343,11 @@ class FailoverService(Service):
             holding = yield self.blocking.call(self.lease.take, lease)
         except LeaseLost:
             log.info("another node took the lease first")
+            self._timeline = {}
             return
         except StoreError as e:
             log.warn("could not take the lease: {error}", error=str(e))
+            self._timeline = {}
             return
         self._own_version = holding.version
         if not holding.may_act(self.monotonic()):
