@@ -16,7 +16,10 @@ a TCP server that names its host; for puppetha, the daemon's nginx front, proxyi
 TLS request (client certificate) to a stand-in master that names the lb node the request came
 through.
 
-Per trial, the primary (the holder of the address) is stopped one of two ways:
+Per trial, once the cluster has settled and after a random wait of up to a second (seeded:
+``--seed``), so that the stop falls anywhere in keepalived's advert cycle and puppetha's
+renewal and heartbeat cycles rather than where the bench's own pace puts it, the primary (the
+holder of the address) is stopped one of two ways:
 
 - ``kill -9``: every process of the primary's host gets SIGKILL and its link is unplugged, as
   when the instance dies; nothing says goodbye.
@@ -26,6 +29,14 @@ and two figures are taken from that moment: **address held**, until moto applied
 AssociateAddress that gave the address to another node; **first request**, until the client
 outside got an answer from another node through the address.  The stopped node is then started
 again and the cluster left to settle before the next trial.
+
+Each trial's timeline says where the time went, every moment on the machine's monotonic clock
+and counted from the stop: for puppetha, from the dead node's acting log (its last renewal
+began) and the new primary's ``takeover`` event (its watch of the lease's last version began,
+it suspected the holder, decided, took the lease, had nginx current, sent AssociateAddress, had
+DescribeAddresses confirm); for keepalived, when the new node's notify script started (MASTER);
+for both, when moto applied the association, when the emulator had moved the address, and the
+client's first answer.  The report gives each moment's p50 and p95 over the trials.
 
 Partitions (``peers``: the primary cut from the other lb node; ``store``: cut from the AWS host,
 which is also the store; ``both``) are held for ``--partition-seconds`` and healed; for each,
@@ -40,6 +51,8 @@ no figure; seconds are commonly seen), which adds the same to both systems.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import random
 import statistics
 import subprocess
 import sys
@@ -50,10 +63,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from attrs import frozen
 
+from puppetha.ha.failover import FailoverSettings
 from puppetha.testing.eip import ElasticIPEmulator
 from puppetha.testing.keepalived import MASTER, KeepalivedNode
 from puppetha.testing.lb_rig import FRONT_NAME, Agent, FleetPKI, LbDaemon, StandInMaster
@@ -81,6 +95,40 @@ class Trial:
     stopped: str
     address_held: float
     first_request: float
+    #: Moment name -> seconds from the stop (see :data:`MOMENTS`), those this trial has.
+    timeline: dict[str, float]
+
+
+#: The moments of a takeover, in the order they come, and what each is.
+MOMENTS = {
+    "last renewal": "the dead node's last renewal of the lease began",
+    "watch began": "the new node first knew the lease's last version (heartbeat or read)",
+    "suspected": "the new node suspected the holder (heartbeats silent for suspect_after)",
+    "MASTER": "keepalived's notify script started on the new node",
+    "decided": "the new node decided to take the lease",
+    "taken": "its compare-and-set of the lease began",
+    "written": "the lease's write answered",
+    "front ready": "nginx served the store's configuration (the front round)",
+    "associate sent": "AssociateAddress sent",
+    "moto applied": "moto applied the association",
+    "address placed": "the emulator had the address in the new node",
+    "associate answered": "AssociateAddress answered",
+    "confirmed": "DescribeAddresses confirmed the address",
+    "first answer": "the client outside got its first answer through the address",
+}
+
+#: The takeover event's fields (acting log) by moment.
+_TAKEOVER_FIELDS = {
+    "watch began": "watch_since",
+    "suspected": "suspected",
+    "decided": "decided",
+    "taken": "taken",
+    "written": "written",
+    "front ready": "front",
+    "associate sent": "associate",
+    "associate answered": "associated",
+    "confirmed": "confirmed",
+}
 
 
 @frozen
@@ -124,6 +172,10 @@ class Cluster(Protocol):
 
     def primary_intervals(self) -> dict[str, list[tuple[float, float]]]:
         """Per node, when it acted as primary, on the monotonic clock (an open interval ends now)."""
+        ...
+
+    def moments(self, stopped: str, took_over: str, since: float) -> dict[str, float]:
+        """The system's own moments (monotonic clock) of the takeover from ``stopped`` after ``since``."""
         ...
 
     def close(self) -> None: ...
@@ -253,6 +305,10 @@ class KeepalivedCluster:
             intervals[name] = spans
         return intervals
 
+    def moments(self, stopped: str, took_over: str, since: float) -> dict[str, float]:
+        masters = [c.at for c in self.nodes[took_over].states() if c.state == MASTER and c.at >= since]
+        return {"MASTER": masters[0]} if masters else {}
+
     def close(self) -> None:
         for node in self.nodes.values():
             node.kill()
@@ -320,6 +376,30 @@ class PuppethaCluster:
             for name, d in self.nodes.items()
         }
 
+    def moments(self, stopped: str, took_over: str, since: float) -> dict[str, float]:
+        found: dict[str, float] = {}
+        # An acting event's until is its renewal's start plus the window (the [ha] defaults here).
+        ha = FailoverSettings()
+        renewals = [e["until"] - (ha.lease_duration - ha.lease_margin) for e in self.nodes[stopped].acting()
+                    if e["event"] == "acting"]
+        renewals = [at for at in renewals if at < since]
+        if renewals:
+            found["last renewal"] = max(renewals)
+
+        def takeover() -> dict[str, Any] | None:
+            events = [e for e in self.nodes[took_over].acting()
+                      if e["event"] == "takeover" and e["decided"] >= since]
+            return events[-1] if events else None
+
+        # Written once DescribeAddresses confirmed, which may come after the client's first answer.
+        with contextlib.suppress(TimeoutError):
+            wait_until("the takeover's moments", lambda: takeover() is not None, 10)
+        event = takeover() or {}
+        for moment, field in _TAKEOVER_FIELDS.items():
+            if event.get(field) is not None:
+                found[moment] = float(event[field])
+        return found
+
     def close(self) -> None:
         for daemon in self.nodes.values():
             daemon.stop_all()
@@ -376,10 +456,15 @@ def first_answer_from(cluster: Cluster, address: str, names: Sequence[str], time
     return min(answered)
 
 
-def run_trial(bed: Testbed, cluster: Cluster, kind: str) -> Trial:
+#: The longest random wait before a stop: keepalived's advert interval, five of puppetha's renewals.
+PHASE = 1.0
+
+
+def run_trial(bed: Testbed, cluster: Cluster, kind: str, phase: random.Random) -> Trial:
     primary = settle(bed, cluster)
     others = [host for host in bed.lb_hosts if host is not primary]
     moves_before = len(bed.eip.history)
+    time.sleep(phase.uniform(0, PHASE))
     stopped_at = time.monotonic()
     if kind == "kill -9":
         bed.crash_host(primary.name)
@@ -389,10 +474,19 @@ def run_trial(bed: Testbed, cluster: Cluster, kind: str) -> Trial:
     answered_at = first_answer_from(cluster, bed.eip.address, [host.name for host in others])
     bed.eip.wait_for_any(others, timeout=60)
     took = next(m for m in bed.eip.moves_after(moves_before) if m.host != primary.name)
+    assert took.host is not None  # waited for one of the others
+    moments = {
+        **cluster.moments(primary.name, took.host, stopped_at),
+        "moto applied": took.associated_at,
+        "address placed": took.placed_at,
+        "first answer": answered_at,
+    }
     if kind == "kill -9":
         bed.revive_host(primary.name)
     cluster.start(primary.name)
-    return Trial(cluster.name, kind, primary.name, took.associated_at - stopped_at, answered_at - stopped_at)
+    timeline = {name: moments[name] - stopped_at for name in MOMENTS if name in moments}
+    return Trial(cluster.name, kind, primary.name, took.associated_at - stopped_at, answered_at - stopped_at,
+                 timeline)
 
 
 def overlap(intervals: dict[str, list[tuple[float, float]]], since: float, until: float) -> tuple[float, int]:
@@ -473,14 +567,17 @@ def run_system(system: str, args: argparse.Namespace) -> Iterator[Trial | Partit
                 print(f"\n{system} settings:")
                 for key, value in cluster.settings().items():
                     print(f"  {key}: {value}")
+                phase = random.Random(args.seed)
                 for kind in args.kinds:
                     for n in range(args.trials):
-                        trial = run_trial(bed, cluster, kind)
+                        trial = run_trial(bed, cluster, kind, phase)
                         print(
                             f"  {system} {kind} #{n + 1}: {trial.stopped} stopped; address held "
                             f"{trial.address_held:.3f} s, first request {trial.first_request:.3f} s",
                             flush=True,
                         )
+                        print("    " + ", ".join(f"{m} {t:+.3f}" for m, t in trial.timeline.items()),
+                              flush=True)
                         yield trial
                 for partition in args.partitions:
                     result = run_partition(bed, cluster, partition, args.partition_seconds)
@@ -512,6 +609,18 @@ def report(trials: list[Trial], partitions: list[PartitionResult], systems: Sequ
                 f"{system:<11} {kind:<9} {len(mine):>6}  "
                 + "  ".join(f"{a:>6.3f} / {b:>6.3f} / {c:>6.3f}" for a, b, c in (held, first))
             )
+    print("\nwhere the time went: each moment of the takeover, seconds from the stop (p50 / p95)")
+    for system in systems:
+        for kind in KINDS:
+            mine = [t for t in trials if t.system == system and t.kind == kind]
+            if not mine:
+                continue
+            print(f"{system}, {kind}:")
+            for moment, meaning in MOMENTS.items():
+                values = [t.timeline[moment] for t in mine if moment in t.timeline]
+                if values:
+                    p50, p95, _ = quantiles(values)
+                    print(f"  {moment:<19} {p50:>7.3f} / {p95:>7.3f}  {meaning}")
     for kind in KINDS:
         for what in ("held", "first"):
             base, ours = p95s.get(("keepalived", kind, what)), p95s.get(("puppetha", kind, what))
@@ -535,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--partitions", default=",".join(PARTITIONS), help="'' for none")
     parser.add_argument("--partition-seconds", type=float, default=8.0)
     parser.add_argument("--quick", action="store_true", help="2 trials, 5 s partitions")
+    parser.add_argument("--seed", type=int, default=12, help="of the random waits before the stops")
     parser.add_argument("--keep", metavar="DIR", help="keep every log (daemons, nginx, moto) under DIR")
     args = parser.parse_args(argv)
     if args.quick:
@@ -553,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"bench/failover.py: {args.trials} trials of each of {', '.join(args.kinds)}; partitions "
         f"{', '.join(args.partitions) or 'none'} for {args.partition_seconds:g} s; client polls every "
-        f"{POLL * 1000:g} ms (not waiting for earlier ones), each given {REQUEST_TIMEOUT * 1000:g} ms"
+        f"{POLL * 1000:g} ms (not waiting for earlier ones), each given {REQUEST_TIMEOUT * 1000:g} ms; "
+        f"stops after a random wait of up to {PHASE:g} s (seed {args.seed})"
     )
     trials: list[Trial] = []
     partitions: list[PartitionResult] = []

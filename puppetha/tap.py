@@ -455,6 +455,7 @@ def failover_service(
         cloud=cloud,
         aws=aws,
         revoke=functools.partial(revoke_identity, records, authority, now=reactor.seconds),
+        lb_region=config[("aws", "region")],
     ).setServiceParent(services)
     if config[("scale", "enabled")]:
         scaling = scaling_service(config, reactor, guard=failover.guard, records=records, cloud=cloud,

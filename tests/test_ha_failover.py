@@ -38,8 +38,9 @@ def situation(
     heard: float | None = None,
     stopping: bool = False,
     own: int | None = None,
+    wrote: tuple[int, float] | None = None,
 ) -> Situation:
-    return Situation(ME, now, read, lease_, held, watch, heard, stopping, own)
+    return Situation(ME, now, read, lease_, held, watch, heard, stopping, own, wrote)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +65,17 @@ def situation(
          situation(100.0, lease(4, holder=ME), own=3), Action.WAIT),
         ("someone else's lease at the version I once wrote is impossible, but never taken early",
          situation(100.0, lease(3), own=3), Action.WAIT),
+        # the holder's heartbeat named the version before this node read it
+        ("heard of the version a full duration ago, read it only now",
+         situation(100.81, lease(3), watch=Watch(3, 100.6), wrote=(3, 100.0)), Action.TAKE_OVER),
+        ("heard of the version, not a full duration ago",
+         situation(100.79, lease(3), watch=Watch(3, 100.6), wrote=(3, 100.0)), Action.WAIT),
+        ("first read, of a version heard of a full duration ago",
+         situation(100.81, lease(3), wrote=(3, 100.0)), Action.TAKE_OVER),
+        ("heard of another version than the one read: the read's watch counts",
+         situation(100.81, lease(4), watch=Watch(4, 100.6), wrote=(3, 100.0)), Action.WAIT),
+        ("renewed since the heartbeat named a version", situation(100.81, lease(4), wrote=(3, 99.0)),
+         Action.WAIT),
         # holder
         ("holding, inside the window", situation(100.5, lease(7, holder=ME), held=holding()), Action.RENEW),
         ("holding, store unreachable, inside the window", situation(100.5, None, read=False, held=holding()),
@@ -94,6 +106,13 @@ def test_a_standby_that_hears_the_primary_looks_slowly_but_never_past_the_lapse(
     assert decide(situation(100.0, lease(3), watch=Watch(3, 100.0), heard=99.95), slow).next_check == 0.5
 
 
+def test_a_node_that_wrote_the_lease_looks_often_while_the_store_is_unreachable() -> None:
+    mine = decide(situation(100.0, None, read=False, own=7), SETTINGS)
+    never = decide(situation(100.0, None, read=False), SETTINGS)
+    assert (mine.action, never.action) == (Action.WAIT, Action.WAIT)
+    assert mine.next_check == SETTINGS.suspect_poll < never.next_check
+
+
 def test_a_suspecting_standby_looks_often() -> None:
     silent = decide(situation(100.0, lease(3), watch=Watch(3, 99.5), heard=99.6), SETTINGS)
     assert "suspecting" in silent.reason
@@ -115,6 +134,17 @@ def test_next_watch_keeps_its_start_while_the_version_holds_and_survives_a_faile
     assert next_watch(situation(1.6, None, read=False, watch=first)) == first
     assert next_watch(situation(1.7, lease(4), watch=first)) == Watch(4, 1.7)
     assert next_watch(situation(1.8, lease(4, holder=ME), held=holding())) is None
+
+
+def test_a_watch_starts_at_the_first_news_of_its_version_whether_read_or_heard() -> None:
+    # Heard before the read: the heartbeat's moment.
+    assert next_watch(situation(1.0, lease(3), wrote=(3, 0.7))) == Watch(3, 0.7)
+    # Read before the heartbeat came: the read's moment stays.
+    assert next_watch(situation(1.0, lease(3), watch=Watch(3, 0.5), wrote=(3, 0.7))) == Watch(3, 0.5)
+    # The heartbeat named a version the store no longer has: it says nothing of this one.
+    assert next_watch(situation(1.0, lease(4), wrote=(3, 0.2))) == Watch(4, 1.0)
+    lapse = decide(situation(1.0, lease(3), wrote=(3, 0.7), heard=0.95), SETTINGS)
+    assert lapse.next_check == pytest.approx(0.7 + SETTINGS.lease_duration - 1.0)
 
 
 def test_settings_refuse_a_renewal_slower_than_the_window() -> None:

@@ -72,6 +72,42 @@ def test_round_trip_and_delivery() -> None:
     assert b.peers["i-a"].address == "10.0.0.1"
 
 
+def test_the_holder_says_which_version_of_the_lease_it_wrote_last() -> None:
+    clock = Clock()
+    a, wire, _ = node("i-a", clock)
+    b, _, heard = node("i-b", clock)
+    a.send([PEER], state="primary", token=7, generation="gen-1", lease=1203)
+    a.send([PEER], state="standby", token=7, generation="gen-1")
+    for datagram, _ in wire.sent:
+        b.datagramReceived(datagram, ("10.0.0.1", 7946))
+    assert [h.lease for h in heard] == [1203, None]
+    assert b.lease_version_heard("i-a") is None  # it holds none now
+    # A node that holds no lease sends the body every earlier version sends, and reads theirs.
+    assert b"lease" not in wire.sent[1][0]
+    assert decode(KEY, encode(KEY, beat())).lease is None
+
+
+def test_a_lease_version_counts_from_the_first_heartbeat_that_named_it() -> None:
+    clock = Clock()
+    a, wire, _ = node("i-a", clock)
+    b, _, _ = node("i-b", clock)
+
+    def hear(lease: int | None) -> None:
+        a.send([PEER], state="primary", token=7, generation="gen-1", lease=lease)
+        b.datagramReceived(wire.sent[-1][0], ("10.0.0.1", 7946))
+        clock.advance(0.1)
+
+    assert b.lease_version_heard("i-a") is None
+    hear(5)
+    hear(5)
+    assert b.lease_version_heard("i-a") == (5, 0.0)
+    hear(6)
+    assert b.lease_version_heard("i-a") == (6, 0.2)
+    hear(None)
+    hear(6)
+    assert b.lease_version_heard("i-a") == (6, 0.4)  # not from before the gap
+
+
 def test_forged_heartbeats_are_ignored() -> None:
     clock = Clock()
     b, _, heard = node("i-b", clock)
@@ -153,6 +189,9 @@ def test_garbage_is_refused(datagram: bytes) -> None:
         dict(json.loads(encode(KEY, beat())[36:]), token=True),
         dict(json.loads(encode(KEY, beat())[36:]), port=0),
         dict(json.loads(encode(KEY, beat())[36:]), node=""),
+        dict(json.loads(encode(KEY, beat())[36:]), lease="12"),
+        dict(json.loads(encode(KEY, beat())[36:]), lease=0),
+        dict(json.loads(encode(KEY, beat())[36:]), lease=True),
         [1, 2],
     ],
 )

@@ -20,7 +20,15 @@ from puppetha.aws.cloud import CloudError, ICloud, InstanceInfo
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.heartbeat import HeartbeatProtocol
 from puppetha.ha.lease import Lease
-from puppetha.ha.primary import PRIMARY, STANDBY, ActingLog, ElasticIP, FailoverService, NotPrimary
+from puppetha.ha.primary import (
+    OVERDUE,
+    PRIMARY,
+    STANDBY,
+    ActingLog,
+    ElasticIP,
+    FailoverService,
+    NotPrimary,
+)
 from puppetha.store import IStore, Item, StoreUnavailable, Value, Write
 from puppetha.store.records import LbNodeRecord, LeaseRecord, Records
 from puppetha.store.sqlite import SQLiteStore
@@ -47,6 +55,8 @@ class Reachable:
     def __init__(self, store: IStore) -> None:
         self.store = store
         self.cut = False
+        #: Writes land, but their answers are lost.
+        self.lose_answers = False
 
     def _check(self) -> None:
         if self.cut:
@@ -62,7 +72,10 @@ class Reachable:
 
     def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
         self._check()
-        return self.store.replace(kind, key, value, expected_version)
+        item = self.store.replace(kind, key, value, expected_version)
+        if self.lose_answers:
+            raise StoreUnavailable("the answer was lost")
+        return item
 
     def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
         self._check()
@@ -96,8 +109,12 @@ class CloudLink:
         self.eips = eips
         self.cut = False
         self.throttle = 0
+        #: Every call made: its name and the test's clock then (set by the node).
+        self.calls: list[tuple[str, float]] = []
+        self.clock: Clock | None = None
 
-    def _check(self) -> None:
+    def _check(self, call: str = "AssociateAddress") -> None:
+        self.calls.append((call, self.clock.seconds() if self.clock is not None else 0.0))
         if self.cut:
             raise CloudError("AssociateAddress: connect timeout")
         if self.throttle:
@@ -114,7 +131,7 @@ class CloudLink:
         return f"eipassoc-{len(self.eips.history)}"
 
     def describe_address(self, region: str, allocation_id: str) -> str | None:
-        self._check()
+        self._check("DescribeAddresses")
         return self.eips.owner
 
     def run_instances(
@@ -177,6 +194,7 @@ class Node:
 
         self.reach = Reachable(store)
         self.cloud = CloudLink(eips)
+        self.cloud.clock = clock
         records = Records(self.reach)
         heartbeat = HeartbeatProtocol(node=name, key=KEY, port=7946, monotonic=monotonic, wall=wall)
         wire.nodes[(address, 7946)] = heartbeat
@@ -355,7 +373,7 @@ def test_a_graceful_stop_hands_over_at_once(cluster: Cluster) -> None:
 
 def test_throttled_associate_is_retried_with_backoff_inside_the_window(cluster: Cluster) -> None:
     a = cluster.add("i-a", "10.0.0.1")
-    a.cloud.throttle = 3
+    a.cloud.throttle = 4  # the DescribeAddresses made at the start, then three AssociateAddress
     a.service.startService()
     cluster.run(2)
     assert a.service.state == PRIMARY
@@ -426,14 +444,22 @@ def test_no_two_primaries_whatever_the_clocks_say(
 
 
 def test_a_primary_that_could_not_renew_in_time_takes_its_own_lease_back_at_once(cluster: Cluster) -> None:
-    """A store that stalls for longer than the window, but not for a lapse: no failover, no flap."""
+    """
+    A store that stalls for longer than the window, but not for a lapse: no failover, no flap.
+    The lapse counts from the last renewal, which the standby heard of at once from the holder's
+    heartbeat: the stall begins right after one.
+    """
     a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
     a.service.startService()
     cluster.run(0.5)
     b.service.startService()
     cluster.run(3)
+    held = a.service.holding
+    assert held is not None
+    while a.service.holding is held:
+        cluster.run(0.01)
     a.reach.cut = True
-    cluster.run(0.7)
+    cluster.run(0.65)
     assert a.service.holding is None  # the window passed: it stopped acting
     a.reach.cut = False
     cluster.run(3)
@@ -544,3 +570,143 @@ def test_a_standby_suspects_the_holder_as_soon_as_it_falls_silent(cluster: Clust
     assert b.service._suspected_at is not None
     assert b.service._suspected_at - last_heard <= SETTINGS.suspect_after + 0.015
     assert b.service.state == STANDBY
+
+
+@pytest.mark.parametrize("phase", [n / 100 for n in range(0, 20, 3)])
+def test_after_a_crash_the_lease_is_taken_a_duration_after_the_last_renewal_was_heard_of(
+    cluster: Cluster, phase: float
+) -> None:
+    """
+    The holder's heartbeat names each version as soon as its renewal lands: the standby's watch
+    starts then, not at its own first read after suspecting (which came up to suspect_after
+    plus a renewal interval later), and the take follows a full duration later, never sooner.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3 + phase)
+    last = a.service.holding
+    assert last is not None
+    crash(cluster, a)
+    crashed_at = cluster.clock.seconds()
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    # a's last renewal began (and, on this store, landed) at renew_started: b waited a duration.
+    assert SETTINGS.lease_duration <= taken - last.renew_started <= SETTINGS.lease_duration + 0.02
+    assert taken - crashed_at < SETTINGS.suspect_after + SETTINGS.lease_duration
+    # The takeover's moments, in the order they came, for a benchmark to read.
+    (timeline,) = [e for e in cluster.events() if e["event"] == "takeover" and e["node"] == "i-b"]
+    assert timeline["token"] == 2
+    assert timeline["watch_since"] == pytest.approx(last.renew_started)
+    order = ["watch_since", "suspected", "decided", "taken", "written", "front", "associate", "associated",
+             "confirmed"]
+    moments = [timeline[name] for name in order]
+    assert moments == sorted(moments)
+    cluster.assert_never_two_primaries()
+
+
+def test_a_standby_asks_aws_ahead_of_a_takeover_so_associate_address_pays_no_first_call(
+    cluster: Cluster,
+) -> None:
+    """
+    At its start and when it suspects the holder, a standby makes one read-only DescribeAddresses:
+    boto3 makes its client and its connection then, not on the AssociateAddress of a takeover.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(0.1)
+    assert [name for name, _ in b.cloud.calls] == ["DescribeAddresses"]
+    cluster.run(3)
+    assert len(b.cloud.calls) == 1  # a calm standby asks nothing more
+    crash(cluster, a)
+    crashed_at = cluster.clock.seconds()
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    after = [(name, at) for name, at in b.cloud.calls if at >= crashed_at]
+    assert after[0][0] == "DescribeAddresses"
+    assert after[1][0] == "AssociateAddress"
+    assert after[0][1] < took_lease(cluster, "i-b", 2)
+    cluster.assert_never_two_primaries()
+
+
+def test_a_primary_that_begins_to_stop_says_so_and_its_standby_gets_ready_meanwhile(cluster: Cluster) -> None:
+    """
+    The daemon's other services stop before the lease is released: the standby that hears the
+    holder say it is stopping renders nginx and asks AWS meanwhile, and decides nothing.  The
+    address then follows the take at once, not a front round later.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    b.front_seconds = 0.1
+    rounds_before, calls_before = len(b.front_rounds), len(b.cloud.calls)
+    a.service.announce_stopping()
+    cluster.run(0.3)  # a's other services stopping
+    assert (a.service.state, b.service.state) == (PRIMARY, STANDBY)
+    assert len(b.front_rounds) == rounds_before + 1
+    assert [name for name, _ in b.cloud.calls[calls_before:]] == ["DescribeAddresses"]
+    a.service.stopService()
+    cluster.run(1)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    assert associated(cluster, "i-b")["at"] - taken < b.front_seconds  # no round between them
+    assert b.front_rounds[rounds_before][1] <= taken
+    # The round after the address catches what the early one missed.
+    assert any(start >= taken for start, _ in b.front_rounds[rounds_before + 1:])
+    cluster.assert_never_two_primaries()
+
+
+def test_only_the_holder_saying_it_stops_gets_a_standby_ready(cluster: Cluster) -> None:
+    a, b, c = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2"), cluster.add("i-c", "10.0.0.3")
+    for node in (a, b, c):
+        node.service.startService()
+        cluster.run(0.5)
+    cluster.run(3)
+    rounds_before = len(c.front_rounds)
+    b.service.announce_stopping()  # a standby: says nothing
+    a.service.heartbeat.send(a.service.peers, state="stopping", token=1, generation="gen-1")
+    cluster.run(0.3)
+    assert len(c.front_rounds) == rounds_before + 1  # from a, the holder, only
+
+
+def test_a_renewal_that_landed_unheard_of_is_read_when_the_next_is_overdue(cluster: Cluster) -> None:
+    """
+    The holder dies with a renewal in flight: the write lands, its answer and heartbeat are lost.
+    The standby reads the lease once the holder's heartbeats have named no new version for
+    OVERDUE renewal intervals, not only when it suspects the holder (up to suspect_after after
+    its last heartbeat): the watch of the unheard version starts then.
+    """
+    a, b = cluster.add("i-a", "10.0.0.1"), cluster.add("i-b", "10.0.0.2")
+    a.service.startService()
+    cluster.run(0.5)
+    b.service.startService()
+    cluster.run(3)
+    held = a.service.holding
+    assert held is not None
+    while a.service.holding is held:  # just after a renewal, heard of by b
+        cluster.run(0.01)
+    a.reach.lose_answers = True
+    version = lease_version(cluster)
+    while lease_version(cluster) == version:  # the next renewal lands; a never learns it did
+        cluster.run(0.01)
+    landed = cluster.clock.seconds()
+    crash(cluster, a)
+    cluster.run(3)
+    assert b.service.state == PRIMARY
+    taken = took_lease(cluster, "i-b", 2)
+    overdue = SETTINGS.renew_interval * (OVERDUE - 1)
+    assert taken - landed <= SETTINGS.lease_duration + overdue + 0.03
+    assert taken - landed >= SETTINGS.lease_duration
+    cluster.assert_never_two_primaries()
+
+
+def lease_version(cluster: Cluster) -> int:
+    stored = Records(cluster.store).get(LeaseRecord, "lb-primary")
+    assert stored is not None
+    return stored.version

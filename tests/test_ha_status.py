@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import attrs
+import pytest
 
 from puppetha.cli import main
 from puppetha.ha.autoscale import write_decision
 from puppetha.ha.scaling import HOLD, LAUNCH, ScaleDecision
-from puppetha.ha.status import cluster_status, heard_age, render
+from puppetha.ha.status import STALE_AFTER, cluster_status, heard_age, render, stale
 from puppetha.store.records import (
     LbNodeRecord,
     LeaseRecord,
@@ -35,6 +36,35 @@ def test_heard_age_is_what_peers_reported_aged_by_their_report() -> None:
     assert heard_age(A.node, [A, B], NOW) == 0.6  # b heard a 0.1 s before its report, 0.5 s ago
     assert heard_age(B.node, [A, B], NOW) == 1.05
     assert heard_age(A.node, [A], NOW) is None  # nobody else: never heard
+
+
+@pytest.mark.parametrize(
+    ("reported_age", "heartbeat_age", "is_stale"),
+    [
+        (1.0, 0.1, False),  # alive
+        (STALE_AFTER + 1, 0.1, False),  # its store writes stall, its peers still hear it
+        (1.0, STALE_AFTER + 1, False),  # cut from its peers, still reporting
+        (STALE_AFTER + 1, None, True),  # gone, and nobody else ever heard it
+        (STALE_AFTER + 1, STALE_AFTER + 5, True),  # gone
+        (STALE_AFTER, STALE_AFTER, False),  # not older than the bound
+    ],
+)
+def test_stale(reported_age: float, heartbeat_age: float | None, is_stale: bool) -> None:
+    assert stale(reported_age, heartbeat_age) is is_stale
+
+
+def test_a_dead_node_s_last_report_is_shown_as_stale_not_as_its_state() -> None:
+    dead = LbNodeRecord("i-0ccc0ccc0ccc0ccc0", "10.0.0.3", 7946, 1.0, "primary", 2, "gen-0", NOW - 3600.0,
+                        {A.node: 0.1})
+    a = LbNodeRecord(A.node, A.address, A.port, 1.0, "primary", 3, "gen-1", NOW - 1.0,
+                     {B.node: 0.05, dead.node: 3599.0})
+    status = cluster_status(now=NOW, nodes=[a, B, dead], lease=LEASE, elastic_ip="", owner=None,
+                            owner_error=None, masters=[])
+    assert [(n["node"], n["state"], n["stale"]) for n in status["lb_nodes"]] == [
+        (A.node, "primary", False), (B.node, "standby", False), (dead.node, "primary", True)]
+    text = render(status)
+    assert f"{dead.node}  10.0.0.3:7946  STALE (last said primary)  token 2" in text
+    assert f"{A.node}  10.0.0.1:7946  primary  token 3" in text
 
 
 def test_status_says_who_is_primary_and_whether_aws_agrees() -> None:

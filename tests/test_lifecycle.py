@@ -29,10 +29,11 @@ from puppetha.ha.lifecycle import (
     LifecycleSettings,
     LifecycleSweep,
     Retirement,
+    plan_lbnode_removals,
     plan_sweep,
 )
 from puppetha.ha.primary import FailoverService, NotPrimary
-from puppetha.store.records import CARecord, CRLRecord, MasterRecord, NodeRecord, Records
+from puppetha.store.records import CARecord, CRLRecord, LbNodeRecord, MasterRecord, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.tap import failover_service
 
@@ -119,7 +120,7 @@ class Guard:
 
 
 def sweeper(world: World, guard: Guard, settings: LifecycleSettings = SETTINGS,
-            cloud: Any = None) -> LifecycleSweep:
+            cloud: Any = None, lb_region: str | None = None) -> LifecycleSweep:
     return LifecycleSweep(
         clock=world.clock,
         settings=settings,
@@ -129,6 +130,7 @@ def sweeper(world: World, guard: Guard, settings: LifecycleSettings = SETTINGS,
         cloud=cloud or world.cloud,
         aws=inline(None),
         revoke=functools.partial(revoke_identity, world.records, world.authority, now=world.clock.seconds),
+        lb_region=lb_region,
     )
 
 
@@ -240,6 +242,80 @@ def test_losing_the_lease_mid_sweep_stops_before_acting(world: World) -> None:
     assert world.state() == before
 
 
+def lbnode(instance_id: str, updated_at: float = NOW) -> LbNodeRecord:
+    return LbNodeRecord(instance_id, "10.0.0.9", 7946, 1.0, "standby", 3, "gen-1", updated_at)
+
+
+@pytest.mark.parametrize(
+    ("row", "described", "expected"),
+    [
+        ("running: kept", {"i-b": info("i-b", "running")}, []),
+        ("terminated: removed", {"i-b": info("i-b", "terminated")}, ["i-b"]),
+        ("shutting down: removed", {"i-b": info("i-b", "shutting-down")}, ["i-b"]),
+        ("stopped: kept (it may start again)", {"i-b": info("i-b", "stopped")}, []),
+        ("unknown to AWS, reported within the grace: kept", {}, []),
+        ("AWS could not be asked: nothing decided", None, []),
+        ("the sweeping primary itself is never removed", {"i-a": info("i-a", "terminated")}, []),
+    ],
+)
+def test_plan_lbnode_removals(
+    row: str, described: dict[str, InstanceInfo] | None, expected: list[str]
+) -> None:
+    lbnodes = [lbnode("i-a"), lbnode("i-b", updated_at=NOW - 60)]
+    assert plan_lbnode_removals(lbnodes, described, NOW, SETTINGS, own="i-a") == expected
+
+
+def test_plan_lbnode_removals_forgets_a_node_aws_forgot_long_ago() -> None:
+    old = lbnode("i-b", updated_at=NOW - SETTINGS.grace)
+    assert plan_lbnode_removals([old], {}, NOW, SETTINGS, own="i-a") == ["i-b"]
+    assert plan_lbnode_removals([old], {}, NOW - 1, SETTINGS, own="i-a") == []
+
+
+def test_the_primary_removes_the_registrations_of_terminated_lb_nodes(world: World) -> None:
+    alive, dead = world.launch("lb"), world.launch("lb")
+    for instance in (alive, dead):
+        world.records.create(lbnode(instance.instance_id, updated_at=world.clock.seconds()))
+    world.fleet.terminate(dead.instance_id)
+    region = dead.region
+    # A standby, or a sweep not told the lb nodes' region, removes nothing.
+    before = world.state()
+    assert sweep(sweeper(world, Guard(token=None), lb_region=region)) == []
+    sweep(sweeper(world, Guard()))
+    assert world.state() == before
+    guard = Guard()
+    sweep(sweeper(world, guard, lb_region=region))
+    assert guard.checks == [None, 7]  # removed under the token the sweep began with
+    assert world.records.get(LbNodeRecord, dead.instance_id) is None
+    assert world.records.get(LbNodeRecord, alive.instance_id) is not None
+
+
+def test_an_lb_node_that_wrote_its_record_during_the_sweep_keeps_it(world: World) -> None:
+    dead = world.launch("lb")
+    world.records.create(lbnode(dead.instance_id, updated_at=world.clock.seconds()))
+    world.fleet.terminate(dead.instance_id)
+
+    class Rewrites(Guard):
+        """The node writes its record between the sweep's read and its removal."""
+
+        def __call__(self, token: int | None) -> Holding:
+            if token is not None:
+                current = world.records.get(LbNodeRecord, dead.instance_id)
+                assert current is not None
+                world.records.replace(current.record, current.version)
+            return super().__call__(token)
+
+    sweep(sweeper(world, Rewrites(), lb_region=dead.region))
+    assert world.records.get(LbNodeRecord, dead.instance_id) is not None
+
+
+def test_losing_the_lease_before_removing_lb_nodes_removes_none(world: World) -> None:
+    dead = world.launch("lb")
+    world.records.create(lbnode(dead.instance_id, updated_at=world.clock.seconds()))
+    world.fleet.terminate(dead.instance_id)
+    sweep(sweeper(world, Guard(lose_after=1), lb_region=dead.region))
+    assert world.records.get(LbNodeRecord, dead.instance_id) is not None
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -297,5 +373,6 @@ def test_the_sweep_runs_beside_failover_behind_its_guard(tmp_path: Path) -> None
         assert children.index(sweep) > children.index(failover)
         assert sweep.guard == failover.guard
         assert sweep.settings == LifecycleSettings(interval=30.0, revoke_terminated=False, grace=3600.0)
+        assert sweep.lb_region == config[("aws", "region")]
     finally:
         store.close()

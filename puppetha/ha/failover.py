@@ -75,6 +75,10 @@ class Situation:
     #: daemon (None: none).  A lease still at that version was last written by us, whatever the
     #: clocks say, so we may take it back at once after stepping down.
     own_version: int | None = None
+    #: (version, local monotonic time) of the first authentic heartbeat from the lease's holder
+    #: that named that version as written: it was in the store before that moment, so a watch
+    #: of it may start there rather than at this node's first read of it (None: none heard).
+    version_heard: tuple[int, float] | None = None
 
 
 @frozen
@@ -108,8 +112,11 @@ def decide(situation: Situation, settings: FailoverSettings) -> FailoverDecision
         return FailoverDecision(Action.RENEW, "holding the lease", settings.renew_interval)
 
     if not s.lease_read:
-        # Nobody can take a lease it cannot write; keep looking at the standby's pace.
-        return FailoverDecision(Action.WAIT, "the store is unreachable", settings.suspect_poll * 4)
+        # Nobody can take a lease it cannot write; keep looking at the standby's pace.  A node
+        # that wrote the lease in this life looks often: when the store answers again before a
+        # lapse, it takes its own lease back before anyone else may.
+        poll = settings.suspect_poll if s.own_version is not None else settings.suspect_poll * 4
+        return FailoverDecision(Action.WAIT, "the store is unreachable", poll)
     lease = s.lease
     if lease is None:
         return FailoverDecision(Action.TAKE_OVER, "nobody holds the lease", 0.0)
@@ -118,7 +125,7 @@ def decide(situation: Situation, settings: FailoverSettings) -> FailoverDecision
     if lease.record.holder == s.node and lease.version == s.own_version:
         # Nobody wrote it since our own last write: taking it is as safe as a renewal would be.
         return FailoverDecision(Action.TAKE_OVER, f"{_tok(lease)} is still as we last wrote it", 0.0)
-    watch = s.watch.update(lease, s.now) if s.watch is not None else Watch.of(lease, s.now)
+    watch = _watch(s)
     if watch.lapsed(lease, s.now):
         return FailoverDecision(
             Action.TAKE_OVER,
@@ -141,9 +148,20 @@ def next_watch(situation: Situation) -> Watch | None:
         return None
     if not situation.lease_read:
         return situation.watch
-    if situation.watch is None:
-        return Watch.of(situation.lease, situation.now)
-    return situation.watch.update(situation.lease, situation.now)
+    return _watch(situation)
+
+
+def _watch(s: Situation) -> Watch:
+    """
+    The watch of the lease as read: from the first read that saw its version, or from the
+    first heartbeat of its holder that named that version, whichever came first.  Both moments
+    are after the version landed in the store, which is all the lease's arithmetic needs.
+    """
+    watch = s.watch.update(s.lease, s.now) if s.watch is not None else Watch.of(s.lease, s.now)
+    heard = s.version_heard
+    if heard is not None and s.lease is not None and s.lease.version == heard[0] and heard[1] < watch.since:
+        return Watch(heard[0], heard[1])
+    return watch
 
 
 def _tok(lease: Versioned[LeaseRecord]) -> str:

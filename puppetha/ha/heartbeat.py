@@ -5,7 +5,7 @@ key every lb node shares (kept in the store, sealed by the vault), numbered agai
 A datagram is ``PHA1`` + 32 bytes of HMAC over the rest + a JSON body::
 
     {"node": "i-0abc", "boot": 1764250000123456789, "seq": 42, "sent": 1764250001.5,
-     "state": "primary", "token": 7, "generation": "gen-...", "port": 7946}
+     "state": "primary", "token": 7, "lease": 1203, "generation": "gen-...", "port": 7946}
 
 ``boot`` names the sender's incarnation (its wall clock in nanoseconds when it started) and
 ``seq`` grows by one per datagram within it: a receiver accepts only a (boot, seq) above the last
@@ -13,6 +13,10 @@ it accepted from that node, so a replayed datagram is dropped.  ``sent`` must be
 ``stale_after`` of the receiver's wall clock, so a datagram recorded long ago is dropped even by a
 receiver that has just restarted.  Forged datagrams fail the HMAC.  None of this decides who is
 primary (the lease does): heartbeats make failover fast, and carry a graceful handover at once.
+
+``lease`` (absent when the sender holds no lease) is the store's version of the lease after the
+sender's last write of it that it saw succeed: a receiver then knows that version was in the
+store before the moment it heard of it, which is all a contender's watch needs (docs/ha.md).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ KEY_BYTES = 32
 HEARTBEAT_KEY = "heartbeat"
 _KEY_CONTEXT = "puppetha heartbeat key"
 
-STATES = ("standby", "taking-over", "primary", "stopped")
+#: ``stopping`` is said once, by a primary whose daemon begins to stop, before its services do.
+STATES = ("standby", "taking-over", "primary", "stopping", "stopped")
 
 
 class BadHeartbeat(ValueError):
@@ -63,20 +68,25 @@ class Heartbeat:
     generation: str
     #: The sender's heartbeat port (its address is the datagram's source).
     port: int
+    #: The lease's version after the sender's last successful write of it (None: holds none).
+    lease: int | None = None
 
 
 def encode(key: bytes, heartbeat: Heartbeat) -> bytes:
+    fields: dict[str, Any] = {
+        "node": heartbeat.node,
+        "boot": heartbeat.boot,
+        "seq": heartbeat.seq,
+        "sent": heartbeat.sent,
+        "state": heartbeat.state,
+        "token": heartbeat.token,
+        "generation": heartbeat.generation,
+        "port": heartbeat.port,
+    }
+    if heartbeat.lease is not None:
+        fields["lease"] = heartbeat.lease
     body = json.dumps(
-        {
-            "node": heartbeat.node,
-            "boot": heartbeat.boot,
-            "seq": heartbeat.seq,
-            "sent": heartbeat.sent,
-            "state": heartbeat.state,
-            "token": heartbeat.token,
-            "generation": heartbeat.generation,
-            "port": heartbeat.port,
-        },
+        fields,
         separators=(",", ":"),
         sort_keys=True,
     ).encode("utf-8")
@@ -104,11 +114,15 @@ def decode(key: bytes, data: bytes) -> Heartbeat:
             token=_field(value, "token", int),
             generation=_field(value, "generation", str),
             port=_field(value, "port", int),
+            # Absent from a node that holds no lease, and from versions before it was sent.
+            lease=_field(value, "lease", int) if isinstance(value, dict) and "lease" in value else None,
         )
     except (ValueError, TypeError) as e:
         raise BadHeartbeat(f"malformed: {e}") from None
     if heartbeat.state not in STATES or not heartbeat.node or not 0 < heartbeat.port < 65536:
         raise BadHeartbeat("malformed: bad state, node or port")
+    if heartbeat.lease is not None and heartbeat.lease < 1:
+        raise BadHeartbeat("malformed: bad lease version")
     return heartbeat
 
 
@@ -129,6 +143,8 @@ class Peer:
     address: str
     #: Receiver's monotonic time of that heartbeat.
     heard: float
+    #: Receiver's monotonic time of the first heartbeat that named the same ``lease`` version.
+    lease_heard: float | None = None
 
 
 def verdict(previous: Peer | None, heartbeat: Heartbeat, wall_now: float, stale_after: float) -> str | None:
@@ -189,7 +205,13 @@ class HeartbeatProtocol(DatagramProtocol):
         if reason is not None:
             self._drop(reason, addr)
             return
-        self.peers[heartbeat.node] = Peer(heartbeat, str(addr[0]), self.monotonic())
+        now = self.monotonic()
+        previous = self.peers.get(heartbeat.node)
+        lease_heard = None if heartbeat.lease is None else now
+        same_version = previous is not None and previous.heartbeat.lease == heartbeat.lease
+        if same_version and previous is not None and heartbeat.lease is not None:
+            lease_heard = previous.lease_heard
+        self.peers[heartbeat.node] = Peer(heartbeat, str(addr[0]), now, lease_heard)
         self.on_heartbeat(heartbeat)
 
     def _drop(self, reason: str, addr: Any) -> None:
@@ -203,13 +225,26 @@ class HeartbeatProtocol(DatagramProtocol):
         peer = self.peers.get(node)
         return None if peer is None else peer.heard
 
-    def send(self, targets: Iterable[tuple[str, int]], *, state: str, token: int, generation: str) -> None:
+    def lease_version_heard(self, node: str) -> tuple[int, float] | None:
+        """
+        The lease version ``node`` last said it wrote, and when that was first heard (local
+        monotonic clock): the version was in the store before then.  None: it named none.
+        """
+        peer = self.peers.get(node)
+        if peer is None or peer.heartbeat.lease is None or peer.lease_heard is None:
+            return None
+        return peer.heartbeat.lease, peer.lease_heard
+
+    def send(self, targets: Iterable[tuple[str, int]], *, state: str, token: int, generation: str,
+             lease: int | None = None) -> None:
         if self.transport is None:
             return
         self._seq += 1
         datagram = encode(
             self._key,
-            Heartbeat(self.node, self.boot, self._seq, self.wall(), state, token, generation, self.port),
+            Heartbeat(
+                self.node, self.boot, self._seq, self.wall(), state, token, generation, self.port, lease
+            ),
         )
         for host, port in targets:
             try:

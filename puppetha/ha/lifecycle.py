@@ -5,9 +5,12 @@ after it enrolled) has its identity revoked (``[lifecycle] revoke_terminated``, 
 so the CRLs that nginx serves carry its certificates at the front's next round; a master among
 them leaves the upstream and enrollment's choice of issuer with its registration, while its CA
 stays in nginx's bundle (the CRL refresher keeps every CA's CRL fresh) for the agents it signed.
+The registrations of lb nodes (``lbnode`` records, which ``puppetha status`` and the heartbeats
+read) whose instances are gone are removed the same way (:func:`plan_lbnode_removals`).
 
-discover (store, AWS) -> :func:`plan_sweep` (pure) -> act (revoke or deregister, each behind the
-failover guard under the token the sweep began with).
+discover (store, AWS) -> :func:`plan_sweep` and :func:`plan_lbnode_removals` (pure) -> act
+(revoke, deregister or remove, each behind the failover guard under the token the sweep began
+with).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from puppetha.ha.front import RunsBlocking
 from puppetha.ha.lease import Holding
 from puppetha.ha.primary import NotPrimary
 from puppetha.repeat import Repeating, RepeatingService
-from puppetha.store.records import MasterRecord, NodeRecord, Records
+from puppetha.store import VersionConflict
+from puppetha.store.records import LbNodeRecord, MasterRecord, NodeRecord, Records, Versioned
 
 log = Logger()
 
@@ -107,6 +111,48 @@ def plan_sweep(
     return plan
 
 
+def plan_lbnode_removals(
+    lbnodes: Sequence[LbNodeRecord],
+    described: Mapping[str, InstanceInfo] | None,
+    now: float,
+    settings: LifecycleSettings,
+    own: str,
+) -> list[str]:
+    """
+    The lb nodes whose registrations should go: AWS says their instance is gone, or has not
+    known it for ``grace`` since the node last wrote its record.  ``described`` is
+    DescribeInstances' answer for the lb nodes' region (None: AWS could not be asked, nothing
+    is decided); ``own`` (the sweeping primary) is never removed.
+    """
+    if described is None:
+        return []
+    gone = []
+    for lbnode in sorted(lbnodes, key=lambda n: n.node):
+        if lbnode.node == own:
+            continue
+        info = described.get(lbnode.node)
+        unknown_long = info is None and now - lbnode.updated_at >= settings.grace
+        if unknown_long or (info is not None and info.state in GONE_STATES):
+            gone.append(lbnode.node)
+    return gone
+
+
+def remove_lbnodes(records: Records, lbnodes: Mapping[str, Versioned[LbNodeRecord]],
+                   names: Sequence[str]) -> list[str]:
+    """
+    Delete the lb nodes' records at the versions read: a node that wrote its record since (it
+    is alive after all) keeps it.  Blocking.
+    """
+    removed = []
+    for name in names:
+        try:
+            if records.store.delete(LbNodeRecord.KIND, name, lbnodes[name].version):
+                removed.append(name)
+        except VersionConflict:
+            log.info("life cycle: lb node {node} wrote its record during the sweep; kept", node=name)
+    return removed
+
+
 def deregister_masters(records: Records, certnames: Sequence[str]) -> list[str]:
     """Remove the masters' registrations (they leave the upstream and enrollment's choice)."""
     removed = []
@@ -137,7 +183,9 @@ class LifecycleSweep(RepeatingService):
         cloud: ICloud,
         aws: RunsBlocking,
         revoke: Callable[[str, str], RevokedIdentity | None],
+        lb_region: str | None = None,
     ) -> None:
+        """``lb_region``: where the lb nodes run (None: their registrations are not swept)."""
         self.clock = clock
         self.settings = settings
         self.guard = guard
@@ -146,6 +194,7 @@ class LifecycleSweep(RepeatingService):
         self.cloud = cloud
         self.aws = aws
         self.revoke = revoke
+        self.lb_region = lb_region
         self._repeating = Repeating(self._round, clock, settings.interval)
 
     def _round(self) -> Deferred[Any]:
@@ -158,15 +207,21 @@ class LifecycleSweep(RepeatingService):
     def sweep(self) -> Any:
         """One sweep; fires with the retirements acted on ([] on a standby)."""
         try:
-            token = self.guard(None).token
+            holding = self.guard(None)
         except NotPrimary:
             return []
+        token = holding.token
         nodes = [v.record for v in (yield self.blocking.call(self.records.list, NodeRecord))]
         masters = {v.record.certname for v in (yield self.blocking.call(self.records.list, MasterRecord))}
+        lbnodes: dict[str, Versioned[LbNodeRecord]] = {}
+        if self.lb_region is not None:
+            lbnodes = {v.record.node: v for v in (yield self.blocking.call(self.records.list, LbNodeRecord))}
         wanted: dict[str, list[str]] = {}
         for node in nodes:
             if not node.revoked:
                 wanted.setdefault(node.region, []).append(node.instance_id)
+        if self.lb_region is not None and lbnodes:
+            wanted.setdefault(self.lb_region, []).extend(lbnodes)
         described: dict[str, Mapping[str, InstanceInfo]] = {}
         for region, ids in sorted(wanted.items()):
             try:
@@ -204,4 +259,24 @@ class LifecycleSweep(RepeatingService):
                 log.info("life cycle: master {instance_id} is {why}: deregistered under token {token}",
                          instance_id=retirement.instance_id, why=retirement.why, token=token)
             done.append(retirement)
+        yield self._remove_lbnodes(lbnodes, described, token, holding.holder)
         return done
+
+    @inlineCallbacks
+    def _remove_lbnodes(self, lbnodes: Mapping[str, Versioned[LbNodeRecord]],
+                        described: Mapping[str, Mapping[str, InstanceInfo]], token: int, own: str) -> Any:
+        if self.lb_region is None:
+            return
+        gone = plan_lbnode_removals([v.record for v in lbnodes.values()], described.get(self.lb_region),
+                                    self.clock.seconds(), self.settings, own)
+        if not gone:
+            return
+        try:
+            self.guard(token)
+        except NotPrimary as e:
+            log.info("life cycle: lb nodes left alone, {reason}", reason=str(e))
+            return
+        removed = yield self.blocking.call(remove_lbnodes, self.records, lbnodes, gone)
+        if removed:
+            log.info("life cycle: lb node(s) {nodes} gone from AWS: registration removed under token {token}",
+                     nodes=" ".join(removed), token=token)

@@ -15,7 +15,10 @@ next round, ends its window).
 Each node appends what it did as primary to its *acting log* (JSON lines, monotonic clock):
 ``acting`` (token, from, until) at every renewal, ``stopped`` (token, from, until) when it stops,
 and ``associate`` (token, at, done) for every AssociateAddress, so a test rig can check that no
-two nodes ever acted at once and that no address was moved under a stale token.
+two nodes ever acted at once and that no address was moved under a stale token; and, once the
+address is confirmed after a takeover, ``takeover``: when each step of it happened (suspicion,
+the watch's start, the take, the front round, AssociateAddress, the confirmation), so a
+benchmark can say where the time went.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from attrs import evolve, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorCore, IReactorTime, IReactorUDP
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,7 +50,15 @@ log = Logger()
 STANDBY = "standby"
 TAKING_OVER = "taking-over"
 PRIMARY = "primary"
+#: Said once, in a heartbeat, by a primary whose daemon begins to stop (see announce_stopping).
+STOPPING = "stopping"
 STOPPED = "stopped"
+
+
+#: A standby reads the lease when the holder's heartbeats have named no new version for this many
+#: renewal intervals: a renewal whose answer was lost with the holder landed unheard of, and
+#: the watch of that version starts only at this node's first read of it.
+OVERDUE = 1.25
 
 
 class NotPrimary(Exception):
@@ -91,6 +102,14 @@ def backoff(attempt: int, first: float = 0.05, cap: float = 1.0) -> float:
 
 class FailoverService(Service):
     """One lb node's part in failover.  Off unless an Elastic IP is configured (``[ha]``)."""
+
+    #: Local time at which the holder last said it was stopping (None: never): like the moment
+    #: it falls silent, a front round begun then may serve the takeover that follows.
+    _holder_stopping: float | None = None
+    #: Whether announce_stopping is registered to run when the reactor begins to shut down.
+    _announces = False
+    #: When the holder's heartbeats will have named no new lease version for OVERDUE renewals.
+    _overdue: IDelayedCall | None = None
 
     def __init__(
         self,
@@ -151,8 +170,8 @@ class FailoverService(Service):
         self._next: IDelayedCall | None = None
         self._window: IDelayedCall | None = None
         self._moving: int | None = None
-        self._checked = 0.0
-        self._checking = False
+        #: When the primary last checked where the address is, and whether a check is under way.
+        self._checked, self._checking = 0.0, False
         self._own_version: int | None = None
         #: The address was ours when we last knew, and no other holder has appeared since.
         self._address_was_ours = False
@@ -171,6 +190,10 @@ class FailoverService(Service):
         self._silence: IDelayedCall | None = None
         self._registry: LoopingCall | None = None
         self.peers: list[tuple[str, int]] = []
+        #: The moments of the takeover under way (local monotonic clock), for the acting log.
+        self._timeline: dict[str, float | None] = {}
+        #: When this node last asked AWS ahead of a takeover (see _warm_aws).
+        self._warmed: float | None = None
 
     # -- lifecycle
 
@@ -185,7 +208,24 @@ class FailoverService(Service):
         self._registry = LoopingCall(self._register)
         self._registry.clock = self.reactor
         self._registry.start(self.status_interval, now=True)
+        self._warm_aws("the daemon started")
+        if IReactorCore.providedBy(self.reactor) and not self._announces:
+            self._announces = True
+            # Before any service stops: the daemon's other services stop first, one after another,
+            # and the lease is released only once they have (see stopService).
+            core = cast(IReactorCore, self.reactor)
+            core.addSystemEventTrigger("before", "shutdown", self.announce_stopping)
         self.poke()
+
+    def announce_stopping(self) -> None:
+        """
+        A primary whose daemon begins to stop says so at once, in one heartbeat: a standby that
+        hears it makes nginx current and its way to AWS ready while this daemon's services stop,
+        so the takeover that follows the release waits for neither.  It decides nothing.
+        """
+        if self.holding is not None and not self._stopping:
+            self.heartbeat.send(self.peers, state=STOPPING, token=self.holding.token,
+                                generation=self.generation() or "", lease=self.holding.version)
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -194,7 +234,7 @@ class FailoverService(Service):
         for loop in (self._beats, self._registry):
             if loop is not None and loop.running:
                 loop.stop()
-        for call in (self._next, self._silence):
+        for call in (self._next, self._silence, self._overdue):
             if call is not None and call.active():
                 call.cancel()
         if self._round is not None:
@@ -273,10 +313,16 @@ class FailoverService(Service):
             watch=self.watch,
             holder_heard=self.heartbeat.heard(holder) if holder else None,
             own_version=self._own_version,
+            version_heard=self.heartbeat.lease_version_heard(holder) if holder else None,
         )
         decision = decide(situation, self.settings)
         self.watch = next_watch(situation)
         if decision.action is Action.TAKE_OVER:
+            self._timeline = {
+                "suspected": self._suspected_at,
+                "watch_since": self.watch.since if self.watch is not None else None,
+                "decided": now,
+            }
             # nginx is made current while the lease is being written, not after.
             since = self._front_since(now)
             self._front_round(since)
@@ -297,9 +343,11 @@ class FailoverService(Service):
             holding = yield self.blocking.call(self.lease.take, lease)
         except LeaseLost:
             log.info("another node took the lease first")
+            self._timeline = {}
             return
         except StoreError as e:
             log.warn("could not take the lease: {error}", error=str(e))
+            self._timeline = {}
             return
         self._own_version = holding.version
         if not holding.may_act(self.monotonic()):
@@ -310,6 +358,7 @@ class FailoverService(Service):
         self.watch = None
         self.token_seen = max(self.token_seen, holding.token)
         self._acting_from = holding.renew_started
+        self._mark(taken=holding.renew_started, written=self.monotonic())
         self.state = TAKING_OVER
         log.info("took the lease with token {token}: {reason}", token=holding.token, reason=reason,
                  acted_from=holding.renew_started)
@@ -340,6 +389,8 @@ class FailoverService(Service):
             return
         self.holding = renewed
         self._acting(renewed)
+        # At once, not at the next beat: a standby's watch of this version may start when it hears.
+        self._send_heartbeat()
 
     def _acting(self, holding: Holding) -> None:
         """Arm the end of the window and say, in the acting log, until when we may act."""
@@ -438,6 +489,29 @@ class FailoverService(Service):
         self.state = TAKING_OVER
         self._maybe_move()
 
+    def _warm_aws(self, why: str) -> Deferred[None]:
+        """
+        One DescribeAddresses, read-only and allowed to anyone, ahead of a takeover: boto3 makes
+        its EC2 client on the first call (a third of a second on a loaded host, spent on the
+        service's model) and keeps the connection it opens, so AssociateAddress, when it comes,
+        pays neither.  Its answer is only logged.  Not again within ``address_check`` of the last
+        one (a standby that starts also suspects the holder it has not heard yet).
+        """
+        now = self.monotonic()
+        if self._warmed is not None and now - self._warmed < self.settings.address_check:
+            return succeed(None)
+        self._warmed = now
+        eip = self.address
+        d = self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
+
+        def seen(owner: str | None) -> None:
+            log.info("{allocation_id} is on {owner} ({why})", allocation_id=eip.allocation_id,
+                     owner=owner or "no instance", why=why)
+
+        d.addCallbacks(seen, lambda f: log.warn("cannot ask AWS where {allocation_id} is ({why}): {error}",
+                                                allocation_id=eip.allocation_id, why=why, error=str(f.value)))
+        return d
+
     # -- the front before the address
 
     def _front_since(self, now: float) -> float:
@@ -448,7 +522,7 @@ class FailoverService(Service):
         change that a round started this early missed is picked up by the round that follows
         the takeover at once.
         """
-        silent = self._suspected_at
+        silent = self._suspected_at if self._suspected_at is not None else self._holder_stopping
         if silent is not None and now - silent <= 2 * self.settings.lease_duration:
             return silent
         return now
@@ -495,6 +569,7 @@ class FailoverService(Service):
         """
         # nginx first: the address must reach a front serving the store's current config.
         yield self._front_round(self.monotonic() if front_since is None else front_since)
+        self._mark(front=self.monotonic())
         eip = self.address
         attempt = 0
         if check_first:
@@ -517,9 +592,11 @@ class FailoverService(Service):
                 association = yield self.aws.call(
                     self.cloud.associate_address, eip.region, eip.allocation_id, eip.instance_id
                 )
-                self.acting_log.write("associate", token=token, at=at, done=self.monotonic(),
+                done = self.monotonic()
+                self.acting_log.write("associate", token=token, at=at, done=done,
                                       allocation_id=eip.allocation_id, instance_id=eip.instance_id,
                                       association_id=association)
+                self._mark(associate=at, associated=done)
                 owner = yield self.aws.call(self.cloud.describe_address, eip.region, eip.allocation_id)
             except CloudError as e:
                 self.acting_log.write("associate-failed", token=token, at=at, done=self.monotonic(),
@@ -538,12 +615,20 @@ class FailoverService(Service):
         if catch_up:
             self._front_round(self.monotonic())
 
+    def _mark(self, **moments: float) -> None:
+        """Notes moments of the takeover under way (none under way: nothing)."""
+        if self._timeline:
+            self._timeline.update(moments)
+
     def _confirm(self, token: int) -> None:
         self.guard(token)
         self.confirmed = token
         self._address_was_ours = True
         self._moving = None
         self.state = PRIMARY
+        if self._timeline:
+            self.acting_log.write("takeover", token=token, confirmed=self.monotonic(), **self._timeline)
+            self._timeline = {}
         log.info("primary with token {token}: {allocation_id} is on {instance_id}",
                  token=token, allocation_id=self.address.allocation_id, instance_id=self.address.instance_id)
         self._send_heartbeat()
@@ -558,14 +643,34 @@ class FailoverService(Service):
             # A graceful stop: the holder released the lease before saying so.
             self.poke()
         lease = self.last_lease
+        if (heartbeat.state == STOPPING and self.holding is None and lease is not None
+                and heartbeat.node == lease.record.holder):
+            log.info("{holder} says it is stopping", holder=heartbeat.node)
+            self._holder_stopping = self.monotonic()
+            self._front_round(self._holder_stopping)
+            self._warm_aws(f"{heartbeat.node} is stopping")
         if self.holding is None and lease is not None and heartbeat.node == lease.record.holder:
+            named = self.heartbeat.lease_version_heard(heartbeat.node)
+            if named is not None and named[1] == self.heartbeat.heard(heartbeat.node):
+                # A new version: the next is due a renewal interval from now.
+                self._rearm("_overdue", self.settings.renew_interval * OVERDUE, self._renewal_overdue)
             # Look for silence the moment it would begin, not at the next beat (up to one
             # heartbeat_interval later).  A hair late, so the look never comes before it.
-            delay = self.settings.suspect_after + 0.001
-            if self._silence is not None and self._silence.active():
-                self._silence.reset(delay)
-            else:
-                self._silence = self.reactor.callLater(delay, self._look_for_silence)
+            self._rearm("_silence", self.settings.suspect_after + 0.001, self._look_for_silence)
+
+    def _rearm(self, name: str, delay: float, f: Callable[[], object]) -> None:
+        """(Re)sets the timer kept in attribute ``name`` to call ``f`` after ``delay``."""
+        call: IDelayedCall | None = getattr(self, name)
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            setattr(self, name, self.reactor.callLater(delay, f))
+
+    def _renewal_overdue(self) -> None:
+        # Still alive, the holder is only late; dead, it may have written a version nobody heard
+        # of: read it now, so the watch of it starts now, not at suspicion.
+        if self.holding is None:
+            self.poke()
 
     def _beat(self) -> None:
         self._send_heartbeat()
@@ -585,8 +690,10 @@ class FailoverService(Service):
             log.info("suspecting {holder}: no heartbeat for {seconds}s", holder=lease.record.holder,
                      seconds=self.settings.suspect_after)
             self._suspected_at = self.monotonic()
-            # If the holder is gone, nginx will be current before the lease lapses.
+            # If the holder is gone, nginx will be current before the lease lapses, and so
+            # will the way to AWS.
             self._front_round(self._suspected_at)
+            self._warm_aws(f"suspecting {lease.record.holder}")
             self.poke()
         if not silent:
             self._suspected_at = None
@@ -599,6 +706,7 @@ class FailoverService(Service):
             state=self.state,
             token=holding.token if holding is not None else self.token_seen,
             generation=self.generation() or "",
+            lease=holding.version if holding is not None else None,
         )
 
     def _register(self) -> Deferred[None]:

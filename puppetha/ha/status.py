@@ -5,7 +5,9 @@ The lb nodes as each registered itself (state, the nginx generation it serves, h
 peers last heard it), the lease (holder, token, age), the Elastic IP's owner per
 DescribeAddresses, the masters with their health and their load (the lb nodes' fresh reports,
 merged as the primary merges them), and the primary's last scaling decisions with their
-reasons.  :func:`cluster_status` is pure; the command only reads and prints.
+reasons.  A node neither heard nor reporting for :data:`STALE_AFTER` is shown as stale: what its
+record says is its last word, not its state.  :func:`cluster_status` is pure; the command only
+reads and prints.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "their load, and the last scaling decisions")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=status)
+
+
+#: A live lb node rewrites its record every 2 s and its peers hear it ten times a second: after
+#: this long without either, its record is a dead node's last word (five reports missed).
+STALE_AFTER = 10.0
+
+
+def stale(reported_age: float, heartbeat_age: float | None, after: float = STALE_AFTER) -> bool:
+    """Whether an lb node's record is older than ``after`` and no peer heard it within ``after``."""
+    return reported_age > after and (heartbeat_age is None or heartbeat_age > after)
 
 
 def heard_age(node: str, records: Iterable[LbNodeRecord], now: float) -> float | None:
@@ -62,19 +74,21 @@ def cluster_status(
     nodes = list(nodes)
     loads = load.loads if load is not None else {}
     holder = lease.record.holder if lease is not None and lease.record.holder else None
+    lb_nodes = []
+    for n in sorted(nodes, key=lambda n: n.node):
+        reported, heard = round(max(0.0, now - n.updated_at), 3), heard_age(n.node, nodes, now)
+        lb_nodes.append({
+            "node": n.node,
+            "address": f"{n.address}:{n.port}",
+            "state": n.state,
+            "stale": stale(reported, heard),
+            "token": n.token,
+            "generation": n.generation,
+            "reported_age": reported,
+            "heartbeat_age": heard,
+        })
     return {
-        "lb_nodes": [
-            {
-                "node": n.node,
-                "address": f"{n.address}:{n.port}",
-                "state": n.state,
-                "token": n.token,
-                "generation": n.generation,
-                "reported_age": round(max(0.0, now - n.updated_at), 3),
-                "heartbeat_age": heard_age(n.node, nodes, now),
-            }
-            for n in sorted(nodes, key=lambda n: n.node)
-        ],
+        "lb_nodes": lb_nodes,
         "primary": holder,
         "lease": None if lease is None else {
             "holder": lease.record.holder or None,
@@ -138,7 +152,8 @@ def render(status: Mapping[str, Any]) -> str:
         lines.append("  (none registered)")
     for n in status["lb_nodes"]:
         heard = "never heard" if n["heartbeat_age"] is None else f"heard {n['heartbeat_age']:.1f}s ago"
-        lines.append(f"  {n['node']}  {n['address']}  {n['state']}  token {n['token']}  {heard}  "
+        state = f"STALE (last said {n['state']})" if n["stale"] else n["state"]
+        lines.append(f"  {n['node']}  {n['address']}  {state}  token {n['token']}  {heard}  "
                      f"reported {n['reported_age']:.1f}s ago  nginx {n['generation'] or '-'}")
     lines.append("masters:")
     if not status["masters"]:
