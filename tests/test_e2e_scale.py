@@ -173,6 +173,33 @@ class LoadGenerator:
             thread.join(timeout=90)
 
 
+class HeldRequest:
+    """
+    A catalog request through the front whose body's last byte is held back: nginx's worker has
+    it open (it reads the whole body before it proxies), so after a reload that worker shuts
+    down only once the request is finished and answered.
+    """
+
+    def __init__(self, load: LoadGenerator, port: int) -> None:
+        url = urllib.parse.urlsplit(load.url)
+        self.body = load.body
+        raw = socket.create_connection((LOOPBACK, port), timeout=60)
+        self.tls = load.context.wrap_socket(raw, server_hostname=FRONT)
+        head = (f"POST {url.path}?{url.query} HTTP/1.1\r\nHost: {FRONT}\r\nAccept: application/json\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(self.body)}\r\nConnection: close\r\n\r\n")
+        self.tls.sendall(head.encode("ascii") + self.body[:-1])
+
+    def finish(self) -> int:
+        """Send the last byte; the answer's status."""
+        self.tls.sendall(self.body[-1:])
+        answer = b""
+        while chunk := self.tls.recv(65536):
+            answer += chunk
+        self.tls.close()
+        return int(answer.split(b" ", 2)[1])
+
+
 class Forwarder:
     """Twisted's port forwarder in its own process: ``port`` on loopback to ``destination``."""
 
@@ -290,6 +317,21 @@ def test_load_launches_a_master_that_enrolls_serves_and_is_drained_and_terminate
 
         eventually(serving, "the master healthy behind nginx", logs)
 
+        conf = tmp_path / "cli.conf"
+        sections: dict[str, list[str]] = {}
+        for name, value in shared.items():
+            section, option = name.split(".")
+            sections.setdefault(section, []).append(f"{option} = {value}")
+        conf.write_text("".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items()))
+
+        def status_json() -> dict[str, Any]:
+            """``puppetha status --json`` in its own process, as an operator runs it."""
+            command = [sys.executable, "-m", "puppetha.cli", "--config", str(conf), "status", "--json"]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+            assert done.returncode == 0, done.stderr
+            result: dict[str, Any] = json.loads(done.stdout)
+            return result
+
         def actions(kind: str) -> list[ScaleActionRecord]:
             return [v.record for v in records.list(ScaleActionRecord) if v.record.action == kind]
 
@@ -346,14 +388,26 @@ def test_load_launches_a_master_that_enrolls_serves_and_is_drained_and_terminate
                 return report is not None and report.record.loads.get(certname, {}).get("requests", 0) > 0
 
             eventually(served_by_launched, "requests served by the launched master", logs)
-            # Then it falls: cheap requests go on through the drain.
+            # Then it falls: cheap requests go on through the drain, and one catalog request,
+            # begun now, is held open at nginx's worker, which keeps the drain waiting.
             load.calm.set()
+            held = HeldRequest(load, node.ports.front)
             eventually(lambda: bool(actions("drain")), "a drain", logs, seconds=60)
             begun = load.answered()
+            eventually(lambda: forwarded not in upstream(), "the draining master leaving the upstream", logs)
+            # puppetha status, in its own process as an operator runs it, shows the drain in progress.
+            during = status_json()
+            (shown,) = [m for m in during["masters"] if m["certname"] == certname]
+            assert shown["draining"] is not None
+            assert (shown["draining"]["token"], shown["draining"]["drained_at"]) == (token, None)
+            assert actions("drain")[0].finished_at is None
+            # The held request ends (answered by a master, whichever nginx's old worker chose), and
+            # with it the old worker: the drain goes on.
+            assert held.finish() == 200
             eventually(lambda: actions("drain")[0].finished_at is not None, "the drain's end", logs,
                        seconds=60)
             (drain,) = actions("drain")
-            # Requests kept coming while the master drained (a round or more).
+            # Requests kept coming while the master drained.
             assert load.answered() > begun
         # Every request, heavy or cheap, before, during and after the drain: 200.
         assert set(load.answers) == {200}, (load.answers, load.refusal)
@@ -368,17 +422,8 @@ def test_load_launches_a_master_that_enrolls_serves_and_is_drained_and_terminate
         eventually(lambda: upstream() == [f"{LOOPBACK}:{server.settings.listen_port}"],  # type: ignore[union-attr]
                    "only the first master in the upstream", logs)
 
-        # 4. puppetha status, in its own process as an operator runs it: both decisions, with reasons.
-        conf = tmp_path / "cli.conf"
-        sections: dict[str, list[str]] = {}
-        for name, value in shared.items():
-            section, option = name.split(".")
-            sections.setdefault(section, []).append(f"{option} = {value}")
-        conf.write_text("".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items()))
-        command = [sys.executable, "-m", "puppetha.cli", "--config", str(conf), "status", "--json"]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-        assert done.returncode == 0, done.stderr
-        status: dict[str, Any] = json.loads(done.stdout)
+        # 4. puppetha status again: both decisions, with their reasons, and the drain over.
+        status = status_json()
         assert status["scaling"]["enabled"] is True
         decided = {d["action"]: d for d in status["scaling"]["decisions"] if d["action"] != "hold"}
         assert set(decided) == {"launch", "drain"}
