@@ -10,10 +10,11 @@ one master from the launch template in moto, recorded under its lease token.  Th
 enrolls as a master for real (its own identity, signed as AWS signs, through the enrollment API);
 its registration points at a port forwarder to the same puppetserver, a server of its own in
 nginx's upstream.  Once it serves, the load runs across both masters; then it falls to cheap
-requests, the policy drains one master after the (lowered) quiet window, nginx's old workers
-finish what they had sent it, and moto terminates it, the drain recorded under the same token.
-Every request of the load generator through all of it is answered 200, and ``puppetha status``,
-in its own process, shows both decisions with their reasons.
+requests, the policy drains one master after the (lowered) quiet window, a request held open at
+nginx's old worker keeps the drain waiting (``puppetha status``, in its own process, shows it in
+progress), and once that request is answered moto terminates the master, the drain recorded under
+the same token.  Every request of the load generator through all of it is answered 200, and
+``puppetha status`` shows both decisions with their reasons.
 
 One puppetserver (half a minute or more to start).
 """
