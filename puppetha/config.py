@@ -450,10 +450,10 @@ OPTIONS: tuple[Option, ...] = (
            "How often a master's CRL files are compared with the store: a revoked lb node is "
            "refused by puppetserver within it (puppetserver reloads the file when it changes)."),
     Option("scale", "enabled", boolean, "false",
-           "Launch masters when Puppet is busy (docs/scaling.md): the primary lb node decides every "
-           "interval from the lb nodes' load samples and launches from launch_template. Needs "
-           "[ha] elastic_ip and [lb] load_socket on lb nodes. Drain decisions are logged, not "
-           "acted on yet."),
+           "Launch masters when Puppet is busy and drain them when it is not (docs/scaling.md): the "
+           "primary lb node decides every interval from the lb nodes' load samples, launches from "
+           "launch_template, and drains and terminates an idle master. Needs [ha] elastic_ip and "
+           "[lb] load_socket on lb nodes."),
     Option("scale", "interval", duration, "10s",
            "How often every lb node samples the masters' load (nginx's load log, puppetserver's "
            "jruby-metrics, agents per master) and publishes it, and the primary decides."),

@@ -275,6 +275,10 @@ def test_status_probe_checks_the_name_nginx_checks(tmp_path: Path, master_name: 
         probe = StatusProbe(runner.reactor, timeout=10, master_name=master_name)
         run: Callable[[], Any] = lambda: probe(master, credentials)  # noqa: E731
         assert blockingCallFromThread(runner.reactor, run) is up
+        if up:
+            # Host names the master as the server name did, as nginx's requests do: Jetty refuses
+            # (400) a Host that is not in the certificate it chose by that name.
+            assert server.hosts == [f"{master_name}:{server.port}"]
     finally:
         if server is not None:
             server.stop()

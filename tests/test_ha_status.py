@@ -76,7 +76,7 @@ def test_status_says_who_is_primary_and_whether_aws_agrees() -> None:
     assert [n["node"] for n in status["lb_nodes"]] == [A.node, B.node]
     assert status["lb_nodes"][0]["address"] == "10.0.0.1:7946"
     assert status["masters"] == [{"certname": "master-1", "address": "10.0.1.5:8140", "healthy": False,
-                                  "load": None}]
+                                  "draining": None, "load": None}]
     text = render(status)
     assert f"primary: {A.node} (token 3" in text
     assert f"elastic ip: eipalloc-0123456789 on {A.node}\n" in text
@@ -170,3 +170,34 @@ def test_the_new_records_round_trip_and_have_kinds_of_their_own(tmp_path: Path) 
     assert {validate_kind(LbNodeRecord.KIND), validate_kind(SealedSecret.KIND)} == {"lbnode", "secret"}
     assert not {"lbnode", "secret"} & {"ca", "crl", "revoked", "claim", "node", "master", "class", "lease"}
     store.close()
+
+
+def test_the_command_shows_a_drain_in_progress_since_when_and_under_which_token(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    store = SQLiteStore(str(path))
+    records = Records(store)
+    records.create(attrs.evolve(MASTER, healthy=True))
+    # Marked 40 s ago by the primary under token 4; another, under token 5, whose requests ended.
+    records.create(MasterRecord("master-2", "10.0.1.6", 8140, "master-2", 1.0, draining_since=NOW - 40,
+                                drain_token=4))
+    records.create(MasterRecord("master-3", "10.0.1.7", 8140, "master-3", 1.0, draining_since=NOW - 90,
+                                drain_token=5, drained_at=NOW - 2))
+    store.close()
+    conf = tmp_path / "puppetha.conf"
+    conf.write_text(f"[store]\npath = {path}\n[pki]\nvault_key_file = {tmp_path}/vault.key\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["--config", str(conf), "status", "--json"], out=out, err=err, now=lambda: NOW) == 0
+    result = json.loads(out.getvalue())
+    assert [m["draining"] for m in result["masters"]] == [
+        None,
+        {"since": NOW - 40, "age": 40.0, "token": 4, "drained_at": None},
+        {"since": NOW - 90, "age": 90.0, "token": 5, "drained_at": NOW - 2},
+    ]
+    out = io.StringIO()
+    assert main(["--config", str(conf), "status"], out=out, err=err, now=lambda: NOW) == 0
+    text = out.getvalue()
+    assert "  master-1  10.0.1.5:8140  healthy\n    load:" in text
+    assert ("  master-2  10.0.1.6:8140  healthy\n"
+            "    draining for 40s under token 4: out of the upstream, its requests finishing\n") in text
+    assert ("  master-3  10.0.1.7:8140  healthy\n"
+            "    draining for 90s under token 5: drained, to be terminated\n") in text

@@ -100,10 +100,17 @@ def test_primary_and_masters() -> None:
     assert samples(families.primary_families(True, "primary"))[("puppetha_primary", ())] == 1
     assert samples(families.primary_families(False, "standby"))[("puppetha_primary", ())] == 0
     masters = [MasterRecord("m-1", "10.0.0.5", 8140, "m-1", 0.0, healthy=True),
-               MasterRecord("m-2", "10.0.0.6", 8140, "m-2", 0.0, healthy=False)]
+               MasterRecord("m-2", "10.0.0.6", 8140, "m-2", 0.0, healthy=False),
+               # Marked by the primary: healthy still, out of the upstream.
+               MasterRecord("m-3", "10.0.0.7", 8140, "m-3", 0.0, healthy=True, draining_since=90.0,
+                            drain_token=4)]
     assert samples(families.master_families(masters)) == {
         ("puppetha_master_healthy", (("master", "m-1"),)): 1,
         ("puppetha_master_healthy", (("master", "m-2"),)): 0,
+        ("puppetha_master_healthy", (("master", "m-3"),)): 1,
+        ("puppetha_master_draining", (("master", "m-1"),)): 0,
+        ("puppetha_master_draining", (("master", "m-2"),)): 0,
+        ("puppetha_master_draining", (("master", "m-3"),)): 1,
     }
 
 

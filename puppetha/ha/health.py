@@ -204,9 +204,11 @@ class StatusProbe:
         pool = HTTPConnectionPool(self.reactor, persistent=False)
         http = HTTPClient(Agent.usingEndpointFactory(self.reactor, _ToMaster(endpoint), pool=pool))
         # The endpoint decides where to connect; the URL only names the resource, and the Host
-        # header names the master (in a header, since a certname's '_' is no URL host to treq).
+        # header names the master as the TLS server name does (in a header, since a certname's
+        # '_' is no URL host to treq): puppetserver's Jetty answers 400 to a Host that is not in
+        # the certificate it chose by that name, and nginx asks the same way.
         # The deadline is ours, on the injected reactor (treq's ``timeout=`` uses the global one).
-        host = f"{master.certname}:{master.port}".encode("ascii")
+        host = f"{self.master_name or master.certname}:{master.port}".encode("ascii")
         d: Deferred[Any] = http.get(
             f"https://master{path}", headers=Headers({b"Host": [host]}), unbuffered=True
         )

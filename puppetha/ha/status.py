@@ -3,11 +3,11 @@
 
 The lb nodes as each registered itself (state, the nginx generation it serves, how long ago its
 peers last heard it), the lease (holder, token, age), the Elastic IP's owner per
-DescribeAddresses, the masters with their health and their load (the lb nodes' fresh reports,
-merged as the primary merges them), and the primary's last scaling decisions with their
-reasons.  A node neither heard nor reporting for :data:`STALE_AFTER` is shown as stale: what its
-record says is its last word, not its state.  :func:`cluster_status` is pure; the command only
-reads and prints.
+DescribeAddresses, the masters with their health, their drain if one is in progress, and
+their load (the lb nodes' fresh reports, merged as the primary merges them), and the primary's
+last scaling decisions with their reasons.  A node neither heard nor reporting for
+:data:`STALE_AFTER` is shown as stale: what its record says is its last word, not its state.
+:func:`cluster_status` is pure; the command only reads and prints.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def cluster_status(
         },
         "masters": [
             {"certname": m.certname, "address": f"{m.address}:{m.port}", "healthy": m.healthy,
+             "draining": _draining(m, now),
              "load": _load(loads[m.certname]) if m.certname in loads else None}
             for m in sorted(masters, key=lambda m: m.certname)
         ],
@@ -113,6 +114,18 @@ def cluster_status(
                 {**d, "age": round(max(0.0, now - float(d.get("at", now))), 3)} for d in decisions
             ],
         },
+    }
+
+
+def _draining(master: MasterRecord, now: float) -> dict[str, Any] | None:
+    """A drain in progress: since when, under which token, and whether its requests have ended."""
+    if master.draining_since is None:
+        return None
+    return {
+        "since": master.draining_since,
+        "age": round(max(0.0, now - master.draining_since), 3),
+        "token": master.drain_token,
+        "drained_at": master.drained_at,
     }
 
 
@@ -160,6 +173,11 @@ def render(status: Mapping[str, Any]) -> str:
         lines.append("  (none registered)")
     for m in status["masters"]:
         lines.append(f"  {m['certname']}  {m['address']}  {'healthy' if m['healthy'] else 'UNHEALTHY'}")
+        drain = m["draining"]
+        if drain is not None:
+            where = ("drained, to be terminated" if drain["drained_at"] is not None
+                     else "out of the upstream, its requests finishing")
+            lines.append(f"    draining for {drain['age']:.0f}s under token {drain['token']}: {where}")
         load = m["load"]
         if load is None:
             lines.append("    load: no fresh report from any lb node")

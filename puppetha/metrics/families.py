@@ -103,12 +103,16 @@ def primary_families(primary: bool, state: str) -> list[Metric]:
 
 
 def master_families(masters: Iterable[MasterRecord]) -> list[Metric]:
-    """Each registered master's health as the lb nodes last judged it."""
+    """Each registered master's health as the lb nodes last judged it, and whether it is draining."""
     healthy = GaugeMetricFamily(f"{PREFIX}master_healthy", "1 if the master passes the lb nodes' "
                                 "health probe (it is in nginx's upstream), else 0.", labels=["master"])
+    draining = GaugeMetricFamily(f"{PREFIX}master_draining", "1 while the primary drains the master "
+                                 "(no new agents or requests; terminated once its requests end), "
+                                 "else 0.", labels=["master"])
     for master in sorted(masters, key=lambda m: m.certname):
         healthy.add_metric([master.certname], 1 if master.healthy else 0)
-    return [healthy]
+        draining.add_metric([master.certname], 1 if master.draining else 0)
+    return [healthy, draining]
 
 
 #: Per-master load gauges: (name, help, the MasterLoad field).
