@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.threads import blockingCallFromThread
 
+from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
@@ -291,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="key type of the CAs (default ec-p256)")
     parser.add_argument("--phases", action="store_true",
                         help="sample the daemon's threads and say where an enrollment's time goes")
+    parser.add_argument("--cpu", action="store_true",
+                        help="profile the daemon's threads' CPU by function (yappi, CPU clock)")
+    parser.add_argument("--cpu-save", metavar="FILE",
+                        help="with --cpu, also save the daemon's threads' profile as a pstats file")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [(a.private_ip, request_body(signer, a, "agent")) for a in agents]
             with ExitStack() as sampling:
                 sampler = sampling.enter_context(Sampler(daemon.threads)) if options.phases else None
+                profile = sampling.enter_context(CPUProfile(daemon.threads)) if options.cpu else None
                 run = run_clients(daemon, bodies, options.concurrency, options.seconds)
             sealed = unb64(daemon.authority.ca(ROOT).sealed_key)
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
@@ -328,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))
+    if profile is not None:
+        print("\nthe daemon's threads' CPU during the wave (bench/cpuprofile.py):")
+        print(profile.report(len(run.latencies)))
+        if options.cpu_save:
+            profile.save(options.cpu_save)
     return 0 if run.latencies and not run.failures else 1
 
 
