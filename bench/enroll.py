@@ -59,6 +59,7 @@ from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
 from puppetha.threads import Blocking, make_pool
 
 REGION = "us-east-1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The test fleet's subnet is a /24: the master and the agents must fit in it.
 MAX_INSTANCES = 240
 
@@ -178,6 +179,19 @@ class Daemon:
                 found[worker.ident] = "pool"
         return found
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU (user and system) each kind of the daemon's threads used so far, from ``/proc``."""
+        found: dict[str, float] = {}
+        workers = [(self.thread, "reactor")] + [(w, "pool") for w in list(getattr(self.pool, "threads", []))]
+        for worker, kind in workers:
+            try:
+                stat = Path(f"/proc/self/task/{worker.native_id}/stat").read_text()
+            except (OSError, TypeError):
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            found[kind] = found.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return found
+
     def stop(self) -> None:
         blockingCallFromThread(self.reactor, self.port.stopListening)
         self.reactor.callFromThread(self.reactor.stop)
@@ -233,6 +247,8 @@ class Run:
     failures: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
     describe_calls: int = 0
+    #: CPU of the daemon's threads during the wave, seconds by kind (reactor, pool).
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float) -> Run:
@@ -250,10 +266,12 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
         else:
             run.failures[code] = run.failures.get(code, 0) + 1
 
+    cpu_before = daemon.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as clients:
         list(clients.map(one, bodies))
     run.elapsed = time.perf_counter() - started
+    run.cpu = {k: v - cpu_before.get(k, 0.0) for k, v in daemon.cpu_seconds().items()}
     run.describe_calls = daemon.enrollment.batcher.calls - calls_before
     return run
 
@@ -272,6 +290,10 @@ def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) ->
               f"p99 {percentile(run.latencies, 0.99) * 1000:.1f} ms, "
               f"max {max(run.latencies) * 1000:.1f} ms, mean {statistics.fmean(run.latencies) * 1000:.1f} ms")
     attempts = done + sum(run.failures.values())
+    if attempts and run.cpu:
+        each = {k: 1000 * v / attempts for k, v in sorted(run.cpu.items())}
+        print(f"daemon CPU per enrollment: {sum(each.values()):.2f} ms ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in each.items()) + ")")
     print(f"DescribeInstances calls: {run.describe_calls} for {attempts} enrollments (batched)")
     print(f"raw signing rate of the CA key ({options.key_type}, 32 bytes, same run): "
           f"{signing:.0f} signatures/s")
