@@ -9,11 +9,14 @@ import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import parse_timestamp
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -50,6 +53,23 @@ def within_deadline(deadline: float, **settings: Any) -> Config:
     )
 
 
+def aws_timestamp(value: str) -> datetime:
+    """
+    A timestamp of an AWS answer.  EC2 writes ISO 8601 in UTC (``2026-11-27T16:50:28.000Z``),
+    which :meth:`datetime.fromisoformat` reads directly; botocore's own parser (dateutil's
+    general one) took about a tenth of a DescribeInstances call's CPU for the handful of
+    timestamps each instance carries.  Anything else, or a time without a zone, goes to
+    botocore's parser as before.
+    """
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)
+    if parsed.tzinfo is None:
+        return parse_timestamp(value)
+    return parsed
+
+
 #: DescribeInstances takes at most this many values in one filter.
 DESCRIBE_BATCH = 200
 
@@ -80,9 +100,12 @@ class Boto3Cloud:
         max_pool_connections: int = 10,
     ) -> None:
         self.endpoint_url = endpoint_url
+        core = botocore.session.get_session()
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=aws_timestamp)
         try:
             # Sessions are not thread-safe: this one is only used under the lock below.
             self._session = boto3.session.Session(
+                botocore_session=core,
                 profile_name=profile,
                 aws_access_key_id=access_key_id,
                 aws_secret_access_key=secret_access_key,
