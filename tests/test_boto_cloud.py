@@ -12,7 +12,7 @@ import pytest
 from botocore.utils import parse_timestamp
 from zope.interface.verify import verifyObject
 
-from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud, aws_timestamp, within_deadline
+from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud, aws_timestamp, instance_info, within_deadline
 from puppetha.aws.cloud import CloudError, ICloud, SecurityGroup
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer, MotoServerError
 
@@ -90,6 +90,27 @@ def test_describe_instances_reduces_what_puppetha_decides_on(cloud: Boto3Cloud, 
     # The same instant botocore's own parser reads from the same answer.
     plain = fleet.ec2.describe_instances(InstanceIds=[launched.instance_id])
     assert info.launch_time == plain["Reservations"][0]["Instances"][0]["LaunchTime"].timestamp()
+
+
+def test_describe_instances_reads_what_a_full_parse_reads(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    # DescribeInstances answers are parsed through a narrower shape (DESCRIBED): what puppetha
+    # makes of them is what it makes of botocore's full parse of the same instances.
+    launched = [
+        fleet.launch(role="master", tags={"env": "prod", "team": ""}, security_groups=["web", "puppet"],
+                     instance_profile_arn="puppet-master"),
+        fleet.launch(role="agent"),
+        fleet.launch(role="agent", security_groups=["web"]),
+    ]
+    ids = [i.instance_id for i in launched]
+    full = fleet.ec2.describe_instances(InstanceIds=ids)
+    expected = {
+        i["InstanceId"]: instance_info(i, r["OwnerId"], REGION)
+        for r in full["Reservations"] for i in r["Instances"]
+    }
+    assert cloud.describe_instances(REGION, ids) == expected
+    assert cloud.find_instances(REGION, {ROLE_TAG: "agent"}, ["pending", "running"]) == {
+        i: expected[i] for i in ids[1:]
+    }
 
 
 @pytest.mark.parametrize(
