@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.threads import blockingCallFromThread
 
+from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
@@ -58,6 +59,7 @@ from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
 from puppetha.threads import Blocking, make_pool
 
 REGION = "us-east-1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: The test fleet's subnet is a /24: the master and the agents must fit in it.
 MAX_INSTANCES = 240
 
@@ -177,6 +179,19 @@ class Daemon:
                 found[worker.ident] = "pool"
         return found
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU (user and system) each kind of the daemon's threads used so far, from ``/proc``."""
+        found: dict[str, float] = {}
+        workers = [(self.thread, "reactor")] + [(w, "pool") for w in list(getattr(self.pool, "threads", []))]
+        for worker, kind in workers:
+            try:
+                stat = Path(f"/proc/self/task/{worker.native_id}/stat").read_text()
+            except (OSError, TypeError):
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            found[kind] = found.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return found
+
     def stop(self) -> None:
         blockingCallFromThread(self.reactor, self.port.stopListening)
         self.reactor.callFromThread(self.reactor.stop)
@@ -232,6 +247,8 @@ class Run:
     failures: dict[int, int] = field(default_factory=dict)
     elapsed: float = 0.0
     describe_calls: int = 0
+    #: CPU of the daemon's threads during the wave, seconds by kind (reactor, pool).
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float) -> Run:
@@ -249,10 +266,12 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
         else:
             run.failures[code] = run.failures.get(code, 0) + 1
 
+    cpu_before = daemon.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as clients:
         list(clients.map(one, bodies))
     run.elapsed = time.perf_counter() - started
+    run.cpu = {k: v - cpu_before.get(k, 0.0) for k, v in daemon.cpu_seconds().items()}
     run.describe_calls = daemon.enrollment.batcher.calls - calls_before
     return run
 
@@ -271,6 +290,10 @@ def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) ->
               f"p99 {percentile(run.latencies, 0.99) * 1000:.1f} ms, "
               f"max {max(run.latencies) * 1000:.1f} ms, mean {statistics.fmean(run.latencies) * 1000:.1f} ms")
     attempts = done + sum(run.failures.values())
+    if attempts and run.cpu:
+        each = {k: 1000 * v / attempts for k, v in sorted(run.cpu.items())}
+        print(f"daemon CPU per enrollment: {sum(each.values()):.2f} ms ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in each.items()) + ")")
     print(f"DescribeInstances calls: {run.describe_calls} for {attempts} enrollments (batched)")
     print(f"raw signing rate of the CA key ({options.key_type}, 32 bytes, same run): "
           f"{signing:.0f} signatures/s")
@@ -291,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="key type of the CAs (default ec-p256)")
     parser.add_argument("--phases", action="store_true",
                         help="sample the daemon's threads and say where an enrollment's time goes")
+    parser.add_argument("--cpu", action="store_true",
+                        help="profile the daemon's threads' CPU by function (yappi, CPU clock)")
+    parser.add_argument("--cpu-save", metavar="FILE",
+                        help="with --cpu, also save the daemon's threads' profile as a pstats file")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
@@ -319,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             bodies = [(a.private_ip, request_body(signer, a, "agent")) for a in agents]
             with ExitStack() as sampling:
                 sampler = sampling.enter_context(Sampler(daemon.threads)) if options.phases else None
+                profile = sampling.enter_context(CPUProfile(daemon.threads)) if options.cpu else None
                 run = run_clients(daemon, bodies, options.concurrency, options.seconds)
             sealed = unb64(daemon.authority.ca(ROOT).sealed_key)
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
@@ -328,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))
+    if profile is not None:
+        print("\nthe daemon's threads' CPU during the wave (bench/cpuprofile.py):")
+        print(profile.report(len(run.latencies)))
+        if options.cpu_save:
+            profile.save(options.cpu_save)
     return 0 if run.latencies and not run.failures else 1
 
 

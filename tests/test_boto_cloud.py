@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.utils import parse_timestamp
 from zope.interface.verify import verifyObject
 
-from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud, within_deadline
+from puppetha.aws.boto import DESCRIBE_BATCH, Boto3Cloud, aws_timestamp, instance_info, within_deadline
 from puppetha.aws.cloud import CloudError, ICloud, SecurityGroup
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer, MotoServerError
 
@@ -86,6 +87,56 @@ def test_describe_instances_reduces_what_puppetha_decides_on(cloud: Boto3Cloud, 
     assert SecurityGroup(fleet.security_group("web"), "web") in info.security_groups
     assert info.tags == {ROLE_TAG: "master", "env": "prod"}
     assert info.launch_time > 0
+    # The same instant botocore's own parser reads from the same answer.
+    plain = fleet.ec2.describe_instances(InstanceIds=[launched.instance_id])
+    assert info.launch_time == plain["Reservations"][0]["Instances"][0]["LaunchTime"].timestamp()
+
+
+def test_describe_instances_reads_what_a_full_parse_reads(cloud: Boto3Cloud, fleet: Fleet) -> None:
+    # DescribeInstances answers are parsed through a narrower shape (DESCRIBED): what puppetha
+    # makes of them is what it makes of botocore's full parse of the same instances.
+    launched = [
+        fleet.launch(role="master", tags={"env": "prod", "team": ""}, security_groups=["web", "puppet"],
+                     instance_profile_arn="puppet-master"),
+        fleet.launch(role="agent"),
+        fleet.launch(role="agent", security_groups=["web"]),
+    ]
+    ids = [i.instance_id for i in launched]
+    full = fleet.ec2.describe_instances(InstanceIds=ids)
+    expected = {
+        i["InstanceId"]: instance_info(i, r["OwnerId"], REGION)
+        for r in full["Reservations"] for i in r["Instances"]
+    }
+    assert cloud.describe_instances(REGION, ids) == expected
+    assert cloud.find_instances(REGION, {ROLE_TAG: "agent"}, ["pending", "running"]) == {
+        i: expected[i] for i in ids[1:]
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-27T16:50:28.000Z",
+        "2026-11-27T16:50:28Z",
+        "2026-11-27T16:50:28.123456+00:00",
+        "2026-11-27T18:50:28+02:00",
+        "2026-11-27T16:50:28",
+        "1700000000",
+        "1700000000.5",
+        "Fri, 27 Nov 2026 16:50:28 GMT",
+    ],
+)
+def test_timestamps_are_read_as_botocore_reads_them(text: str) -> None:
+    ours, theirs = aws_timestamp(text), parse_timestamp(text)
+    assert ours == theirs
+    assert (ours.tzinfo is None) == (theirs.tzinfo is None)
+
+
+def test_a_text_that_is_no_time_is_refused_as_botocore_refuses_it() -> None:
+    with pytest.raises(ValueError, match="Invalid timestamp"):
+        parse_timestamp("not a time")
+    with pytest.raises(ValueError, match="Invalid timestamp"):
+        aws_timestamp("not a time")
 
 
 def test_unknown_and_malformed_ids_are_simply_absent(cloud: Boto3Cloud, fleet: Fleet) -> None:
