@@ -432,12 +432,17 @@ def test_the_keepalived_baseline_fails_over_and_splits_its_brain_in_the_same_rig
                     for name in names
                 }
                 try:
-                    for node in nodes.values():
-                        node.start()
 
                     def states() -> list[str | None]:
                         return [nodes[name].state() for name in names]
 
+                    # One after the other, as instances boot: started in the same millisecond,
+                    # both time out together and are MASTER for a moment, and both notify
+                    # scripts' AssociateAddress calls race (the last, maybe the BACKUP's, wins).
+                    first, second = names
+                    nodes[first].start()
+                    until(lambda: nodes[first].state() == MASTER, f"{first} MASTER", states)
+                    nodes[second].start()
                     until(lambda: sorted(map(str, states())) == ["BACKUP", MASTER], "one MASTER", states)
                     master = next(name for name in names if nodes[name].state() == MASTER)
                     backup = next(name for name in names if name != master)
