@@ -34,7 +34,7 @@ Each trial's timeline says where the time went, every moment on the machine's mo
 and counted from the stop: for puppetha, from the dead node's acting log (its last renewal
 began) and the new primary's ``takeover`` event (its watch of the lease's last version began,
 it suspected the holder, decided, took the lease, had nginx current, sent AssociateAddress, had
-DescribeAddresses confirm); for keepalived, when the new node's notify script started (MASTER);
+DescribeAddresses confirm); for keepalived, when the new node's notify script read MASTER;
 for both, when moto applied the association, when the emulator had moved the address, and the
 client's first answer.  The report gives each moment's p50 and p95 over the trials.
 
@@ -104,7 +104,7 @@ MOMENTS = {
     "last renewal": "the dead node's last renewal of the lease began",
     "watch began": "the new node first knew the lease's last version (heartbeat or read)",
     "suspected": "the new node suspected the holder (heartbeats silent for suspect_after)",
-    "MASTER": "keepalived's notify script started on the new node",
+    "MASTER": "keepalived's notify script read MASTER on the new node",
     "decided": "the new node decided to take the lease",
     "taken": "its compare-and-set of the lease began",
     "written": "the lease's write answered",

@@ -52,6 +52,8 @@ global_defs {{
   router_id {name}
   script_user root
   enable_script_security
+  vrrp_notify_fifo {fifo}
+  vrrp_notify_fifo_script {notify}
 }}
 vrrp_instance puppet_front {{
   state BACKUP
@@ -64,20 +66,26 @@ vrrp_instance puppet_front {{
   unicast_peer {{
 {peers}
   }}
-  notify {notify}
 }}
 """
 
+# keepalived starts one reader and writes each state change to the FIFO, in the order it made
+# them ('INSTANCE "puppet_front" MASTER 100').  A plain ``notify`` script is forked once per
+# change, so two changes a millisecond apart (MASTER, then BACKUP on hearing a peer's advert:
+# both nodes' first timeouts fall together when they start together) race, and the states log
+# could end with MASTER on a node that is BACKUP.
 _NOTIFY = """\
 #!/bin/bash
-# keepalived calls: notify TYPE NAME STATE PRIORITY
-echo "$EPOCHREALTIME $3" >> {states}
-if [ "$3" = {master} ]; then
-  AWS_ACCESS_KEY_ID={key} AWS_SECRET_ACCESS_KEY={secret} AWS_DEFAULT_REGION={region} \\
-  AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_PAGER= \\
-    {aws} ec2 associate-address --endpoint-url {endpoint} \\
-      --allocation-id {allocation_id} --instance-id {instance_id} --allow-reassociation >> {aws_log} 2>&1
-fi
+# keepalived calls: notify_fifo_script FIFO
+while read -r _kind _name state _priority; do
+  echo "$EPOCHREALTIME $state" >> {states}
+  if [ "$state" = {master} ]; then
+    AWS_ACCESS_KEY_ID={key} AWS_SECRET_ACCESS_KEY={secret} AWS_DEFAULT_REGION={region} \\
+    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_PAGER= \\
+      {aws} ec2 associate-address --endpoint-url {endpoint} \\
+        --allocation-id {allocation_id} --instance-id {instance_id} --allow-reassociation >> {aws_log} 2>&1 &
+  fi
+done < "${{@: -1}}"
 """
 
 
@@ -143,6 +151,7 @@ class KeepalivedNode:
                 address=self.host.address,
                 peers="\n".join(f"    {peer.address}" for peer in self.peers),
                 notify=notify,
+                fifo=self.dir / "notify.fifo",
             )
         )
         return config
