@@ -9,8 +9,8 @@ then enroll with the real ``puppetha-enroll``, a classification is stored with
 Then two lb nodes enroll and run (each a ``twistd puppetha`` with the lb role and its own real
 nginx, on loopback), the primary is killed with ``kill -9``, and the Elastic IP moves to the
 standby as moto says, with ``puppetha status`` before and after.  The lb nodes run with
-``[scale]`` on: the master runs no puppetserver, so the primary finds no healthy master and
-launches one from a launch template in moto (``[scale] min_masters``), which ``puppetha status``
+``[scale]`` on: the master runs no puppetserver, so once its (short) warm-up is over the
+primary finds no healthy master and launches one from a launch template in moto (``[scale] min_masters``), which ``puppetha status``
 shows with its reason.
 
 Run it with ``./scripts/demo`` (or ``python -m puppetha.demo``).
@@ -248,6 +248,9 @@ class Demo:
             "scale.launch_template": LAUNCH_TEMPLATE,
             "scale.interval": "2s",
             "scale.stale": "6s",
+            # The demo's master never starts a puppetserver: after this warm-up it counts as gone,
+            # and the primary launches one (a real master gets minutes to start its JRubies).
+            "scale.warmup": "3s",
         }
         (self.state / "lb").mkdir()
         (self.state / "root-ca.pem").write_text(self.cli("ca", "show", "--pem"))
