@@ -10,8 +10,8 @@ Then two lb nodes enroll and run (each a ``twistd puppetha`` with the lb role an
 nginx, on loopback), the primary is killed with ``kill -9``, and the Elastic IP moves to the
 standby as moto says, with ``puppetha status`` before and after.  The lb nodes run with
 ``[scale]`` on: the master runs no puppetserver, so once its (short) warm-up is over the
-primary finds no healthy master and launches one from a launch template in moto (``[scale] min_masters``), which ``puppetha status``
-shows with its reason.
+primary finds no healthy master and launches one from a launch template in moto
+(``[scale] min_masters``), which ``puppetha status`` shows with its reason.
 
 Run it with ``./scripts/demo`` (or ``python -m puppetha.demo``).
 """
