@@ -507,7 +507,10 @@ def test_a_puppet_agent_run_through_the_elastic_ip_before_and_after_the_primary_
     next run, as an agent makes at its next interval, gets its catalog through the new primary.
     """
     cluster = with_puppetserver
-    agent = PuppetAgent(cluster.rig["agent"], cluster.pki, tmp_path / "agent", cluster.eip.address)
+    # A request whose answer died with the node waits puppet's http_read_timeout (10 minutes
+    # by default: nothing tells the agent the node is gone); a short one ends it sooner.
+    agent = PuppetAgent(cluster.rig["agent"], cluster.pki, tmp_path / "agent", cluster.eip.address,
+                        http_read_timeout="20s")
     try:
         primary = cluster.primary()
         standby = next(name for name in cluster.daemons if name != primary.name)

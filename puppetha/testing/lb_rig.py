@@ -475,7 +475,7 @@ class PuppetAgent:
     """
 
     def __init__(self, host: Host, pki: FleetPKI, directory: Path, front_address: str,
-                 certname: str = "agent-eip.test") -> None:
+                 certname: str = "agent-eip.test", *, http_read_timeout: str | None = None) -> None:
         from puppetha.testing.puppetserver import require_puppetserver
 
         require_puppetserver()
@@ -501,6 +501,7 @@ class PuppetAgent:
             f"ca_server = {FRONT_NAME}\n"
             f"ca_port = {FRONT_PORT}\n"
             f"ssldir = {ssldir}\n"
+            + (f"http_read_timeout = {http_read_timeout}\n" if http_read_timeout else "")
         )
         self.etc = Path("/etc/netns") / host.namespace
         self.etc.mkdir(parents=True, exist_ok=True)
