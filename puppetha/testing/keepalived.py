@@ -78,6 +78,9 @@ _NOTIFY = """\
 #!/bin/bash
 # keepalived calls: notify_fifo_script FIFO
 while read -r _kind _name state _priority; do
+  # The FIFO also carries events that are not states (MASTER_RX_LOWER_PRI: a master heard a
+  # lower priority's advert); the record keeps the states alone, as a notify script saw them.
+  case "$state" in MASTER|BACKUP|FAULT|STOP) ;; *) continue ;; esac
   echo "$EPOCHREALTIME $state" >> {states}
   if [ "$state" = {master} ]; then
     AWS_ACCESS_KEY_ID={key} AWS_SECRET_ACCESS_KEY={secret} AWS_DEFAULT_REGION={region} \\
