@@ -594,6 +594,8 @@ def test_after_a_crash_the_lease_is_taken_a_duration_after_the_last_renewal_was_
     assert b.service.state == PRIMARY
     taken = took_lease(cluster, "i-b", 2)
     # a's last renewal began (and, on this store, landed) at renew_started: b waited a duration.
+    # These are moments of the cluster's task.Clock, not of the wall: the rule under test is the
+    # lease arithmetic, and the slack is two of the simulation's 10 ms steps.
     assert SETTINGS.lease_duration <= taken - last.renew_started <= SETTINGS.lease_duration + 0.02
     assert taken - crashed_at < SETTINGS.suspect_after + SETTINGS.lease_duration
     # The takeover's moments, in the order they came, for a benchmark to read.
