@@ -1,7 +1,7 @@
 """
 CRLs that expire every minute, and a fleet that keeps running: the real puppetserver (a master
 enrolled through nginx), the real nginx with the lb role's reconcile, and real ``puppet agent -t``
-runs through the front (the world of :mod:`tests.test_e2e_puppet`).
+runs through the front (the package's world, :mod:`tests.fleet_e2e.world`).
 
 Once the fleet is up, the CAs' CRL lifetime is cut to :data:`LIFETIME` and every CRL re-signed.
 From then on each copy is kept fresh by what does it in production: the daemon's CRL refresher
@@ -31,9 +31,7 @@ from puppetha.pki.authority import LB_CA, CRLRefresher
 from puppetha.pki.crlfiles import CRLFilesService, master_crl_files
 from puppetha.store.records import CRLRecord, Records
 from puppetha.threads import Blocking, make_pool
-from tests.test_e2e_puppet import FRONT_HOST, Node, World, eventually
-from tests.test_e2e_puppet import master as master  # noqa: PLC0414 -- the shared fixtures
-from tests.test_e2e_puppet import world as world  # noqa: PLC0414
+from tests.fleet_e2e.world import FRONT_HOST, Node, World, eventually
 
 #: A CRL's lifetime once the fleet is up, and the margin at which the refresher re-signs it.
 LIFETIME = timedelta(seconds=60)
@@ -118,6 +116,7 @@ def fleet(world: World, master: Node, tmp_path_factory: pytest.TempPathFactory) 
         crl_files.startService()
 
     # The cut: every CRL re-signed now with the short lifetime.
+    lifetime = authority.crl_lifetime
     authority.crl_lifetime = LIFETIME
     authority.refresh_crls(timedelta(days=365))
 
@@ -131,9 +130,20 @@ def fleet(world: World, master: Node, tmp_path_factory: pytest.TempPathFactory) 
         yield short
     finally:
         with contextlib.suppress(Exception):
-            world.on_reactor(stop)
-        with contextlib.suppress(Exception):
             world.on_reactor(refresher.stopService)
+        # The package's other modules run on this world: its CRLs go back to the lifetime they
+        # had, and the master's copies with them (puppetserver would refuse nginx once its
+        # lb-crl.pem expired), before what keeps the copies fresh stops.
+        authority.crl_lifetime = lifetime
+        authority.refresh_crls(timedelta(days=365))
+        copies = [Path(f.path) for f in master_crl_files(str(master.ssldir))]
+        eventually(
+            lambda: all(earliest_next_update(p) > time.time() + 3600 for p in copies),
+            "the master's CRL files back to the long lifetime",
+            WITHIN,
+        )
+        with contextlib.suppress(Exception):
+            world.on_reactor(stop)
         pool.stop()
 
 

@@ -1,7 +1,7 @@
 """
 The life cycle with real agents: moto as AWS, the real nginx with the lb role's reconcile and
 health checks, one real puppetserver, and real ``puppet agent -t`` runs through the front (the
-world of :mod:`tests.test_e2e_puppet`, one puppetserver start for the module).
+package's world, :mod:`tests.fleet_e2e.world`).
 
 A terminated agent: one sweep, and its serial is on the CRL nginx serves and its next run is
 refused.  A terminated master (enrolled, registered and healthy; its puppetserver is the real
@@ -32,9 +32,7 @@ from puppetha.ha.nginx import CA_PATHS, MASTERS_UPSTREAM
 from puppetha.store.records import CARecord, MasterRecord, NodeRecord, Records
 from puppetha.testing.moto import TEST_CREDENTIALS
 from puppetha.testing.nginx import LOOPBACK
-from tests.test_e2e_puppet import FRONT_HOST, Node, World, eventually
-from tests.test_e2e_puppet import master as master  # noqa: PLC0414 -- the shared fixtures
-from tests.test_e2e_puppet import world as world  # noqa: PLC0414
+from tests.fleet_e2e.world import FRONT_HOST, Node, World, eventually
 from tests.test_front_nginx import Synchronous
 from tests.test_front_render import upstream_servers
 from tests.test_lifecycle import Guard, sweep
