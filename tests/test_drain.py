@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.service import _healthy_master_cas
-from puppetha.ha.autoscale import ScaleActionRecord, ScalingService, fleet_masters
+from puppetha.ha.autoscale import FleetControl, ScaleActionRecord, ScalingService, fleet_masters
 from puppetha.ha.drain import SHUTTING_DOWN_TITLE, Drainer, DrainRefused, ShuttingDownWorkers
 from puppetha.ha.primary import NotPrimary
 from puppetha.ha.scaling import (
@@ -78,8 +78,9 @@ def drainer(moto: MotoServer, records: Records, guard: Guard, clock: Clock, *,
             in_flight: Any = None, pokes: list[str] | None = None) -> Drainer:
     cloud = Boto3Cloud(moto.endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"])
-    return Drainer(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
-                   aws=Synchronous(), region=REGION, settings=SETTINGS, in_flight=in_flight,
+    control = FleetControl(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
+                           aws=Synchronous(), region=REGION)
+    return Drainer(control, settings=SETTINGS, in_flight=in_flight,
                    poke=(lambda: pokes.append("poke")) if pokes is not None else None)
 
 
