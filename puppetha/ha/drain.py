@@ -30,9 +30,14 @@ from twisted.logger import Logger
 from puppetha.ha.autoscale import FleetControl, ScaleActionRecord, next_action_name
 from puppetha.ha.lifecycle import deregister_masters
 from puppetha.ha.scaling import DRAIN, DRAINED, DRAINING, Master, ScaleDecision, ScaleSettings, next_state
+from puppetha.store import VersionConflict
 from puppetha.store.records import MasterRecord, NodeRecord
 
 log = Logger()
+
+#: How many times one step reads a master's record again after another writer changed it
+#: between the step's read and its write (the health loop writes the same record).
+MARK_ATTEMPTS = 5
 
 
 class DrainRefused(Exception):
@@ -156,36 +161,27 @@ class Drainer:
     def step(self, record: ScaleActionRecord, token: int) -> Any:
         """
         Take the drain ``record`` describes as far as it can go now, each write behind the guard
-        under ``token``; fires with the record (``finished_at`` set once it is done).
+        under ``token``; fires with the record (``finished_at`` set once it is done).  A write
+        to the master's record that another writer beat (the health loop marks the same
+        record) is read and tried again at once, up to :data:`MARK_ATTEMPTS` times; past that the
+        next round goes on.
         """
         control = self.control
         certname = record.master
-        found = yield control.blocking.call(control.records.get, MasterRecord, certname)
-        if found is not None and not found.record.draining:
-            control.guard(token)
-            now = control.clock.seconds()
-            marked = evolve(found.record, draining_since=now, drain_token=token)
-            yield control.blocking.call(control.records.replace, marked, found.version)
-            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents or "
-                     "requests; those in flight finish", certname=certname, reason=record.reason, token=token)
-            yield self._poke()
-            # Drained at a later round only: the front's reload must have begun first.
+        for _ in range(MARK_ATTEMPTS):
+            try:
+                drained = yield self._mark(record, token)
+            except VersionConflict:
+                log.info("scaling: master {certname} changed while its drain marked it; read again",
+                         certname=certname)
+                continue
+            break
+        else:
+            log.warn("scaling: master {certname} changed under its drain {attempts} times in a row; the next "
+                     "round goes on", certname=certname, attempts=MARK_ATTEMPTS)
             return record
-        if found is not None and found.record.drained_at is None:
-            in_flight = 1
-            if self.in_flight is not None:
-                in_flight = yield control.blocking.call(self.in_flight, certname)
-            since = found.record.draining_since or 0.0
-            now = control.clock.seconds()
-            state = next_state(Master(certname, DRAINING, since), now, self.settings,
-                               enrolled=True, in_flight=in_flight)
-            if state != DRAINED:
-                return record
-            control.guard(token)
-            yield control.blocking.call(control.records.replace, evolve(found.record, drained_at=now),
-                                        found.version)
-            log.info("scaling: master {certname} drained ({why}) under token {token}", certname=certname,
-                     why="no request in flight" if in_flight == 0 else "drain_timeout passed", token=token)
+        if not drained:
+            return record
         control.guard(token)
         states = yield control.aws.call(control.cloud.terminate_instances, record.region or control.region,
                                         list(record.instances))
@@ -199,6 +195,47 @@ class Drainer:
                  states=" ".join(f"{k}={v}" for k, v in sorted(states.items())), token=token)
         yield self._poke()
         return done
+
+    @inlineCallbacks
+    def _mark(self, record: ScaleActionRecord, token: int) -> Any:
+        """
+        The master's record read, and marked draining, or drained once its requests ended or
+        ``drain_timeout`` passed; fires with whether it may be terminated now (drained, or no
+        longer registered).  Raises ``VersionConflict`` when another writer changed the record
+        since it was read.
+        """
+        control = self.control
+        certname = record.master
+        found = yield control.blocking.call(control.records.get, MasterRecord, certname)
+        if found is None:
+            return True
+        if not found.record.draining:
+            control.guard(token)
+            now = control.clock.seconds()
+            marked = evolve(found.record, draining_since=now, drain_token=token)
+            yield control.blocking.call(control.records.replace, marked, found.version)
+            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents or "
+                     "requests; those in flight finish", certname=certname, reason=record.reason, token=token)
+            yield self._poke()
+            # Drained at a later round only: the front's reload must have begun first.
+            return False
+        if found.record.drained_at is not None:
+            return True
+        in_flight = 1
+        if self.in_flight is not None:
+            in_flight = yield control.blocking.call(self.in_flight, certname)
+        since = found.record.draining_since or 0.0
+        now = control.clock.seconds()
+        state = next_state(Master(certname, DRAINING, since), now, self.settings,
+                           enrolled=True, in_flight=in_flight)
+        if state != DRAINED:
+            return False
+        control.guard(token)
+        drained = evolve(found.record, drained_at=now)
+        yield control.blocking.call(control.records.replace, drained, found.version)
+        log.info("scaling: master {certname} drained ({why}) under token {token}", certname=certname,
+                 why="no request in flight" if in_flight == 0 else "drain_timeout passed", token=token)
+        return True
 
     def _poke(self) -> Deferred[Any] | None:
         if self.poke is None:
