@@ -12,7 +12,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.pollreactor import PollReactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
+from zope.interface import implementer
 
 from puppetha.ha.health import ProbeCredentials, StatusProbe, read_credentials
 from puppetha.ha.jruby import JRubyStatus
@@ -50,7 +51,7 @@ from puppetha.ha.scaling import (
     decide,
 )
 from puppetha.pki.authority import LB_CA
-from puppetha.store import Item
+from puppetha.store import IStore, Item, Value, Write
 from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records
 from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
 from tests.test_front_health import ReactorThread
@@ -228,6 +229,72 @@ def test_a_round_publishes_the_nodes_sample(pki: FrontPKI) -> None:
     assert read_sample(pki.store, now=1015.0, stale=30.0).loads["m1"].queue_limit_hits == 2
     assert read_sample(pki.store, now=1050.0, stale=30.0) == Sample(NO_REPORT, {})
     monitor.stopService()
+
+
+@implementer(IStore)
+class ListingsCounted:
+    """The real store, counting the listings of each kind."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+        self.listed: dict[str, int] = {}
+
+    def get(self, kind: str, key: str) -> Item | None:
+        return self.store.get(kind, key)
+
+    def create(self, kind: str, key: str, value: Value) -> Item:
+        return self.store.create(kind, key, value)
+
+    def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
+        return self.store.replace(kind, key, value, expected_version)
+
+    def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
+        return self.store.delete(kind, key, expected_version)
+
+    def list(self, kind: str, prefix: str = "") -> list[Item]:
+        self.listed[kind] = self.listed.get(kind, 0) + 1
+        return self.store.list(kind, prefix)
+
+    def transact(self, writes: Sequence[Write]) -> None:
+        self.store.transact(writes)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def test_the_agents_are_counted_every_agents_interval_not_every_round(pki: FrontPKI) -> None:
+    lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+    records = Records(pki.store)
+    records.create(MasterRecord(certname="m1", address="10.0.0.1", port=8140, ca="m1", registered_at=1.0))
+    records.create(agent("a1", "m1"))
+    store = ListingsCounted(pki.store)
+    clock = Clock()
+    clock.advance(1000.0)
+    monitor = LoadMonitor(clock=clock, node="i-lb1", blocking=Synchronous(), store=store,
+                          counter=LoadCounter(), jruby=lambda master, credentials: succeed(None),
+                          certificate=lb.certificate, private_key=lb.private_key, interval=10.0,
+                          agents_interval=60.0)
+
+    def reported() -> int:
+        found = records.get(LoadReportRecord, "i-lb1")
+        assert found is not None
+        return report_loads(found.record)["m1"].agents
+
+    monitor.startService()
+    assert (store.listed[NodeRecord.KIND], reported()) == (1, 1)
+    records.create(agent("a2", "m1"))
+    # Every round reports the last count; the node records are listed again only after a minute.
+    for _ in range(5):
+        clock.advance(10.0)
+        assert (store.listed[NodeRecord.KIND], reported()) == (1, 1)
+    clock.advance(10.0)
+    assert (store.listed[NodeRecord.KIND], reported()) == (2, 2)
+    assert store.listed[MasterRecord.KIND] == 7
+    monitor.stopService()
+    # A clock set back does not keep the count for as long as it went back.
+    clock.rightNow -= 3600.0
+    monitor.round()
+    assert store.listed[NodeRecord.KIND] == 3
 
 
 # --- the jruby-metrics probe, over real TLS

@@ -46,6 +46,9 @@ MAX_REPORT_MASTERS = 1000
 MAX_DATAGRAM = 8192
 #: puppetserver's jruby-metrics answer at level debug is a few kilobytes; more is not it.
 JRUBY_BODY_LIMIT = 256 * 1024
+#: How often the agents per master are counted again (seconds): counting lists every ``node``
+#: record, and the count only orders the masters a drain may choose, so a few minutes old is fine.
+AGENT_COUNT_INTERVAL = 300.0
 
 _INTEGER_FIELDS = frozenset(f.name for f in fields(MasterLoad) if f.type in ("int", int))
 _LOAD_FIELDS = frozenset(f.name for f in fields(MasterLoad))
@@ -194,13 +197,15 @@ def probe_jruby(
 
 
 JRubyProbe = Callable[[MasterRecord, ProbeCredentials], Deferred["JRubyStatus | None"]]
-_Discovered = tuple[list[MasterRecord], ProbeCredentials, dict[str, int]]
+#: The masters, the probe's credentials, and the agents per master when counted this round.
+_Discovered = tuple[list[MasterRecord], ProbeCredentials, "dict[str, int] | None"]
 
 
 class LoadMonitor(RepeatingService):
     """
     An lb node's senses: every ``interval``, the load nginx's log counted, the healthy masters'
-    jruby-metrics and the agents per master, published as the node's ``loadreport``.
+    jruby-metrics and the agents per master (counted every ``agents_interval``, the last count
+    reported in between), published as the node's ``loadreport``.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class LoadMonitor(RepeatingService):
         certificate: str,
         private_key: str,
         interval: float,
+        agents_interval: float = AGENT_COUNT_INTERVAL,
     ) -> None:
         self.clock = clock
         self.node = node
@@ -225,8 +231,11 @@ class LoadMonitor(RepeatingService):
         self.certificate = certificate
         self.private_key = private_key
         self.interval = interval
+        self.agents_interval = agents_interval
         self._previous: dict[str, JRubyStatus] = {}
         self._taken: float | None = None
+        self._agents: dict[str, int] = {}
+        self._agents_counted: float | None = None
         self._repeating = Repeating(self._round, clock, interval)
 
     def _round(self) -> Deferred[Any]:
@@ -237,19 +246,25 @@ class LoadMonitor(RepeatingService):
 
     def round(self) -> Deferred[LoadReportRecord]:
         """One sample, published; fires with the report as written."""
-        d = self.blocking.call(self._discover)
-        d.addCallback(self._sample)
+        started = self.clock.seconds()
+        # Either way: a clock set back counts again rather than keep a count for hours.
+        count = self._agents_counted is None or abs(started - self._agents_counted) >= self.agents_interval
+        d = self.blocking.call(self._discover, count)
+        d.addCallback(self._sample, started)
         d.addCallback(lambda report: self.blocking.call(publish_report, self.store, report))
         return d
 
-    def _discover(self) -> _Discovered:
+    def _discover(self, count_agents: bool) -> _Discovered:
         records = Records(self.store)
         masters = [v.record for v in records.list(MasterRecord)]
-        return (masters, read_credentials(self.certificate, self.private_key, self.store),
-                agents_per_master(v.record for v in records.list(NodeRecord)))
+        agents = agents_per_master(v.record for v in records.list(NodeRecord)) if count_agents else None
+        return masters, read_credentials(self.certificate, self.private_key, self.store), agents
 
-    def _sample(self, discovered: _Discovered) -> Deferred[LoadReportRecord]:
-        masters, credentials, agents = discovered
+    def _sample(self, discovered: _Discovered, started: float) -> Deferred[LoadReportRecord]:
+        masters, credentials, counted = discovered
+        if counted is not None:
+            self._agents, self._agents_counted = counted, started
+        agents = self._agents
         now = self.clock.seconds()
         interval = now - self._taken if self._taken is not None else self.interval
         self._taken = now
