@@ -464,11 +464,11 @@ def test_a_load_socket_no_one_but_nginx_could_send_to_is_refused(
 
 def _fork_as(uid: int, action: Callable[[], None]) -> int:
     """Runs ``action`` in a forked child under ``uid`` (all three ids); the child's pid."""
+    gid = pwd.getpwuid(uid).pw_gid  # before the fork: the child makes system calls only
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            gid = pwd.getpwuid(uid).pw_gid
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
