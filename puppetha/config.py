@@ -398,7 +398,9 @@ OPTIONS: tuple[Option, ...] = (
            "nginx's access log for the front (empty: none)."),
     Option("lb", "load_socket", path, "",
            "The UNIX datagram socket nginx sends one line per proxied request to, for the load "
-           "monitor (docs/scaling.md); its directory must be reachable by [lb] nginx_user. With it "
+           "monitor (docs/scaling.md); its directory must be reachable by [lb] nginx_user, the only "
+           "user who may send to it (mode 0600; a daemon not running as root needs nginx run as "
+           "its own user, named there). With it "
            "the node samples the masters' load every [scale] interval and publishes it in the "
            "store. Empty: no load log and no sampling. Required with [scale] enabled."),
     Option("lb", "interval", duration, "2s",

@@ -38,7 +38,7 @@ from puppetha.enroll.listener import CannotListen, ensure_server_credentials, op
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.readiness import Readiness, ReadinessService
 from puppetha.enroll.service import Enrollment, revoke_identity
-from puppetha.ha.autoscale import Launcher, ScalingService, discover_fleet, write_decision
+from puppetha.ha.autoscale import FleetControl, Launcher, ScalingService, discover_fleet, write_decision
 from puppetha.ha.drain import Drainer, ShuttingDownWorkers
 from puppetha.ha.failover import FailoverSettings
 from puppetha.ha.front import LIVE, FrontService, Generations, NginxControl
@@ -499,6 +499,8 @@ def scaling_service(
     def publish(at: float, decision: ScaleDecision, token: int) -> Deferred[Any]:
         return blocking.call(write_decision, records, node, token, at, decision)
 
+    control = FleetControl(clock=reactor, guard=guard, records=records, blocking=blocking, cloud=cloud,
+                           aws=aws, region=region)
     log.info("scaling: every {interval}s on the primary, masters from launch template {template}",
              interval=config[("scale", "interval")], template=config[("scale", "launch_template")])
     return ScalingService(
@@ -508,10 +510,8 @@ def scaling_service(
         guard=guard,
         sample=sample,
         masters=masters,
-        launcher=Launcher(clock=reactor, guard=guard, records=records, blocking=blocking, cloud=cloud,
-                          aws=aws, region=region, launch_template=config[("scale", "launch_template")]),
-        drainer=Drainer(clock=reactor, guard=guard, records=records, blocking=blocking, cloud=cloud, aws=aws,
-                        region=region, settings=settings,
+        launcher=Launcher(control, launch_template=config[("scale", "launch_template")]),
+        drainer=Drainer(control, settings=settings,
                         in_flight=ShuttingDownWorkers(config[("lb", "nginx_pid")]), poke=poke),
         publish=publish,
     )

@@ -16,6 +16,7 @@ from puppetha.ha.autoscale import (
     KEPT_DECISIONS,
     LAUNCHED_BY_TAG,
     SCALE_LOG,
+    FleetControl,
     Launcher,
     ScaleActionRecord,
     ScaleLogRecord,
@@ -121,8 +122,9 @@ def launcher(moto: MotoServer, records: Records, guard: Guard) -> Launcher:
     clock.advance(1000.0)
     cloud = Boto3Cloud(moto.endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"])
-    return Launcher(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
-                    aws=Synchronous(), region=REGION, launch_template="puppet-master")
+    control = FleetControl(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
+                           aws=Synchronous(), region=REGION)
+    return Launcher(control, launch_template="puppet-master")
 
 
 def result(d: Deferred[Any]) -> Any:
@@ -200,7 +202,7 @@ def busy_sample(now: float) -> Deferred[Sample]:
 
 def run_service(moto: MotoServer, records: Records, guard: Guard, minutes: int) -> ScalingService:
     launch = launcher(moto, records, guard)
-    clock = cast(Clock, launch.clock)
+    clock = cast(Clock, launch.control.clock)
 
     def masters(now: float) -> Deferred[list[Master]]:
         # m1 serves; whatever was launched is starting (it never enrolls in this test).
@@ -279,8 +281,8 @@ def test_the_fleet_from_the_store_and_ec2(moto: MotoServer, fleet: Fleet, record
 
     def masters(now: float) -> list[Master]:
         found: list[Master] = result(discover_fleet(
-            records=records, blocking=Synchronous(), cloud=launch.cloud, aws=Synchronous(), region=REGION,
-            now=now, settings=settings))
+            records=records, blocking=Synchronous(), cloud=launch.control.cloud, aws=Synchronous(),
+            region=REGION, now=now, settings=settings))
         return found
 
     # EC2's launch time is the wall clock's; the test's clock is its own.
@@ -296,7 +298,7 @@ def test_the_service_keeps_each_decision_under_its_token(
     moto: MotoServer, fleet: Fleet, records: Records
 ) -> None:
     launch = launcher(moto, records, Guard())
-    clock = cast(Clock, launch.clock)
+    clock = cast(Clock, launch.control.clock)
     kept: list[tuple[float, str, int]] = []
 
     def publish(at: float, decision: ScaleDecision, token: int) -> Deferred[None]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +10,13 @@ import pytest
 from attrs import evolve
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.service import _healthy_master_cas
-from puppetha.ha.autoscale import ScaleActionRecord, ScalingService, fleet_masters
-from puppetha.ha.drain import SHUTTING_DOWN_TITLE, Drainer, DrainRefused, ShuttingDownWorkers
+from puppetha.ha.autoscale import FleetControl, ScaleActionRecord, ScalingService, fleet_masters
+from puppetha.ha.drain import MARK_ATTEMPTS, SHUTTING_DOWN_TITLE, Drainer, DrainRefused, ShuttingDownWorkers
+from puppetha.ha.health import set_health
 from puppetha.ha.primary import NotPrimary
 from puppetha.ha.scaling import (
     DRAIN,
@@ -28,6 +30,7 @@ from puppetha.ha.scaling import (
     ScaleDecision,
     ScaleSettings,
 )
+from puppetha.store import IStore, Item, Value, Write
 from puppetha.store.records import CARecord, MasterRecord, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.testing.moto import TEST_CREDENTIALS, Fleet, MotoServer
@@ -78,8 +81,9 @@ def drainer(moto: MotoServer, records: Records, guard: Guard, clock: Clock, *,
             in_flight: Any = None, pokes: list[str] | None = None) -> Drainer:
     cloud = Boto3Cloud(moto.endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"])
-    return Drainer(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
-                   aws=Synchronous(), region=REGION, settings=SETTINGS, in_flight=in_flight,
+    control = FleetControl(clock=clock, guard=guard, records=records, blocking=Synchronous(), cloud=cloud,
+                           aws=Synchronous(), region=REGION)
+    return Drainer(control, settings=SETTINGS, in_flight=in_flight,
                    poke=(lambda: pokes.append("poke")) if pokes is not None else None)
 
 
@@ -303,6 +307,107 @@ def test_a_master_retired_by_the_life_cycle_mid_drain_finishes_the_drain(
     assert done.finished_at == 1010.0
     assert drain.unfinished() == []
     assert master(records, "other").healthy
+
+
+# --- another writer between a step's read and its write
+
+
+@implementer(IStore)
+class HealthWritesFirst:
+    """
+    The real store, where the health loop marks ``certname`` unhealthy just before each of the
+    next ``times`` writes (replace or delete) of that master's record: the writer that read it
+    finds another version.
+    """
+
+    def __init__(self, store: IStore, certname: str, times: int) -> None:
+        self.store = store
+        self.certname = certname
+        self.times = times
+        self.written = 0
+
+    def _health_writes(self, kind: str, key: str) -> None:
+        if kind == MasterRecord.KIND and key == self.certname and self.times:
+            self.times -= 1
+            records = Records(self.store)
+            found = records.get(MasterRecord, key)
+            assert found is not None
+            assert set_health(self.store, found, False)
+            self.written += 1
+
+    def get(self, kind: str, key: str) -> Item | None:
+        return self.store.get(kind, key)
+
+    def create(self, kind: str, key: str, value: Value) -> Item:
+        return self.store.create(kind, key, value)
+
+    def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
+        self._health_writes(kind, key)
+        return self.store.replace(kind, key, value, expected_version)
+
+    def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
+        self._health_writes(kind, key)
+        return self.store.delete(kind, key, expected_version)
+
+    def list(self, kind: str, prefix: str = "") -> list[Item]:
+        return self.store.list(kind, prefix)
+
+    def transact(self, writes: Sequence[Write]) -> None:
+        self.store.transact(writes)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def test_a_health_write_before_the_drain_marks_its_master_is_read_again_at_once(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    beside_another(records, fleet, "m1")
+    clock = started_clock()
+    interleaved = HealthWritesFirst(records.store, "m1", times=2)
+    pokes: list[str] = []
+    drain = drainer(moto, Records(interleaved), Guard(), clock, in_flight=lambda certname: 0, pokes=pokes)
+    result(drain.act(DRAIN_M1, 7))
+    # Marked draining in the same step, over the health loop's writes, which stand.
+    marked = master(records, "m1")
+    assert interleaved.written == 2
+    assert (marked.draining_since, marked.drain_token, marked.healthy) == (1000.0, 7, False)
+    assert pokes == ["poke"]
+
+
+def test_a_health_write_before_the_drain_marks_its_master_drained_is_read_again_at_once(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    instance = beside_another(records, fleet, "m1")
+    clock = started_clock()
+    interleaved = HealthWritesFirst(records.store, "m1", times=0)
+    drain = drainer(moto, Records(interleaved), Guard(), clock, in_flight=lambda certname: 0)
+    result(drain.act(DRAIN_M1, 7))
+    clock.advance(10.0)
+    # Between the step's read and its drained mark.
+    interleaved.times = 1
+    (done,) = result(drain.advance(7))
+    assert interleaved.written == 1
+    assert done.finished_at == 1010.0
+    assert state(fleet, instance) in {"shutting-down", "terminated"}
+    assert records.get(MasterRecord, "m1") is None
+
+
+def test_a_master_written_under_every_try_is_drained_at_the_next_round(
+    moto: MotoServer, fleet: Fleet, records: Records
+) -> None:
+    beside_another(records, fleet, "m1")
+    clock = started_clock()
+    interleaved = HealthWritesFirst(records.store, "m1", times=MARK_ATTEMPTS)
+    drain = drainer(moto, Records(interleaved), Guard(), clock)
+    recorded = result(drain.act(DRAIN_M1, 7))
+    # Bounded: every try lost, the drain is recorded and its master not yet marked.
+    assert interleaved.written == MARK_ATTEMPTS
+    assert not master(records, "m1").draining
+    assert [r.name for r in drain.unfinished()] == [recorded.name]
+    clock.advance(10.0)
+    result(drain.advance(7))
+    assert master(records, "m1").draining_since == 1010.0
 
 
 # --- the service acts on drain decisions

@@ -15,6 +15,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from puppetha.aws.boto import Boto3Cloud
+from puppetha.ha.autoscale import FleetControl
 from puppetha.ha.drain import Drainer, ShuttingDownWorkers
 from puppetha.ha.scaling import DRAIN, ScaleDecision, ScaleSettings
 from puppetha.store.records import CARecord, MasterRecord, NodeRecord
@@ -84,9 +85,9 @@ def test_a_drain_fails_no_request_and_terminates_once_the_slow_one_ended(
     cloud = Boto3Cloud(moto.endpoint_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
                        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"])
     in_flight = ShuttingDownWorkers(front.nginx.runtime.pid_path)
-    drainer = Drainer(clock=clock, guard=Guard(), records=front.pki.records, blocking=Synchronous(),
-                      cloud=cloud, aws=Synchronous(), region=REGION,
-                      settings=ScaleSettings(enabled=True, drain_timeout=120.0), in_flight=in_flight,
+    control = FleetControl(clock=clock, guard=Guard(), records=front.pki.records, blocking=Synchronous(),
+                           cloud=cloud, aws=Synchronous(), region=REGION)
+    drainer = Drainer(control, settings=ScaleSettings(enabled=True, drain_timeout=120.0), in_flight=in_flight,
                       poke=front.service.poke)
     with Traffic(front) as traffic:
         # The decision: m1 is marked draining and the front (poked) takes it out of the upstream.

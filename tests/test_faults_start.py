@@ -276,3 +276,16 @@ def test_a_load_socket_that_cannot_be_opened_stops_the_start(
                    f"nginx = /bin/true\nload_socket = {path.format(tmp=tmp_path)}\n")
     assert line == "puppetha: " + expected.format(tmp=tmp_path)
     assert (tmp_path / "a-file").read_text() == "a file"
+
+
+def test_a_load_socket_nginx_could_not_send_to_stops_the_start(tmp_path: Path) -> None:
+    cert, key = tmp_path / "lb.pem", tmp_path / "lb.key"
+    cert_pem, key_pem = self_signed()
+    cert.write_bytes(cert_pem)
+    key.write_bytes(key_pem)
+    line = refused(tmp_path, config=f"[daemon]\nroles = lb\n[lb]\nmaster_name = puppet.test\n"
+                   f"certificate = {cert}\nprivate_key = {key}\nnginx_dir = {tmp_path}/nginx\n"
+                   f"nginx = /bin/true\nnginx_user = nobody-here\n"
+                   f"load_socket = {tmp_path}/run/load.sock\n")
+    assert line == "puppetha: [lb] load_socket: [lb] nginx_user: no user nobody-here on this host"
+    assert not (tmp_path / "run").exists()

@@ -427,6 +427,25 @@ def test_unhealthy_master_leaves_the_upstream(front: Front) -> None:
     )
 
 
+def test_a_draining_master_s_own_port_sends_agents_to_the_masters_in_service(front: Front) -> None:
+    front.add_master("m2", registered_at=2.0)
+    front.reconcile()
+    first = front.settings.ports.first_master
+    front.eventually(lambda: front.get(first, "/", issued=front.agent)[1]["master"] == "m1", "m1's own port")
+    records = Records(front.pki.store)
+    found = records.get(MasterRecord, "m1")
+    assert found is not None
+    records.replace(attrs.evolve(found.record, draining_since=1.0, drain_token=7), found.version)
+    front.reconcile()
+
+    def sent_to() -> set[str]:
+        return {front.get(first, "/", issued=front.agent)[1]["master"] for _ in range(6)}
+
+    front.eventually(lambda: sent_to() == {"m2"}, "m1's port sending to m2")
+    # m2's own port did not move.
+    assert front.get(first + 1, "/", issued=front.agent)[1]["master"] == "m2"
+
+
 def test_a_configuration_nginx_refuses_is_not_applied(front: Front) -> None:
     live = front.nginx.generations.live()
     bad = attrs.evolve(front.settings, private_key="/nonexistent/key.pem")

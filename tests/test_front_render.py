@@ -96,6 +96,35 @@ def test_no_healthy_master_answers_503_and_keeps_direct_routes():
     assert upstream_servers(text, "puppetha_master_0") == ["10.0.0.1:8140"]
 
 
+def master_server(text: str, port: int) -> str:
+    return text.split(f"listen 0.0.0.0:{port} ssl;", 1)[1].split("\n    }\n", 1)[0]
+
+
+def test_a_draining_master_keeps_its_port_and_nothing_reaches_it():
+    draining = MasterBackend("m2", "10.0.0.2", 8140, healthy=False, registered_at=2.0, draining=True)
+    text = render(state(M1, draining, M3))
+    # Nowhere to be reached: not in the front's upstream, and no upstream of its own.
+    assert "10.0.0.2" not in text
+    assert upstream_servers(text, "puppetha_masters") == ["10.0.0.1:8140", "10.0.0.3:8140"]
+    # Its port stays (the others' do not move) and sends a first test run to the masters in service.
+    assert master_ports([M1, draining, M3], FrontPorts()) == {"m1": 8141, "m2": 8142, "m3": 8143}
+    own = master_server(text, 8142)
+    assert "proxy_pass https://puppetha_masters;" in own
+    assert "proxy_ssl_name puppet.example;" in own
+    assert "ssl_verify_client on;" in own
+    assert "proxy_pass https://puppetha_master_0;" in master_server(text, 8141)
+    assert "proxy_pass https://puppetha_master_2;" in master_server(text, 8143)
+
+
+def test_a_draining_master_with_no_master_in_service_answers_503_on_its_port():
+    draining = MasterBackend("m1", "10.0.0.1", 8140, healthy=False, registered_at=1.0, draining=True)
+    text = render(state(draining))
+    assert "10.0.0.1" not in text
+    own = master_server(text, 8141)
+    assert "proxy_pass" not in own
+    assert "return 503 '{\"error\": \"no-master\"" in own
+
+
 def test_every_server_verifies_clients_and_overwrites_the_identity_headers():
     text = render(state(M1, M2))
     servers = text.split("    server {")[1:]

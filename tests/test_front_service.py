@@ -245,6 +245,8 @@ def test_a_draining_master_leaves_the_upstream_at_the_next_round_and_its_ca_stay
     records.replace(evolve(found.record, draining_since=clock.seconds(), drain_token=7), found.version)
     clock.advance(10)
     assert upstream_servers((live / "nginx.conf").read_text(), MASTERS_UPSTREAM) == ["10.0.0.2:8140"]
+    # Not through its own port either: no new agent's first test run reaches it.
+    assert "10.0.0.1:8140" not in (live / "nginx.conf").read_text()
     # Its agents' certificates still verify, through the other master.
     assert (live / "ca.pem").read_bytes() == ca_before
     service.stopService()

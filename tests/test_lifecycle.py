@@ -24,18 +24,22 @@ from puppetha.ha.front import decide_trust
 from puppetha.ha.lease import Holding
 from puppetha.ha.lifecycle import (
     DEREGISTER,
+    DEREGISTER_ATTEMPTS,
     KEEP,
     REVOKE,
     LifecycleSettings,
     LifecycleSweep,
     Retirement,
+    deregister_masters,
     plan_lbnode_removals,
     plan_sweep,
 )
 from puppetha.ha.primary import FailoverService, NotPrimary
+from puppetha.store import VersionConflict
 from puppetha.store.records import CARecord, CRLRecord, LbNodeRecord, MasterRecord, NodeRecord, Records
 from puppetha.store.sqlite import SQLiteStore
 from puppetha.tap import failover_service
+from tests.test_drain import HealthWritesFirst
 
 pytest.register_assert_rewrite("tests.enroll_fixtures")
 
@@ -374,5 +378,49 @@ def test_the_sweep_runs_beside_failover_behind_its_guard(tmp_path: Path) -> None
         assert sweep.guard == failover.guard
         assert sweep.settings == LifecycleSettings(interval=30.0, revoke_terminated=False, grace=3600.0)
         assert sweep.lb_region == config[("aws", "region")]
+    finally:
+        store.close()
+
+
+def registration(certname: str) -> MasterRecord:
+    return MasterRecord(certname=certname, address="10.0.0.9", port=8140, ca=certname, registered_at=1.0)
+
+
+@pytest.mark.parametrize(
+    ("health_writes", "removed"),
+    [
+        (0, ["m1", "m2"]),
+        # The health loop marked m1 between the read and the delete: read again, deleted.
+        (1, ["m1", "m2"]),
+        (DEREGISTER_ATTEMPTS - 1, ["m1", "m2"]),
+    ],
+)
+def test_a_registration_written_during_its_deregistration_is_read_again_and_removed(
+    tmp_path: Path, health_writes: int, removed: list[str]
+) -> None:
+    store = SQLiteStore(str(tmp_path / "puppetha.sqlite"))
+    try:
+        records = Records(store)
+        for certname in ("m1", "m2", "m3"):
+            records.create(registration(certname))
+        interleaved = HealthWritesFirst(store, "m1", times=health_writes)
+        assert deregister_masters(Records(interleaved), ["m1", "m2", "gone"]) == removed
+        assert interleaved.written == health_writes
+        assert [v.record.certname for v in records.list(MasterRecord)] == ["m3"]
+    finally:
+        store.close()
+
+
+def test_a_registration_written_under_every_try_stays_and_says_so(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "puppetha.sqlite"))
+    try:
+        records = Records(store)
+        records.create(registration("m1"))
+        interleaved = HealthWritesFirst(store, "m1", times=DEREGISTER_ATTEMPTS)
+        with pytest.raises(VersionConflict):
+            deregister_masters(Records(interleaved), ["m1"])
+        # The sweep's round fails and the next one deregisters it.
+        assert records.get(MasterRecord, "m1") is not None
+        assert deregister_masters(Records(interleaved), ["m1"]) == ["m1"]
     finally:
         store.close()

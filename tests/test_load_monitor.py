@@ -10,16 +10,19 @@ import os
 import pwd
 import socket
 import stat
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.pollreactor import PollReactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
+from zope.interface import implementer
 
 from puppetha.ha.health import ProbeCredentials, StatusProbe, read_credentials
 from puppetha.ha.jruby import JRubyStatus
@@ -28,8 +31,10 @@ from puppetha.ha.monitor import (
     NO_REPORT,
     LoadMonitor,
     LoadReport,
+    LoadSocketError,
     fresh_reports,
     listen_load_socket,
+    load_socket_owner,
     merge_reports,
     probe_jruby,
     read_sample,
@@ -46,7 +51,7 @@ from puppetha.ha.scaling import (
     decide,
 )
 from puppetha.pki.authority import LB_CA
-from puppetha.store import Item
+from puppetha.store import IStore, Item, Value, Write
 from puppetha.store.records import LoadReportRecord, MasterRecord, NodeRecord, Records
 from puppetha.testing.nginx import LOOPBACK, FrontPKI, IssuedFiles, LbOnlyServer
 from tests.test_front_health import ReactorThread
@@ -226,6 +231,72 @@ def test_a_round_publishes_the_nodes_sample(pki: FrontPKI) -> None:
     monitor.stopService()
 
 
+@implementer(IStore)
+class ListingsCounted:
+    """The real store, counting the listings of each kind."""
+
+    def __init__(self, store: IStore) -> None:
+        self.store = store
+        self.listed: dict[str, int] = {}
+
+    def get(self, kind: str, key: str) -> Item | None:
+        return self.store.get(kind, key)
+
+    def create(self, kind: str, key: str, value: Value) -> Item:
+        return self.store.create(kind, key, value)
+
+    def replace(self, kind: str, key: str, value: Value, expected_version: int) -> Item:
+        return self.store.replace(kind, key, value, expected_version)
+
+    def delete(self, kind: str, key: str, expected_version: int | None = None) -> bool:
+        return self.store.delete(kind, key, expected_version)
+
+    def list(self, kind: str, prefix: str = "") -> list[Item]:
+        self.listed[kind] = self.listed.get(kind, 0) + 1
+        return self.store.list(kind, prefix)
+
+    def transact(self, writes: Sequence[Write]) -> None:
+        self.store.transact(writes)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def test_the_agents_are_counted_every_agents_interval_not_every_round(pki: FrontPKI) -> None:
+    lb = pki.leaf(LB_CA, "lb1", sans=["puppet.test"])
+    records = Records(pki.store)
+    records.create(MasterRecord(certname="m1", address="10.0.0.1", port=8140, ca="m1", registered_at=1.0))
+    records.create(agent("a1", "m1"))
+    store = ListingsCounted(pki.store)
+    clock = Clock()
+    clock.advance(1000.0)
+    monitor = LoadMonitor(clock=clock, node="i-lb1", blocking=Synchronous(), store=store,
+                          counter=LoadCounter(), jruby=lambda master, credentials: succeed(None),
+                          certificate=lb.certificate, private_key=lb.private_key, interval=10.0,
+                          agents_interval=60.0)
+
+    def reported() -> int:
+        found = records.get(LoadReportRecord, "i-lb1")
+        assert found is not None
+        return report_loads(found.record)["m1"].agents
+
+    monitor.startService()
+    assert (store.listed[NodeRecord.KIND], reported()) == (1, 1)
+    records.create(agent("a2", "m1"))
+    # Every round reports the last count; the node records are listed again only after a minute.
+    for _ in range(5):
+        clock.advance(10.0)
+        assert (store.listed[NodeRecord.KIND], reported()) == (1, 1)
+    clock.advance(10.0)
+    assert (store.listed[NodeRecord.KIND], reported()) == (2, 2)
+    assert store.listed[MasterRecord.KIND] == 7
+    monitor.stopService()
+    # A clock set back does not keep the count for as long as it went back.
+    clock.rightNow -= 3600.0
+    monitor.round()
+    assert store.listed[NodeRecord.KIND] == 3
+
+
 # --- the jruby-metrics probe, over real TLS
 
 
@@ -321,8 +392,9 @@ class SignallingCounter(LoadCounter):
         self.received.set()
 
 
-@pytest.mark.parametrize("nginx_user", [None, "www-data"])
-def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str | None) -> None:
+@pytest.mark.parametrize("nginx_user", ["root", "www-data"])
+def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
     runner = ReactorThread()
     path = str(tmp_path / "run" / "load.sock")
     # A socket left by a daemon that died is replaced.
@@ -334,11 +406,8 @@ def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str
         port = blockingCallFromThread(runner.reactor, listen_load_socket, runner.reactor, path, counter,
                                       nginx_user)
         mode = os.stat(path)
-        if nginx_user and os.geteuid() == 0:
-            # Only nginx's workers may send.
-            assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (pwd.getpwnam(nginx_user).pw_uid, 0o600)
-        else:
-            assert stat.S_IMODE(mode.st_mode) == 0o666
+        # Only nginx's workers may send.
+        assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (pwd.getpwnam(nginx_user).pw_uid, 0o600)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
             sender.sendto(LINE + b"10.0.0.1:8140|200|200|1.0|1.0", path)
 
@@ -352,3 +421,138 @@ def test_the_load_socket_counts_what_nginx_sends(tmp_path: Path, nginx_user: str
         blockingCallFromThread(runner.reactor, port.stopListening)
     finally:
         runner.stop()
+
+
+USERS = {"root": 0, "www-data": 33, "puppetha": 990}
+
+
+@pytest.mark.parametrize(
+    ("nginx_user", "euid", "owner"),
+    [
+        # As root: the socket is given to nginx's workers.
+        ("www-data", 0, 33),
+        ("root", 0, 0),
+        # Not as root: the daemon keeps it, beside an nginx run as the daemon's own user.
+        ("puppetha", 990, 990),
+        (None, 990, 990),
+    ],
+)
+def test_the_load_socket_belongs_to_nginx_s_workers(nginx_user: str | None, euid: int, owner: int) -> None:
+    assert load_socket_owner(nginx_user, euid, USERS.get) == owner
+
+
+@pytest.mark.parametrize(
+    ("nginx_user", "euid", "message"),
+    [
+        # The daemon cannot hand it to nginx's workers: they could not send, and no one else may.
+        ("www-data", 990, "[lb] nginx_user is www-data (uid 33), but only the daemon's own user "
+                          "(uid 990) may send to it: run nginx as the daemon's user and name that "
+                          "user in [lb] nginx_user, or run the daemon as root"),
+        ("nobody-here", 0, "[lb] nginx_user: no user nobody-here on this host"),
+        ("nobody-here", 990, "[lb] nginx_user: no user nobody-here on this host"),
+        (None, 0, "[lb] nginx_user is empty: the daemon runs as root and cannot tell which user "
+                  "nginx's workers send as; set it"),
+    ],
+)
+def test_a_load_socket_no_one_but_nginx_could_send_to_is_refused(
+    nginx_user: str | None, euid: int, message: str
+) -> None:
+    with pytest.raises(LoadSocketError) as raised:
+        load_socket_owner(nginx_user, euid, USERS.get)
+    assert str(raised.value) == message
+
+
+def _fork_as(uid: int, action: Callable[[], None]) -> int:
+    """Runs ``action`` in a forked child under ``uid`` (all three ids); the child's pid."""
+    gid = pwd.getpwuid(uid).pw_gid  # before the fork: the child makes system calls only
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            action()
+            code = 0
+        except PermissionError:
+            code = 13
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _in_child_as(uid: int, action: Callable[[], None]) -> int:
+    """Runs ``action`` in a forked child under ``uid``; its exit status (13: permission denied)."""
+    return _exit_code(_fork_as(uid, action))
+
+
+def _sender(path: str) -> Callable[[], None]:
+    def send() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(LINE + b"10.0.0.1:8140|200|200|1.0|1.0", path)
+
+    return send
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every local user may enter (pytest's own are its user's alone)."""
+    with tempfile.TemporaryDirectory(prefix="puppetha-load-") as directory:
+        os.chmod(directory, 0o755)  # noqa: S103 (nginx's workers and the attacker must reach it)
+        yield Path(directory)
+
+
+def test_another_user_cannot_send_a_load_sample(shared_dir: Path) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
+    runner = ReactorThread()
+    path = str(shared_dir / "run" / "load.sock")
+    counter = SignallingCounter()
+    try:
+        port = blockingCallFromThread(runner.reactor, listen_load_socket, runner.reactor, path, counter,
+                                      "www-data")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert _in_child_as(nobody, _sender(path)) == 13
+        assert not counter.received.wait(timeout=0.5)
+        # nginx's workers may.
+        assert _in_child_as(pwd.getpwnam("www-data").pw_uid, _sender(path)) == 0
+        assert counter.received.wait(timeout=10)
+        blockingCallFromThread(runner.reactor, port.stopListening)
+    finally:
+        runner.stop()
+
+
+def test_a_daemon_not_root_keeps_the_load_socket_to_itself(shared_dir: Path) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
+    daemon, other = pwd.getpwnam("www-data").pw_uid, pwd.getpwnam("nobody").pw_uid
+    run = shared_dir / "run"
+    run.mkdir()
+    os.chown(run, daemon, -1)
+    path = str(run / "load.sock")
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def listen() -> None:
+        os.close(ready_r)
+        os.close(done_w)
+        # A reactor of the child's own, never run: the socket exists once bound.
+        listen_load_socket(PollReactor(), path, LoadCounter(), None)
+        _sender(path)()  # the daemon's own user (nginx run as it) may send
+        os.write(ready_w, b"1")
+        os.read(done_r, 1)
+
+    pid = _fork_as(daemon, listen)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        mode = os.stat(path)
+        assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (daemon, 0o600)
+        assert _in_child_as(other, _sender(path)) == 13
+    finally:
+        os.write(done_w, b"1")
+    assert _exit_code(pid) == 0

@@ -239,28 +239,28 @@ def fleet_masters(
     return masters
 
 
+@frozen
+class FleetControl:
+    """
+    What the primary launches and drains masters through: the failover guard (which refuses
+    once the lease token is not this node's), the store where each step is recorded before it is
+    taken, EC2 in ``region``, the pools that reach them, and the clock.
+    """
+
+    clock: IReactorTime
+    guard: Callable[[int | None], Holding]
+    records: Records
+    blocking: RunsBlocking
+    cloud: ICloud
+    aws: RunsBlocking
+    region: str
+
+
 class Launcher:
     """Launches masters for a decision, behind the failover guard, recorded in the store."""
 
-    def __init__(
-        self,
-        *,
-        clock: IReactorTime,
-        guard: Callable[[int | None], Holding],
-        records: Records,
-        blocking: RunsBlocking,
-        cloud: ICloud,
-        aws: RunsBlocking,
-        region: str,
-        launch_template: str,
-    ) -> None:
-        self.clock = clock
-        self.guard = guard
-        self.records = records
-        self.blocking = blocking
-        self.cloud = cloud
-        self.aws = aws
-        self.region = region
+    def __init__(self, control: FleetControl, *, launch_template: str) -> None:
+        self.control = control
         self.launch_template = launch_template
 
     @inlineCallbacks
@@ -272,32 +272,34 @@ class Launcher:
         """
         if decision.action != LAUNCH:
             return None
-        self.guard(token)
-        name = yield self.blocking.call(next_action_name, self.records, token)
-        record = ScaleActionRecord(name, LAUNCH, token, self.clock.seconds(), decision.reason,
+        control = self.control
+        control.guard(token)
+        name = yield control.blocking.call(next_action_name, control.records, token)
+        record = ScaleActionRecord(name, LAUNCH, token, control.clock.seconds(), decision.reason,
                                    decision.count)
-        yield self.blocking.call(self.records.create, record)
+        yield control.blocking.call(control.records.create, record)
         done = yield self.launch(record)
         return done
 
     @inlineCallbacks
     def launch(self, record: ScaleActionRecord) -> Any:
         """Make (or make again, with the same client token) the launch ``record`` describes."""
-        self.guard(record.token)
-        ids = yield self.aws.call(
-            self.cloud.run_instances, self.region, self.launch_template, record.count,
+        control = self.control
+        control.guard(record.token)
+        ids = yield control.aws.call(
+            control.cloud.run_instances, control.region, self.launch_template, record.count,
             tags={LAUNCHED_BY_TAG: str(record.token)}, client_token=record.client_token,
         )
-        current = yield self.blocking.call(self.records.get, ScaleActionRecord, record.name)
+        current = yield control.blocking.call(control.records.get, ScaleActionRecord, record.name)
         done = evolve(record, instances=tuple(ids))
-        yield self.blocking.call(self.records.replace, done, current.version)
+        yield control.blocking.call(control.records.replace, done, current.version)
         log.info("scaling: launched {count} masters ({reason}) under token {token}: {instances}",
                  count=len(ids), reason=record.reason, token=record.token, instances=" ".join(ids))
         return done
 
     def unfinished(self) -> list[ScaleActionRecord]:
         """Blocking: recorded launches that never got their instances (to :meth:`launch` again)."""
-        return [v.record for v in self.records.list(ScaleActionRecord)
+        return [v.record for v in self.control.records.list(ScaleActionRecord)
                 if v.record.action == LAUNCH and not v.record.instances]
 
 

@@ -25,18 +25,19 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from puppetha.aws.cloud import ICloud
-from puppetha.ha.autoscale import ScaleActionRecord, next_action_name
-from puppetha.ha.front import RunsBlocking
-from puppetha.ha.lease import Holding
+from puppetha.ha.autoscale import FleetControl, ScaleActionRecord, next_action_name
 from puppetha.ha.lifecycle import deregister_masters
 from puppetha.ha.scaling import DRAIN, DRAINED, DRAINING, Master, ScaleDecision, ScaleSettings, next_state
-from puppetha.store.records import MasterRecord, NodeRecord, Records
+from puppetha.store import VersionConflict
+from puppetha.store.records import MasterRecord, NodeRecord
 
 log = Logger()
+
+#: How many times one step reads a master's record again after another writer changed it
+#: between the step's read and its write (the health loop writes the same record).
+MARK_ATTEMPTS = 5
 
 
 class DrainRefused(Exception):
@@ -93,25 +94,13 @@ class Drainer:
 
     def __init__(
         self,
+        control: FleetControl,
         *,
-        clock: IReactorTime,
-        guard: Callable[[int | None], Holding],
-        records: Records,
-        blocking: RunsBlocking,
-        cloud: ICloud,
-        aws: RunsBlocking,
-        region: str,
         settings: ScaleSettings,
         in_flight: Callable[[str], int] | None = None,
         poke: Callable[[], object] | None = None,
     ) -> None:
-        self.clock = clock
-        self.guard = guard
-        self.records = records
-        self.blocking = blocking
-        self.cloud = cloud
-        self.aws = aws
-        self.region = region
+        self.control = control
         self.settings = settings
         self.in_flight = in_flight
         self.poke = poke
@@ -127,41 +116,42 @@ class Drainer:
         """
         if decision.action != DRAIN or decision.master is None:
             return None
-        self.guard(token)
-        record = yield self.blocking.call(self._record, decision, token, self.clock.seconds())
+        self.control.guard(token)
+        record = yield self.control.blocking.call(self._record, decision, token, self.control.clock.seconds())
         done = yield self.step(record, token)
         return done
 
     def _record(self, decision: ScaleDecision, token: int, now: float) -> ScaleActionRecord:
         certname = decision.master or ""
-        master = self.records.get(MasterRecord, certname)
+        records = self.control.records
+        master = records.get(MasterRecord, certname)
         if master is None:
             raise DrainRefused(f"master {certname} is not registered")
-        for v in self.records.list(ScaleActionRecord):
+        for v in records.list(ScaleActionRecord):
             if v.record.action == DRAIN and v.record.master == certname and v.record.finished_at is None:
                 return v.record
-        others = [v.record for v in self.records.list(MasterRecord)
+        others = [v.record for v in records.list(MasterRecord)
                   if v.record.certname != certname and v.record.healthy and not v.record.draining]
         if not others:
             # Whatever the decision said: its agents would have no master to go to.
             raise DrainRefused(f"master {certname} is the last one in service")
-        node = self.records.get(NodeRecord, certname)
+        node = records.get(NodeRecord, certname)
         instance = node.record.instance_id if node is not None else certname
-        region = node.record.region if node is not None else self.region
-        record = ScaleActionRecord(next_action_name(self.records, token), DRAIN, token, now, decision.reason,
+        region = node.record.region if node is not None else self.control.region
+        record = ScaleActionRecord(next_action_name(records, token), DRAIN, token, now, decision.reason,
                                    1, instances=(instance,), master=certname, region=region)
-        self.records.create(record)
+        records.create(record)
         return record
 
     def unfinished(self) -> list[ScaleActionRecord]:
         """Blocking: recorded drains not done yet, oldest first."""
-        return [v.record for v in self.records.list(ScaleActionRecord)
+        return [v.record for v in self.control.records.list(ScaleActionRecord)
                 if v.record.action == DRAIN and v.record.finished_at is None]
 
     @inlineCallbacks
     def advance(self, token: int) -> Any:
         """Take every drain in progress (made under any token) one step on; fires with them."""
-        drains = yield self.blocking.call(self.unfinished)
+        drains = yield self.control.blocking.call(self.unfinished)
         stepped = []
         for record in drains:
             stepped.append((yield self.step(record, token)))
@@ -171,48 +161,81 @@ class Drainer:
     def step(self, record: ScaleActionRecord, token: int) -> Any:
         """
         Take the drain ``record`` describes as far as it can go now, each write behind the guard
-        under ``token``; fires with the record (``finished_at`` set once it is done).
+        under ``token``; fires with the record (``finished_at`` set once it is done).  A write
+        to the master's record that another writer beat (the health loop marks the same
+        record) is read and tried again at once, up to :data:`MARK_ATTEMPTS` times; past that the
+        next round goes on.
         """
+        control = self.control
         certname = record.master
-        found = yield self.blocking.call(self.records.get, MasterRecord, certname)
-        if found is not None and not found.record.draining:
-            self.guard(token)
-            now = self.clock.seconds()
-            marked = evolve(found.record, draining_since=now, drain_token=token)
-            yield self.blocking.call(self.records.replace, marked, found.version)
-            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents or "
-                     "requests; those in flight finish", certname=certname, reason=record.reason, token=token)
-            yield self._poke()
-            # Drained at a later round only: the front's reload must have begun first.
+        for _ in range(MARK_ATTEMPTS):
+            try:
+                drained = yield self._mark(record, token)
+            except VersionConflict:
+                log.info("scaling: master {certname} changed while its drain marked it; read again",
+                         certname=certname)
+                continue
+            break
+        else:
+            log.warn("scaling: master {certname} changed under its drain {attempts} times in a row; the next "
+                     "round goes on", certname=certname, attempts=MARK_ATTEMPTS)
             return record
-        if found is not None and found.record.drained_at is None:
-            in_flight = 1
-            if self.in_flight is not None:
-                in_flight = yield self.blocking.call(self.in_flight, certname)
-            since = found.record.draining_since or 0.0
-            now = self.clock.seconds()
-            state = next_state(Master(certname, DRAINING, since), now, self.settings,
-                               enrolled=True, in_flight=in_flight)
-            if state != DRAINED:
-                return record
-            self.guard(token)
-            yield self.blocking.call(self.records.replace, evolve(found.record, drained_at=now),
-                                     found.version)
-            log.info("scaling: master {certname} drained ({why}) under token {token}", certname=certname,
-                     why="no request in flight" if in_flight == 0 else "drain_timeout passed", token=token)
-        self.guard(token)
-        states = yield self.aws.call(self.cloud.terminate_instances, record.region or self.region,
-                                     list(record.instances))
-        self.guard(token)
-        yield self.blocking.call(deregister_masters, self.records, [certname])
-        current = yield self.blocking.call(self.records.get, ScaleActionRecord, record.name)
-        done = evolve(record, finished_at=self.clock.seconds())
-        yield self.blocking.call(self.records.replace, done, current.version)
+        if not drained:
+            return record
+        control.guard(token)
+        states = yield control.aws.call(control.cloud.terminate_instances, record.region or control.region,
+                                        list(record.instances))
+        control.guard(token)
+        yield control.blocking.call(deregister_masters, control.records, [certname])
+        current = yield control.blocking.call(control.records.get, ScaleActionRecord, record.name)
+        done = evolve(record, finished_at=control.clock.seconds())
+        yield control.blocking.call(control.records.replace, done, current.version)
         log.info("scaling: terminated master {certname} ({instances}: {states}) and deregistered it under "
                  "token {token}", certname=certname, instances=" ".join(record.instances),
                  states=" ".join(f"{k}={v}" for k, v in sorted(states.items())), token=token)
         yield self._poke()
         return done
+
+    @inlineCallbacks
+    def _mark(self, record: ScaleActionRecord, token: int) -> Any:
+        """
+        The master's record read, and marked draining, or drained once its requests ended or
+        ``drain_timeout`` passed; fires with whether it may be terminated now (drained, or no
+        longer registered).  Raises ``VersionConflict`` when another writer changed the record
+        since it was read.
+        """
+        control = self.control
+        certname = record.master
+        found = yield control.blocking.call(control.records.get, MasterRecord, certname)
+        if found is None:
+            return True
+        if not found.record.draining:
+            control.guard(token)
+            now = control.clock.seconds()
+            marked = evolve(found.record, draining_since=now, drain_token=token)
+            yield control.blocking.call(control.records.replace, marked, found.version)
+            log.info("scaling: draining master {certname} ({reason}) under token {token}: no new agents or "
+                     "requests; those in flight finish", certname=certname, reason=record.reason, token=token)
+            yield self._poke()
+            # Drained at a later round only: the front's reload must have begun first.
+            return False
+        if found.record.drained_at is not None:
+            return True
+        in_flight = 1
+        if self.in_flight is not None:
+            in_flight = yield control.blocking.call(self.in_flight, certname)
+        since = found.record.draining_since or 0.0
+        now = control.clock.seconds()
+        state = next_state(Master(certname, DRAINING, since), now, self.settings,
+                           enrolled=True, in_flight=in_flight)
+        if state != DRAINED:
+            return False
+        control.guard(token)
+        drained = evolve(found.record, drained_at=now)
+        yield control.blocking.call(control.records.replace, drained, found.version)
+        log.info("scaling: master {certname} drained ({why}) under token {token}", certname=certname,
+                 why="no request in flight" if in_flight == 0 else "drain_timeout passed", token=token)
+        return True
 
     def _poke(self) -> Deferred[Any] | None:
         if self.poke is None:

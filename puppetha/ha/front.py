@@ -385,6 +385,7 @@ def decide_front(
             # nginx's reload lets the old workers finish the requests they had sent it.
             healthy=m.healthy and m.ca in trust.trusted and not m.draining,
             registered_at=m.registered_at,
+            draining=m.draining,
         )
         for m in inputs.masters
     ]

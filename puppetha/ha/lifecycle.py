@@ -40,6 +40,10 @@ GONE_STATES = frozenset({"shutting-down", "terminated"})
 #: Why a gone instance's certificates are revoked (RFC 5280).
 REVOCATION_REASON = "cessationOfOperation"
 
+#: How many times a master's registration is read again to be removed after another writer
+#: changed it between the read and the delete.
+DEREGISTER_ATTEMPTS = 5
+
 REVOKE = "revoke"
 DEREGISTER = "deregister"
 KEEP = "keep"
@@ -154,12 +158,27 @@ def remove_lbnodes(records: Records, lbnodes: Mapping[str, Versioned[LbNodeRecor
 
 
 def deregister_masters(records: Records, certnames: Sequence[str]) -> list[str]:
-    """Remove the masters' registrations (they leave the upstream and enrollment's choice)."""
+    """
+    Remove the masters' registrations (they leave the upstream and enrollment's choice); the
+    ones removed.  Blocking.  Each delete is at the version just read: when another writer
+    changed the registration between the read and the delete (the health loop marks it), it is
+    read and deleted again, up to :data:`DEREGISTER_ATTEMPTS` times, then ``VersionConflict``.
+    """
     removed = []
     for certname in certnames:
-        current = records.get(MasterRecord, certname)
-        if current is not None and records.store.delete(MasterRecord.KIND, certname, current.version):
-            removed.append(certname)
+        for attempt in range(1, DEREGISTER_ATTEMPTS + 1):
+            current = records.get(MasterRecord, certname)
+            if current is None:
+                break
+            try:
+                if records.store.delete(MasterRecord.KIND, certname, current.version):
+                    removed.append(certname)
+                break
+            except VersionConflict:
+                if attempt == DEREGISTER_ATTEMPTS:
+                    raise
+                log.info("life cycle: master {certname} changed while it was deregistered; read again",
+                         certname=certname)
     return removed
 
 

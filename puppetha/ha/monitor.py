@@ -46,6 +46,9 @@ MAX_REPORT_MASTERS = 1000
 MAX_DATAGRAM = 8192
 #: puppetserver's jruby-metrics answer at level debug is a few kilobytes; more is not it.
 JRUBY_BODY_LIMIT = 256 * 1024
+#: How often the agents per master are counted again (seconds): counting lists every ``node``
+#: record, and the count only orders the masters a drain may choose, so a few minutes old is fine.
+AGENT_COUNT_INTERVAL = 300.0
 
 _INTEGER_FIELDS = frozenset(f.name for f in fields(MasterLoad) if f.type in ("int", int))
 _LOAD_FIELDS = frozenset(f.name for f in fields(MasterLoad))
@@ -194,13 +197,15 @@ def probe_jruby(
 
 
 JRubyProbe = Callable[[MasterRecord, ProbeCredentials], Deferred["JRubyStatus | None"]]
-_Discovered = tuple[list[MasterRecord], ProbeCredentials, dict[str, int]]
+#: The masters, the probe's credentials, and the agents per master when counted this round.
+_Discovered = tuple[list[MasterRecord], ProbeCredentials, "dict[str, int] | None"]
 
 
 class LoadMonitor(RepeatingService):
     """
     An lb node's senses: every ``interval``, the load nginx's log counted, the healthy masters'
-    jruby-metrics and the agents per master, published as the node's ``loadreport``.
+    jruby-metrics and the agents per master (counted every ``agents_interval``, the last count
+    reported in between), published as the node's ``loadreport``.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class LoadMonitor(RepeatingService):
         certificate: str,
         private_key: str,
         interval: float,
+        agents_interval: float = AGENT_COUNT_INTERVAL,
     ) -> None:
         self.clock = clock
         self.node = node
@@ -225,8 +231,11 @@ class LoadMonitor(RepeatingService):
         self.certificate = certificate
         self.private_key = private_key
         self.interval = interval
+        self.agents_interval = agents_interval
         self._previous: dict[str, JRubyStatus] = {}
         self._taken: float | None = None
+        self._agents: dict[str, int] = {}
+        self._agents_counted: float | None = None
         self._repeating = Repeating(self._round, clock, interval)
 
     def _round(self) -> Deferred[Any]:
@@ -237,19 +246,25 @@ class LoadMonitor(RepeatingService):
 
     def round(self) -> Deferred[LoadReportRecord]:
         """One sample, published; fires with the report as written."""
-        d = self.blocking.call(self._discover)
-        d.addCallback(self._sample)
+        started = self.clock.seconds()
+        # Either way: a clock set back counts again rather than keep a count for hours.
+        count = self._agents_counted is None or abs(started - self._agents_counted) >= self.agents_interval
+        d = self.blocking.call(self._discover, count)
+        d.addCallback(self._sample, started)
         d.addCallback(lambda report: self.blocking.call(publish_report, self.store, report))
         return d
 
-    def _discover(self) -> _Discovered:
+    def _discover(self, count_agents: bool) -> _Discovered:
         records = Records(self.store)
         masters = [v.record for v in records.list(MasterRecord)]
-        return (masters, read_credentials(self.certificate, self.private_key, self.store),
-                agents_per_master(v.record for v in records.list(NodeRecord)))
+        agents = agents_per_master(v.record for v in records.list(NodeRecord)) if count_agents else None
+        return masters, read_credentials(self.certificate, self.private_key, self.store), agents
 
-    def _sample(self, discovered: _Discovered) -> Deferred[LoadReportRecord]:
-        masters, credentials, agents = discovered
+    def _sample(self, discovered: _Discovered, started: float) -> Deferred[LoadReportRecord]:
+        masters, credentials, counted = discovered
+        if counted is not None:
+            self._agents, self._agents_counted = counted, started
+        agents = self._agents
         now = self.clock.seconds()
         interval = now - self._taken if self._taken is not None else self.interval
         self._taken = now
@@ -303,14 +318,48 @@ class LoadSocketError(Exception):
     """The load socket cannot be opened (the message names the path, and why)."""
 
 
+def _uid_of(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def load_socket_owner(nginx_user: str | None, euid: int, uid_of: Callable[[str], int | None]) -> int:
+    """
+    The uid that owns the load socket, mode 0600: the only sender is nginx's workers, who run as
+    ``[lb] nginx_user`` (``uid_of`` finds a user's uid).  A daemon running as root gives the socket
+    to that user; any other daemon keeps it, and so works only beside an nginx whose workers run
+    as the daemon's own user (an nginx started by that user runs its workers as that user,
+    whatever its ``user`` line).  :class:`LoadSocketError` when no sender would be allowed.
+    """
+    if nginx_user is None:
+        if euid == 0:
+            raise LoadSocketError(
+                "[lb] nginx_user is empty: the daemon runs as root and cannot tell which user "
+                "nginx's workers send as; set it")
+        return euid
+    uid = uid_of(nginx_user)
+    if uid is None:
+        raise LoadSocketError(f"[lb] nginx_user: no user {nginx_user} on this host")
+    if euid not in (0, uid):
+        raise LoadSocketError(
+            f"[lb] nginx_user is {nginx_user} (uid {uid}), but only the daemon's own user "
+            f"(uid {euid}) may send to it: run nginx as the daemon's user and name that user "
+            f"in [lb] nginx_user, or run the daemon as root")
+    return uid
+
+
 def listen_load_socket(
     reactor: IReactorUNIXDatagram, path: str, counter: LoadCounter, nginx_user: str | None
 ) -> Any:
     """
-    Opens the UNIX datagram socket nginx sends its load log to, feeding ``counter``.  A socket
-    left by a daemon that died is replaced; anything else at ``path`` is left alone, and
-    :class:`LoadSocketError` says why the socket cannot be opened.
+    Opens the UNIX datagram socket nginx sends its load log to, feeding ``counter``; only
+    ``nginx_user`` may send to it (:func:`load_socket_owner`).  A socket left by a daemon that
+    died is replaced; anything else at ``path`` is left alone, and :class:`LoadSocketError` says
+    why the socket cannot be opened.
     """
+    owner = load_socket_owner(nginx_user, os.geteuid(), _uid_of)
     directory = os.path.dirname(path)
     if directory:
         try:
@@ -328,24 +377,15 @@ def listen_load_socket(
         if not stat.S_ISSOCK(found.st_mode):
             raise LoadSocketError(f"{path} exists and is not a socket")
         os.unlink(path)
-    # nginx's workers send to it, and they run as [lb] nginx_user, not as the daemon: sending to
-    # a UNIX socket takes write permission on it.  When the daemon can give the socket to that
-    # user (it runs as root), only that user may send; otherwise any local user may, and all a
-    # sender can do is add counts: the launches they cause stay within max_launches and
-    # max_masters, and puppetserver's own figures do not come through here.
     try:
+        # Only its owner may send: a local user who could send would feed the policy false load
+        # (and so launch or drain masters).  Bound 0600 as the daemon, then given to its owner.
         port = reactor.listenUNIXDatagram(path, LoadLogProtocol(counter), maxPacketSize=MAX_DATAGRAM,
-                                          mode=0o666)
+                                          mode=0o600)
     except CannotListenError as e:
         raise LoadSocketError(f"{path}: cannot open it: {e.socketError}") from None
-    if nginx_user and os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam(nginx_user)
-        except KeyError:
-            log.warn("load socket: no user {user}; anyone may send to {path}", user=nginx_user, path=path)
-        else:
-            os.chown(path, user.pw_uid, user.pw_gid)
-            os.chmod(path, 0o600)
+    if owner != os.geteuid():
+        os.chown(path, owner, -1)
     return port
 
 

@@ -71,6 +71,8 @@ class MasterBackend:
     healthy: bool = True
     #: Order of registration; the per-master ports follow it (see :func:`master_ports`).
     registered_at: float = 0.0
+    #: Being drained: out of the upstream, and its own port sends to the masters in service.
+    draining: bool = False
 
 
 @frozen
@@ -263,6 +265,16 @@ _REQUIRE_CERTIFICATE = [
 ]
 
 
+_NO_MASTER = [
+    "        # No healthy master: answer at once instead of hanging agents.",
+    "        location / {",
+    "            default_type application/json;",
+    *_REQUIRE_CERTIFICATE,
+    "            " + _json_return(503, "no-master", "no healthy master"),
+    "        }",
+]
+
+
 def _ca_locations(rt: NginxRuntime | None) -> list[str]:
     """The CA paths served from the live bundles (front), and the rest of the CA API refused."""
     lines = []
@@ -364,6 +376,8 @@ def _http(state: FrontState) -> list[str]:
     by_name = {m.certname: m for m in state.masters}
     for i, (certname, _) in enumerate(ports.items()):
         m = by_name[certname]
+        if m.draining:
+            continue
         lines += [
             f"    upstream puppetha_master_{i} {{",
             f"        server {_server(m)};  # {_word(certname, 'certname')}",
@@ -382,25 +396,26 @@ def _http(state: FrontState) -> list[str]:
     if healthy:
         lines += _proxy(MASTERS_UPSTREAM, s.master_name, require_certificate=True)
     else:
-        lines += [
-            "        # No healthy master: answer at once instead of hanging agents.",
-            "        location / {",
-            "            default_type application/json;",
-            *_REQUIRE_CERTIFICATE,
-            "            " + _json_return(503, "no-master", "no healthy master"),
-            "        }",
-        ]
+        lines += _NO_MASTER
     lines += ["    }", ""]
 
     for i, (certname, port) in enumerate(ports.items()):
+        draining = by_name[certname].draining
         lines += [
-            f"    # {certname} alone, for an agent's first test run.",
+            f"    # {certname} being drained: no new agents; a first test run goes to the masters in service."
+            if draining else f"    # {certname} alone, for an agent's first test run.",
             "    server {",
             f"        listen {_host_port(s.ports.address, port, 'master port')} ssl;",
         ]
         lines += _tls_server(s)
         lines += _ca_locations(None)
-        lines += _proxy(f"puppetha_master_{i}", certname)
+        if not draining:
+            lines += _proxy(f"puppetha_master_{i}", certname)
+        elif healthy:
+            # Its port stays (the others' do not move); nothing reaches the draining master.
+            lines += _proxy(MASTERS_UPSTREAM, s.master_name)
+        else:
+            lines += _NO_MASTER
         lines += ["    }", ""]
     lines += ["}", ""]
     return lines

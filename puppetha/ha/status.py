@@ -21,9 +21,9 @@ from puppetha.aws.cloud import CloudError
 from puppetha.context import EXIT_FAILED, Context
 from puppetha.ha.autoscale import SCALE_LOG, ScaleLogRecord
 from puppetha.ha.lease import FAILOVER_LEASE
-from puppetha.ha.monitor import fresh_reports, merge_reports
+from puppetha.ha.monitor import read_sample
 from puppetha.ha.scaling import MasterLoad, Sample
-from puppetha.store.records import LbNodeRecord, LeaseRecord, LoadReportRecord, MasterRecord, Versioned
+from puppetha.store.records import LbNodeRecord, LeaseRecord, MasterRecord, Versioned
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -223,8 +223,7 @@ def status(ctx: Context, args: argparse.Namespace) -> int:
         owner=owner,
         owner_error=owner_error,
         masters=[v.record for v in records.list(MasterRecord)],
-        load=merge_reports(fresh_reports(records.store.list(LoadReportRecord.KIND), now,
-                                         ctx.config[("scale", "stale")]), now),
+        load=read_sample(records.store, now, ctx.config[("scale", "stale")]),
         scaling=ctx.config[("scale", "enabled")],
         decisions=kept.record.decisions if kept is not None else (),
     )
