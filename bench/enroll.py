@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,6 +44,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
+from bench.steps import StepCPU, TimedBlocking
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import make_enrollment_site
@@ -170,6 +172,8 @@ class Daemon:
     enrollment: Enrollment
     port: IListeningPort
     root_pem: Path
+    #: With ``--steps``: the CPU of each step on the pool.
+    steps: StepCPU | None = None
 
     def threads(self) -> dict[int, str]:
         """The daemon's threads by ident: its reactor's and its pool's."""
@@ -201,7 +205,8 @@ class Daemon:
 
 
 def start_daemon(
-    directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int
+    directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int,
+    *, steps: StepCPU | None = None,
 ) -> Daemon:
     reactor = SelectReactor()
     thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
@@ -220,12 +225,13 @@ def start_daemon(
         accounts=[DEFAULT_ACCOUNT], max_age=3600, front="puppet:8140",
         master_rules=(f"tag:{ROLE_TAG}=master",),
     )
+    blocking = partial(TimedBlocking, steps) if steps is not None else Blocking
     enrollment = Enrollment(
         policy=policy,
         trust=signer.trust_store(),
-        records=Blocking(reactor, pool, records),
-        authority=Blocking(reactor, pool, authority),
-        cloud=Blocking(reactor, pool, cloud),
+        records=blocking(reactor, pool, records),
+        authority=blocking(reactor, pool, authority),
+        cloud=blocking(reactor, pool, cloud),
         clock=reactor,
     )
     credentials = ensure_server_credentials(authority, directory / "state", ["puppet"], key_type)
@@ -238,7 +244,7 @@ def start_daemon(
         return listen_enrollment(endpoint, site, credentials.tls_context(), ["127.0.0.1"], clock=reactor)
 
     port: IListeningPort = blockingCallFromThread(reactor, cast(Callable[[], Any], listen))
-    return Daemon(reactor, thread, pool, store, authority, enrollment, port, root_pem)
+    return Daemon(reactor, thread, pool, store, authority, enrollment, port, root_pem, steps)
 
 
 @dataclass
@@ -266,6 +272,8 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
         else:
             run.failures[code] = run.failures.get(code, 0) + 1
 
+    if daemon.steps is not None:
+        daemon.steps.clear()  # the wave's, not the master's
     cpu_before = daemon.cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as clients:
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sample the daemon's threads and say where an enrollment's time goes")
     parser.add_argument("--cpu", action="store_true",
                         help="profile the daemon's threads' CPU by function (yappi, CPU clock)")
+    parser.add_argument("--steps", action="store_true",
+                        help="say how much CPU each step of an enrollment used on the pool")
     parser.add_argument("--cpu-save", metavar="FILE",
                         help="with --cpu, also save the daemon's threads' profile as a pstats file")
     options = parser.parse_args(argv)
@@ -335,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(moto.endpoint_url, REGION)
         master = fleet.launch(role="master")
         agents = launch_agents(fleet, cloud, options.instances)
-        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads)
+        steps = StepCPU() if options.steps else None
+        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, steps=steps)
         try:
             number = daemon.port.getHost().port  # type: ignore[attr-defined]
             body = request_body(signer, master, "master")
@@ -356,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))
+    if steps is not None:
+        print("\nCPU of each step on the daemon's pool during the wave (bench/steps.py):\n"
+              + steps.report(len(run.latencies)))
     if profile is not None:
         print("\nthe daemon's threads' CPU during the wave (bench/cpuprofile.py):")
         print(profile.report(len(run.latencies)))

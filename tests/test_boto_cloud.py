@@ -182,6 +182,54 @@ def test_describe_instances_in_batches(cloud: Boto3Cloud, fleet: Fleet) -> None:
     assert sorted(found) == sorted(ids)
 
 
+def test_every_page_is_read(endpoint: str, fleet: Fleet) -> None:
+    paged = Boto3Cloud(
+        endpoint,
+        access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+        page_size=5,
+    )
+    pages: list[str | None] = []
+    paged._ec2(REGION).meta.events.register(
+        "provide-client-params.ec2.DescribeInstances",
+        lambda params, **_: pages.append(params.get("NextToken")),
+    )
+    # EC2 pages by reservation: one launch each.
+    ids = sorted(fleet.launch(role="agent").instance_id for _ in range(12))
+    assert sorted(paged.describe_instances(REGION, [*ids, UNKNOWN_ID])) == ids
+    assert len(pages) == 3
+    assert pages[0] is None
+    assert None not in pages[1:]
+    assert list(paged.find_instances(REGION, {ROLE_TAG: "agent"}, ["pending", "running"])) == ids
+
+
+class SameTokenAgain:
+    """An endpoint whose second page names the first page's next one again."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def __call__(self, parsed: dict[str, Any], **_: Any) -> None:
+        if self.tokens:
+            parsed["NextToken"] = self.tokens[0]
+        self.tokens.append(parsed.get("NextToken", ""))
+
+
+def test_a_page_token_sent_twice_ends_the_call(endpoint: str, fleet: Fleet) -> None:
+    cloud = Boto3Cloud(
+        endpoint,
+        access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+        secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+        page_size=5,
+    )
+    again = SameTokenAgain()
+    cloud._ec2(REGION).meta.events.register("after-call.ec2.DescribeInstances", again)
+    ids = [fleet.launch(role="agent").instance_id for _ in range(6)]
+    with pytest.raises(CloudError, match="the same page token twice"):
+        cloud.describe_instances(REGION, ids)
+    assert len(again.tokens) == 2  # the token was not sent again
+
+
 def test_concurrent_calls_from_threads(cloud: Boto3Cloud, endpoint: str) -> None:
     regions = ["us-east-1", "eu-west-1", "ap-south-1", "us-west-2"]
     launched = {region: Fleet(endpoint, region).launch().instance_id for region in regions}

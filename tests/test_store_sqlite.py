@@ -21,11 +21,14 @@ import pytest
 from puppetha.store import (
     AlreadyExists,
     Create,
+    Delete,
     Item,
+    Replace,
     StoreError,
     StoreUnavailable,
     TransactionConflict,
     VersionConflict,
+    Write,
 )
 from puppetha.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from tests.store_contract import BARRIER_TIMEOUT, StoreContract, StoreFactory, increment
@@ -518,3 +521,59 @@ def test_a_child_forked_during_a_write_neither_waits_for_nor_commits_the_parents
     # The parent's write was the parent's alone: committed once, by the parent.
     assert outcome == [Item("node", "parent", {}, 1)]
     assert [i.key for i in store.list("node")] == ["child", "parent"]
+
+
+# -- statements a write costs ----------------------------------------------------------------
+
+
+def test_a_transaction_names_every_refused_write_and_keeps_none(store: SQLiteStore) -> None:
+    store.create("node", "taken", {})
+    store.create("node", "counter", {"n": 1})
+    writes: list[Write] = [
+        Create("node", "fresh", {}),  # made before the first refusal, and undone
+        Replace("node", "counter", {"n": 9}, 7),
+        Delete("node", "counter-not", expected_version=1),
+        Create("node", "taken", {"again": True}),
+    ]
+    with pytest.raises(TransactionConflict) as caught:
+        store.transact(writes)
+    assert [(type(r), r.key) for r in caught.value.reasons] == [  # type: ignore[attr-defined]
+        (VersionConflict, "counter"), (VersionConflict, "counter-not"), (AlreadyExists, "taken"),
+    ]
+    assert store.get("node", "fresh") is None
+    assert store.get("node", "counter") == Item("node", "counter", {"n": 1}, 1)
+    assert store.get("node", "taken") == Item("node", "taken", {}, 1)
+
+
+@pytest.mark.parametrize(
+    ("left", "set_to"),
+    [
+        (10.0, 9900),  # a write that did not wait: a tenth of a second under, once
+        (9.95, 9900),
+        (9.85, 9800),  # waited a tenth of a second for this process's writers
+        (0.15, 100),
+    ],
+)
+def test_the_busy_timeout_is_what_the_deadline_leaves_and_set_only_when_it_changes(
+    store: SQLiteStore, left: float, set_to: int
+) -> None:
+    connection = store._connection()
+    settings: list[str] = []
+    connection.set_trace_callback(lambda s: settings.append(s) if s.startswith("PRAGMA") else None)
+    try:
+        store._wait_for_others(connection, time.monotonic() + left)
+        store._wait_for_others(connection, time.monotonic() + left)
+    finally:
+        connection.set_trace_callback(None)
+    assert connection.busy_ms == set_to
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == set_to
+    assert len(settings) <= 1  # the second call left it as it was
+
+
+def test_under_a_tenth_of_a_second_left_the_busy_timeout_is_what_is_left(store: SQLiteStore) -> None:
+    connection = store._connection()
+    store._wait_for_others(connection, time.monotonic() + 0.08)
+    assert 1 <= connection.busy_ms <= 80
+    store._wait_for_others(connection, time.monotonic() - 1)  # past the deadline: the least
+    assert connection.busy_ms == 1
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 1

@@ -153,6 +153,8 @@ class _Connection(sqlite3.Connection):
     #: Whether the database and its WAL could be written when it was opened: SQLite opens a
     #: file it may not write read-only, and the connection stays so after the fault ends.
     opened_writable = True
+    #: The busy timeout last set on it, in milliseconds.
+    busy_ms = 0
 
 
 def _ensure_private_file(path: str) -> None:
@@ -201,6 +203,9 @@ class SQLiteStore:
     (``[store] timeout``).
     """
 
+    #: What :meth:`_connect` opens (tests count the statements through a subclass).
+    connection_class: type[_Connection] = _Connection
+
     def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
         if path == ":memory:" or not path:
             # Each thread's connection would get a database of its own.
@@ -235,7 +240,7 @@ class SQLiteStore:
                 isolation_level=None,
                 # Only so close() may close every thread's connection; each is used by one thread.
                 check_same_thread=False,
-                factory=_Connection,
+                factory=self.connection_class,
             )
         except sqlite3.Error as e:
             raise StoreUnavailable(f"cannot open store {self.path}: {e}") from e
@@ -243,7 +248,8 @@ class SQLiteStore:
             raise TypeError("sqlite3 ignored the connection factory")
         connection.opened_writable = self._writable()
         try:
-            connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            connection.busy_ms = int(self.busy_timeout * 1000)
+            connection.execute(f"PRAGMA busy_timeout = {connection.busy_ms}")
             # A commit acknowledged is a commit kept, even across a power cut: claims, serials
             # and CRL numbers must never be handed out twice.
             connection.execute("PRAGMA synchronous = FULL")
@@ -289,9 +295,7 @@ class SQLiteStore:
                 f"store {self.path}: no write lock within {self.busy_timeout:g}s (this process's writers)"
             )
         try:
-            # Whatever the wait for this process's writers left of the deadline, for the others'.
-            remaining = max(int((deadline - time.monotonic()) * 1000), 1)
-            connection.execute(f"PRAGMA busy_timeout = {remaining}")
+            self._wait_for_others(connection, deadline)
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
@@ -355,11 +359,12 @@ class SQLiteStore:
                 # if the fault goes on, and the write fails as it should).
                 self._drop()
                 connection = self._connection()
-            # Whatever the wait for this process's writers left of the deadline, for the others'.
-            remaining = max(int((deadline - time.monotonic()) * 1000), 1)
-            connection.execute(f"PRAGMA busy_timeout = {remaining}")
+            self._wait_for_others(connection, deadline)
             connection.execute("BEGIN IMMEDIATE")
             try:
+                if len(group) == 1:
+                    self._commit_alone(connection, group[0])
+                    return
                 for request in group:
                     connection.execute("SAVEPOINT write")
                     try:
@@ -389,6 +394,33 @@ class SQLiteStore:
         finally:
             for request in group:
                 request.done.set()
+
+    def _commit_alone(self, connection: _Connection, request: _WriteRequest) -> None:
+        """A group of one write: its transaction, not a savepoint, undoes a refusal."""
+        try:
+            request.result = request.work(connection)
+        except Exception as e:
+            if not connection.in_transaction:
+                raise  # SQLite rolled back by itself: a failure, not a refusal
+            connection.execute("ROLLBACK")
+            request.error = e
+            return
+        connection.execute("COMMIT")
+        self.commits += 1
+
+    @staticmethod
+    def _wait_for_others(connection: _Connection, deadline: float) -> None:
+        """
+        Let ``BEGIN IMMEDIATE`` wait for other processes' writers whatever the wait for this
+        process's writers left of the deadline: never longer, and at most 0.1 s shorter, so
+        that the busy timeout is set again only when the wait took a tenth of a second more.
+        """
+        remaining = max(int((deadline - time.monotonic()) * 1000), 1)
+        if remaining > 100:
+            remaining -= remaining % 100
+        if remaining != connection.busy_ms:
+            connection.execute(f"PRAGMA busy_timeout = {remaining}")
+            connection.busy_ms = remaining
 
     def _unavailable(self, f: Callable[[], T]) -> T:
         try:
@@ -566,15 +598,18 @@ class SQLiteStore:
             return
 
         def apply(connection: _Connection) -> None:
-            reasons = [
-                reason
-                for reason in (self._refusal(connection, write) for write in writes)
-                if reason is not None
-            ]
-            if reasons:
-                raise TransactionConflict(reasons)
+            # Each write checks its own condition as it is made (one statement, not a read and a
+            # write); at the first refused, the reasons of it and of the writes after it are read
+            # (those before it were not refused, and no two touch one item), and raising undoes
+            # whatever was applied.
             for i, write in enumerate(writes):
-                self._apply(connection, write, texts.get(i, ""))
+                if not self._applied(connection, write, texts.get(i, "")):
+                    reasons = [
+                        reason
+                        for reason in (self._refusal(connection, later) for later in writes[i:])
+                        if reason is not None
+                    ]
+                    raise TransactionConflict(reasons)
 
         self._unavailable(lambda: self._write(apply))
 
@@ -591,19 +626,34 @@ class SQLiteStore:
             return None
         return VersionConflict(write.kind, write.key, expected)
 
-    def _apply(self, connection: sqlite3.Connection, write: Write, text: str) -> None:
+    def _applied(self, connection: sqlite3.Connection, write: Write, text: str) -> bool:
+        """Make ``write`` if its condition holds; whether it did (a refused write changes nothing)."""
+        expected = getattr(write, "expected_version", None)
+        if expected is not None and not version_can_exist(expected):
+            return False  # never bound: SQLite's integers end below some Python ones
         if isinstance(write, Create):
-            connection.execute(
-                "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)",
+            cursor = connection.execute(
+                "INSERT INTO items (kind, key, version, value) VALUES (?, ?, 1, ?)"
+                " ON CONFLICT (kind, key) DO NOTHING",
                 (write.kind, write.key, text),
             )
         elif isinstance(write, Replace):
-            connection.execute(
-                "UPDATE items SET value = ?, version = version + 1 WHERE kind = ? AND key = ?",
-                (text, write.kind, write.key),
+            cursor = connection.execute(
+                "UPDATE items SET value = ?, version = version + 1"
+                " WHERE kind = ? AND key = ? AND version = ?",
+                (text, write.kind, write.key, write.expected_version),
             )
         elif isinstance(write, Delete):
-            connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (write.kind, write.key))
+            if write.expected_version is None:
+                connection.execute("DELETE FROM items WHERE kind = ? AND key = ?", (write.kind, write.key))
+                return True
+            cursor = connection.execute(
+                "DELETE FROM items WHERE kind = ? AND key = ? AND version = ?",
+                (write.kind, write.key, write.expected_version),
+            )
+        else:
+            return self._refusal(connection, write) is None
+        return cursor.rowcount == 1
 
     def close(self) -> None:
         with self._lock:
