@@ -43,6 +43,7 @@ from twisted.internet.threads import blockingCallFromThread
 
 from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
+from bench.timeline import CLIENT_END, CLIENT_START, Timeline
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import make_enrollment_site
@@ -201,7 +202,8 @@ class Daemon:
 
 
 def start_daemon(
-    directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int
+    directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int,
+    *, timeline: Timeline | None = None,
 ) -> Daemon:
     reactor = SelectReactor()
     thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
@@ -227,6 +229,7 @@ def start_daemon(
         authority=Blocking(reactor, pool, authority),
         cloud=Blocking(reactor, pool, cloud),
         clock=reactor,
+        timeline=timeline,
     )
     credentials = ensure_server_credentials(authority, directory / "state", ["puppet"], key_type)
     root_pem = directory / "root.pem"
@@ -251,7 +254,10 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float) -> Run:
+def run_clients(
+    daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float,
+    timeline: Timeline | None = None,
+) -> Run:
     run = Run()
     number = daemon.port.getHost().port  # type: ignore[attr-defined]
     deadline = time.monotonic() + seconds
@@ -260,7 +266,11 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
     def one(item: tuple[str, bytes]) -> None:
         if time.monotonic() > deadline:
             return
+        if timeline is not None:
+            timeline.stamp(item[0], CLIENT_START)
         code, took = enroll_once(number, str(daemon.root_pem), *item)
+        if timeline is not None:
+            timeline.stamp(item[0], CLIENT_END)
         if code == 200:
             run.latencies.append(took)
         else:
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile the daemon's threads' CPU by function (yappi, CPU clock)")
     parser.add_argument("--cpu-save", metavar="FILE",
                         help="with --cpu, also save the daemon's threads' profile as a pstats file")
+    parser.add_argument("--timeline", action="store_true",
+                        help="stamp each enrollment's steps and print its segments (bench/timeline.py)")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
@@ -335,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(moto.endpoint_url, REGION)
         master = fleet.launch(role="master")
         agents = launch_agents(fleet, cloud, options.instances)
-        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads)
+        timeline = Timeline() if options.timeline else None
+        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, timeline=timeline)
         try:
             number = daemon.port.getHost().port  # type: ignore[attr-defined]
             body = request_body(signer, master, "master")
@@ -347,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as sampling:
                 sampler = sampling.enter_context(Sampler(daemon.threads)) if options.phases else None
                 profile = sampling.enter_context(CPUProfile(daemon.threads)) if options.cpu else None
-                run = run_clients(daemon, bodies, options.concurrency, options.seconds)
+                run = run_clients(daemon, bodies, options.concurrency, options.seconds, timeline)
             sealed = unb64(daemon.authority.ca(ROOT).sealed_key)
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
         finally:
@@ -356,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))
+    if timeline is not None:
+        print("\nan enrollment's steps, segment by segment (bench/timeline.py):\n"
+              + timeline.report(source for source, _ in bodies))
     if profile is not None:
         print("\nthe daemon's threads' CPU during the wave (bench/cpuprofile.py):")
         print(profile.report(len(run.latencies)))

@@ -21,7 +21,7 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import evolve, frozen
 from cryptography import x509
@@ -83,6 +83,16 @@ IN_PROGRESS_RETRY_AFTER = 2
 #: A claim still ``claimed`` this long after it was made belongs to an attempt that died
 #: (daemon killed mid-way); a new attempt may take it over (compare-and-set on its version).
 DEFAULT_STALE_CLAIM = 600.0
+
+
+class EnrollmentTimeline(Protocol):
+    """
+    Where a benchmark learns an enrollment's critical path: each step's moments, stamped as
+    they happen (on the reactor or a pool thread) under the request's source address
+    (``bench/timeline.py``).  Without one, nothing is stamped.
+    """
+
+    def stamp(self, source: str | None, event: str) -> None: ...
 
 
 class EnrollmentRefused(Exception):
@@ -159,21 +169,32 @@ class DescribeBatcher:
     load, and botocore builds and parses one call per round trip instead of one per window.
     """
 
-    def __init__(self, cloud: Blocking[ICloud], clock: IReactorTime, max_batch: int = 100) -> None:
+    def __init__(
+        self,
+        cloud: Blocking[ICloud],
+        clock: IReactorTime,
+        max_batch: int = 100,
+        timeline: EnrollmentTimeline | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.cloud = cloud
         self.clock = clock
         self.max_batch = max_batch
-        self._waiting: dict[str, dict[str, list[Deferred[InstanceInfo | None]]]] = {}
+        self.timeline = timeline
+        #: By region and instance id, each lookup's Deferred and the enrollment's source (for the
+        #: timeline).
+        self._waiting: dict[str, dict[str, list[tuple[Deferred[InstanceInfo | None], str | None]]]] = {}
         #: Regions with a call in flight, or one due at the end of this turn.
         self._busy: set[str] = set()
         #: How many DescribeInstances calls were made (for tests and the benchmark).
         self.calls = 0
 
-    def describe(self, region: str, instance_id: str) -> Deferred[InstanceInfo | None]:
+    def describe(
+        self, region: str, instance_id: str, source: str | None = None
+    ) -> Deferred[InstanceInfo | None]:
         d: Deferred[InstanceInfo | None] = Deferred()
-        self._waiting.setdefault(region, {}).setdefault(instance_id, []).append(d)
+        self._waiting.setdefault(region, {}).setdefault(instance_id, []).append((d, source))
         if region not in self._busy:
             self._busy.add(region)
             self.clock.callLater(0, self._ask, region)
@@ -188,8 +209,12 @@ class DescribeBatcher:
         # The oldest lookups first (dicts keep their insertion order).
         batch = {i: waiting.pop(i) for i in list(waiting)[: self.max_batch]}
         self.calls += 1
+        describe: Callable[..., dict[str, InstanceInfo]] = self.cloud.target.describe_instances
+        if self.timeline is not None:
+            sources = [source for waiters in batch.values() for _, source in waiters]
+            describe = _stamped(self.timeline, describe, sources)
         try:
-            asked = self.cloud.call(self.cloud.target.describe_instances, region, sorted(batch))
+            asked = self.cloud.call(describe, region, sorted(batch))
         except Exception:
             asked = fail()
 
@@ -197,16 +222,34 @@ class DescribeBatcher:
             # The next batch goes out before these waiters go on, so none of them waits for it.
             self._ask(region)
             for instance_id, waiters in batch.items():
-                for waiter in waiters:
+                for waiter, _ in waiters:
                     waiter.callback(found.get(instance_id))
 
         def failed(failure: Failure) -> None:
             self._ask(region)
             for waiters in batch.values():
-                for waiter in waiters:
+                for waiter, _ in waiters:
                     waiter.errback(failure)
 
         asked.addCallbacks(answered, failed)
+
+def _stamped(
+    timeline: EnrollmentTimeline, describe: Callable[..., dict[str, InstanceInfo]], sources: list[str | None]
+) -> Callable[..., dict[str, InstanceInfo]]:
+    """``describe``, its moments stamped on ``timeline`` for each of the batch's enrollments."""
+    for source in sources:
+        timeline.stamp(source, "describe: call sent to the pool")
+
+    def run(region: str, ids: list[str]) -> dict[str, InstanceInfo]:
+        for source in sources:
+            timeline.stamp(source, "describe: call started on a thread")
+        try:
+            return describe(region, ids)
+        finally:
+            for source in sources:
+                timeline.stamp(source, "describe: AWS answered")
+
+    return run
 
 
 @frozen
@@ -242,8 +285,10 @@ class Enrollment:
         choose: Callable[[Sequence[str]], str] | None = None,
         on_master: Callable[[], object] = lambda: None,
         front_ports: FrontPorts | None = None,
+        timeline: EnrollmentTimeline | None = None,
     ) -> None:
         self.policy = policy
+        self.timeline = timeline
         self.trust = trust
         self.records = records
         self.authority = authority
@@ -251,7 +296,7 @@ class Enrollment:
         self.allowed_keys = frozenset(allowed_keys)
         self.retry_after = retry_after
         self.stale_claim = stale_claim
-        self.batcher = DescribeBatcher(cloud, clock)
+        self.batcher = DescribeBatcher(cloud, clock, timeline=timeline)
         self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
@@ -296,6 +341,33 @@ class Enrollment:
         self.enrolled[request.role] += 1
         return issued
 
+    def _hop(
+        self, on: Blocking[Any], step: str, source: str | None, f: Callable[..., Any],
+        *args: Any, **kwargs: Any,
+    ) -> Deferred[Any]:
+        """``on.call(f, *args)``, its moments stamped on the timeline when there is one."""
+        timeline = self.timeline
+        if timeline is None:
+            return on.call(f, *args, **kwargs)
+        timeline.stamp(source, f"{step}: sent to the pool")
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            timeline.stamp(source, f"{step}: started on a thread")
+            try:
+                return f(*args, **kwargs)
+            finally:
+                timeline.stamp(source, f"{step}: ended")
+
+        def back(result: Any) -> Any:
+            timeline.stamp(source, f"{step}: back on the reactor")
+            return result
+
+        return on.call(run, *args, **kwargs).addBoth(back)
+
+    def _stamp(self, source: str | None, event: str) -> None:
+        if self.timeline is not None:
+            self.timeline.stamp(source, event)
+
     def _unavailable(self, code: str, message: str) -> EnrollmentRefused:
         return EnrollmentRefused(503, code, f"{message}; try again later", retry_after=self.retry_after)
 
@@ -310,18 +382,20 @@ class Enrollment:
     async def _admit_and_issue(self, request: EnrollmentRequest, source: str | None) -> IssuedEnrollment:
         if request.role not in ROLES:
             raise EnrollmentRefused(400, "unknown-role", f"role must be one of {', '.join(ROLES)}")
-        identity = await self._verify(request)
+        identity = await self._verify(request, source)
         early = precheck(identity, self.clock.seconds(), self.policy)
         if early is not None:
             raise EnrollmentRefused.of(early)
-        instance = await self.batcher.describe(identity.region, identity.instance_id)
+        self._stamp(source, "describe: asked")
+        instance = await self.batcher.describe(identity.region, identity.instance_id, source)
+        self._stamp(source, "describe: back on the reactor")
         decision = decide(
             request.role, identity, instance, source=source, now=self.clock.seconds(), policy=self.policy
         )
         if isinstance(decision, Refuse):
             raise EnrollmentRefused.of(decision)
-        csr: x509.CertificateSigningRequest = await self.authority.call(
-            self._check_csr, decision, request.csr
+        csr: x509.CertificateSigningRequest = await self._hop(
+            self.authority, "CSR check", source, self._check_csr, decision, request.csr
         )
         key_id = public_key_id(csr)
         claim_key = f"{decision.instance_id}/{decision.role}"
@@ -335,7 +409,9 @@ class Enrollment:
         try:
             # One hop to the store: the claim, and for an agent the healthy masters it may be
             # issued by (read only once the claim is made; an agent answered again needs none).
-            claimed, masters = await self.records.call(self._claim_with_masters, decision, key_id)
+            claimed, masters = await self._hop(
+                self.records, "claim", source, self._claim_with_masters, decision, key_id, source
+            )
             if isinstance(claimed, EnrollmentClaim):
                 again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
                 log.info(
@@ -350,8 +426,9 @@ class Enrollment:
             issuer = decision.certname
             try:
                 issuer = self._issuer_for(decision, masters)
-                outcome: _Outcome = await self.authority.call(
-                    self._issue, decision, csr, key_id, issuer, claim
+                outcome: _Outcome = await self._hop(
+                    self.authority, "sign and record", source, self._issue, decision, csr, key_id, issuer,
+                    claim, origin=source,
                 )
             except BaseException:
                 failure = Failure()
@@ -380,10 +457,11 @@ class Enrollment:
             )
         return outcome.issued
 
-    async def _verify(self, request: EnrollmentRequest) -> IdentityDocument:
+    async def _verify(self, request: EnrollmentRequest, source: str | None) -> IdentityDocument:
         try:
-            identity: IdentityDocument = await self.authority.call(
-                verify_identity, request.document, request.signature, self.trust
+            identity: IdentityDocument = await self._hop(
+                self.authority, "identity", source, verify_identity, request.document, request.signature,
+                self.trust,
             )
         except IdentityRefused as e:
             raise EnrollmentRefused(403, f"identity-{e.code}", e.message) from None
@@ -417,14 +495,14 @@ class Enrollment:
     # -- blocking steps (on the pool)
 
     def _claim_with_masters(
-        self, admit: Admit, key_id: str
+        self, admit: Admit, key_id: str, source: str | None = None
     ) -> tuple[int | EnrollmentClaim, list[str] | Exception | None]:
         """
         :meth:`_claim`, then for a new agent claim the healthy masters' CAs.  Once the claim is
         made, a failure to read them is returned rather than raised, so that the caller still
         learns the claim's version and removes it again.
         """
-        claimed = self._claim(admit, key_id)
+        claimed = self._claim(admit, key_id, source)
         if isinstance(claimed, EnrollmentClaim) or admit.role != "agent":
             return claimed, None
         try:
@@ -432,7 +510,7 @@ class Enrollment:
         except Exception as e:
             return claimed, e
 
-    def _claim(self, admit: Admit, key_id: str) -> int | EnrollmentClaim:
+    def _claim(self, admit: Admit, key_id: str, source: str | None = None) -> int | EnrollmentClaim:
         """
         Create the claim for the key ``key_id``; returns its version, or the claim already issued
         to that key (to answer again).  A claim left ``claimed`` with the same key (its attempt
@@ -454,9 +532,12 @@ class Enrollment:
             public_key=key_id,
         )
         try:
+            self._stamp(source, "claim: write begins")
             return records.create(claim).version
         except AlreadyExists:
             pass
+        finally:
+            self._stamp(source, "claim: write committed")
         existing = records.get(EnrollmentClaim, claim.key())
         if existing is None:
             raise _already_enrolled(admit)  # reset meanwhile: the client may simply ask again
@@ -533,7 +614,8 @@ class Enrollment:
         )
 
     def _issue(
-        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, claim_version: int
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, claim_version: int,
+        *, origin: str | None = None,
     ) -> _Outcome:
         authority = self.authority.target
         records = self.records.target
@@ -561,6 +643,7 @@ class Enrollment:
             key_id=key_id, claim_version=claim_version, now=now,
         )
         try:
+            self._stamp(origin, "record: write begins")
             records.store.transact(writes)
         except TransactionConflict as e:
             claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
@@ -571,6 +654,8 @@ class Enrollment:
                 409, "already-enrolled",
                 f"the enrollment of {admit.certname} changed while it was being signed",
             ) from e
+        finally:
+            self._stamp(origin, "record: write committed")
         return _Outcome(issued, cert.serial_number, issuer)
 
     def _first_run_server(self, records: Records, issuer: str) -> str:
