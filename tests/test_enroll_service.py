@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 
 from puppetha.aws.boto import Boto3Cloud
-from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
+from puppetha.enroll.service import (
+    Enrollment,
+    EnrollmentRequest,
+    IssuedEnrollment,
+    public_key_id,
+    reset_enrollment,
+    revoke_identity,
+)
 from puppetha.ha.nginx import FrontPorts
 from puppetha.instance.puppetserver import check_lb_ca
 from puppetha.pki.authority import LB_CA, ROOT
@@ -44,6 +51,7 @@ from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
     SwitchableStore,
     World,
     build_world,
+    inline,
     make_csr,
     make_policy,
     weak_rsa_key,
@@ -754,7 +762,11 @@ def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registe
 
 
 class TakenOverOnce(SwitchableStore):
-    """Before the first recording transaction, another attempt with the same key takes the claim."""
+    """
+    Before the first recording transaction, another attempt with the same key takes the claim
+    (an agent's claim is made in that transaction: then the other attempt makes it, unfinished,
+    as a daemon that claims before signing would).
+    """
 
     armed = False
 
@@ -763,8 +775,24 @@ class TakenOverOnce(SwitchableStore):
             self.armed = False
             claim = next(w for w in writes if getattr(w, "kind", "") == "claim")
             current = self.inner.get("claim", claim.key)
-            assert current is not None
-            self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+            if current is None:
+                unfinished = {**claim.value, "state": "claimed", "certificate_pem": "", "issuer": ""}
+                self.inner.create("claim", claim.key, unfinished)
+            else:
+                self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+        self.inner.transact(writes)
+
+
+class RaceBeforeRecording(SwitchableStore):
+    """Runs ``hook`` once, just before the next transaction that writes a claim (a racing attempt)."""
+
+    hook: Callable[[], object] | None = None
+
+    def transact(self, writes: Any) -> None:
+        hook = self.hook
+        if hook is not None and any(getattr(w, "kind", "") == "claim" for w in writes):
+            self.hook = None
+            hook()
         self.inner.transact(writes)
 
 
@@ -809,31 +837,111 @@ class HeldPool(InlinePool):
         return [held[0] for held in self.held]
 
 
-def test_the_same_key_asking_while_its_enrollment_is_being_signed_is_told_to_ask_again(ready: World) -> None:
-    agent = ready.launch()
-    body = json.dumps(ready.body_for(agent)).encode()
-    pool = HeldPool()
-    ready.enrollment.authority = Blocking(InlineReactor(), pool, ready.authority)
+@pytest.mark.parametrize("same_key", [True, False], ids=["same key", "another key"])
+def test_asking_while_this_daemon_signs_for_the_instance(
+    enroll_aws, aws_signer, tmp_path: Path, same_key: bool
+) -> None:
+    """The same key is told to ask again (503 in-progress), another key is refused (409)."""
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording)
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, RaceBeforeRecording)
+        agent = world.launch()
+        body = json.dumps(world.body_for(agent)).encode()
+        other = body if same_key else json.dumps(world.body_for(agent)).encode()
+        pool = HeldPool()
+        world.enrollment.records = Blocking(InlineReactor(), pool, world.records)
+        first = world.start("/v1/enroll", body, source=agent.private_ip)
+        world.clock.advance(0.1)  # DescribeInstances
+        second = world.start("/v1/enroll", other, source=agent.private_ip)
+        world.clock.advance(0.1)
+        assert pool.names() == ["_sign_and_record", "_sign_and_record"]
+        issued = world.authority.issued
+        # The second runs on another thread while the first records what it signed.
+        store.hook = lambda: pool.release("_sign_and_record")
+        pool.release("_sign_and_record")
+        one, two = world.finish(first, second)
+        assert one.status == 200, one.body
+        if same_key:
+            assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
+        else:
+            assert (two.status, two.error) == (409, "already-enrolled"), two.body
+        assert world.authority.issued == issued + 1  # the second signed nothing
+        world.enrollment.records = inline(world.records)
+        again = world.call("/v1/enroll", body, source=agent.private_ip)
+        assert again.status == 200
+        assert again.json["certificate"] == one.json["certificate"]
+    finally:
+        world.store.close()
 
-    def admit() -> None:
-        pool.release("verify_identity")
-        ready.clock.advance(0.1)  # DescribeInstances
-        pool.release("_check_csr")
 
-    first = ready.start("/v1/enroll", body, source=agent.private_ip)
-    admit()
-    assert pool.names() == ["_issue"]  # claimed, and being signed
-    second = ready.start("/v1/enroll", body, source=agent.private_ip)
-    admit()
-    assert pool.names() == ["_issue"]  # the second did not go on to sign
-    pool.release("_issue")
-    one, two = ready.finish(first, second)
-    assert one.status == 200, one.body
-    assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
-    ready.enrollment.authority = Blocking(InlineReactor(), InlinePool(), ready.authority)
-    again = ready.call("/v1/enroll", body, source=agent.private_ip)
-    assert again.status == 200
-    assert again.json["certificate"] == one.json["certificate"]
+def second_daemon(world: World) -> Enrollment:
+    """Another daemon on the same store and CA (its own claims in flight, its own batcher)."""
+    return Enrollment(
+        policy=world.policy, trust=world.signer.trust_store(), records=inline(world.records),
+        authority=inline(world.authority), cloud=inline(world.cloud), clock=world.clock,
+        choose=lambda cas: cas[0],
+    )
+
+
+def enroll_on(daemon: Enrollment, world: World, body: dict[str, str], source: str) -> list[Any]:
+    """``daemon``'s answer to ``body`` (an IssuedEnrollment or a Failure), once the clock moved."""
+    answers: list[Any] = []
+    request = EnrollmentRequest(role=body["role"], document=body["document"].encode(),
+                                signature=body["signature"], csr=body["csr"].encode())
+    daemon.enroll(request, source).addBoth(answers.append)
+    world.clock.advance(0.1)  # DescribeInstances
+    assert answers, "the other daemon's enrollment never finished"
+    return answers
+
+
+@pytest.mark.parametrize("same_key", [True, False], ids=["same key", "another key"])
+def test_two_daemons_racing_for_one_instance_issue_one_certificate(
+    enroll_aws, aws_signer, tmp_path: Path, same_key: bool
+) -> None:
+    """
+    Another daemon records the instance while this one signs.  With another key this attempt is
+    refused and leaves nothing (its certificate never left the process); with the same key it
+    answers with the other daemon's certificate.
+    """
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording)
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, RaceBeforeRecording)
+        agent = world.launch()
+        key = ec.generate_private_key(ec.SECP256R1())
+        mine = world.body_for(agent, csr=make_csr(agent.instance_id, key=key))
+        theirs = mine if same_key else world.body_for(agent)
+        won: list[Any] = []
+        store.hook = lambda: won.extend(enroll_on(second_daemon(world), world, theirs, agent.private_ip))
+        answer = world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip)
+        (winner,) = won
+        assert isinstance(winner, IssuedEnrollment), winner
+        node = world.records.get(NodeRecord, agent.instance_id)
+        claim = world.records.get(EnrollmentClaim, f"{agent.instance_id}/agent")
+        assert node is not None
+        assert claim is not None
+        recorded = x509.load_pem_x509_certificate(winner.certificate.encode())
+        assert [c.serial for c in node.record.certificates] == [recorded.serial_number]
+        assert claim.record.certificate_pem == winner.certificate
+        if same_key:
+            assert answer.status == 200, answer.body
+            assert answer.json["certificate"] == winner.certificate
+        else:
+            assert (answer.status, answer.error) == (409, "already-enrolled"), answer.body
+            assert "certificate" not in answer.json
+            assert claim.record.public_key != public_key_id(
+                x509.load_pem_x509_csr(mine["csr"].encode())
+            )
+            # The loser asking again is still refused; the winner's key is answered again.
+            assert world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip).status == 409
+        again = world.call("/v1/enroll", json.dumps(theirs).encode(), source=agent.private_ip)
+        assert again.status == 200
+        assert again.json["certificate"] == winner.certificate
+    finally:
+        world.store.close()
 
 
 def test_an_agent_asking_again_is_answered_while_no_master_is_healthy(ready: World) -> None:
@@ -862,31 +970,28 @@ class CountingCalls(Blocking[Any]):
         return super().call(f, *args, **kwargs)
 
 
-def test_a_new_agent_costs_five_hops_to_a_thread(ready: World) -> None:
-    """Identity, DescribeInstances, CSR, claim with the masters, issue: the store's two reads of
-    the claim and of the healthy masters are one hop."""
+def test_a_new_agent_costs_three_hops_to_a_thread(ready: World) -> None:
+    """Identity, DescribeInstances, then the CSR check, the claim's and masters' reads, signing
+    and the one recording transaction in one hop."""
     hops: list[str] = []
     enrollment = ready.enrollment
     enrollment.records = CountingCalls(enrollment.records, hops, "records")
     enrollment.authority = CountingCalls(enrollment.authority, hops, "authority")
     enrollment.batcher.cloud = CountingCalls(enrollment.batcher.cloud, hops, "cloud")
     assert ready.enroll(ready.launch()).status == 200
-    assert hops == [
-        "authority:verify_identity", "cloud:describe_instances", "authority:_check_csr",
-        "records:_claim_with_masters", "authority:_issue",
-    ]
+    assert hops == ["authority:verify_identity", "cloud:describe_instances", "records:_sign_and_record"]
 
 
 class MastersUnreadable(SwitchableStore):
-    """Right after a claim is made, the next listing (of the masters) fails as a lost store would."""
+    """Right after the claim is read, the next listing (of the masters) fails as a lost store would."""
 
     after_claim = False
     armed = False
 
-    def create(self, kind: str, key: str, value: Any) -> Any:
-        made = super().create(kind, key, value)
-        self.armed = self.after_claim and kind == EnrollmentClaim.KIND
-        return made
+    def get(self, kind: str, key: str) -> Any:
+        found = super().get(kind, key)
+        self.armed = self.armed or (self.after_claim and kind == EnrollmentClaim.KIND)
+        return found
 
     def list(self, kind: str, prefix: str = "") -> Any:
         if self.armed:

@@ -1,24 +1,29 @@
 """
-The enrollment orchestrator: prove the instance's identity, decide, claim, sign, record.
+The enrollment orchestrator: prove the instance's identity, decide, sign, record.
 
 Order matters for the security of the whole fleet:
 
 1. verify the identity document (CPU, on the pool) and refuse strangers before any AWS call;
 2. DescribeInstances (on the pool, batched per region by :class:`DescribeBatcher`);
 3. decide with the pure :func:`puppetha.enroll.policy.decide`;
-4. create the :class:`EnrollmentClaim` (create-if-absent) *before anything is signed*, so of two
-   racing requests exactly one goes on;
-5. check the CSR, sign, and record the node (and a master's registration) while marking the
-   claim issued, in one store transaction.
+4. for an agent or lb node, in one hop to the pool: check the CSR, read the claim (an issued one
+   answers its own key again and refuses any other), sign in memory, and record in one store
+   transaction that *creates* the :class:`EnrollmentClaim` already issued, with the node record.
+   Of two racing attempts the create-if-absent lets exactly one commit; the loser's certificate
+   never left the process and is dropped, and nothing of it is stored;
+5. for a master, whose own CA is created before its certificate is signed, the claim is created
+   first (create-if-absent) and marked issued in the recording transaction; if anything fails
+   after the claim the claim (and a CA made for it) is removed again.
 
-If anything fails after step 4 the claim (and a master CA made for it) is removed again, so a
-corrected retry can succeed and nothing stays issued or stored.
+So a refusal stores and issues nothing, and a crash at any point leaves either nothing or an
+issued claim that its key can ask for again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -304,8 +309,10 @@ class Enrollment:
         self.on_master = on_master
         self._last_used: dict[str, int] = {}
         self._uses = 0
-        # Claims this daemon is working on (reactor thread only), with the key they are for.
+        # Claims this daemon is working on, with the key they are for, and the lock that guards
+        # them and the spread over masters (both are used on the pool's threads).
         self._in_flight: dict[str, str] = {}
+        self._lock = threading.Lock()
         #: Enrollments answered with a certificate, by role, and refusals by code, since the
         #: start (the metrics endpoint reads these; the API adds the refusals of its own).
         self.enrolled: Counter[str] = Counter()
@@ -394,48 +401,23 @@ class Enrollment:
         )
         if isinstance(decision, Refuse):
             raise EnrollmentRefused.of(decision)
-        csr: x509.CertificateSigningRequest = await self._hop(
-            self.authority, "CSR check", source, self._check_csr, decision, request.csr
-        )
-        key_id = public_key_id(csr)
-        claim_key = f"{decision.instance_id}/{decision.role}"
-        if claim_key in self._in_flight:
-            # This daemon is signing for that claim right now: the same key is told to come back
-            # (it then resumes, or gets the certificate), another key is refused as ever.
-            if self._in_flight[claim_key] == key_id:
-                raise self._in_progress(decision)
-            raise _already_enrolled(decision)
-        self._in_flight[claim_key] = key_id
-        try:
-            # One hop to the store: the claim, and for an agent the healthy masters it may be
-            # issued by (read only once the claim is made; an agent answered again needs none).
-            claimed, masters = await self._hop(
-                self.records, "claim", source, self._claim_with_masters, decision, key_id, source
+        made: _Outcome | IssuedEnrollment
+        if decision.role == "master":
+            made = await self._claim_then_issue(request, decision, source)
+        else:
+            # One hop and one durable write: the CSR check, the claim's reads, signing and the
+            # transaction that creates the claim already issued with the record.
+            made = await self._hop(
+                self.records, "sign and record", source, self._sign_and_record, decision, request.csr, source
             )
-            if isinstance(claimed, EnrollmentClaim):
-                again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
-                log.info(
-                    "answered {certname} as {role} again with its certificate (same key): "
-                    "instance {instance_id}",
-                    certname=decision.certname, role=decision.role, instance_id=decision.instance_id,
-                )
-                return again
-            claim = claimed
-            # Chosen only now: an instance answered again above needs no healthy master.  Until
-            # chosen, the undo below needs only a master's own CA name (agents have none to undo).
-            issuer = decision.certname
-            try:
-                issuer = self._issuer_for(decision, masters)
-                outcome: _Outcome = await self._hop(
-                    self.authority, "sign and record", source, self._issue, decision, csr, key_id, issuer,
-                    claim, origin=source,
-                )
-            except BaseException:
-                failure = Failure()
-                await self._compensate(decision, claim, issuer)
-                failure.raiseException()
-        finally:
-            self._in_flight.pop(claim_key, None)
+        if isinstance(made, IssuedEnrollment):
+            log.info(
+                "answered {certname} as {role} again with its certificate (same key): "
+                "instance {instance_id}",
+                certname=decision.certname, role=decision.role, instance_id=decision.instance_id,
+            )
+            return made
+        outcome = made
         log.info(
             "enrolled {certname} as {role}: instance {instance_id}, account {account}, {region}, "
             "issued by {issuer}, serial {serial:x}",
@@ -456,6 +438,62 @@ class Enrollment:
                 )
             )
         return outcome.issued
+
+    async def _claim_then_issue(
+        self, request: EnrollmentRequest, decision: Admit, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        """
+        A master's enrollment: the claim is made (a durable write) before its CA is created and
+        its certificate signed, and removed again with that CA when a later step fails.
+        """
+        csr: x509.CertificateSigningRequest = await self._hop(
+            self.authority, "CSR check", source, self._check_csr, decision, request.csr
+        )
+        key_id = public_key_id(csr)
+        claim_key = f"{decision.instance_id}/{decision.role}"
+        self._enter_flight(decision, key_id)
+        try:
+            claimed, masters = await self._hop(
+                self.records, "claim", source, self._claim_with_masters, decision, key_id, source
+            )
+            if isinstance(claimed, EnrollmentClaim):
+                again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
+                return again
+            claim = claimed
+            issuer = decision.certname
+            try:
+                issuer = self._issuer_for(decision, masters)
+                outcome: _Outcome = await self._hop(
+                    self.authority, "sign and record", source, self._issue, decision, csr, key_id, issuer,
+                    claim, origin=source,
+                )
+            except BaseException:
+                failure = Failure()
+                await self._compensate(decision, claim, issuer)
+                failure.raiseException()
+        finally:
+            self._leave_flight(claim_key)
+        return outcome
+
+    def _enter_flight(self, admit: Admit, key_id: str) -> None:
+        """
+        Mark the claim as being worked on by this daemon (from any thread).  If it already is, the
+        same key is told to come back (it then resumes, or gets the certificate), another key is
+        refused as ever.
+        """
+        claim_key = f"{admit.instance_id}/{admit.role}"
+        with self._lock:
+            working = self._in_flight.get(claim_key)
+            if working is None:
+                self._in_flight[claim_key] = key_id
+                return
+        if working == key_id:
+            raise self._in_progress(admit)
+        raise _already_enrolled(admit)
+
+    def _leave_flight(self, claim_key: str) -> None:
+        with self._lock:
+            self._in_flight.pop(claim_key, None)
 
     async def _verify(self, request: EnrollmentRequest, source: str | None) -> IdentityDocument:
         try:
@@ -486,11 +524,12 @@ class Enrollment:
         return self._spread(masters)
 
     def _spread(self, cas: Sequence[str]) -> str:
-        oldest = min(self._last_used.get(ca, 0) for ca in cas)
-        chosen = self._choose(sorted(ca for ca in cas if self._last_used.get(ca, 0) == oldest))
-        self._uses += 1
-        self._last_used[chosen] = self._uses
-        return chosen
+        with self._lock:
+            oldest = min(self._last_used.get(ca, 0) for ca in cas)
+            chosen = self._choose(sorted(ca for ca in cas if self._last_used.get(ca, 0) == oldest))
+            self._uses += 1
+            self._last_used[chosen] = self._uses
+            return chosen
 
     # -- blocking steps (on the pool)
 
@@ -558,6 +597,109 @@ class Enrollment:
                 )
                 return version
         raise _already_enrolled(admit)
+
+    def _sign_and_record(
+        self, admit: Admit, csr_pem: bytes, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        """
+        An agent's or lb node's enrollment in one hop with one durable write: check the CSR,
+        read the claim (answering again from an issued one), sign in memory, and create the claim
+        already issued together with the record in one transaction.  Of two racing attempts the
+        transaction lets one win; the loser's certificate never leaves this process.
+        """
+        csr = self._check_csr(admit, csr_pem)
+        key_id = public_key_id(csr)
+        self._enter_flight(admit, key_id)
+        try:
+            return self._signed_then_recorded(admit, csr, key_id, source)
+        finally:
+            self._leave_flight(f"{admit.instance_id}/{admit.role}")
+
+    def _signed_then_recorded(
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        records = self.records.target
+        authority = self.authority.target
+        now = self.clock.seconds()
+        taken = self._claim_to_take(admit, key_id, now)
+        if isinstance(taken, EnrollmentClaim):
+            return self._answer_again(admit, taken)
+        issuer = self._issuer_for(admit, _healthy_master_cas(records) if admit.role == "agent" else None)
+        # Made by the first enrollment of any kind (once; racing daemons agree): an agent's issuing
+        # master enrolled before it, so only a first lb node can find it missing.
+        authority.ensure_ca(LB_CA)
+        cert = authority.issue(
+            issuer,
+            csr,
+            common_name=admit.certname,
+            sans=admit.sans,
+            usage=admit.usage,
+            extensions=[puppet_extension(PP_INSTANCE_ID, admit.instance_id)],
+        )
+        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        # Everything the answer needs is read before the transaction, so that once the node is
+        # recorded nothing can fail and leave an issued enrollment its client never received.
+        issued = self._answer(records, admit, issuer, certificate_pem)
+        writes = self._record_writes(
+            records, admit, cert=cert, certificate_pem=certificate_pem, issuer=issuer,
+            key_id=key_id, claim_version=taken, now=now,
+        )
+        try:
+            self._stamp(source, "record: write begins")
+            records.store.transact(writes)
+        except TransactionConflict as e:
+            # Lost a race: the certificate signed above is dropped; it never left this process.
+            return self._after_lost_race(admit, key_id, e)
+        finally:
+            self._stamp(source, "record: write committed")
+        if taken is not None:
+            # A claim left ``claimed`` by an attempt that died, or by a daemon that claims first.
+            log.warn("took over the unfinished enrollment claim {claim}",
+                     claim=f"{admit.instance_id}/{admit.role}")
+        return _Outcome(issued, cert.serial_number, issuer)
+
+    def _claim_to_take(self, admit: Admit, key_id: str, now: float) -> int | EnrollmentClaim | None:
+        """
+        What the recording transaction does with the claim: ``None`` to create it, the version of
+        an unfinished claim to take over (same key at once, another key once stale), or the claim
+        already issued to this key (to answer again).  ``EnrollmentRefused`` 409 otherwise.
+        """
+        records = self.records.target
+        # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
+        held = [] if self.policy.allow_second_role else [
+            role for role in ROLES
+            if role != admit.role and records.get(EnrollmentClaim, f"{admit.instance_id}/{role}") is not None
+        ]
+        conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
+        existing = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+        if existing is None:
+            return None
+        same_key = existing.record.public_key == key_id
+        if existing.record.state == "issued":
+            if same_key and existing.record.certificate_pem:
+                return existing.record
+            raise _already_enrolled(admit)
+        if same_key or now - existing.record.claimed_at > self.stale_claim:
+            return existing.version
+        raise _already_enrolled(admit)
+
+    def _after_lost_race(self, admit: Admit, key_id: str, conflict: TransactionConflict) -> IssuedEnrollment:
+        """The answer when the recording transaction was refused: the winner's, if it is this key's."""
+        records = self.records.target
+        claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+        if claim is None or claim.record.public_key != key_id:
+            if claim is not None:
+                raise _already_enrolled(admit) from conflict
+            raise EnrollmentRefused(
+                409, "already-enrolled",
+                f"the enrollment of {admit.certname} changed while it was being signed",
+            ) from conflict
+        if claim.record.state == "issued" and claim.record.certificate_pem:
+            # The same key won elsewhere (another daemon, a retry): its certificate is the answer.
+            return self._answer_again(admit, claim.record)
+        raise self._in_progress(admit) from conflict
 
     def _check_csr(self, admit: Admit, csr_pem: bytes) -> x509.CertificateSigningRequest:
         try:
@@ -685,7 +827,7 @@ class Enrollment:
         certificate_pem: str,
         issuer: str,
         key_id: str,
-        claim_version: int,
+        claim_version: int | None,
         now: float,
     ) -> list[Write]:
         claim = EnrollmentClaim(
@@ -731,10 +873,14 @@ class Enrollment:
             if known_node is None
             else Replace(NodeRecord.KIND, node.key(), node.to_value(), known_node.version)
         )
-        writes: list[Write] = [
-            Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version),
-            node_write,
-        ]
+        # A claim made in this transaction (``claim_version`` None) is created already issued: of
+        # two racing attempts the store lets one create it.
+        claim_write: Write = (
+            Create(EnrollmentClaim.KIND, claim.key(), claim.to_value())
+            if claim_version is None
+            else Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version)
+        )
+        writes: list[Write] = [claim_write, node_write]
         if admit.role == "master":
             # A master enrolling again keeps its place in the registration order, and with it
             # its port on the front and every other master's.
