@@ -203,7 +203,7 @@ class Daemon:
 
 def start_daemon(
     directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int,
-    *, timeline: Timeline | None = None,
+    *, timeline: Timeline | None = None, describe_in_flight: int = 1,
 ) -> Daemon:
     reactor = SelectReactor()
     thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
@@ -230,6 +230,7 @@ def start_daemon(
         cloud=Blocking(reactor, pool, cloud),
         clock=reactor,
         timeline=timeline,
+        describe_in_flight=describe_in_flight,
     )
     credentials = ensure_server_credentials(authority, directory / "state", ["puppet"], key_type)
     root_pem = directory / "root.pem"
@@ -286,7 +287,10 @@ def run_clients(
     return run
 
 
-def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) -> None:
+def report(
+    run: Run, options: argparse.Namespace, signing: float, rerun: str,
+    *, timeline: Timeline | None = None, sources: list[str] | None = None,
+) -> None:
     done = len(run.latencies)
     rate = done / run.elapsed if run.elapsed else 0.0
     print(f"enrollments: {done} of {options.instances} agents in {run.elapsed:.2f}s "
@@ -312,6 +316,9 @@ def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) ->
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"peak RSS (server and clients, one process): {peak_kib / 1024:.1f} MiB")
     print(f"rerun: {rerun}")
+    if timeline is not None:
+        print("\nan enrollment's steps, segment by segment (bench/timeline.py):\n"
+              + timeline.report(sources or []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile the daemon's threads' CPU by function (yappi, CPU clock)")
     parser.add_argument("--cpu-save", metavar="FILE",
                         help="with --cpu, also save the daemon's threads' profile as a pstats file")
+    parser.add_argument("--describe-in-flight", type=int, default=1, metavar="N",
+                        help="DescribeInstances calls in flight per region (default 1, as the daemon)")
     parser.add_argument("--timeline", action="store_true",
                         help="stamp each enrollment's steps and print its segments (bench/timeline.py)")
     options = parser.parse_args(argv)
@@ -348,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         master = fleet.launch(role="master")
         agents = launch_agents(fleet, cloud, options.instances)
         timeline = Timeline() if options.timeline else None
-        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, timeline=timeline)
+        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, timeline=timeline,
+                              describe_in_flight=options.describe_in_flight)
         try:
             number = daemon.port.getHost().port  # type: ignore[attr-defined]
             body = request_body(signer, master, "master")
@@ -365,13 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
         finally:
             daemon.stop()
-    report(run, options, signing, rerun)
+    report(run, options, signing, rerun, timeline=timeline, sources=[source for source, _ in bodies])
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))
-    if timeline is not None:
-        print("\nan enrollment's steps, segment by segment (bench/timeline.py):\n"
-              + timeline.report(source for source, _ in bodies))
     if profile is not None:
         print("\nthe daemon's threads' CPU during the wave (bench/cpuprofile.py):")
         print(profile.report(len(run.latencies)))

@@ -172,6 +172,10 @@ class DescribeBatcher:
     call, at most ``max_batch`` ids each.  A fixed window would delay a lone enrollment for
     nothing and still split a busy wave into many calls; this way the batches grow with the
     load, and botocore builds and parses one call per round trip instead of one per window.
+
+    ``max_in_flight`` above 1 lets that many calls be in flight per region: a lookup that
+    arrives during a call goes out at the end of its turn while a call is free (for the bench,
+    which measures what the wait for the call in flight costs; the daemon keeps one).
     """
 
     def __init__(
@@ -180,18 +184,20 @@ class DescribeBatcher:
         clock: IReactorTime,
         max_batch: int = 100,
         timeline: EnrollmentTimeline | None = None,
+        max_in_flight: int = 1,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be >= 1")
         self.cloud = cloud
         self.clock = clock
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self.timeline = timeline
         #: By region and instance id, each lookup's Deferred and the enrollment's source (for the
         #: timeline).
         self._waiting: dict[str, dict[str, list[tuple[Deferred[InstanceInfo | None], str | None]]]] = {}
-        #: Regions with a call in flight, or one due at the end of this turn.
-        self._busy: set[str] = set()
+        #: By region, the calls in flight or due at the end of this turn.
+        self._busy: dict[str, int] = {}
         #: How many DescribeInstances calls were made (for tests and the benchmark).
         self.calls = 0
 
@@ -200,16 +206,19 @@ class DescribeBatcher:
     ) -> Deferred[InstanceInfo | None]:
         d: Deferred[InstanceInfo | None] = Deferred()
         self._waiting.setdefault(region, {}).setdefault(instance_id, []).append((d, source))
-        if region not in self._busy:
-            self._busy.add(region)
+        if self._busy.get(region, 0) < self.max_in_flight:
+            self._busy[region] = self._busy.get(region, 0) + 1
             self.clock.callLater(0, self._ask, region)
         return d
 
     def _ask(self, region: str) -> None:
         waiting = self._waiting.get(region, {})
         if not waiting:
-            self._busy.discard(region)
-            self._waiting.pop(region, None)
+            # This call's turn ends; the region is free once none is in flight.
+            self._busy[region] -= 1
+            if not self._busy[region]:
+                del self._busy[region]
+                self._waiting.pop(region, None)
             return
         # The oldest lookups first (dicts keep their insertion order).
         batch = {i: waiting.pop(i) for i in list(waiting)[: self.max_batch]}
@@ -291,6 +300,7 @@ class Enrollment:
         on_master: Callable[[], object] = lambda: None,
         front_ports: FrontPorts | None = None,
         timeline: EnrollmentTimeline | None = None,
+        describe_in_flight: int = 1,
     ) -> None:
         self.policy = policy
         self.timeline = timeline
@@ -301,7 +311,7 @@ class Enrollment:
         self.allowed_keys = frozenset(allowed_keys)
         self.retry_after = retry_after
         self.stale_claim = stale_claim
-        self.batcher = DescribeBatcher(cloud, clock, timeline=timeline)
+        self.batcher = DescribeBatcher(cloud, clock, timeline=timeline, max_in_flight=describe_in_flight)
         self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
