@@ -463,16 +463,14 @@ class Enrollment:
         claim_key = f"{decision.instance_id}/{decision.role}"
         self._enter_flight(decision, key_id)
         try:
-            claimed, masters = await self._hop(
-                self.records, "claim", source, self._claim_with_masters, decision, key_id, source
-            )
+            claimed = await self._hop(self.records, "claim", source, self._claim, decision, key_id, source)
             if isinstance(claimed, EnrollmentClaim):
                 again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
                 return again
-            claim = claimed
+            claim: int = claimed
+            # A master is signed by its own CA, made for it once the claim is held.
             issuer = decision.certname
             try:
-                issuer = self._issuer_for(decision, masters)
                 outcome: _Outcome = await self._hop(
                     self.authority, "sign and record", source, self._issue, decision, csr, key_id, issuer,
                     claim, origin=source,
@@ -515,17 +513,15 @@ class Enrollment:
             raise EnrollmentRefused(403, f"identity-{e.code}", e.message) from None
         return identity
 
-    def _issuer_for(self, admit: Admit, masters: list[str] | Exception | None) -> str:
+    def _issuer_for(self, admit: Admit, masters: list[str] | None) -> str:
         """
-        The CA that signs: a healthy master's for agents (``masters``, read with the claim, or
-        the error that read met), a new one for masters, the lb CA for lb.
+        The CA that signs: a healthy master's for agents (``masters``), a new one for masters,
+        the lb CA for lb.
         """
         if admit.role == "master":
             return admit.certname
         if admit.role == "lb":
             return LB_CA
-        if isinstance(masters, Exception):
-            raise masters
         if not masters:
             raise EnrollmentRefused(
                 503, "no-master", "no healthy master is registered yet; try again later",
@@ -542,22 +538,6 @@ class Enrollment:
             return chosen
 
     # -- blocking steps (on the pool)
-
-    def _claim_with_masters(
-        self, admit: Admit, key_id: str, source: str | None = None
-    ) -> tuple[int | EnrollmentClaim, list[str] | Exception | None]:
-        """
-        :meth:`_claim`, then for a new agent claim the healthy masters' CAs.  Once the claim is
-        made, a failure to read them is returned rather than raised, so that the caller still
-        learns the claim's version and removes it again.
-        """
-        claimed = self._claim(admit, key_id, source)
-        if isinstance(claimed, EnrollmentClaim) or admit.role != "agent":
-            return claimed, None
-        try:
-            return claimed, _healthy_master_cas(self.records.target)
-        except Exception as e:
-            return claimed, e
 
     def _claim(self, admit: Admit, key_id: str, source: str | None = None) -> int | EnrollmentClaim:
         """
