@@ -896,16 +896,30 @@ def enroll_on(daemon: Enrollment, world: World, body: dict[str, str], source: st
     return answers
 
 
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def racing(request: pytest.FixtureRequest, enroll_aws, aws_signer, tmp_path: Path) -> World:
+    """A world whose store runs a racing attempt before a chosen transaction, on each backend."""
+    make_store = None
+    if request.param == "dynamodb":
+        assert request.getfixturevalue("dynamodb_credentials") is not None
+
+        def make_store(tmp: Path) -> IStore:
+            store = DynamoDBStore(f"puppetha-{tmp.name}"[:200], "us-east-1", enroll_aws.moto.endpoint_url)
+            store.create_table(deletion_protection=False)
+            return store
+
+    return build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording,
+                       make_store=make_store)
+
+
 @pytest.mark.parametrize("same_key", [True, False], ids=["same key", "another key"])
-def test_two_daemons_racing_for_one_instance_issue_one_certificate(
-    enroll_aws, aws_signer, tmp_path: Path, same_key: bool
-) -> None:
+def test_two_daemons_racing_for_one_instance_issue_one_certificate(racing: World, same_key: bool) -> None:
     """
     Another daemon records the instance while this one signs.  With another key this attempt is
     refused and leaves nothing (its certificate never left the process); with the same key it
-    answers with the other daemon's certificate.
+    answers with the other daemon's certificate.  On each store backend.
     """
-    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording)
+    world = racing
     try:
         enroll_master(world)
         store = world.records.store
