@@ -13,13 +13,14 @@ import socket
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from attrs import evolve
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.enroll.service import (
@@ -930,7 +931,17 @@ def test_two_daemons_racing_for_one_instance_issue_one_certificate(racing: World
         theirs = mine if same_key else world.body_for(agent)
         won: list[Any] = []
         store.hook = lambda: won.extend(enroll_on(second_daemon(world), world, theirs, agent.private_ip))
-        answer = world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip)
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        try:
+            answer = world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        # The certificate signed and dropped is told apart in the log from the one issued.
+        assert [e["certname"] for e in events if "dropped the certificate" in e.get("log_format", "")] == [
+            agent.instance_id
+        ]
         (winner,) = won
         assert isinstance(winner, IssuedEnrollment), winner
         node = world.records.get(NodeRecord, agent.instance_id)

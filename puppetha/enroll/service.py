@@ -639,6 +639,11 @@ class Enrollment:
             records.store.transact(writes)
         except TransactionConflict as e:
             # Lost a race: the certificate signed above is dropped; it never left this process.
+            log.info(
+                "dropped the certificate signed for {certname}, serial {serial:x}: its enrollment "
+                "changed while it was being signed",
+                certname=admit.certname, serial=cert.serial_number,
+            )
             return self._after_lost_race(admit, key_id, e)
         finally:
             self._stamp(source, "record: write committed")
