@@ -429,7 +429,8 @@ def test_a_replay_with_the_same_key_gets_the_same_certificate_and_issues_nothing
 def test_another_key_is_refused_after_the_enrollment(ready: World) -> None:
     agent = ready.launch()
     assert ready.enroll(agent).status == 200
-    refused(ready, ready.enroll(agent), 409, "already-enrolled", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", before)
 
 
 def test_race_of_two_enrollments_exactly_one_wins(ready: World) -> None:
@@ -468,7 +469,8 @@ def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
     lb = ready.launch("lb", security_groups=["lb-nodes"])
     assert ready.enroll(lb, "lb").status == 200
     assert ready.enroll(lb, "lb").status == 409
-    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", before)
     node = ready.records.get(NodeRecord, lb.instance_id)
     assert node is not None
     assert node.record.roles == ("lb",)
@@ -477,7 +479,8 @@ def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
 def test_the_privileged_role_is_refused_after_the_agent_one_too(ready: World) -> None:
     master = ready.launch("master")
     assert ready.enroll(master, "agent").status == 200
-    refused(ready, ready.enroll(master, "master"), 409, "another-role", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(master, "master"), 409, "another-role", before)
 
 
 # -- CSR refusals ------------------------------------------------------------------------------
@@ -676,7 +679,8 @@ def test_role_switch_then_revoke_leaves_no_certificate_of_the_instance_verifying
     # Gone from the registry in the same transaction: no new agents are sent to it.
     assert world.records.get(MasterRecord, master.instance_id) is None
     assert world.enroll(world.launch("agent")).error == "no-master"
-    refused(world, world.enroll(master, "master"), 409, "already-enrolled", world.state())
+    before = world.state()  # before the request: what it signs counts too
+    refused(world, world.enroll(master, "master"), 409, "already-enrolled", before)
 
 
 def test_revoking_an_lb_node_deregisters_it_from_the_lb_nodes_in_the_same_transaction(ready: World) -> None:
@@ -701,7 +705,8 @@ def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> Non
     assert world.enroll(both, "master").status == 200
     assert revoke_identity(world.records, world.authority, both.instance_id, "unspecified",
                            world.clock.seconds) is not None
-    refused(world, world.enroll(both, "lb"), 409, "revoked", world.state())
+    before = world.state()  # before the request: the certificates signed count too
+    refused(world, world.enroll(both, "lb"), 409, "revoked", before)
 
 
 # -- idempotent per key: a crash or a lost answer does not strand an instance ------------------
@@ -748,7 +753,8 @@ def test_a_revoked_node_asking_again_with_its_key_is_refused(ready: World) -> No
     assert ready.call("/v1/enroll", body, source=agent.private_ip).status == 200
     assert revoke_identity(ready.records, ready.authority, agent.instance_id, "keyCompromise",
                            ready.clock.seconds) is not None
-    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", before)
 
 
 def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registered(world: World) -> None:
@@ -759,7 +765,8 @@ def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registe
     world.authority.revoke(node.record.issuer, node.record.serial, node.record.certname)
     world.records.replace(NodeRecord.from_value({**node.record.to_value(), "revoked_at": 1.0}), node.version)
     assert world.records.get(MasterRecord, master.instance_id) is not None
-    refused(world, world.enroll(world.launch("agent")), 503, "no-master", world.state())
+    before = world.state()  # before the request: what it signs counts too
+    refused(world, world.enroll(world.launch("agent")), 503, "no-master", before)
 
 
 class TakenOverOnce(SwitchableStore):

@@ -614,6 +614,7 @@ class Enrollment:
         taken = self._claim_to_take(admit, key_id, now)
         if isinstance(taken, EnrollmentClaim):
             return self._answer_again(admit, taken)
+        self._check_known_node(records, admit)
         issuer = self._issuer_for(admit, _healthy_master_cas(records) if admit.role == "agent" else None)
         # Made by the first enrollment of any kind (once; racing daemons agree): an agent's issuing
         # master enrolled before it, so only a first lb node can find it missing.
@@ -756,6 +757,7 @@ class Enrollment:
     ) -> _Outcome:
         authority = self.authority.target
         records = self.records.target
+        self._check_known_node(records, admit)
         # Made by the first enrollment of any kind (once; racing daemons agree), so that every
         # crl_chain below holds its CRL: agents check it on the lb node's chain, masters trust it.
         authority.ensure_ca(LB_CA)
@@ -894,6 +896,16 @@ class Enrollment:
                                 drain_token=known.record.drain_token, drained_at=known.record.drained_at)
             writes.append(_upsert(records, master, same_owner=lambda old: True))
         return writes
+
+    def _check_known_node(self, records: Records, admit: Admit) -> None:
+        """
+        Refuse before anything is signed or made what the recording transaction would refuse of
+        the node already recorded under the certname (another instance's, revoked, another role);
+        the transaction checks that record again at the version it reads.
+        """
+        known = records.get(NodeRecord, admit.certname)
+        if known is not None:
+            self._history(admit, known.record)
 
     def _history(self, admit: Admit, known: NodeRecord) -> tuple[IssuedCertificate, ...]:
         """The certificates the identity already holds, or a refusal to add one more."""
