@@ -45,6 +45,7 @@ from twisted.internet.threads import blockingCallFromThread
 from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
 from bench.steps import StepCPU, TimedBlocking
+from bench.timeline import CLIENT_END, CLIENT_START, Timeline
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import make_enrollment_site
@@ -206,7 +207,7 @@ class Daemon:
 
 def start_daemon(
     directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int,
-    *, steps: StepCPU | None = None,
+    *, steps: StepCPU | None = None, timeline: Timeline | None = None, describe_in_flight: int = 1,
 ) -> Daemon:
     reactor = SelectReactor()
     thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
@@ -233,6 +234,8 @@ def start_daemon(
         authority=blocking(reactor, pool, authority),
         cloud=blocking(reactor, pool, cloud),
         clock=reactor,
+        timeline=timeline,
+        describe_in_flight=describe_in_flight,
     )
     credentials = ensure_server_credentials(authority, directory / "state", ["puppet"], key_type)
     root_pem = directory / "root.pem"
@@ -257,7 +260,10 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float) -> Run:
+def run_clients(
+    daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: int, seconds: float,
+    timeline: Timeline | None = None,
+) -> Run:
     run = Run()
     number = daemon.port.getHost().port  # type: ignore[attr-defined]
     deadline = time.monotonic() + seconds
@@ -266,7 +272,11 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
     def one(item: tuple[str, bytes]) -> None:
         if time.monotonic() > deadline:
             return
+        if timeline is not None:
+            timeline.stamp(item[0], CLIENT_START)
         code, took = enroll_once(number, str(daemon.root_pem), *item)
+        if timeline is not None:
+            timeline.stamp(item[0], CLIENT_END)
         if code == 200:
             run.latencies.append(took)
         else:
@@ -284,7 +294,10 @@ def run_clients(daemon: Daemon, bodies: list[tuple[str, bytes]], concurrency: in
     return run
 
 
-def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) -> None:
+def report(
+    run: Run, options: argparse.Namespace, signing: float, rerun: str,
+    *, timeline: Timeline | None = None, sources: list[str] | None = None,
+) -> None:
     done = len(run.latencies)
     rate = done / run.elapsed if run.elapsed else 0.0
     print(f"enrollments: {done} of {options.instances} agents in {run.elapsed:.2f}s "
@@ -310,9 +323,12 @@ def report(run: Run, options: argparse.Namespace, signing: float, rerun: str) ->
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"peak RSS (server and clients, one process): {peak_kib / 1024:.1f} MiB")
     print(f"rerun: {rerun}")
+    if timeline is not None:
+        print("\nan enrollment's steps, segment by segment (bench/timeline.py):\n"
+              + timeline.report(sources or []))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--instances", type=int, default=60, help="agents that enroll (default 60)")
     parser.add_argument("--concurrency", type=int, default=12, help="enrollments in flight (default 12)")
@@ -328,9 +344,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="say how much CPU each step of an enrollment used on the pool")
     parser.add_argument("--cpu-save", metavar="FILE",
                         help="with --cpu, also save the daemon's threads' profile as a pstats file")
+    parser.add_argument("--describe-in-flight", type=int, default=1, metavar="N",
+                        help="DescribeInstances calls in flight per region (default 1, as the daemon)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="stamp each enrollment's steps and print its segments (bench/timeline.py)")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options(argv)
     rerun = shlex.join([".venv/bin/python", "bench/enroll.py", *(argv if argv is not None else sys.argv[1:])])
     key_type = KeyType(options.key_type)
 
@@ -346,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         master = fleet.launch(role="master")
         agents = launch_agents(fleet, cloud, options.instances)
         steps = StepCPU() if options.steps else None
-        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, steps=steps)
+        timeline = Timeline() if options.timeline else None
+        daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, steps=steps,
+                              timeline=timeline, describe_in_flight=options.describe_in_flight)
         try:
             number = daemon.port.getHost().port  # type: ignore[attr-defined]
             body = request_body(signer, master, "master")
@@ -358,12 +385,12 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as sampling:
                 sampler = sampling.enter_context(Sampler(daemon.threads)) if options.phases else None
                 profile = sampling.enter_context(CPUProfile(daemon.threads)) if options.cpu else None
-                run = run_clients(daemon, bodies, options.concurrency, options.seconds)
+                run = run_clients(daemon, bodies, options.concurrency, options.seconds, timeline)
             sealed = unb64(daemon.authority.ca(ROOT).sealed_key)
             signing = raw_signing_rate(load_private_key(daemon.authority.vault.open(sealed, ROOT)), 2.0)
         finally:
             daemon.stop()
-    report(run, options, signing, rerun)
+    report(run, options, signing, rerun, timeline=timeline, sources=[source for source, _ in bodies])
     if sampler is not None:
         print("\nwhere the daemon's threads spent the wave (bench/phases.py):")
         print(sampler.report(len(run.latencies)))

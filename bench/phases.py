@@ -31,6 +31,8 @@ PHASES: Sequence[tuple[str, str, str]] = (
     ("puppetha/enroll/service.py", "_healthy_master_cas", "healthy masters"),
     ("puppetha/enroll/service.py", "_revoked_node", "healthy masters"),
     ("puppetha/enroll/service.py", "_claim", "claim"),
+    ("puppetha/enroll/service.py", "_claim_to_take", "claim"),
+    ("puppetha/enroll/service.py", "_after_lost_race", "claim"),
     ("puppetha/enroll/service.py", "_check_csr", "CSR check"),
     ("puppetha/aws/identity.py", "verify_identity", "identity verify"),
     ("puppetha/aws/boto.py", "describe_instances", "DescribeInstances"),

@@ -39,7 +39,7 @@ from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.enroll.api import enrollment_resource
 from puppetha.enroll.policy import EnrollmentPolicy
-from puppetha.enroll.service import Enrollment
+from puppetha.enroll.service import Enrollment, EnrollmentTimeline
 from puppetha.ha.nginx import FrontPorts
 from puppetha.pki.authority import CertificateAuthority
 from puppetha.pki.keys import KeyType
@@ -381,6 +381,7 @@ def build_world(
     cloud: Boto3Cloud | None = None,
     front_ports: FrontPorts | None = None,
     make_store: Callable[[Path], IStore] | None = None,
+    timeline: EnrollmentTimeline | None = None,
 ) -> World:
     # moto is not reset between tests (reloading its EC2 backend costs seconds): every test
     # launches its own instances, whose ids never repeat.
@@ -401,6 +402,7 @@ def build_world(
         clock=clock,
         choose=lambda cas: cas[0],
         front_ports=front_ports,
+        timeline=timeline,
     )
     source = ["127.0.0.1"]
     resource = FromSource(enrollment_resource(enrollment), source)

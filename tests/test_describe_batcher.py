@@ -42,9 +42,12 @@ class HeldCalls:
         d.callback({i: cast(InstanceInfo, f"info of {i}") for i in ids if not i.startswith("i-gone")})
 
 
-def batcher(max_batch: int = 100) -> tuple[DescribeBatcher, HeldCalls, Clock]:
+def batcher(max_batch: int = 100, max_in_flight: int = 1) -> tuple[DescribeBatcher, HeldCalls, Clock]:
     cloud, clock = HeldCalls(), Clock()
-    return DescribeBatcher(cast(Blocking[ICloud], cloud), clock, max_batch=max_batch), cloud, clock
+    made = DescribeBatcher(
+        cast(Blocking[ICloud], cloud), clock, max_batch=max_batch, max_in_flight=max_in_flight
+    )
+    return made, cloud, clock
 
 
 # Each step: ("ask", region, id) or ("turn",) (the reactor's turn ends) or ("answer", n) (the
@@ -83,9 +86,41 @@ CASES: dict[str, tuple[list[tuple[Any, ...]], list[list[tuple[str, list[str]]]]]
 }
 
 
-@pytest.mark.parametrize(("steps", "expected"), list(CASES.values()), ids=list(CASES))
-def test_batching(steps: list[tuple[Any, ...]], expected: list[list[tuple[str, list[str]]]]) -> None:
-    b, cloud, clock = batcher()
+# The same steps with two calls allowed in flight per region.
+TWO_IN_FLIGHT: dict[str, tuple[list[tuple[Any, ...]], list[list[tuple[str, list[str]]]]]] = {
+    "lookups of one turn still go out together": (
+        [("ask", "r1", "i-2"), ("ask", "r1", "i-1"), ("turn",)],
+        [[], [], [("r1", ["i-1", "i-2"])]],
+    ),
+    "a lookup during a call goes out at the end of its turn": (
+        [("ask", "r1", "i-1"), ("turn",), ("ask", "r1", "i-2"), ("turn",)],
+        [[], [("r1", ["i-1"])], [("r1", ["i-1"])], [("r1", ["i-1"]), ("r1", ["i-2"])]],
+    ),
+    "with both calls in flight, the next lookups wait for the first answer, together": (
+        [("ask", "r1", "i-1"), ("turn",), ("ask", "r1", "i-2"), ("turn",), ("ask", "r1", "i-3"),
+         ("turn",), ("ask", "r1", "i-4"), ("answer", 1)],
+        [[], [("r1", ["i-1"])], [("r1", ["i-1"])], [("r1", ["i-1"]), ("r1", ["i-2"])],
+         [("r1", ["i-1"]), ("r1", ["i-2"])], [("r1", ["i-1"]), ("r1", ["i-2"])],
+         [("r1", ["i-1"]), ("r1", ["i-2"])], [("r1", ["i-1"]), ("r1", ["i-3", "i-4"])]],
+    ),
+    "nothing waiting: the region is free again after both answers": (
+        [("ask", "r1", "i-1"), ("turn",), ("ask", "r1", "i-2"), ("turn",), ("answer", 0), ("answer", 1),
+         ("turn",), ("ask", "r1", "i-3"), ("turn",)],
+        [[], [("r1", ["i-1"])], [("r1", ["i-1"])], [("r1", ["i-1"]), ("r1", ["i-2"])], [("r1", ["i-2"])],
+         [], [], [], [("r1", ["i-3"])]],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected", "in_flight"),
+    [(*case, 1) for case in CASES.values()] + [(*case, 2) for case in TWO_IN_FLIGHT.values()],
+    ids=list(CASES) + [f"two in flight: {name}" for name in TWO_IN_FLIGHT],
+)
+def test_batching(
+    steps: list[tuple[Any, ...]], expected: list[list[tuple[str, list[str]]]], in_flight: int
+) -> None:
+    b, cloud, clock = batcher(max_in_flight=in_flight)
     seen = []
     for step in steps:
         if step[0] == "ask":

@@ -13,16 +13,24 @@ import socket
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from attrs import evolve
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from puppetha.aws.boto import Boto3Cloud
-from puppetha.enroll.service import public_key_id, reset_enrollment, revoke_identity
+from puppetha.enroll.service import (
+    Enrollment,
+    EnrollmentRequest,
+    IssuedEnrollment,
+    public_key_id,
+    reset_enrollment,
+    revoke_identity,
+)
 from puppetha.ha.nginx import FrontPorts
 from puppetha.instance.puppetserver import check_lb_ca
 from puppetha.pki.authority import LB_CA, ROOT
@@ -44,6 +52,7 @@ from tests.enroll_fixtures import (  # noqa: E402 - after the rewrite hook
     SwitchableStore,
     World,
     build_world,
+    inline,
     make_csr,
     make_policy,
     weak_rsa_key,
@@ -420,7 +429,8 @@ def test_a_replay_with_the_same_key_gets_the_same_certificate_and_issues_nothing
 def test_another_key_is_refused_after_the_enrollment(ready: World) -> None:
     agent = ready.launch()
     assert ready.enroll(agent).status == 200
-    refused(ready, ready.enroll(agent), 409, "already-enrolled", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(agent), 409, "already-enrolled", before)
 
 
 def test_race_of_two_enrollments_exactly_one_wins(ready: World) -> None:
@@ -459,7 +469,8 @@ def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
     lb = ready.launch("lb", security_groups=["lb-nodes"])
     assert ready.enroll(lb, "lb").status == 200
     assert ready.enroll(lb, "lb").status == 409
-    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(lb, "agent"), 409, "another-role", before)
     node = ready.records.get(NodeRecord, lb.instance_id)
     assert node is not None
     assert node.record.roles == ("lb",)
@@ -468,7 +479,8 @@ def test_a_second_role_is_refused_and_changes_nothing(ready: World) -> None:
 def test_the_privileged_role_is_refused_after_the_agent_one_too(ready: World) -> None:
     master = ready.launch("master")
     assert ready.enroll(master, "agent").status == 200
-    refused(ready, ready.enroll(master, "master"), 409, "another-role", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.enroll(master, "master"), 409, "another-role", before)
 
 
 # -- CSR refusals ------------------------------------------------------------------------------
@@ -667,7 +679,8 @@ def test_role_switch_then_revoke_leaves_no_certificate_of_the_instance_verifying
     # Gone from the registry in the same transaction: no new agents are sent to it.
     assert world.records.get(MasterRecord, master.instance_id) is None
     assert world.enroll(world.launch("agent")).error == "no-master"
-    refused(world, world.enroll(master, "master"), 409, "already-enrolled", world.state())
+    before = world.state()  # before the request: what it signs counts too
+    refused(world, world.enroll(master, "master"), 409, "already-enrolled", before)
 
 
 def test_revoking_an_lb_node_deregisters_it_from_the_lb_nodes_in_the_same_transaction(ready: World) -> None:
@@ -692,7 +705,8 @@ def test_a_new_role_on_a_revoked_identity_is_refused(second_roles: World) -> Non
     assert world.enroll(both, "master").status == 200
     assert revoke_identity(world.records, world.authority, both.instance_id, "unspecified",
                            world.clock.seconds) is not None
-    refused(world, world.enroll(both, "lb"), 409, "revoked", world.state())
+    before = world.state()  # before the request: the certificates signed count too
+    refused(world, world.enroll(both, "lb"), 409, "revoked", before)
 
 
 # -- idempotent per key: a crash or a lost answer does not strand an instance ------------------
@@ -739,7 +753,8 @@ def test_a_revoked_node_asking_again_with_its_key_is_refused(ready: World) -> No
     assert ready.call("/v1/enroll", body, source=agent.private_ip).status == 200
     assert revoke_identity(ready.records, ready.authority, agent.instance_id, "keyCompromise",
                            ready.clock.seconds) is not None
-    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", ready.state())
+    before = ready.state()  # before the request: what it signs counts too
+    refused(ready, ready.call("/v1/enroll", body, source=agent.private_ip), 409, "revoked", before)
 
 
 def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registered(world: World) -> None:
@@ -750,11 +765,16 @@ def test_a_master_whose_node_is_revoked_gets_no_new_agents_even_if_still_registe
     world.authority.revoke(node.record.issuer, node.record.serial, node.record.certname)
     world.records.replace(NodeRecord.from_value({**node.record.to_value(), "revoked_at": 1.0}), node.version)
     assert world.records.get(MasterRecord, master.instance_id) is not None
-    refused(world, world.enroll(world.launch("agent")), 503, "no-master", world.state())
+    before = world.state()  # before the request: what it signs counts too
+    refused(world, world.enroll(world.launch("agent")), 503, "no-master", before)
 
 
 class TakenOverOnce(SwitchableStore):
-    """Before the first recording transaction, another attempt with the same key takes the claim."""
+    """
+    Before the first recording transaction, another attempt with the same key takes the claim
+    (an agent's claim is made in that transaction: then the other attempt makes it, unfinished,
+    as a daemon that claims before signing would).
+    """
 
     armed = False
 
@@ -763,8 +783,24 @@ class TakenOverOnce(SwitchableStore):
             self.armed = False
             claim = next(w for w in writes if getattr(w, "kind", "") == "claim")
             current = self.inner.get("claim", claim.key)
-            assert current is not None
-            self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+            if current is None:
+                unfinished = {**claim.value, "state": "claimed", "certificate_pem": "", "issuer": ""}
+                self.inner.create("claim", claim.key, unfinished)
+            else:
+                self.inner.replace("claim", claim.key, {**current.value, "claimed_at": 1.0}, current.version)
+        self.inner.transact(writes)
+
+
+class RaceBeforeRecording(SwitchableStore):
+    """Runs ``hook`` once, just before the next transaction that writes a claim (a racing attempt)."""
+
+    hook: Callable[[], object] | None = None
+
+    def transact(self, writes: Any) -> None:
+        hook = self.hook
+        if hook is not None and any(getattr(w, "kind", "") == "claim" for w in writes):
+            self.hook = None
+            hook()
         self.inner.transact(writes)
 
 
@@ -809,31 +845,135 @@ class HeldPool(InlinePool):
         return [held[0] for held in self.held]
 
 
-def test_the_same_key_asking_while_its_enrollment_is_being_signed_is_told_to_ask_again(ready: World) -> None:
-    agent = ready.launch()
-    body = json.dumps(ready.body_for(agent)).encode()
-    pool = HeldPool()
-    ready.enrollment.authority = Blocking(InlineReactor(), pool, ready.authority)
+@pytest.mark.parametrize("same_key", [True, False], ids=["same key", "another key"])
+def test_asking_while_this_daemon_signs_for_the_instance(
+    enroll_aws, aws_signer, tmp_path: Path, same_key: bool
+) -> None:
+    """The same key is told to ask again (503 in-progress), another key is refused (409)."""
+    world = build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording)
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, RaceBeforeRecording)
+        agent = world.launch()
+        body = json.dumps(world.body_for(agent)).encode()
+        other = body if same_key else json.dumps(world.body_for(agent)).encode()
+        pool = HeldPool()
+        world.enrollment.records = Blocking(InlineReactor(), pool, world.records)
+        first = world.start("/v1/enroll", body, source=agent.private_ip)
+        world.clock.advance(0.1)  # DescribeInstances
+        second = world.start("/v1/enroll", other, source=agent.private_ip)
+        world.clock.advance(0.1)
+        assert pool.names() == ["_sign_and_record", "_sign_and_record"]
+        issued = world.authority.issued
+        # The second runs on another thread while the first records what it signed.
+        store.hook = lambda: pool.release("_sign_and_record")
+        pool.release("_sign_and_record")
+        one, two = world.finish(first, second)
+        assert one.status == 200, one.body
+        if same_key:
+            assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
+        else:
+            assert (two.status, two.error) == (409, "already-enrolled"), two.body
+        assert world.authority.issued == issued + 1  # the second signed nothing
+        world.enrollment.records = inline(world.records)
+        again = world.call("/v1/enroll", body, source=agent.private_ip)
+        assert again.status == 200
+        assert again.json["certificate"] == one.json["certificate"]
+    finally:
+        world.store.close()
 
-    def admit() -> None:
-        pool.release("verify_identity")
-        ready.clock.advance(0.1)  # DescribeInstances
-        pool.release("_check_csr")
 
-    first = ready.start("/v1/enroll", body, source=agent.private_ip)
-    admit()
-    assert pool.names() == ["_issue"]  # claimed, and being signed
-    second = ready.start("/v1/enroll", body, source=agent.private_ip)
-    admit()
-    assert pool.names() == ["_issue"]  # the second did not go on to sign
-    pool.release("_issue")
-    one, two = ready.finish(first, second)
-    assert one.status == 200, one.body
-    assert (two.status, two.error, two.headers["retry-after"]) == (503, "in-progress", "2"), two.body
-    ready.enrollment.authority = Blocking(InlineReactor(), InlinePool(), ready.authority)
-    again = ready.call("/v1/enroll", body, source=agent.private_ip)
-    assert again.status == 200
-    assert again.json["certificate"] == one.json["certificate"]
+def second_daemon(world: World) -> Enrollment:
+    """Another daemon on the same store and CA (its own claims in flight, its own batcher)."""
+    return Enrollment(
+        policy=world.policy, trust=world.signer.trust_store(), records=inline(world.records),
+        authority=inline(world.authority), cloud=inline(world.cloud), clock=world.clock,
+        choose=lambda cas: cas[0],
+    )
+
+
+def enroll_on(daemon: Enrollment, world: World, body: dict[str, str], source: str) -> list[Any]:
+    """``daemon``'s answer to ``body`` (an IssuedEnrollment or a Failure), once the clock moved."""
+    answers: list[Any] = []
+    request = EnrollmentRequest(role=body["role"], document=body["document"].encode(),
+                                signature=body["signature"], csr=body["csr"].encode())
+    daemon.enroll(request, source).addBoth(answers.append)
+    world.clock.advance(0.1)  # DescribeInstances
+    assert answers, "the other daemon's enrollment never finished"
+    return answers
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def racing(request: pytest.FixtureRequest, enroll_aws, aws_signer, tmp_path: Path) -> World:
+    """A world whose store runs a racing attempt before a chosen transaction, on each backend."""
+    make_store = None
+    if request.param == "dynamodb":
+        assert request.getfixturevalue("dynamodb_credentials") is not None
+
+        def make_store(tmp: Path) -> IStore:
+            store = DynamoDBStore(f"puppetha-{tmp.name}"[:200], "us-east-1", enroll_aws.moto.endpoint_url)
+            store.create_table(deletion_protection=False)
+            return store
+
+    return build_world(enroll_aws, aws_signer, tmp_path, store_wrapper=RaceBeforeRecording,
+                       make_store=make_store)
+
+
+@pytest.mark.parametrize("same_key", [True, False], ids=["same key", "another key"])
+def test_two_daemons_racing_for_one_instance_issue_one_certificate(racing: World, same_key: bool) -> None:
+    """
+    Another daemon records the instance while this one signs.  With another key this attempt is
+    refused and leaves nothing (its certificate never left the process); with the same key it
+    answers with the other daemon's certificate.  On each store backend.
+    """
+    world = racing
+    try:
+        enroll_master(world)
+        store = world.records.store
+        assert isinstance(store, RaceBeforeRecording)
+        agent = world.launch()
+        key = ec.generate_private_key(ec.SECP256R1())
+        mine = world.body_for(agent, csr=make_csr(agent.instance_id, key=key))
+        theirs = mine if same_key else world.body_for(agent)
+        won: list[Any] = []
+        store.hook = lambda: won.extend(enroll_on(second_daemon(world), world, theirs, agent.private_ip))
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        try:
+            answer = world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip)
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        # The certificate signed and dropped is told apart in the log from the one issued.
+        assert [e["certname"] for e in events if "dropped the certificate" in e.get("log_format", "")] == [
+            agent.instance_id
+        ]
+        (winner,) = won
+        assert isinstance(winner, IssuedEnrollment), winner
+        node = world.records.get(NodeRecord, agent.instance_id)
+        claim = world.records.get(EnrollmentClaim, f"{agent.instance_id}/agent")
+        assert node is not None
+        assert claim is not None
+        recorded = x509.load_pem_x509_certificate(winner.certificate.encode())
+        assert [c.serial for c in node.record.certificates] == [recorded.serial_number]
+        assert claim.record.certificate_pem == winner.certificate
+        if same_key:
+            assert answer.status == 200, answer.body
+            assert answer.json["certificate"] == winner.certificate
+        else:
+            assert (answer.status, answer.error) == (409, "already-enrolled"), answer.body
+            assert "certificate" not in answer.json
+            assert claim.record.public_key != public_key_id(
+                x509.load_pem_x509_csr(mine["csr"].encode())
+            )
+            # The loser asking again is still refused; the winner's key is answered again.
+            assert world.call("/v1/enroll", json.dumps(mine).encode(), source=agent.private_ip).status == 409
+        again = world.call("/v1/enroll", json.dumps(theirs).encode(), source=agent.private_ip)
+        assert again.status == 200
+        assert again.json["certificate"] == winner.certificate
+    finally:
+        world.store.close()
 
 
 def test_an_agent_asking_again_is_answered_while_no_master_is_healthy(ready: World) -> None:
@@ -862,31 +1002,28 @@ class CountingCalls(Blocking[Any]):
         return super().call(f, *args, **kwargs)
 
 
-def test_a_new_agent_costs_five_hops_to_a_thread(ready: World) -> None:
-    """Identity, DescribeInstances, CSR, claim with the masters, issue: the store's two reads of
-    the claim and of the healthy masters are one hop."""
+def test_a_new_agent_costs_three_hops_to_a_thread(ready: World) -> None:
+    """Identity, DescribeInstances, then the CSR check, the claim's and masters' reads, signing
+    and the one recording transaction in one hop."""
     hops: list[str] = []
     enrollment = ready.enrollment
     enrollment.records = CountingCalls(enrollment.records, hops, "records")
     enrollment.authority = CountingCalls(enrollment.authority, hops, "authority")
     enrollment.batcher.cloud = CountingCalls(enrollment.batcher.cloud, hops, "cloud")
     assert ready.enroll(ready.launch()).status == 200
-    assert hops == [
-        "authority:verify_identity", "cloud:describe_instances", "authority:_check_csr",
-        "records:_claim_with_masters", "authority:_issue",
-    ]
+    assert hops == ["authority:verify_identity", "cloud:describe_instances", "records:_sign_and_record"]
 
 
 class MastersUnreadable(SwitchableStore):
-    """Right after a claim is made, the next listing (of the masters) fails as a lost store would."""
+    """Right after the claim is read, the next listing (of the masters) fails as a lost store would."""
 
     after_claim = False
     armed = False
 
-    def create(self, kind: str, key: str, value: Any) -> Any:
-        made = super().create(kind, key, value)
-        self.armed = self.after_claim and kind == EnrollmentClaim.KIND
-        return made
+    def get(self, kind: str, key: str) -> Any:
+        found = super().get(kind, key)
+        self.armed = self.armed or (self.after_claim and kind == EnrollmentClaim.KIND)
+        return found
 
     def list(self, kind: str, prefix: str = "") -> Any:
         if self.armed:

@@ -161,7 +161,12 @@ class EnrollmentAPI:
         if isinstance(parsed, tuple):
             code, message = parsed
             return self._refuse(request, 400, code, message)
-        answer = self.enrollment.enroll(parsed, client_source(request)).addCallbacks(
+        source = client_source(request)
+        timeline = self.enrollment.timeline
+        if timeline is not None:
+            timeline.stamp(source, "request: parsed")
+            request.notifyFinish().addBoth(lambda _: timeline.stamp(source, "answer: written"))
+        answer = self.enrollment.enroll(parsed, source).addCallbacks(
             lambda issued: write_json(request, 200, issued.to_json()),
             lambda failure: failure_response(request, failure),
         )

@@ -1,27 +1,32 @@
 """
-The enrollment orchestrator: prove the instance's identity, decide, claim, sign, record.
+The enrollment orchestrator: prove the instance's identity, decide, sign, record.
 
 Order matters for the security of the whole fleet:
 
 1. verify the identity document (CPU, on the pool) and refuse strangers before any AWS call;
 2. DescribeInstances (on the pool, batched per region by :class:`DescribeBatcher`);
 3. decide with the pure :func:`puppetha.enroll.policy.decide`;
-4. create the :class:`EnrollmentClaim` (create-if-absent) *before anything is signed*, so of two
-   racing requests exactly one goes on;
-5. check the CSR, sign, and record the node (and a master's registration) while marking the
-   claim issued, in one store transaction.
+4. for an agent or lb node, in one hop to the pool: check the CSR, read the claim (an issued one
+   answers its own key again and refuses any other), sign in memory, and record in one store
+   transaction that *creates* the :class:`EnrollmentClaim` already issued, with the node record.
+   Of two racing attempts the create-if-absent lets exactly one commit; the loser's certificate
+   never left the process and is dropped, and nothing of it is stored;
+5. for a master, whose own CA is created before its certificate is signed, the claim is created
+   first (create-if-absent) and marked issued in the recording transaction; if anything fails
+   after the claim the claim (and a CA made for it) is removed again.
 
-If anything fails after step 4 the claim (and a master CA made for it) is removed again, so a
-corrected retry can succeed and nothing stays issued or stored.
+So a refusal stores and issues nothing, and a crash at any point leaves either nothing or an
+issued claim that its key can ask for again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from attrs import evolve, frozen
 from cryptography import x509
@@ -83,6 +88,16 @@ IN_PROGRESS_RETRY_AFTER = 2
 #: A claim still ``claimed`` this long after it was made belongs to an attempt that died
 #: (daemon killed mid-way); a new attempt may take it over (compare-and-set on its version).
 DEFAULT_STALE_CLAIM = 600.0
+
+
+class EnrollmentTimeline(Protocol):
+    """
+    Where a benchmark learns an enrollment's critical path: each step's moments, stamped as
+    they happen (on the reactor or a pool thread) under the request's source address
+    (``bench/timeline.py``).  Without one, nothing is stamped.
+    """
+
+    def stamp(self, source: str | None, event: str) -> None: ...
 
 
 class EnrollmentRefused(Exception):
@@ -157,39 +172,63 @@ class DescribeBatcher:
     call, at most ``max_batch`` ids each.  A fixed window would delay a lone enrollment for
     nothing and still split a busy wave into many calls; this way the batches grow with the
     load, and botocore builds and parses one call per round trip instead of one per window.
+
+    ``max_in_flight`` above 1 lets that many calls be in flight per region: a lookup that
+    arrives during a call goes out at the end of its turn while a call is free (for the bench,
+    which measures what the wait for the call in flight costs; the daemon keeps one).
     """
 
-    def __init__(self, cloud: Blocking[ICloud], clock: IReactorTime, max_batch: int = 100) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+    def __init__(
+        self,
+        cloud: Blocking[ICloud],
+        clock: IReactorTime,
+        max_batch: int = 100,
+        timeline: EnrollmentTimeline | None = None,
+        max_in_flight: int = 1,
+    ) -> None:
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be >= 1")
         self.cloud = cloud
         self.clock = clock
         self.max_batch = max_batch
-        self._waiting: dict[str, dict[str, list[Deferred[InstanceInfo | None]]]] = {}
-        #: Regions with a call in flight, or one due at the end of this turn.
-        self._busy: set[str] = set()
+        self.max_in_flight = max_in_flight
+        self.timeline = timeline
+        #: By region and instance id, each lookup's Deferred and the enrollment's source (for the
+        #: timeline).
+        self._waiting: dict[str, dict[str, list[tuple[Deferred[InstanceInfo | None], str | None]]]] = {}
+        #: By region, the calls in flight or due at the end of this turn.
+        self._busy: dict[str, int] = {}
         #: How many DescribeInstances calls were made (for tests and the benchmark).
         self.calls = 0
 
-    def describe(self, region: str, instance_id: str) -> Deferred[InstanceInfo | None]:
+    def describe(
+        self, region: str, instance_id: str, source: str | None = None
+    ) -> Deferred[InstanceInfo | None]:
         d: Deferred[InstanceInfo | None] = Deferred()
-        self._waiting.setdefault(region, {}).setdefault(instance_id, []).append(d)
-        if region not in self._busy:
-            self._busy.add(region)
+        self._waiting.setdefault(region, {}).setdefault(instance_id, []).append((d, source))
+        if self._busy.get(region, 0) < self.max_in_flight:
+            self._busy[region] = self._busy.get(region, 0) + 1
             self.clock.callLater(0, self._ask, region)
         return d
 
     def _ask(self, region: str) -> None:
         waiting = self._waiting.get(region, {})
         if not waiting:
-            self._busy.discard(region)
-            self._waiting.pop(region, None)
+            # This call's turn ends; the region is free once none is in flight.
+            self._busy[region] -= 1
+            if not self._busy[region]:
+                del self._busy[region]
+                self._waiting.pop(region, None)
             return
         # The oldest lookups first (dicts keep their insertion order).
         batch = {i: waiting.pop(i) for i in list(waiting)[: self.max_batch]}
         self.calls += 1
+        describe: Callable[..., dict[str, InstanceInfo]] = self.cloud.target.describe_instances
+        if self.timeline is not None:
+            sources = [source for waiters in batch.values() for _, source in waiters]
+            describe = _stamped(self.timeline, describe, sources)
         try:
-            asked = self.cloud.call(self.cloud.target.describe_instances, region, sorted(batch))
+            asked = self.cloud.call(describe, region, sorted(batch))
         except Exception:
             asked = fail()
 
@@ -197,16 +236,34 @@ class DescribeBatcher:
             # The next batch goes out before these waiters go on, so none of them waits for it.
             self._ask(region)
             for instance_id, waiters in batch.items():
-                for waiter in waiters:
+                for waiter, _ in waiters:
                     waiter.callback(found.get(instance_id))
 
         def failed(failure: Failure) -> None:
             self._ask(region)
             for waiters in batch.values():
-                for waiter in waiters:
+                for waiter, _ in waiters:
                     waiter.errback(failure)
 
         asked.addCallbacks(answered, failed)
+
+def _stamped(
+    timeline: EnrollmentTimeline, describe: Callable[..., dict[str, InstanceInfo]], sources: list[str | None]
+) -> Callable[..., dict[str, InstanceInfo]]:
+    """``describe``, its moments stamped on ``timeline`` for each of the batch's enrollments."""
+    for source in sources:
+        timeline.stamp(source, "describe: call sent to the pool")
+
+    def run(region: str, ids: list[str]) -> dict[str, InstanceInfo]:
+        for source in sources:
+            timeline.stamp(source, "describe: call started on a thread")
+        try:
+            return describe(region, ids)
+        finally:
+            for source in sources:
+                timeline.stamp(source, "describe: AWS answered")
+
+    return run
 
 
 @frozen
@@ -242,8 +299,11 @@ class Enrollment:
         choose: Callable[[Sequence[str]], str] | None = None,
         on_master: Callable[[], object] = lambda: None,
         front_ports: FrontPorts | None = None,
+        timeline: EnrollmentTimeline | None = None,
+        describe_in_flight: int = 1,
     ) -> None:
         self.policy = policy
+        self.timeline = timeline
         self.trust = trust
         self.records = records
         self.authority = authority
@@ -251,7 +311,7 @@ class Enrollment:
         self.allowed_keys = frozenset(allowed_keys)
         self.retry_after = retry_after
         self.stale_claim = stale_claim
-        self.batcher = DescribeBatcher(cloud, clock)
+        self.batcher = DescribeBatcher(cloud, clock, timeline=timeline, max_in_flight=describe_in_flight)
         self.front_ports = front_ports or FrontPorts()
         # Least-recently-used spread over masters; ties broken at random unless a test chooses.
         self._choose = choose or random.choice
@@ -259,8 +319,10 @@ class Enrollment:
         self.on_master = on_master
         self._last_used: dict[str, int] = {}
         self._uses = 0
-        # Claims this daemon is working on (reactor thread only), with the key they are for.
+        # Claims this daemon is working on, with the key they are for, and the lock that guards
+        # them and the spread over masters (both are used on the pool's threads).
         self._in_flight: dict[str, str] = {}
+        self._lock = threading.Lock()
         #: Enrollments answered with a certificate, by role, and refusals by code, since the
         #: start (the metrics endpoint reads these; the API adds the refusals of its own).
         self.enrolled: Counter[str] = Counter()
@@ -296,6 +358,33 @@ class Enrollment:
         self.enrolled[request.role] += 1
         return issued
 
+    def _hop(
+        self, on: Blocking[Any], step: str, source: str | None, f: Callable[..., Any],
+        *args: Any, **kwargs: Any,
+    ) -> Deferred[Any]:
+        """``on.call(f, *args)``, its moments stamped on the timeline when there is one."""
+        timeline = self.timeline
+        if timeline is None:
+            return on.call(f, *args, **kwargs)
+        timeline.stamp(source, f"{step}: sent to the pool")
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            timeline.stamp(source, f"{step}: started on a thread")
+            try:
+                return f(*args, **kwargs)
+            finally:
+                timeline.stamp(source, f"{step}: ended")
+
+        def back(result: Any) -> Any:
+            timeline.stamp(source, f"{step}: back on the reactor")
+            return result
+
+        return on.call(run, *args, **kwargs).addBoth(back)
+
+    def _stamp(self, source: str | None, event: str) -> None:
+        if self.timeline is not None:
+            self.timeline.stamp(source, event)
+
     def _unavailable(self, code: str, message: str) -> EnrollmentRefused:
         return EnrollmentRefused(503, code, f"{message}; try again later", retry_after=self.retry_after)
 
@@ -310,55 +399,35 @@ class Enrollment:
     async def _admit_and_issue(self, request: EnrollmentRequest, source: str | None) -> IssuedEnrollment:
         if request.role not in ROLES:
             raise EnrollmentRefused(400, "unknown-role", f"role must be one of {', '.join(ROLES)}")
-        identity = await self._verify(request)
+        identity = await self._verify(request, source)
         early = precheck(identity, self.clock.seconds(), self.policy)
         if early is not None:
             raise EnrollmentRefused.of(early)
-        instance = await self.batcher.describe(identity.region, identity.instance_id)
+        self._stamp(source, "describe: asked")
+        instance = await self.batcher.describe(identity.region, identity.instance_id, source)
+        self._stamp(source, "describe: back on the reactor")
         decision = decide(
             request.role, identity, instance, source=source, now=self.clock.seconds(), policy=self.policy
         )
         if isinstance(decision, Refuse):
             raise EnrollmentRefused.of(decision)
-        csr: x509.CertificateSigningRequest = await self.authority.call(
-            self._check_csr, decision, request.csr
-        )
-        key_id = public_key_id(csr)
-        claim_key = f"{decision.instance_id}/{decision.role}"
-        if claim_key in self._in_flight:
-            # This daemon is signing for that claim right now: the same key is told to come back
-            # (it then resumes, or gets the certificate), another key is refused as ever.
-            if self._in_flight[claim_key] == key_id:
-                raise self._in_progress(decision)
-            raise _already_enrolled(decision)
-        self._in_flight[claim_key] = key_id
-        try:
-            # One hop to the store: the claim, and for an agent the healthy masters it may be
-            # issued by (read only once the claim is made; an agent answered again needs none).
-            claimed, masters = await self.records.call(self._claim_with_masters, decision, key_id)
-            if isinstance(claimed, EnrollmentClaim):
-                again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
-                log.info(
-                    "answered {certname} as {role} again with its certificate (same key): "
-                    "instance {instance_id}",
-                    certname=decision.certname, role=decision.role, instance_id=decision.instance_id,
-                )
-                return again
-            claim = claimed
-            # Chosen only now: an instance answered again above needs no healthy master.  Until
-            # chosen, the undo below needs only a master's own CA name (agents have none to undo).
-            issuer = decision.certname
-            try:
-                issuer = self._issuer_for(decision, masters)
-                outcome: _Outcome = await self.authority.call(
-                    self._issue, decision, csr, key_id, issuer, claim
-                )
-            except BaseException:
-                failure = Failure()
-                await self._compensate(decision, claim, issuer)
-                failure.raiseException()
-        finally:
-            self._in_flight.pop(claim_key, None)
+        made: _Outcome | IssuedEnrollment
+        if decision.role == "master":
+            made = await self._claim_then_issue(request, decision, source)
+        else:
+            # One hop and one durable write: the CSR check, the claim's reads, signing and the
+            # transaction that creates the claim already issued with the record.
+            made = await self._hop(
+                self.records, "sign and record", source, self._sign_and_record, decision, request.csr, source
+            )
+        if isinstance(made, IssuedEnrollment):
+            log.info(
+                "answered {certname} as {role} again with its certificate (same key): "
+                "instance {instance_id}",
+                certname=decision.certname, role=decision.role, instance_id=decision.instance_id,
+            )
+            return made
+        outcome = made
         log.info(
             "enrolled {certname} as {role}: instance {instance_id}, account {account}, {region}, "
             "issued by {issuer}, serial {serial:x}",
@@ -380,26 +449,79 @@ class Enrollment:
             )
         return outcome.issued
 
-    async def _verify(self, request: EnrollmentRequest) -> IdentityDocument:
+    async def _claim_then_issue(
+        self, request: EnrollmentRequest, decision: Admit, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        """
+        A master's enrollment: the claim is made (a durable write) before its CA is created and
+        its certificate signed, and removed again with that CA when a later step fails.
+        """
+        csr: x509.CertificateSigningRequest = await self._hop(
+            self.authority, "CSR check", source, self._check_csr, decision, request.csr
+        )
+        key_id = public_key_id(csr)
+        claim_key = f"{decision.instance_id}/{decision.role}"
+        self._enter_flight(decision, key_id)
         try:
-            identity: IdentityDocument = await self.authority.call(
-                verify_identity, request.document, request.signature, self.trust
+            claimed = await self._hop(self.records, "claim", source, self._claim, decision, key_id, source)
+            if isinstance(claimed, EnrollmentClaim):
+                again: IssuedEnrollment = await self.authority.call(self._answer_again, decision, claimed)
+                return again
+            claim: int = claimed
+            # A master is signed by its own CA, made for it once the claim is held.
+            issuer = decision.certname
+            try:
+                outcome: _Outcome = await self._hop(
+                    self.authority, "sign and record", source, self._issue, decision, csr, key_id, issuer,
+                    claim, origin=source,
+                )
+            except BaseException:
+                failure = Failure()
+                await self._compensate(decision, claim, issuer)
+                failure.raiseException()
+        finally:
+            self._leave_flight(claim_key)
+        return outcome
+
+    def _enter_flight(self, admit: Admit, key_id: str) -> None:
+        """
+        Mark the claim as being worked on by this daemon (from any thread).  If it already is, the
+        same key is told to come back (it then resumes, or gets the certificate), another key is
+        refused as ever.
+        """
+        claim_key = f"{admit.instance_id}/{admit.role}"
+        with self._lock:
+            working = self._in_flight.get(claim_key)
+            if working is None:
+                self._in_flight[claim_key] = key_id
+                return
+        if working == key_id:
+            raise self._in_progress(admit)
+        raise _already_enrolled(admit)
+
+    def _leave_flight(self, claim_key: str) -> None:
+        with self._lock:
+            self._in_flight.pop(claim_key, None)
+
+    async def _verify(self, request: EnrollmentRequest, source: str | None) -> IdentityDocument:
+        try:
+            identity: IdentityDocument = await self._hop(
+                self.authority, "identity", source, verify_identity, request.document, request.signature,
+                self.trust,
             )
         except IdentityRefused as e:
             raise EnrollmentRefused(403, f"identity-{e.code}", e.message) from None
         return identity
 
-    def _issuer_for(self, admit: Admit, masters: list[str] | Exception | None) -> str:
+    def _issuer_for(self, admit: Admit, masters: list[str] | None) -> str:
         """
-        The CA that signs: a healthy master's for agents (``masters``, read with the claim, or
-        the error that read met), a new one for masters, the lb CA for lb.
+        The CA that signs: a healthy master's for agents (``masters``), a new one for masters,
+        the lb CA for lb.
         """
         if admit.role == "master":
             return admit.certname
         if admit.role == "lb":
             return LB_CA
-        if isinstance(masters, Exception):
-            raise masters
         if not masters:
             raise EnrollmentRefused(
                 503, "no-master", "no healthy master is registered yet; try again later",
@@ -408,31 +530,16 @@ class Enrollment:
         return self._spread(masters)
 
     def _spread(self, cas: Sequence[str]) -> str:
-        oldest = min(self._last_used.get(ca, 0) for ca in cas)
-        chosen = self._choose(sorted(ca for ca in cas if self._last_used.get(ca, 0) == oldest))
-        self._uses += 1
-        self._last_used[chosen] = self._uses
-        return chosen
+        with self._lock:
+            oldest = min(self._last_used.get(ca, 0) for ca in cas)
+            chosen = self._choose(sorted(ca for ca in cas if self._last_used.get(ca, 0) == oldest))
+            self._uses += 1
+            self._last_used[chosen] = self._uses
+            return chosen
 
     # -- blocking steps (on the pool)
 
-    def _claim_with_masters(
-        self, admit: Admit, key_id: str
-    ) -> tuple[int | EnrollmentClaim, list[str] | Exception | None]:
-        """
-        :meth:`_claim`, then for a new agent claim the healthy masters' CAs.  Once the claim is
-        made, a failure to read them is returned rather than raised, so that the caller still
-        learns the claim's version and removes it again.
-        """
-        claimed = self._claim(admit, key_id)
-        if isinstance(claimed, EnrollmentClaim) or admit.role != "agent":
-            return claimed, None
-        try:
-            return claimed, _healthy_master_cas(self.records.target)
-        except Exception as e:
-            return claimed, e
-
-    def _claim(self, admit: Admit, key_id: str) -> int | EnrollmentClaim:
+    def _claim(self, admit: Admit, key_id: str, source: str | None = None) -> int | EnrollmentClaim:
         """
         Create the claim for the key ``key_id``; returns its version, or the claim already issued
         to that key (to answer again).  A claim left ``claimed`` with the same key (its attempt
@@ -454,9 +561,12 @@ class Enrollment:
             public_key=key_id,
         )
         try:
+            self._stamp(source, "claim: write begins")
             return records.create(claim).version
         except AlreadyExists:
             pass
+        finally:
+            self._stamp(source, "claim: write committed")
         existing = records.get(EnrollmentClaim, claim.key())
         if existing is None:
             raise _already_enrolled(admit)  # reset meanwhile: the client may simply ask again
@@ -477,6 +587,115 @@ class Enrollment:
                 )
                 return version
         raise _already_enrolled(admit)
+
+    def _sign_and_record(
+        self, admit: Admit, csr_pem: bytes, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        """
+        An agent's or lb node's enrollment in one hop with one durable write: check the CSR,
+        read the claim (answering again from an issued one), sign in memory, and create the claim
+        already issued together with the record in one transaction.  Of two racing attempts the
+        transaction lets one win; the loser's certificate never leaves this process.
+        """
+        csr = self._check_csr(admit, csr_pem)
+        key_id = public_key_id(csr)
+        self._enter_flight(admit, key_id)
+        try:
+            return self._signed_then_recorded(admit, csr, key_id, source)
+        finally:
+            self._leave_flight(f"{admit.instance_id}/{admit.role}")
+
+    def _signed_then_recorded(
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, source: str | None
+    ) -> _Outcome | IssuedEnrollment:
+        records = self.records.target
+        authority = self.authority.target
+        now = self.clock.seconds()
+        taken = self._claim_to_take(admit, key_id, now)
+        if isinstance(taken, EnrollmentClaim):
+            return self._answer_again(admit, taken)
+        self._check_known_node(records, admit)
+        issuer = self._issuer_for(admit, _healthy_master_cas(records) if admit.role == "agent" else None)
+        # Made by the first enrollment of any kind (once; racing daemons agree): an agent's issuing
+        # master enrolled before it, so only a first lb node can find it missing.
+        authority.ensure_ca(LB_CA)
+        cert = authority.issue(
+            issuer,
+            csr,
+            common_name=admit.certname,
+            sans=admit.sans,
+            usage=admit.usage,
+            extensions=[puppet_extension(PP_INSTANCE_ID, admit.instance_id)],
+        )
+        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        # Everything the answer needs is read before the transaction, so that once the node is
+        # recorded nothing can fail and leave an issued enrollment its client never received.
+        issued = self._answer(records, admit, issuer, certificate_pem)
+        writes = self._record_writes(
+            records, admit, cert=cert, certificate_pem=certificate_pem, issuer=issuer,
+            key_id=key_id, claim_version=taken, now=now,
+        )
+        try:
+            self._stamp(source, "record: write begins")
+            records.store.transact(writes)
+        except TransactionConflict as e:
+            # Lost a race: the certificate signed above is dropped; it never left this process.
+            log.info(
+                "dropped the certificate signed for {certname}, serial {serial:x}: its enrollment "
+                "changed while it was being signed",
+                certname=admit.certname, serial=cert.serial_number,
+            )
+            return self._after_lost_race(admit, key_id, e)
+        finally:
+            self._stamp(source, "record: write committed")
+        if taken is not None:
+            # A claim left ``claimed`` by an attempt that died, or by a daemon that claims first.
+            log.warn("took over the unfinished enrollment claim {claim}",
+                     claim=f"{admit.instance_id}/{admit.role}")
+        return _Outcome(issued, cert.serial_number, issuer)
+
+    def _claim_to_take(self, admit: Admit, key_id: str, now: float) -> int | EnrollmentClaim | None:
+        """
+        What the recording transaction does with the claim: ``None`` to create it, the version of
+        an unfinished claim to take over (same key at once, another key once stale), or the claim
+        already issued to this key (to answer again).  ``EnrollmentRefused`` 409 otherwise.
+        """
+        records = self.records.target
+        # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
+        held = [] if self.policy.allow_second_role else [
+            role for role in ROLES
+            if role != admit.role and records.get(EnrollmentClaim, f"{admit.instance_id}/{role}") is not None
+        ]
+        conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
+        if conflict is not None:
+            raise EnrollmentRefused.of(conflict)
+        existing = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+        if existing is None:
+            return None
+        same_key = existing.record.public_key == key_id
+        if existing.record.state == "issued":
+            if same_key and existing.record.certificate_pem:
+                return existing.record
+            raise _already_enrolled(admit)
+        if same_key or now - existing.record.claimed_at > self.stale_claim:
+            return existing.version
+        raise _already_enrolled(admit)
+
+    def _after_lost_race(self, admit: Admit, key_id: str, conflict: TransactionConflict) -> IssuedEnrollment:
+        """The answer when the recording transaction was refused: the winner's, if it is this key's."""
+        records = self.records.target
+        claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+        if claim is None or claim.record.public_key != key_id:
+            if claim is not None:
+                raise _already_enrolled(admit) from conflict
+            raise EnrollmentRefused(
+                409, "already-enrolled",
+                f"the enrollment of {admit.certname} changed while it was being signed",
+            ) from conflict
+        if claim.record.state == "issued" and claim.record.certificate_pem:
+            # The same key won elsewhere (another daemon, a retry): its certificate is the answer.
+            return self._answer_again(admit, claim.record)
+        raise self._in_progress(admit) from conflict
 
     def _check_csr(self, admit: Admit, csr_pem: bytes) -> x509.CertificateSigningRequest:
         try:
@@ -533,10 +752,12 @@ class Enrollment:
         )
 
     def _issue(
-        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, claim_version: int
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, claim_version: int,
+        *, origin: str | None = None,
     ) -> _Outcome:
         authority = self.authority.target
         records = self.records.target
+        self._check_known_node(records, admit)
         # Made by the first enrollment of any kind (once; racing daemons agree), so that every
         # crl_chain below holds its CRL: agents check it on the lb node's chain, masters trust it.
         authority.ensure_ca(LB_CA)
@@ -561,6 +782,7 @@ class Enrollment:
             key_id=key_id, claim_version=claim_version, now=now,
         )
         try:
+            self._stamp(origin, "record: write begins")
             records.store.transact(writes)
         except TransactionConflict as e:
             claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
@@ -571,6 +793,8 @@ class Enrollment:
                 409, "already-enrolled",
                 f"the enrollment of {admit.certname} changed while it was being signed",
             ) from e
+        finally:
+            self._stamp(origin, "record: write committed")
         return _Outcome(issued, cert.serial_number, issuer)
 
     def _first_run_server(self, records: Records, issuer: str) -> str:
@@ -600,7 +824,7 @@ class Enrollment:
         certificate_pem: str,
         issuer: str,
         key_id: str,
-        claim_version: int,
+        claim_version: int | None,
         now: float,
     ) -> list[Write]:
         claim = EnrollmentClaim(
@@ -646,10 +870,14 @@ class Enrollment:
             if known_node is None
             else Replace(NodeRecord.KIND, node.key(), node.to_value(), known_node.version)
         )
-        writes: list[Write] = [
-            Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version),
-            node_write,
-        ]
+        # A claim made in this transaction (``claim_version`` None) is created already issued: of
+        # two racing attempts the store lets one create it.
+        claim_write: Write = (
+            Create(EnrollmentClaim.KIND, claim.key(), claim.to_value())
+            if claim_version is None
+            else Replace(EnrollmentClaim.KIND, claim.key(), claim.to_value(), claim_version)
+        )
+        writes: list[Write] = [claim_write, node_write]
         if admit.role == "master":
             # A master enrolling again keeps its place in the registration order, and with it
             # its port on the front and every other master's.
@@ -668,6 +896,16 @@ class Enrollment:
                                 drain_token=known.record.drain_token, drained_at=known.record.drained_at)
             writes.append(_upsert(records, master, same_owner=lambda old: True))
         return writes
+
+    def _check_known_node(self, records: Records, admit: Admit) -> None:
+        """
+        Refuse before anything is signed or made what the recording transaction would refuse of
+        the node already recorded under the certname (another instance's, revoked, another role);
+        the transaction checks that record again at the version it reads.
+        """
+        known = records.get(NodeRecord, admit.certname)
+        if known is not None:
+            self._history(admit, known.record)
 
     def _history(self, admit: Admit, known: NodeRecord) -> tuple[IssuedCertificate, ...]:
         """The certificates the identity already holds, or a refusal to add one more."""

@@ -129,8 +129,9 @@ class RevokedRecord(Record):
 @frozen
 class EnrollmentClaim(Record):
     """
-    Written with create-if-absent before anything is signed: one enrollment per instance and
-    role, and per key (the holder of the key it names may ask again).
+    Written with create-if-absent before any certificate leaves the daemon (an agent's or lb
+    node's already issued, in the transaction that records it; a master's before it is signed):
+    one enrollment per instance and role, and per key (the holder of the key it names may ask again).
     """
 
     KIND: ClassVar[str] = "claim"
