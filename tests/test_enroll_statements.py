@@ -47,17 +47,17 @@ def counted(enroll_aws: AWS, aws_signer: Any, tmp_path: Path) -> Iterator[tuple[
     world.store.close()
 
 
-def test_a_new_agent_costs_the_store_eighteen_statements(counted: tuple[World, list[str]]) -> None:
+def test_a_new_agent_costs_the_store_seventeen_statements(counted: tuple[World, list[str]]) -> None:
     world, statements = counted
     assert world.enroll(world.launch()).status == 200
     listing = "\n".join(statements)
-    # Two reads of claims, the claim, the healthy masters (the change counters of masters and
-    # CAs, the master's node record), the change counters read by the five uses of
-    # CAs, CRLs and masters, the node record read for the upsert, and the recording transaction.
-    assert len(statements) <= 18, listing
+    # The claims of its roles, the healthy masters (the change counters of masters and CAs, the
+    # master's node record), the change counters read by the five uses of CAs, CRLs and
+    # masters, the node record read for the upsert, and the one recording transaction.
+    assert len(statements) <= 17, listing
     writes = [s for s in statements if s.split()[0] in {"INSERT", "UPDATE", "DELETE"}]
-    assert len(writes) == 3, listing  # the claim, then the claim issued and the node record
+    assert len(writes) == 2, listing  # the claim, created issued, and the node record
     # A transaction alone needs no savepoint, its conditions are checked by its writes, and the
     # busy timeout is not set again while it stands.
     assert not [s for s in statements if s.startswith(("SAVEPOINT", "RELEASE", "PRAGMA"))], listing
-    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 2, listing
+    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 1, listing
