@@ -310,8 +310,69 @@ def test_a_cold_node_is_forgotten(clock, records, fleet, cloud) -> None:
     clock.pump([TTL / 4] * 40)
     assert len(c.instances) == 0
     assert len(c.nodes) == 0
+    assert len(c.read_nodes) == 0  # nor is its parsed record kept
     assert c.instances.fetches - fetches <= 4  # refreshed while hot, then left alone
     c.stop()
+
+
+# -- parsing once per stored value ------------------------------------------------------------
+
+
+def test_a_record_read_again_unchanged_is_not_parsed_again(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    c.start()
+    document(c.classify("web1.example.com"))
+    nodes, scopes = c.read_nodes.parsed, c.read_scopes.parsed
+    fetches = c.nodes.fetches + c.scopes.fetches
+    clock.pump([0.5] * int(STORE_TTL * 4))
+    assert document(c.classify("web1.example.com"))["classes"] == {"ntp": {}}
+    assert c.nodes.fetches + c.scopes.fetches > fetches  # read again in the background...
+    assert (c.read_nodes.parsed, c.read_scopes.parsed) == (nodes, scopes)  # ...not parsed again
+    c.stop()
+
+
+def test_a_changed_record_is_parsed_again(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(Classification, "default")
+    assert found is not None
+    records.replace(Classification("default", {"ssh": {}}), found.version)
+    clock.advance(STORE_TTL)
+    assert document(c.classify("web1.example.com"))["classes"] == {"ssh": {}}
+
+
+def test_a_node_removed_and_enrolled_again_revoked_is_refused(clock, records, fleet, cloud,
+                                                              store) -> None:
+    # The attacker's case for parsing once per version: delete and create start an item again at
+    # version 1, so a version alone would keep giving the record from before, not revoked.
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    store.delete("node", "web1.example.com")
+    records.create(evolve(found.record, revoked_at=1.0))
+    again = records.get(NodeRecord, "web1.example.com")
+    assert again is not None
+    assert again.version == found.version  # the same version, another value
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "revoked"
+
+
+def test_a_classification_made_invalid_under_the_same_version_is_refused(
+        clock, records, fleet, cloud, store) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("sg:web", {"apache": {}}))
+    c = classifier(clock, records, cloud)
+    assert document(c.classify("web1.example.com"))["classes"] == {"apache": {}}
+    store.delete("class", "sg:web")
+    store.create("class", "sg:web", {"scope": "sg:web", "classes": {"Bad-Name": {}}})
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "invalid-classification"
 
 
 def test_misses_are_batched_and_never_fetched_twice(clock) -> None:
