@@ -363,6 +363,42 @@ def test_a_node_removed_and_enrolled_again_revoked_is_refused(clock, records, fl
     assert refusal(c.classify("web1.example.com")).code == "revoked"
 
 
+def test_an_unchanged_node_gets_its_answer_made_once(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    c.start()
+    first = answer(c.classify("web1.example.com"))
+    clock.pump([0.5] * int(STORE_TTL * 4))  # the store read again, AWS not yet
+    assert answer(c.classify("web1.example.com")) is first
+    clock.pump([1.0] * int(TTL + 1))  # AWS read again: equal, not the same object
+    assert answer(c.classify("web1.example.com")) is first
+    c.stop()
+
+
+def test_an_answer_is_made_again_when_the_instance_tags_change(clock, records, fleet, cloud) -> None:
+    instance_id = enroll(records, fleet, "web1.example.com", tags={"role": "web"})
+    records.create(Classification("tag:role=web", {"apache": {}}))
+    records.create(Classification("tag:role=db", {"mysql": {}}))
+    c = classifier(clock, records, cloud)
+    assert document(c.classify("web1.example.com"))["classes"] == {"apache": {}}
+    fleet.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "role", "Value": "db"}])
+    clock.advance(TTL)
+    assert document(c.classify("web1.example.com"))["classes"] == {"mysql": {}}
+
+
+def test_a_node_moved_to_another_instance_is_refused_despite_its_held_answer(
+        clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    records.replace(evolve(found.record, instance_id="i-0fffffffffffffff0"), found.version)
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "not-running"
+
+
 def test_a_classification_made_invalid_under_the_same_version_is_refused(
         clock, records, fleet, cloud, store) -> None:
     enroll(records, fleet, "web1.example.com")

@@ -379,6 +379,7 @@ class Classifier:
             ttl=ttl, hot_window=hot, forget_after=hot, max_batch=1000, max_in_flight=2,
             serve_stale=stale_limit)
         self._last_good: dict[str, _LastGood] = {}
+        self._made: dict[str, _Made] = {}
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
         self._refresh_interval = max(min(ttl, store_ttl) / 4, 0.05)
@@ -396,6 +397,9 @@ class Classifier:
         for read, cache in ((self.read_nodes, self.nodes), (self.read_scopes, self.scopes)):
             if len(read) > len(cache):  # the cache forgot some: so does the reader
                 read.forget(cache.__contains__)
+        if len(self._made) > len(self.nodes):
+            for name in [n for n in self._made if n not in self.nodes]:
+                del self._made[name]
         now = self._clock.seconds()
         for name in [n for n, g in self._last_good.items() if now - g.at > self.stale_limit]:
             del self._last_good[name]
@@ -465,16 +469,42 @@ class Classifier:
         node = _check_node(certname, (await self.nodes.get_many([certname]))[certname])
         key = (node.region, node.instance_id)
         info = _check_instance(certname, node, (await self.instances.get_many([key]))[key])
-        facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
-                          info.security_groups, info.tags)
-        found = await self.scopes.get_many(scopes_for(facts))
+        made = self._made.get(certname)
+        if made is None or made.node is not node or not (made.info is info or made.info == info):
+            facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
+                              info.security_groups, info.tags)
+            made = _Made(node, info, tuple(scopes_for(facts)), facts)
+        found = await self.scopes.get_many(made.scopes)
         stored: dict[str, Classification] = {}
         for scope, c in found.items():
             if isinstance(c, InvalidClassification):
                 raise Refused("invalid-classification", f"stored {scope} is invalid: {c.reason}")
             if c is not None:
                 stored[scope] = c
-        return node, to_enc_yaml(merge(facts, stored))
+        if made.answer is not None and made.made_from(stored):
+            return node, made.answer
+        # The merge and its YAML are a function of the facts and the classifications, each held
+        # once per stored value by the readers: the same objects make the same answer.
+        answer = to_enc_yaml(merge(made.facts, stored))
+        self._made[certname] = _Made(made.node, made.info, made.scopes, made.facts, stored, answer)
+        return node, answer
+
+
+@define
+class _Made:
+    """A node's last answer with the inputs it was made from (the answer is ``None`` until made)."""
+
+    node: NodeRecord
+    info: InstanceInfo
+    scopes: tuple[str, ...]
+    facts: NodeFacts
+    stored: dict[str, Classification] | None = None
+    answer: str | None = None
+
+    def made_from(self, stored: dict[str, Classification]) -> bool:
+        held = self.stored
+        return (held is not None and len(held) == len(stored)
+                and all(held.get(scope) is c for scope, c in stored.items()))
 
 
 class _Slow(Exception):
