@@ -27,8 +27,10 @@ from puppetha.enc.service import (
     Classifier,
     ENCFactory,
     ENCProtocol,
+    ReadOnce,
     Refused,
     SocketInUse,
+    _parse_node,
     prepare_socket,
     secure_socket,
 )
@@ -331,6 +333,29 @@ def test_a_record_read_again_unchanged_is_not_parsed_again(clock, records, fleet
     assert c.nodes.fetches + c.scopes.fetches > fetches  # read again in the background...
     assert (c.read_nodes.parsed, c.read_scopes.parsed) == (nodes, scopes)  # ...not parsed again
     c.stop()
+
+
+class OneByOne:
+    """A store that reads one item at a time (no IBatchGet), over the SQLite store."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.gets = 0
+
+    def get(self, kind: str, key: str) -> Any:
+        self.gets += 1
+        return self.store.get(kind, key)
+
+
+def test_a_store_without_batch_reads_is_read_key_by_key(records, fleet, store) -> None:
+    for name in ("web1.example.com", "web2.example.com"):
+        enroll(records, fleet, name)
+    names = ["web1.example.com", "absent.example.com", "web2.example.com"]
+    batched = ReadOnce(NodeRecord.KIND, _parse_node)(records, names)
+    one = OneByOne(store)
+    assert ReadOnce(NodeRecord.KIND, _parse_node)(Records(one), names) == batched  # type: ignore[arg-type]
+    assert sorted(batched) == ["web1.example.com", "web2.example.com"]
+    assert one.gets == 3
 
 
 def test_a_changed_record_is_parsed_again(clock, records, fleet, cloud) -> None:

@@ -52,6 +52,7 @@ from puppetha.enc.classify import (
     to_enc_yaml,
 )
 from puppetha.latency import Latencies
+from puppetha.store import IBatchGet, Item
 from puppetha.store.records import Classification, NodeRecord, Records
 from puppetha.threads import Blocking, Episodes
 
@@ -256,7 +257,8 @@ class ReadOnce(Generic[V]):
     record is kept with the version and the value it was made from, and given again while the
     store holds that same value.  The background refresh reads every hot node record and scope
     every ``store_ttl / 2``; nearly always nothing changed, and parsing and validating was half
-    the cost of each read.  The value is compared, not only the version: an item deleted and
+    the cost of each read.  A store that reads many keys in one round trip (:class:`IBatchGet`)
+    is asked once per batch.  The value is compared, not only the version: an item deleted and
     created again starts again at version 1.  Runs on pool threads: a race between two reads
     of one key only costs a parse.
     """
@@ -273,9 +275,14 @@ class ReadOnce(Generic[V]):
 
     def __call__(self, records: Records, keys: Sequence[str]) -> dict[str, V]:
         out: dict[str, V] = {}
-        get = records.store.get
+        store = records.store
+        found: Mapping[str, Item | None]
+        if IBatchGet.providedBy(store):
+            found = store.get_many(self.kind, keys)
+        else:
+            found = {key: store.get(self.kind, key) for key in keys}
         for key in keys:
-            item = get(self.kind, key)
+            item = found.get(key)
             if item is None:
                 self._held.pop(key, None)
                 continue
