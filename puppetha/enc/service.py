@@ -277,7 +277,7 @@ class ReadOnce(Generic[V]):
         out: dict[str, V] = {}
         store = records.store
         found: Mapping[str, Item | None]
-        if IBatchGet.providedBy(store):
+        if len(keys) > 1 and IBatchGet.providedBy(store):  # for one key, get is cheaper
             found = store.get_many(self.kind, keys)
         else:
             found = {key: store.get(self.kind, key) for key in keys}
