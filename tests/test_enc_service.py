@@ -424,6 +424,35 @@ def test_a_node_moved_to_another_instance_is_refused_despite_its_held_answer(
     assert refusal(c.classify("web1.example.com")).code == "not-running"
 
 
+@pytest.mark.parametrize("change", ["revoked", "removed"])
+def test_a_node_asking_all_the_time_is_refused_within_the_store_ttl(  # noqa: PLR0917
+        change: str, clock, records, fleet, cloud, store) -> None:
+    # Its record, its parsed record and its answer are all held and refreshed in the background:
+    # none of them may keep answering it past the bound.
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    c.start()
+    for _ in range(20):
+        document(c.classify("web1.example.com"))
+        clock.advance(0.5)
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    if change == "revoked":
+        records.replace(evolve(found.record, revoked_at=1.0), found.version)
+    else:
+        store.delete("node", "web1.example.com")
+    changed_at = clock.seconds()
+    outcomes: list[tuple[float, str]] = []
+    while clock.seconds() < changed_at + 3 * STORE_TTL:
+        result = answer(c.classify("web1.example.com"))
+        outcomes.append((clock.seconds() - changed_at,
+                         result.value.code if isinstance(result, Failure) else "ok"))  # type: ignore[union-attr]
+        clock.advance(0.5)
+    expected = "revoked" if change == "revoked" else "unknown-node"
+    assert all(code == expected for at, code in outcomes if at >= STORE_TTL), outcomes
+    c.stop()
+
+
 def test_a_classification_made_invalid_under_the_same_version_is_refused(
         clock, records, fleet, cloud, store) -> None:
     enroll(records, fleet, "web1.example.com")
