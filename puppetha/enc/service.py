@@ -186,14 +186,20 @@ class BatchedCache(Generic[K, V]):
         return gatherResults(waits, consumeErrors=True).addCallbacks(landed, first_error)
 
     def refresh(self) -> None:
+        # Runs over every entry every ttl / 4: the cheap tests first, the set lookups last.
         now = self._clock.seconds()
-        for key, entry in list(self._entries.items()):
-            if key in self._fetching or key in self._queue:
-                continue
-            if now - entry.requested_at > self._forget_after:
-                del self._entries[key]
-            elif now - entry.requested_at <= self._hot_window and now - entry.fetched_at >= self.ttl / 2:
-                self._queue[key] = None
+        forget_after, hot_window, half_ttl = self._forget_after, self._hot_window, self.ttl / 2
+        busy, queue = self._fetching, self._queue
+        forgotten = []
+        for key, entry in self._entries.items():
+            asked = now - entry.requested_at
+            if asked > forget_after:
+                if key not in busy and key not in queue:
+                    forgotten.append(key)
+            elif asked <= hot_window and now - entry.fetched_at >= half_ttl and key not in busy:
+                queue[key] = None
+        for key in forgotten:
+            del self._entries[key]
         self._pump()
 
     def _wait(self, key: K) -> Deferred[V | None]:
