@@ -27,8 +27,10 @@ from puppetha.enc.service import (
     Classifier,
     ENCFactory,
     ENCProtocol,
+    ReadOnce,
     Refused,
     SocketInUse,
+    _parse_node,
     prepare_socket,
     secure_socket,
 )
@@ -310,8 +312,157 @@ def test_a_cold_node_is_forgotten(clock, records, fleet, cloud) -> None:
     clock.pump([TTL / 4] * 40)
     assert len(c.instances) == 0
     assert len(c.nodes) == 0
+    assert len(c.read_nodes) == 0  # nor is its parsed record kept
     assert c.instances.fetches - fetches <= 4  # refreshed while hot, then left alone
     c.stop()
+
+
+# -- parsing once per stored value ------------------------------------------------------------
+
+
+def test_a_record_read_again_unchanged_is_not_parsed_again(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    c.start()
+    document(c.classify("web1.example.com"))
+    nodes, scopes = c.read_nodes.parsed, c.read_scopes.parsed
+    fetches = c.nodes.fetches + c.scopes.fetches
+    clock.pump([0.5] * int(STORE_TTL * 4))
+    assert document(c.classify("web1.example.com"))["classes"] == {"ntp": {}}
+    assert c.nodes.fetches + c.scopes.fetches > fetches  # read again in the background...
+    assert (c.read_nodes.parsed, c.read_scopes.parsed) == (nodes, scopes)  # ...not parsed again
+    c.stop()
+
+
+class OneByOne:
+    """A store that reads one item at a time (no IBatchGet), over the SQLite store."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.gets = 0
+
+    def get(self, kind: str, key: str) -> Any:
+        self.gets += 1
+        return self.store.get(kind, key)
+
+
+def test_a_store_without_batch_reads_is_read_key_by_key(records, fleet, store) -> None:
+    for name in ("web1.example.com", "web2.example.com"):
+        enroll(records, fleet, name)
+    names = ["web1.example.com", "absent.example.com", "web2.example.com"]
+    batched = ReadOnce(NodeRecord.KIND, _parse_node)(records, names)
+    one = OneByOne(store)
+    assert ReadOnce(NodeRecord.KIND, _parse_node)(Records(one), names) == batched  # type: ignore[arg-type]
+    assert sorted(batched) == ["web1.example.com", "web2.example.com"]
+    assert one.gets == 3
+
+
+def test_a_changed_record_is_parsed_again(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(Classification, "default")
+    assert found is not None
+    records.replace(Classification("default", {"ssh": {}}), found.version)
+    clock.advance(STORE_TTL)
+    assert document(c.classify("web1.example.com"))["classes"] == {"ssh": {}}
+
+
+def test_a_node_removed_and_enrolled_again_revoked_is_refused(clock, records, fleet, cloud,
+                                                              store) -> None:
+    # The attacker's case for parsing once per version: delete and create start an item again at
+    # version 1, so a version alone would keep giving the record from before, not revoked.
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    store.delete("node", "web1.example.com")
+    records.create(evolve(found.record, revoked_at=1.0))
+    again = records.get(NodeRecord, "web1.example.com")
+    assert again is not None
+    assert again.version == found.version  # the same version, another value
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "revoked"
+
+
+def test_an_unchanged_node_gets_its_answer_made_once(clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("default", {"ntp": {}}))
+    c = classifier(clock, records, cloud)
+    c.start()
+    first = answer(c.classify("web1.example.com"))
+    clock.pump([0.5] * int(STORE_TTL * 4))  # the store read again, AWS not yet
+    assert answer(c.classify("web1.example.com")) is first
+    clock.pump([1.0] * int(TTL + 1))  # AWS read again: equal, not the same object
+    assert answer(c.classify("web1.example.com")) is first
+    c.stop()
+
+
+def test_an_answer_is_made_again_when_the_instance_tags_change(clock, records, fleet, cloud) -> None:
+    instance_id = enroll(records, fleet, "web1.example.com", tags={"role": "web"})
+    records.create(Classification("tag:role=web", {"apache": {}}))
+    records.create(Classification("tag:role=db", {"mysql": {}}))
+    c = classifier(clock, records, cloud)
+    assert document(c.classify("web1.example.com"))["classes"] == {"apache": {}}
+    fleet.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "role", "Value": "db"}])
+    clock.advance(TTL)
+    assert document(c.classify("web1.example.com"))["classes"] == {"mysql": {}}
+
+
+def test_a_node_moved_to_another_instance_is_refused_despite_its_held_answer(
+        clock, records, fleet, cloud) -> None:
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    document(c.classify("web1.example.com"))
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    records.replace(evolve(found.record, instance_id="i-0fffffffffffffff0"), found.version)
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "not-running"
+
+
+@pytest.mark.parametrize("change", ["revoked", "removed"])
+def test_a_node_asking_all_the_time_is_refused_within_the_store_ttl(  # noqa: PLR0917
+        change: str, clock, records, fleet, cloud, store) -> None:
+    # Its record, its parsed record and its answer are all held and refreshed in the background:
+    # none of them may keep answering it past the bound.
+    enroll(records, fleet, "web1.example.com")
+    c = classifier(clock, records, cloud)
+    c.start()
+    for _ in range(20):
+        document(c.classify("web1.example.com"))
+        clock.advance(0.5)
+    found = records.get(NodeRecord, "web1.example.com")
+    assert found is not None
+    if change == "revoked":
+        records.replace(evolve(found.record, revoked_at=1.0), found.version)
+    else:
+        store.delete("node", "web1.example.com")
+    changed_at = clock.seconds()
+    outcomes: list[tuple[float, str]] = []
+    while clock.seconds() < changed_at + 3 * STORE_TTL:
+        result = answer(c.classify("web1.example.com"))
+        outcomes.append((clock.seconds() - changed_at,
+                         result.value.code if isinstance(result, Failure) else "ok"))  # type: ignore[union-attr]
+        clock.advance(0.5)
+    expected = "revoked" if change == "revoked" else "unknown-node"
+    assert all(code == expected for at, code in outcomes if at >= STORE_TTL), outcomes
+    c.stop()
+
+
+def test_a_classification_made_invalid_under_the_same_version_is_refused(
+        clock, records, fleet, cloud, store) -> None:
+    enroll(records, fleet, "web1.example.com")
+    records.create(Classification("sg:web", {"apache": {}}))
+    c = classifier(clock, records, cloud)
+    assert document(c.classify("web1.example.com"))["classes"] == {"apache": {}}
+    store.delete("class", "sg:web")
+    store.create("class", "sg:web", {"scope": "sg:web", "classes": {"Bad-Name": {}}})
+    clock.advance(STORE_TTL)
+    assert refusal(c.classify("web1.example.com")).code == "invalid-classification"
 
 
 def test_misses_are_batched_and_never_fetched_twice(clock) -> None:

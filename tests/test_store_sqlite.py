@@ -230,10 +230,31 @@ def test_lookups_use_the_primary_key(path: str, store: SQLiteStore) -> None:
                 "SELECT key, version, value FROM items WHERE kind = ? AND key >= ? AND key < ? ORDER BY key",
                 ("node", "a", "b"),
             ),
+            (
+                "SELECT key, version, value FROM items"
+                " WHERE kind = ? AND key IN (SELECT value FROM json_each(?))",
+                ("node", '["n1", "n2"]'),
+            ),
         ]:
             plan = " ".join(str(row[-1]) for row in other.execute("EXPLAIN QUERY PLAN " + query, args))
             assert "USING INDEX sqlite_autoindex_items_1 (kind=? AND key" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
+
+
+def test_get_many_reads_what_get_reads(store: SQLiteStore) -> None:
+    keys = [f"n{i:04d}" for i in range(1200)]
+    for start in range(0, len(keys), 100):
+        store.transact([Create("node", key, {"i": key}) for key in keys[start : start + 100]])
+    store.replace("node", "n0007", {"i": "again"}, 1)
+    store.create("class", "n0001", {"other": "kind"})
+    wanted = [*keys[::2], "absent", "n0007", "quote'\"] ["]
+    found = store.get_many("node", wanted)
+    assert found == {key: store.get("node", key) for key in wanted if store.get("node", key)}
+    assert len(found) == 601
+    assert found["n0007"].version == 2
+    assert store.get_many("node", []) == {}
+    with pytest.raises(ValueError, match="key"):
+        store.get_many("node", ["n1", ""])
 
 
 # -- connections

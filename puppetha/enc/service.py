@@ -52,6 +52,7 @@ from puppetha.enc.classify import (
     to_enc_yaml,
 )
 from puppetha.latency import Latencies
+from puppetha.store import IBatchGet, Item
 from puppetha.store.records import Classification, NodeRecord, Records
 from puppetha.threads import Blocking, Episodes
 
@@ -127,6 +128,9 @@ class BatchedCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
     def peek(self, key: K) -> tuple[bool, V | None]:
         """``(known, value)``: the last value fetched for ``key``, however old; asks nothing."""
         entry = self._entries.get(key)
@@ -182,14 +186,20 @@ class BatchedCache(Generic[K, V]):
         return gatherResults(waits, consumeErrors=True).addCallbacks(landed, first_error)
 
     def refresh(self) -> None:
+        # Runs over every entry every ttl / 4: the cheap tests first, the set lookups last.
         now = self._clock.seconds()
-        for key, entry in list(self._entries.items()):
-            if key in self._fetching or key in self._queue:
-                continue
-            if now - entry.requested_at > self._forget_after:
-                del self._entries[key]
-            elif now - entry.requested_at <= self._hot_window and now - entry.fetched_at >= self.ttl / 2:
-                self._queue[key] = None
+        forget_after, hot_window, half_ttl = self._forget_after, self._hot_window, self.ttl / 2
+        busy, queue = self._fetching, self._queue
+        forgotten = []
+        for key, entry in self._entries.items():
+            asked = now - entry.requested_at
+            if asked > forget_after:
+                if key not in busy and key not in queue:
+                    forgotten.append(key)
+            elif asked <= hot_window and now - entry.fetched_at >= half_ttl and key not in busy:
+                queue[key] = None
+        for key in forgotten:
+            del self._entries[key]
         self._pump()
 
     def _wait(self, key: K) -> Deferred[V | None]:
@@ -247,26 +257,66 @@ class InvalidClassification:
     reason: str
 
 
-def read_nodes(records: Records, certnames: Sequence[str]) -> dict[str, NodeRecord]:
-    out: dict[str, NodeRecord] = {}
-    for name in certnames:
-        found = records.get(NodeRecord, name)
-        if found is not None:
-            out[name] = found.record
-    return out
+class ReadOnce(Generic[V]):
+    """
+    Reads items of one kind by key, and parses (and checks) each stored value once: the parsed
+    record is kept with the version and the value it was made from, and given again while the
+    store holds that same value.  The background refresh reads every hot node record and scope
+    every ``store_ttl / 2``; nearly always nothing changed, and parsing and validating was half
+    the cost of each read.  A store that reads many keys in one round trip (:class:`IBatchGet`)
+    is asked once per batch.  The value is compared, not only the version: an item deleted and
+    created again starts again at version 1.  Runs on pool threads: a race between two reads
+    of one key only costs a parse.
+    """
+
+    def __init__(self, kind: str, parse: Callable[[str, Mapping[str, Any]], V]) -> None:
+        self.kind = kind
+        self._parse = parse
+        self._held: dict[str, tuple[int, Mapping[str, Any], V]] = {}
+        #: Values parsed (not given again), for tests and the benchmark.
+        self.parsed = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __call__(self, records: Records, keys: Sequence[str]) -> dict[str, V]:
+        out: dict[str, V] = {}
+        store = records.store
+        found: Mapping[str, Item | None]
+        if len(keys) > 1 and IBatchGet.providedBy(store):  # for one key, get is cheaper
+            found = store.get_many(self.kind, keys)
+        else:
+            found = {key: store.get(self.kind, key) for key in keys}
+        for key in keys:
+            item = found.get(key)
+            if item is None:
+                self._held.pop(key, None)
+                continue
+            held = self._held.get(key)
+            if held is not None and held[0] == item.version and held[1] == item.value:
+                out[key] = held[2]
+                continue
+            parsed = self._parse(key, item.value)
+            self.parsed += 1
+            self._held[key] = (item.version, item.value, parsed)
+            out[key] = parsed
+        return out
+
+    def forget(self, keep: Callable[[str], bool]) -> None:
+        """Drops what is held for keys ``keep`` says no to (run on the reactor thread)."""
+        for key in [k for k in self._held if not keep(k)]:
+            self._held.pop(key, None)
 
 
-def read_classifications(records: Records, scopes: Sequence[str],
-                         ) -> dict[str, Classification | InvalidClassification]:
-    out: dict[str, Classification | InvalidClassification] = {}
-    for scope in scopes:
-        try:
-            found = records.get(Classification, scope)
-            if found is not None:
-                out[scope] = check_classification(found.record)
-        except (ClassificationError, TypeError, KeyError) as e:
-            out[scope] = InvalidClassification(scope, str(e))
-    return out
+def _parse_node(key: str, value: Mapping[str, Any]) -> NodeRecord:
+    return NodeRecord.from_value(value)
+
+
+def _parse_classification(scope: str, value: Mapping[str, Any]) -> Classification | InvalidClassification:
+    try:
+        return check_classification(Classification.from_value(value))
+    except (ClassificationError, TypeError, KeyError) as e:
+        return InvalidClassification(scope, str(e))
 
 
 def describe(cloud: Any, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], InstanceInfo]:
@@ -324,14 +374,17 @@ class Classifier:
         # Store reads are cheap: refresh ahead only what is asked for often (the shared
         # scopes), and let a node's own record be read again when it comes back.  Any local
         # client can ask for any name: only enrolled nodes get an entry.
+        # Each record parsed and checked once per stored value, however often it is read again.
+        self.read_nodes = ReadOnce(NodeRecord.KIND, _parse_node)
+        self.read_scopes = ReadOnce(Classification.KIND, _parse_classification)
         self.nodes: BatchedCache[str, NodeRecord] = BatchedCache(
             "nodes", clock,
-            lambda names: store.call(read_nodes, records, names),
+            lambda names: store.call(self.read_nodes, records, names),
             ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window,
             cache_absent=False, serve_stale=stale_limit)
         self.scopes: BatchedCache[str, Classification | InvalidClassification] = BatchedCache(
             "classifications", clock,
-            lambda scopes: store.call(read_classifications, records, scopes),
+            lambda scopes: store.call(self.read_scopes, records, scopes),
             ttl=store_ttl, hot_window=store_hot_window, forget_after=store_hot_window,
             serve_stale=stale_limit)
         self.instances: BatchedCache[tuple[str, str], InstanceInfo] = BatchedCache(
@@ -339,6 +392,7 @@ class Classifier:
             ttl=ttl, hot_window=hot, forget_after=hot, max_batch=1000, max_in_flight=2,
             serve_stale=stale_limit)
         self._last_good: dict[str, _LastGood] = {}
+        self._made: dict[str, _Made] = {}
         self._refresher = LoopingCall(self.refresh)
         self._refresher.clock = clock
         self._refresh_interval = max(min(ttl, store_ttl) / 4, 0.05)
@@ -353,6 +407,12 @@ class Classifier:
     def refresh(self) -> None:
         for cache in (self.nodes, self.scopes, self.instances):
             cache.refresh()
+        for read, cache in ((self.read_nodes, self.nodes), (self.read_scopes, self.scopes)):
+            if len(read) > len(cache):  # the cache forgot some: so does the reader
+                read.forget(cache.__contains__)
+        if len(self._made) > len(self.nodes):
+            for name in [n for n in self._made if n not in self.nodes]:
+                del self._made[name]
         now = self._clock.seconds()
         for name in [n for n, g in self._last_good.items() if now - g.at > self.stale_limit]:
             del self._last_good[name]
@@ -422,16 +482,42 @@ class Classifier:
         node = _check_node(certname, (await self.nodes.get_many([certname]))[certname])
         key = (node.region, node.instance_id)
         info = _check_instance(certname, node, (await self.instances.get_many([key]))[key])
-        facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
-                          info.security_groups, info.tags)
-        found = await self.scopes.get_many(scopes_for(facts))
+        made = self._made.get(certname)
+        if made is None or made.node is not node or not (made.info is info or made.info == info):
+            facts = NodeFacts(certname, node.instance_id, node.account, node.region, node.role,
+                              info.security_groups, info.tags)
+            made = _Made(node, info, tuple(scopes_for(facts)), facts)
+        found = await self.scopes.get_many(made.scopes)
         stored: dict[str, Classification] = {}
         for scope, c in found.items():
             if isinstance(c, InvalidClassification):
                 raise Refused("invalid-classification", f"stored {scope} is invalid: {c.reason}")
             if c is not None:
                 stored[scope] = c
-        return node, to_enc_yaml(merge(facts, stored))
+        if made.answer is not None and made.made_from(stored):
+            return node, made.answer
+        # The merge and its YAML are a function of the facts and the classifications, each held
+        # once per stored value by the readers: the same objects make the same answer.
+        answer = to_enc_yaml(merge(made.facts, stored))
+        self._made[certname] = _Made(made.node, made.info, made.scopes, made.facts, stored, answer)
+        return node, answer
+
+
+@define
+class _Made:
+    """A node's last answer with the inputs it was made from (the answer is ``None`` until made)."""
+
+    node: NodeRecord
+    info: InstanceInfo
+    scopes: tuple[str, ...]
+    facts: NodeFacts
+    stored: dict[str, Classification] | None = None
+    answer: str | None = None
+
+    def made_from(self, stored: dict[str, Classification]) -> bool:
+        held = self.stored
+        return (held is not None and len(held) == len(stored)
+                and all(held.get(scope) is c for scope, c in stored.items()))
 
 
 class _Slow(Exception):

@@ -143,6 +143,13 @@ class IStore(Interface):
         """Release connections; the store is unusable afterwards."""
 
 
+class IBatchGet(Interface):
+    """A store that reads many items of one kind in one round trip (the ENC's refresh)."""
+
+    def get_many(kind: str, keys: Sequence[str]) -> Mapping[str, Item]:
+        """The items of ``kind`` at ``keys``, as :meth:`IStore.get` reads them; absent ones left out."""
+
+
 #: The kinds whose every change the store counts (:class:`IGenerations`): few records, read by
 #: every enrollment, written rarely (a new CA, a CRL signed, a master registered or gone).
 COUNTED_KINDS = ("ca", "crl", "master")

@@ -23,6 +23,7 @@ the garbage collector frees it.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -40,6 +41,7 @@ from puppetha.store import (
     AlreadyExists,
     Create,
     Delete,
+    IBatchGet,
     IGenerations,
     IStore,
     Item,
@@ -193,7 +195,7 @@ def _ensure_private_file(path: str) -> None:
         raise StoreUnavailable(f"cannot open store {path}: {e.strerror}") from None
 
 
-@implementer(IStore, IGenerations)
+@implementer(IStore, IGenerations, IBatchGet)
 class SQLiteStore:
     """
     :class:`IStore` over one SQLite file.  Blocking: call it from a thread pool.
@@ -563,6 +565,21 @@ class SQLiteStore:
             return True
 
         return self._unavailable(lambda: self._write(write))
+
+    def get_many(self, kind: str, keys: Sequence[str]) -> dict[str, Item]:
+        validate_kind(kind)
+        # The keys go in as one JSON array parameter: one statement, whatever their number.
+        wanted = json.dumps([validate_key(key) for key in keys])
+
+        def read() -> dict[str, Item]:
+            rows = self._connection().execute(
+                "SELECT key, version, value FROM items"
+                " WHERE kind = ? AND key IN (SELECT value FROM json_each(?))",
+                (kind, wanted),
+            )
+            return {key: Item(kind, key, decode_value(value), version) for key, version, value in rows}
+
+        return self._unavailable(read)
 
     def list(self, kind: str, prefix: str = "") -> list[Item]:
         validate_kind(kind)
