@@ -26,7 +26,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from attrs import evolve, frozen
 from cryptography import x509
@@ -273,6 +273,10 @@ class _Outcome:
     issued: IssuedEnrollment
     serial: int
     issuer: str
+
+
+#: What an enrollment that lost the race to record answers instead (or ``NoReturn``: it refuses).
+_Lost = TypeVar("_Lost")
 
 
 class Enrollment:
@@ -619,40 +623,15 @@ class Enrollment:
         # Made by the first enrollment of any kind (once; racing daemons agree): an agent's issuing
         # master enrolled before it, so only a first lb node can find it missing.
         authority.ensure_ca(LB_CA)
-        cert = authority.issue(
-            issuer,
-            csr,
-            common_name=admit.certname,
-            sans=admit.sans,
-            usage=admit.usage,
-            extensions=[puppet_extension(PP_INSTANCE_ID, admit.instance_id)],
+        made = self._sign_then_record(
+            admit, csr, key_id, issuer, claim_version=taken, now=now, origin=source,
+            lost=lambda conflict: self._after_lost_race(admit, key_id, conflict),
         )
-        certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-        # Everything the answer needs is read before the transaction, so that once the node is
-        # recorded nothing can fail and leave an issued enrollment its client never received.
-        issued = self._answer(records, admit, issuer, certificate_pem)
-        writes = self._record_writes(
-            records, admit, cert=cert, certificate_pem=certificate_pem, issuer=issuer,
-            key_id=key_id, claim_version=taken, now=now,
-        )
-        try:
-            self._stamp(source, "record: write begins")
-            records.store.transact(writes)
-        except TransactionConflict as e:
-            # Lost a race: the certificate signed above is dropped; it never left this process.
-            log.info(
-                "dropped the certificate signed for {certname}, serial {serial:x}: its enrollment "
-                "changed while it was being signed",
-                certname=admit.certname, serial=cert.serial_number,
-            )
-            return self._after_lost_race(admit, key_id, e)
-        finally:
-            self._stamp(source, "record: write committed")
-        if taken is not None:
+        if taken is not None and isinstance(made, _Outcome):
             # A claim left ``claimed`` by an attempt that died, or by a daemon that claims first.
             log.warn("took over the unfinished enrollment claim {claim}",
                      claim=f"{admit.instance_id}/{admit.role}")
-        return _Outcome(issued, cert.serial_number, issuer)
+        return made
 
     def _claim_to_take(self, admit: Admit, key_id: str, now: float) -> int | EnrollmentClaim | None:
         """
@@ -764,7 +743,34 @@ class Enrollment:
         if admit.role == "master" and records.get(CARecord, admit.certname) is None:
             # A master enrolling again (after a reset) keeps its CA: the agents it signed stay valid.
             authority.create_master_ca(admit.certname)
-        cert = authority.issue(
+        # A master's claim was held by this attempt: a lost race is refused, never answered.
+        return self._sign_then_record(
+            admit, csr, key_id, issuer, claim_version=claim_version, now=self.clock.seconds(),
+            origin=origin, lost=lambda conflict: self._master_lost_race(admit, key_id, conflict),
+        )
+
+    def _master_lost_race(self, admit: Admit, key_id: str, conflict: TransactionConflict) -> NoReturn:
+        claim = self.records.target.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
+        if claim is not None and claim.record.public_key == key_id:
+            # Another attempt with this key (a retry, another daemon) took the claim over.
+            raise self._in_progress(admit) from conflict
+        raise EnrollmentRefused(
+            409, "already-enrolled",
+            f"the enrollment of {admit.certname} changed while it was being signed",
+        ) from conflict
+
+    def _sign_then_record(
+        self, admit: Admit, csr: x509.CertificateSigningRequest, key_id: str, issuer: str, *,
+        claim_version: int | None, now: float, origin: str | None,
+        lost: Callable[[TransactionConflict], _Lost],
+    ) -> _Outcome | _Lost:
+        """
+        Sign ``csr`` by ``issuer`` in memory and record it, with the claim issued, in one
+        transaction.  If a racing attempt changed the claim, the transaction is refused whole and
+        the certificate dropped (it never left this process); ``lost`` then answers or refuses.
+        """
+        records = self.records.target
+        cert = self.authority.target.issue(
             issuer,
             csr,
             common_name=admit.certname,
@@ -776,7 +782,6 @@ class Enrollment:
         # Everything the answer needs is read before the transaction, so that once the node is
         # recorded nothing can fail and leave an issued enrollment its client never received.
         issued = self._answer(records, admit, issuer, certificate_pem)
-        now = self.clock.seconds()
         writes = self._record_writes(
             records, admit, cert=cert, certificate_pem=certificate_pem, issuer=issuer,
             key_id=key_id, claim_version=claim_version, now=now,
@@ -785,14 +790,12 @@ class Enrollment:
             self._stamp(origin, "record: write begins")
             records.store.transact(writes)
         except TransactionConflict as e:
-            claim = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
-            if claim is not None and claim.record.public_key == key_id:
-                # Another attempt with this key (a retry, another daemon) took the claim over.
-                raise self._in_progress(admit) from e
-            raise EnrollmentRefused(
-                409, "already-enrolled",
-                f"the enrollment of {admit.certname} changed while it was being signed",
-            ) from e
+            log.info(
+                "dropped the certificate signed for {certname}, serial {serial:x}: its enrollment "
+                "changed while it was being signed",
+                certname=admit.certname, serial=cert.serial_number,
+            )
+            return lost(e)
         finally:
             self._stamp(origin, "record: write committed")
         return _Outcome(issued, cert.serial_number, issuer)
