@@ -552,14 +552,7 @@ class Enrollment:
         """
         records = self.records.target
         now = self.clock.seconds()
-        # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
-        held = [] if self.policy.allow_second_role else [
-            role for role in ROLES
-            if role != admit.role and records.get(EnrollmentClaim, f"{admit.instance_id}/{role}") is not None
-        ]
-        conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
-        if conflict is not None:
-            raise EnrollmentRefused.of(conflict)
+        self._refuse_another_role(records, admit)
         claim = EnrollmentClaim(
             instance_id=admit.instance_id, role=admit.role, certname=admit.certname, claimed_at=now,
             public_key=key_id,
@@ -633,13 +626,8 @@ class Enrollment:
                      claim=f"{admit.instance_id}/{admit.role}")
         return made
 
-    def _claim_to_take(self, admit: Admit, key_id: str, now: float) -> int | EnrollmentClaim | None:
-        """
-        What the recording transaction does with the claim: ``None`` to create it, the version of
-        an unfinished claim to take over (same key at once, another key once stale), or the claim
-        already issued to this key (to answer again).  ``EnrollmentRefused`` 409 otherwise.
-        """
-        records = self.records.target
+    def _refuse_another_role(self, records: Records, admit: Admit) -> None:
+        """``EnrollmentRefused`` if the instance holds a claim for another role it may not add."""
         # Direct reads of the other roles' claims: a prefix listing would cost a query per shard.
         held = [] if self.policy.allow_second_role else [
             role for role in ROLES
@@ -648,6 +636,15 @@ class Enrollment:
         conflict = role_conflict(admit.instance_id, admit.role, held, self.policy)
         if conflict is not None:
             raise EnrollmentRefused.of(conflict)
+
+    def _claim_to_take(self, admit: Admit, key_id: str, now: float) -> int | EnrollmentClaim | None:
+        """
+        What the recording transaction does with the claim: ``None`` to create it, the version of
+        an unfinished claim to take over (same key at once, another key once stale), or the claim
+        already issued to this key (to answer again).  ``EnrollmentRefused`` 409 otherwise.
+        """
+        records = self.records.target
+        self._refuse_another_role(records, admit)
         existing = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
         if existing is None:
             return None
