@@ -56,6 +56,8 @@ EXAMPLE_ADDRESSES = {
 EXAMPLE_KMS_KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 PIN = "sha256:ROOT_FINGERPRINT"
 REGION = "eu-west-1"
+#: The trust file of the test key that signs the hosts' identity documents, in /srv/puppetha.
+TEST_TRUST = "/srv/puppetha/test-identity-certs.ini"
 FRONT = "puppet.example.net"
 OVERLAID = ("etc", "opt", "srv", "usr", "var", "run")
 IMDS_ADDRESS = "169.254.169.254"
@@ -302,7 +304,7 @@ class Fleet:
             script = script.replace(example, self.rig[name].address)
         script = script.replace(EXAMPLE_KMS_KEY, self.kms_key_arn)
         script = script.replace("/path/to/puppetha", str(ROOT))
-        endpoint = f"region = {REGION}\nendpoint_url = {self.moto_url}\n"
+        endpoint = f"region = {REGION}\nendpoint_url = {self.moto_url}\nidentity_certs = {TEST_TRUST}\n"
         script = script.replace(f"region = {REGION}\n", endpoint)
         if PIN in script:
             assert self.fingerprint is not None, "the guide uses the pin before `puppetha ca show` printed it"
@@ -433,6 +435,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     extra.mkdir(parents=True)
     certificate = signer.signers[REGION].certificate
     (extra / f"{REGION}-rsa2048.pem").write_bytes(certificate.public_bytes(Encoding.PEM))
+    # The hosts' /srv/puppetha holds it: the identity documents here are signed by a test key.
+    (extra.parent / Path(TEST_TRUST).name).write_text(
+        f"[{REGION}]\ncertificate = /srv/puppetha/aws-certs/{REGION}-rsa2048.pem\n")
     rig = Rig(HOSTS, prefix="guide" + new_prefix()[-4:])
     mounts: MountNamespaces | None = None
     moto: subprocess.Popen[bytes] | None = None
