@@ -166,3 +166,15 @@ def test_check_refuses_a_page_without_certificates(tmp_path: Path) -> None:
                             capture_output=True, text=True, check=False)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.strip().endswith("no certificates found in the page")
+
+
+def test_a_listing_whose_reader_left_ends_without_a_traceback() -> None:
+    # `list | head -0`: the reader has closed the pipe before the listing is written.
+    lister = subprocess.Popen([sys.executable, "-m", "puppetha.aws.shipped", "list"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert lister.stdout is not None
+    assert lister.stderr is not None
+    lister.stdout.close()
+    errors = lister.stderr.read()
+    assert lister.wait(timeout=30) == 1
+    assert errors == b""
