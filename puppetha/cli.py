@@ -63,7 +63,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     ctx = Context(config_path, overrides, out, now or time.time, err=None if named else err)
     try:
         status: int = args.func(ctx, args)
+        # Written out here, so that a reader who left is met below, not in Python's flush at exit.
+        out.flush()
         return status
+    except BrokenPipeError:
+        # `puppetha node list | head`: the rest of the output is not wanted.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except CLIError as e:
         print(f"puppetha: {e}", file=err)
         return e.status

@@ -316,3 +316,16 @@ def test_revoking_a_node_of_the_older_shape_still_deregisters_its_master(state: 
         assert store.get("revoked", f"master-1/{node.serial:032x}") is not None
     finally:
         store.close()
+
+
+def test_output_whose_reader_left_ends_without_a_traceback(tmp_path: Path) -> None:
+    # `puppetha ca show | head -0`: the reader has closed the pipe before anything is written.
+    assert main(["--state-dir", str(tmp_path), "ca", "init"], out=io.StringIO(), err=io.StringIO()) == 0
+    command = [sys.executable, "-m", "puppetha.cli", "--state-dir", str(tmp_path), "ca", "show"]
+    shown = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert shown.stdout is not None
+    assert shown.stderr is not None
+    shown.stdout.close()
+    errors = shown.stderr.read()
+    assert shown.wait(timeout=60) == 1
+    assert errors == b""
