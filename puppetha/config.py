@@ -507,6 +507,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("enc", "stale_limit", duration, "1h",
            "While AWS or the store is unreachable, a node's last good classification is served "
            "for at most this long."),
+    Option("enc", "store_hot_window", duration, "60s",
+           "A node's record and scopes are kept fresh this long after it last asked, so that its "
+           "next question within the run needs no store read; shorter reads the store less "
+           "(docs/enc.md says what it costs)."),
     Option("metrics", "listen", metrics_endpoint, "",
            "Where GET /metrics (Prometheus's text format, plain HTTP) listens, e.g. "
            "tcp:9464:interface=127.0.0.1; a tcp endpoint must name its interface. Empty: no "

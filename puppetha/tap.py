@@ -360,6 +360,7 @@ def enc_service(config: Config, reactor: Any, store_reads: Blocking[Records], aw
         aws,
         ttl=config[("enc", "cache_ttl")],
         stale_limit=config[("enc", "stale_limit")],
+        store_hot_window=config[("enc", "store_hot_window")],
     )
     enc = ENCSocketService(
         reactor,

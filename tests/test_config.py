@@ -72,6 +72,7 @@ def test_overrides_win_over_the_file() -> None:
         ("[enroll]\nlisten = ssl:8080\n", "[enroll] listen: not a tcp: or unix: endpoint"),
         ("[enc]\nsocket_mode = 0666\n", "[enc] socket_mode: must give nothing to others"),
         ("[enc]\nsocket_mode = rw\n", "[enc] socket_mode: not an octal file mode"),
+        ("[enc]\nstore_hot_window = 0s\n", "[enc] store_hot_window: must be longer than zero"),
     ],
 )
 def test_a_bad_value_names_the_file_section_and_option(content: str, expected: str) -> None:

@@ -907,3 +907,20 @@ def test_a_busy_refusal_and_a_timeout_are_counted_once(served, clock) -> None:
     clock.advance(1.0)
     assert factory.answers == {"busy": 1, "timeout": 1}
     assert factory.latencies.count == 1  # the timeout's; the busy refusal waited for nothing
+
+
+def test_the_daemon_keeps_node_records_fresh_for_enc_store_hot_window(records, cloud, tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from puppetha.config import config_from_string
+    from puppetha.enc.service import ENCSocketService
+    from puppetha.tap import enc_service
+
+    config = config_from_string(f"[enc]\nsocket = {tmp_path / 'enc.sock'}\nstore_hot_window = 7s\n")
+    service = enc_service(config, reactor, cast(Any, ImmediateBlocking(records)),
+                          cast(Any, ImmediateBlocking(cloud)), {})
+    try:
+        assert isinstance(service, ENCSocketService)
+        assert service.classifier.store_hot_window == 7.0
+    finally:
+        service.stopService()

@@ -369,6 +369,7 @@ class Classifier:
         self._clock = clock
         self.stale_limit = stale_limit
         self.patience = patience
+        self.store_hot_window = store_hot_window
         hot = hot_window
         records = store.target
         # Store reads are cheap: refresh ahead only what is asked for often (the shared
