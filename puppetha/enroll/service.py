@@ -567,23 +567,18 @@ class Enrollment:
         existing = records.get(EnrollmentClaim, claim.key())
         if existing is None:
             raise _already_enrolled(admit)  # reset meanwhile: the client may simply ask again
-        same_key = existing.record.public_key == key_id
-        if existing.record.state == "issued":
-            if same_key and existing.record.certificate_pem:
-                return existing.record
-            raise _already_enrolled(admit)
-        if same_key or now - existing.record.claimed_at > self.stale_claim:
-            try:
-                version = records.replace(claim, existing.version).version
-            except VersionConflict:
-                pass
-            else:
-                log.warn(
-                    "took over the {how} enrollment claim {claim}",
-                    how="unfinished" if same_key else "stale", claim=claim.key(),
-                )
-                return version
-        raise _already_enrolled(admit)
+        found = self._existing_claim(admit, existing, key_id, now)
+        if isinstance(found, EnrollmentClaim):
+            return found
+        try:
+            version = records.replace(claim, found).version
+        except VersionConflict:
+            raise _already_enrolled(admit) from None
+        log.warn(
+            "took over the {how} enrollment claim {claim}",
+            how="unfinished" if existing.record.public_key == key_id else "stale", claim=claim.key(),
+        )
+        return version
 
     def _sign_and_record(
         self, admit: Admit, csr_pem: bytes, source: str | None
@@ -648,6 +643,16 @@ class Enrollment:
         existing = records.get(EnrollmentClaim, f"{admit.instance_id}/{admit.role}")
         if existing is None:
             return None
+        return self._existing_claim(admit, existing, key_id, now)
+
+    def _existing_claim(
+        self, admit: Admit, existing: Versioned[EnrollmentClaim], key_id: str, now: float
+    ) -> int | EnrollmentClaim:
+        """
+        What an attempt with ``key_id`` may do with the claim it found: the claim already issued
+        to this key (to answer again), or the version of an unfinished claim to take over (this
+        key at once, another key once stale).  ``EnrollmentRefused`` 409 otherwise.
+        """
         same_key = existing.record.public_key == key_id
         if existing.record.state == "issued":
             if same_key and existing.record.certificate_pem:
