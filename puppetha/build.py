@@ -101,6 +101,10 @@ def make_authority(
 def make_cloud(config: Config) -> ICloud:
     from puppetha.aws.boto import Boto3Cloud
 
-    return Boto3Cloud(
+    cloud = Boto3Cloud(
         endpoint_url=config[("aws", "endpoint_url")] or None, deadline=config[("aws", "timeout")]
     )
+    # Now rather than at the first call: the client of the daemon's own region is kept for its
+    # life, so it belongs to the heap settled once the daemon has started (puppetha/heap.py).
+    cloud.prepare(config[("aws", "region")])
+    return cloud

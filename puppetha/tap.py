@@ -51,11 +51,13 @@ from puppetha.ha.monitor import LoadMonitor, LoadSocket, LoadSocketError, probe_
 from puppetha.ha.nginx import Backend, FrontPorts, FrontSettings, NginxRuntime
 from puppetha.ha.primary import ActingLog, ElasticIP, FailoverService
 from puppetha.ha.scaling import Master, Sample, ScaleDecision, settings_from_config
+from puppetha.heap import SettledHeap
 from puppetha.metrics.endpoint import Scrape, Source, make_metrics_site, open_metrics_listener
 from puppetha.metrics.sources import (
     enc_source,
     enrollment_source,
     failover_sources,
+    heap_source,
     load_source,
     scale_decision_source,
     store_sources,
@@ -347,6 +349,11 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
     if "enc" in config.roles:
         enc_service(config, reactor, store_reads, aws, metric_sources).setServiceParent(root)
 
+    # Last but the announcement: what the services above keep for the daemon's life is made by
+    # then, and is settled out of the collector's full passes (puppetha/heap.py).
+    heap = SettledHeap(reactor)
+    metric_sources["heap"] = heap_source(heap)
+    heap.setServiceParent(root)
     Announcement(config).setServiceParent(root)
     return root
 

@@ -115,6 +115,11 @@ def test_a_scrape_after_real_enrollments_and_enc_calls(daemon: Daemon, fleet: Fl
     assert found["puppetha_lease_holder_info"] == {(("holder", "i-0aaaaaaaaaaaaaaa1"),): 1}
     assert found["puppetha_scale_actions_total"] == {(("action", "launch"),): 1}
     assert found["puppetha_scale_instances_total"] == {(("action", "launch"),): 2}
+    # The heap the daemon held once started is out of the collector's passes (puppetha/heap.py);
+    # the settling's own full pass is the first of the pauses.
+    assert found["puppetha_gc_settled_objects"][()] > 10_000
+    assert found["puppetha_gc_collections_total"][(("generation", "2"),)] >= 1
+    assert found["puppetha_gc_pause_seconds_count"][()] >= 1
     # No load sampler and no failover on this daemon: those families are not there.
     assert not {"puppetha_master_requests", "puppetha_heartbeat_age_seconds",
                 "puppetha_primary"} & set(found)

@@ -176,6 +176,10 @@ class Boto3Cloud:
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
 
+    def prepare(self, region: str) -> None:
+        """Makes ``region``'s client now (no call to AWS), rather than at its first call."""
+        self._ec2(region)
+
     def _ec2(self, region: str) -> Any:
         if not REGION_NAME.fullmatch(region):
             raise ValueError(f"not a region name: {region!r}")

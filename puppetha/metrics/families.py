@@ -51,6 +51,23 @@ def enc_families(answers: Mapping[str, int], latencies: Latencies) -> list[Metri
     return [calls, seconds]
 
 
+def gc_families(collections: Sequence[int], pauses: Latencies, frozen: int) -> list[Metric]:
+    """The cyclic collector's passes by generation, their pauses, what the settling froze."""
+    passes = CounterMetricFamily(f"{PREFIX}gc_collections", "Passes of Python's cyclic garbage "
+                                 "collector since the process started, by generation (2: a full "
+                                 "pass).", labels=["generation"])
+    for generation, count in enumerate(collections):
+        passes.add_metric([str(generation)], count)
+    seconds = HistogramMetricFamily(f"{PREFIX}gc_pause_seconds", "How long each pass of the "
+                                    "collector stopped the daemon's threads, since it started.")
+    seconds.add_metric([], [(_bound(b), n) for b, n in pauses.cumulative()], pauses.sum)
+    settled = GaugeMetricFamily(f"{PREFIX}gc_settled_objects", "Objects the daemon held once "
+                                "started and still holds, kept out of the collector's passes (0 "
+                                "until then).")
+    settled.add_metric([], frozen)
+    return [passes, seconds, settled]
+
+
 def crl_families(crls: Iterable[CRLRecord], now: float) -> list[Metric]:
     """Each CA's CRL in the store: how old it is and how long until its nextUpdate."""
     age = GaugeMetricFamily(f"{PREFIX}crl_age_seconds", "Seconds since the CA's current CRL was "

@@ -19,6 +19,7 @@ from puppetha.ha.autoscale import ScaleActionRecord
 from puppetha.ha.lease import FAILOVER_LEASE
 from puppetha.ha.primary import PRIMARY, FailoverService
 from puppetha.ha.scaling import MasterLoad, ScaleDecision
+from puppetha.heap import SettledHeap
 from puppetha.metrics import families
 from puppetha.metrics.endpoint import Source
 from puppetha.store.records import CRLRecord, LeaseRecord, MasterRecord, Records
@@ -27,6 +28,10 @@ from puppetha.threads import Blocking
 
 def enrollment_source(enrollment: Enrollment) -> Source:
     return lambda: families.enrollment_families(enrollment.enrolled, enrollment.refused)
+
+
+def heap_source(heap: SettledHeap) -> Source:
+    return lambda: families.gc_families(heap.collections(), heap.pauses, heap.frozen())
 
 
 def enc_source(factory: ENCFactory) -> Source:
