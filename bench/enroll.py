@@ -52,6 +52,7 @@ from puppetha.enroll.api import make_enrollment_site
 from puppetha.enroll.listener import ensure_server_credentials, listen_enrollment
 from puppetha.enroll.policy import EnrollmentPolicy
 from puppetha.enroll.service import Enrollment
+from puppetha.heap import SettledHeap
 from puppetha.pki.authority import ROOT, CertificateAuthority
 from puppetha.pki.keys import KeyType, load_private_key
 from puppetha.pki.vault import FileKeyVault
@@ -175,6 +176,8 @@ class Daemon:
     root_pem: Path
     #: With ``--steps``: the CPU of each step on the pool.
     steps: StepCPU | None = None
+    #: Settles what the daemon holds once started, as ``twistd puppetha`` does (puppetha/heap.py).
+    heap: SettledHeap | None = None
 
     def threads(self) -> dict[int, str]:
         """The daemon's threads by ident: its reactor's and its pool's."""
@@ -198,6 +201,8 @@ class Daemon:
         return found
 
     def stop(self) -> None:
+        if self.heap is not None:
+            blockingCallFromThread(self.reactor, self.heap.stopService)
         blockingCallFromThread(self.reactor, self.port.stopListening)
         self.reactor.callFromThread(self.reactor.stop)
         self.thread.join(timeout=10)
@@ -208,6 +213,7 @@ class Daemon:
 def start_daemon(
     directory: Path, signer: FakeAWSSigner, cloud: Boto3Cloud, key_type: KeyType, threads: int,
     *, steps: StepCPU | None = None, timeline: Timeline | None = None, describe_in_flight: int = 1,
+    settle: bool = True,
 ) -> Daemon:
     reactor = SelectReactor()
     thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
@@ -247,7 +253,13 @@ def start_daemon(
         return listen_enrollment(endpoint, site, credentials.tls_context(), ["127.0.0.1"], clock=reactor)
 
     port: IListeningPort = blockingCallFromThread(reactor, cast(Callable[[], Any], listen))
-    return Daemon(reactor, thread, pool, store, authority, enrollment, port, root_pem, steps)
+    heap = None
+    if settle:
+        # As the daemon's wiring does: its region's AWS client made, then the heap settled.
+        cloud.prepare(REGION)
+        heap = SettledHeap(reactor)
+        blockingCallFromThread(reactor, heap.startService)
+    return Daemon(reactor, thread, pool, store, authority, enrollment, port, root_pem, steps, heap)
 
 
 @dataclass
@@ -348,6 +360,9 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                         help="DescribeInstances calls in flight per region (default 1, as the daemon)")
     parser.add_argument("--timeline", action="store_true",
                         help="stamp each enrollment's steps and print its segments (bench/timeline.py)")
+    parser.add_argument("--unsettled-heap", action="store_true",
+                        help="leave the daemon's heap to every pass of the collector (puppetha/heap.py), "
+                             "to compare")
     options = parser.parse_args(argv)
     if not 1 <= options.instances <= MAX_INSTANCES:
         parser.error(f"--instances must be 1..{MAX_INSTANCES} (the test fleet's subnet is a /24)")
@@ -373,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = StepCPU() if options.steps else None
         timeline = Timeline() if options.timeline else None
         daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, steps=steps,
-                              timeline=timeline, describe_in_flight=options.describe_in_flight)
+                              timeline=timeline, describe_in_flight=options.describe_in_flight,
+                              settle=not options.unsettled_heap)
         try:
             number = daemon.port.getHost().port  # type: ignore[attr-defined]
             body = request_body(signer, master, "master")

@@ -25,6 +25,7 @@ peak RSS is the process's ``VmHWM``.  The clients share the machine with the ser
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import json
 import os
@@ -262,14 +263,14 @@ class FloorResource(Resource):
         return b'{"floor": true}'
 
 
-def serve_puppetha(directory: Path, moto_url: str, trust_file: Path, threads: int) -> None:
+def serve_puppetha(directory: Path, moto_url: str, trust_file: Path, threads: int, settle: bool) -> None:
     """The server process: the enrollment listener and the floor's; prints where, then waits."""
     cloud = Boto3Cloud(
         moto_url, access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
         secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"], max_pool_connections=threads,
     )
     signer = cast(FakeAWSSigner, _FileTrust(trust_file))
-    daemon = start_daemon(directory, signer, cloud, KeyType.EC_P256, threads)
+    daemon = start_daemon(directory, signer, cloud, KeyType.EC_P256, threads, settle=settle)
     reactor = daemon.reactor
     credentials = ensure_server_credentials(
         daemon.authority, directory / "state", ["puppet"], KeyType.EC_P256)
@@ -306,12 +307,12 @@ class PuppethaServer:
 
 @contextmanager
 def running_puppetha(
-    directory: Path, moto_url: str, trust_file: Path, threads: int
+    directory: Path, moto_url: str, trust_file: Path, threads: int, settle: bool = True
 ) -> Iterator[PuppethaServer]:
     top = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.vs_puppetserver_ca", "--serve", str(directory), moto_url,
-         str(trust_file), str(threads)],
+         str(trust_file), str(threads), "settle" if settle else "unsettled"],
         cwd=top, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -371,6 +372,8 @@ def report(peers: dict[str, Figures], options: argparse.Namespace, rerun: str) -
           f"concurrency {options.concurrency}, P-256 agent keys; {os.cpu_count()} CPUs; "
           f"load average before: {options.load_before}")
     print(options.ca_keys)
+    print(f"puppetha's heap {'left to the collector' if options.unsettled_heap else 'settled'}, "
+          f"moto's and the clients' {'left to the collector' if options.unsettled_rig else 'settled'}")
     print(f"{'':14s}{'rate/s':>9s}{'p50 ms':>9s}{'p99 ms':>9s}{'CPU ms/cert':>13s}{'peak RSS MiB':>14s}"
           f"{'client ms/cert':>16s}   rates per round")
     for f in (ps, ha, floor):
@@ -428,7 +431,12 @@ def parse_options(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="agents each peer gets before timing (default 50)")
     parser.add_argument("--threads", type=int, default=8, help="puppetha's thread pool (default 8)")
     parser.add_argument("--heap", default="512m", help="puppetserver's Java heap (default 512m)")
-    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--unsettled-heap", action="store_true",
+                        help="leave puppetha's heap to every pass of the collector, to compare "
+                             "(puppetha/heap.py)")
+    parser.add_argument("--unsettled-rig", action="store_true",
+                        help="leave moto's and the clients' heaps to every pass of the collector")
+    parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.agents < 1 or options.rounds < 1 or options.concurrency < 1 or options.warmup < 0:
         parser.error("--agents, --rounds and --concurrency must be positive, --warmup not negative")
@@ -445,8 +453,8 @@ def describe_key(certificate_pem: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
     if options.serve:
-        directory, moto_url, trust_file, threads = options.serve
-        serve_puppetha(Path(directory), moto_url, Path(trust_file), int(threads))
+        directory, moto_url, trust_file, threads, settle = options.serve
+        serve_puppetha(Path(directory), moto_url, Path(trust_file), int(threads), settle == "settle")
         return 0
     given = list(argv if argv is not None else sys.argv[1:])
     rerun = shlex.join([".venv/bin/python", "-m", "bench.vs_puppetserver_ca", *given])
@@ -470,7 +478,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         csrs = [(f"agent{i:05d}.bench", new_csr(f"agent{i:05d}.bench")) for i in range(total)]
         (work / "puppetha").mkdir()
         puppetha = stack.enter_context(running_puppetha(work / "puppetha", moto.endpoint_url,
-                                                        signer.trust_file, options.threads))
+                                                        signer.trust_file, options.threads,
+                                                        settle=not options.unsettled_heap))
+        if not options.unsettled_rig:
+            # The fleet launched and everything the clients send made: what the stand-in for AWS
+            # and this process hold from now on is left out of their collectors' passes, whose
+            # pauses (100 to 180 ms for moto) would otherwise land on whichever peer is running.
+            moto.settle_heap()
+            gc.collect()
+            gc.freeze()
 
         status, _ = enroll_once(puppetha.enroll_port, puppetha.root_pem, master.private_ip,
                                 request_body(signer, master, "master"))

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
+import pytest
+
+from puppetha.testing.moto import SETTLE_HEAP_PATH, Fleet, MotoServer
 from puppetha.testing.moto_app import one_at_a_time
 
 
@@ -59,3 +64,17 @@ def test_a_lazy_body_is_produced_inside_the_lock() -> None:
     assert sorted(events) == ["a ends", "a starts", "b ends", "b starts"]
     first = events[0].split()[0]
     assert events[:2] == [f"{first} starts", f"{first} ends"]
+
+
+def test_the_rig_settles_moto_s_heap_and_moto_goes_on_answering() -> None:
+    with MotoServer() as moto:
+        fleet = Fleet(moto.endpoint_url, "us-east-1")
+        launched = fleet.launch("agent")
+        settled = moto.settle_heap()
+        # moto's backends and the instance are held: well over a few thousand objects.
+        assert settled > 10_000
+        assert fleet.describe(launched.instance_id).state == "running"
+        # Only POST settles; moto's own paths are untouched.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{moto.endpoint_url}{SETTLE_HEAP_PATH}", timeout=10)  # noqa: S310
+        assert refused.value.code == 405

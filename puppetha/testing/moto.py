@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -35,6 +36,10 @@ TEST_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "te
 ROLE_TAG = "puppetha:role"
 
 DEFAULT_IMAGE = "ami-0123456789abcdef0"
+
+
+#: The rig's own path on :mod:`puppetha.testing.moto_app`, beside moto's ``/moto-api/``.
+SETTLE_HEAP_PATH = "/puppetha-rig/settle-heap"
 
 
 class MotoServerError(RuntimeError):
@@ -161,6 +166,16 @@ class MotoServer:
         with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
             if answer.status != 200:
                 raise MotoServerError(f"moto reset answered {answer.status}")
+
+    def settle_heap(self) -> int:
+        """
+        Moves what moto holds now out of its collector's passes (``moto_app``'s
+        ``/puppetha-rig/settle-heap``); how many objects that was.  For a benchmark, once its
+        fleet is launched.
+        """
+        request = urllib.request.Request(f"{self.endpoint_url}{SETTLE_HEAP_PATH}", method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback
+            return int(json.loads(answer.read())["settled"])
 
     def stop(self) -> None:
         self._stop_process()

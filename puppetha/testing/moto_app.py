@@ -7,11 +7,18 @@ racing writers can both win, which is not how the service behaves.  This runner 
 application through one lock, so the races our tests run are decided the way AWS decides them.
 
 ``python -m puppetha.testing.moto_app -H 127.0.0.1 -p PORT`` (what :class:`MotoServer` runs).
+
+``POST /puppetha-rig/settle-heap`` moves what moto holds then (a benchmark's fleet, launched
+before its waves) out of the cyclic collector's passes, as the daemon settles its own heap
+(puppetha/heap.py): a full pass over a few hundred instances stops this one-at-a-time server
+for 100 to 180 ms, a pause of the stand-in that AWS's own service does not have.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import signal
 import sys
 import threading
@@ -24,6 +31,8 @@ from moto.moto_server.werkzeug_app import (
     create_backend_app,
 )
 from werkzeug.serving import run_simple
+
+from puppetha.testing.moto import SETTLE_HEAP_PATH
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -39,13 +48,30 @@ def one_at_a_time(app: WSGIApp) -> WSGIApp:
     return atomic
 
 
+def with_settle_heap(app: WSGIApp) -> WSGIApp:
+    """``app``, and ``POST`` :data:`SETTLE_HEAP_PATH`: collect, then freeze what is left."""
+
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != SETTLE_HEAP_PATH:
+            return app(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "POST":
+            start_response("405 Method Not Allowed", [("Allow", "POST")])
+            return [b""]
+        gc.collect()
+        gc.freeze()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps({"settled": gc.get_freeze_count()}).encode()]
+
+    return serve
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="moto_app")
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    app = one_at_a_time(DomainDispatcherApplication(create_backend_app))
+    app = one_at_a_time(with_settle_heap(DomainDispatcherApplication(create_backend_app)))
     run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 
 
