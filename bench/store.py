@@ -4,6 +4,7 @@ Store hot paths, on SQLite and on DynamoDB (a local moto server), at two fleet s
     .venv/bin/python bench/store.py                 # 1,000 and 100,000 nodes
     .venv/bin/python bench/store.py --quick         # CI smoke run: a few seconds
     .venv/bin/python bench/store.py --sizes 1000,20000 --backends dynamodb --ops 500
+    .venv/bin/python bench/store.py --batch 200 --sizes 1000 --backends dynamodb
 
 Paths measured, one call at a time from one thread (latency as a caller sees it):
 
@@ -12,6 +13,10 @@ Paths measured, one call at a time from one thread (latency as a caller sees it)
 - ``classify``: a classification read, ``get`` of a random ``class`` scope.
 
 Each figure is printed beside the same path at 1,000 nodes in the same run, as a ratio.
+
+With ``--batch N`` it measures instead the ENC's refresh read (``puppetha.enc.service.ReadOnce``)
+of N distinct random nodes: ``get`` key by key against one ``get_many``, alternated for
+``--rounds`` rounds (which goes first alternates too), each round's two times and their ratio.
 
 Populating is the bench's shortcut, not the daemon's way: SQLite through ``transact`` batches of
 100 creates; DynamoDB with ``batch_write_item`` straight into the table layout of
@@ -37,7 +42,7 @@ from typing import Any
 
 from attrs import frozen
 
-from puppetha.store import Create, IStore
+from puppetha.store import Create, IBatchGet, IStore, Item
 from puppetha.store.dynamodb import DynamoDBStore, partition_key
 
 REGION = "us-east-1"
@@ -169,13 +174,81 @@ def hot_paths(store: IStore, backend: str, size: int, ops: int, rng: random.Rand
     return results
 
 
+@frozen
+class BatchRound:
+    backend: str
+    keys: int
+    one_by_one_ms: float
+    get_many_ms: float
+
+
+def batch_rounds(
+    store: IStore, backend: str, size: int, *, keys: int, rounds: int, rng: random.Random
+) -> list[BatchRound]:
+    """``rounds`` alternated reads of ``keys`` random nodes, key by key and with ``get_many``."""
+    if not IBatchGet.providedBy(store):
+        raise RuntimeError(f"the {backend} store has no get_many")
+    batch: IBatchGet = store
+
+    def one_by_one(wanted: list[str]) -> dict[str, Item]:
+        return {key: item for key in wanted if (item := store.get("node", key)) is not None}
+
+    def many(wanted: list[str]) -> dict[str, Item]:
+        return dict(batch.get_many("node", wanted))
+
+    def timed(
+        read: Callable[[list[str]], dict[str, Item]], wanted: list[str]
+    ) -> tuple[float, dict[str, Item]]:
+        started = time.perf_counter()
+        found = read(wanted)
+        return (time.perf_counter() - started) * 1000, found
+
+    warm = [certname(n) for n in rng.sample(range(size), min(size, keys))]
+    one_by_one(warm)
+    many(warm)
+    results = []
+    for round_ in range(rounds):
+        wanted = [certname(n) for n in rng.sample(range(size), min(size, keys))]
+        if round_ % 2 == 0:
+            one_ms, one = timed(one_by_one, wanted)
+            many_ms, found = timed(many, wanted)
+        else:
+            many_ms, found = timed(many, wanted)
+            one_ms, one = timed(one_by_one, wanted)
+        if found != one or len(found) != len(wanted):
+            raise RuntimeError("get_many and get disagree")
+        results.append(BatchRound(backend, len(wanted), one_ms, many_ms))
+    return results
+
+
+def batch_report(rounds: Sequence[BatchRound]) -> list[str]:
+    lines = [
+        f"{'backend':<9} {'round':>5} {'keys':>5} {'get each ms':>12} {'get_many ms':>12} {'x faster':>9}"
+    ]
+    numbers: dict[str, int] = {}
+    for r in rounds:
+        number = numbers[r.backend] = numbers.get(r.backend, 0) + 1
+        lines.append(
+            f"{r.backend:<9} {number:>5} {r.keys:>5} {r.one_by_one_ms:>12.1f} {r.get_many_ms:>12.1f} "
+            f"{r.one_by_one_ms / r.get_many_ms:>9.1f}"
+        )
+    for backend in sorted({r.backend for r in rounds}):
+        ratios = sorted(r.one_by_one_ms / r.get_many_ms for r in rounds if r.backend == backend)
+        lines.append(f"# {backend}: get_many x{ratios[len(ratios) // 2]:.1f} faster (median of "
+                     f"{len(ratios)} rounds, range x{ratios[0]:.1f} to x{ratios[-1]:.1f})")
+    return lines
+
+
 def _found(item: object) -> object:
     if item is None:
         raise RuntimeError("a populated item is missing")
     return item
 
 
-def bench_sqlite(size: int, ops: int, rng: random.Random) -> tuple[list[Result], float]:
+Work = Callable[[IStore, str, int], Sequence[Any]]
+
+
+def bench_sqlite(size: int, work: Work) -> tuple[Sequence[Any], float]:
     with tempfile.TemporaryDirectory(prefix="puppetha-bench-") as directory:
         from puppetha.store.sqlite import SQLiteStore
 
@@ -183,12 +256,12 @@ def bench_sqlite(size: int, ops: int, rng: random.Random) -> tuple[list[Result],
         started = time.perf_counter()
         populate_sqlite(store, size)
         populated = time.perf_counter() - started
-        results = hot_paths(store, "sqlite", size, ops, rng)
+        results = work(store, "sqlite", size)
         store.close()
     return results, populated
 
 
-def bench_dynamodb(endpoint: str, size: int, ops: int, rng: random.Random) -> tuple[list[Result], float]:
+def bench_dynamodb(endpoint: str, size: int, work: Work) -> tuple[Sequence[Any], float]:
     table = f"bench-{size}-{uuid.uuid4().hex[:8]}"
     store = DynamoDBStore(table, REGION, endpoint)
     store.create_table(deletion_protection=False, point_in_time_recovery=False)
@@ -199,7 +272,7 @@ def bench_dynamodb(endpoint: str, size: int, ops: int, rng: random.Random) -> tu
     started = time.perf_counter()
     populate_dynamodb(client, table, size)
     populated = time.perf_counter() - started
-    results = hot_paths(store, "dynamodb", size, ops, rng)
+    results = work(store, "dynamodb", size)
     client.delete_table(TableName=table)
     store.close()
     return results, populated
@@ -233,12 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--endpoint-url", default="", help="an existing moto server (default: start one)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=0,
+                        help="measure the ENC's read of this many nodes: get each against get_many")
+    parser.add_argument("--rounds", type=int, default=7, help="alternated rounds of --batch")
     options = parser.parse_args(argv)
 
     sizes = [1000, 3000] if options.quick else [int(s) for s in options.sizes.split(",")]
     backends = [b.strip() for b in options.backends.split(",") if b.strip()]
     rng = random.Random(options.seed)
     results: list[Result] = []
+    rounds: list[BatchRound] = []
     moto = None
     if "dynamodb" in backends:
         # moto takes any credentials; these reach nothing else.
@@ -253,19 +330,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for backend in backends:
             ops = options.ops or (100 if options.quick else 2000 if backend == "sqlite" else 500)
+
+            def work(store: IStore, backend: str, size: int, ops: int = ops) -> Sequence[Any]:
+                if options.batch:
+                    return batch_rounds(
+                        store, backend, size, keys=options.batch, rounds=options.rounds, rng=rng
+                    )
+                return hot_paths(store, backend, size, ops, rng)
+
             for size in sizes:
                 if backend == "sqlite":
-                    found, populated = bench_sqlite(size, ops, rng)
+                    found, populated = bench_sqlite(size, work)
                 elif backend == "dynamodb":
-                    found, populated = bench_dynamodb(endpoint, size, ops, rng)
+                    found, populated = bench_dynamodb(endpoint, size, work)
                 else:
                     parser.error(f"unknown backend {backend!r}")
                 print(f"# {backend}: populated {size:,} nodes in {populated:.1f} s", flush=True)
-                results.extend(found)
+                if options.batch:
+                    rounds.extend(found)
+                else:
+                    results.extend(found)
     finally:
         if moto is not None:
             moto.stop()
-    print("\n".join(report(results)))
+    print("\n".join(batch_report(rounds) if options.batch else report(results)))
     print(" ".join(["# rerun: .venv/bin/python bench/store.py", *(sys.argv[1:] if argv is None else argv)]))
     return 0
 
