@@ -524,7 +524,8 @@ def test_get_many_gives_up_on_keys_left_unprocessed(
     through.close()
     calls = len(HoldsBackKeys.asked)
     assert str(raised.value) == (
-        f"DynamoDB left 2 of 3 node items unread on {table!r} after {calls} BatchGetItem calls in 5 s"
+        f"DynamoDB left 2 of 3 node items unread on {table!r} "
+        f"after {calls} BatchGetItem calls within the store's 5 s"
     )
     # It asked again for the two, waiting between calls, and stopped at the deadline rather
     # than answer with n1 alone.

@@ -688,7 +688,7 @@ class DynamoDBStore:
                     unread = len(request[self.table]["Keys"]) + max(0, len(keys) - first - MAX_BATCH_GET_KEYS)
                     raise StoreUnavailable(
                         f"DynamoDB left {unread} of {len(keys)} {what} unread on {self.table!r} "
-                        f"after {calls} BatchGetItem calls in {self._deadline:g} s"
+                        f"after {calls} BatchGetItem calls within the store's {self._deadline:g} s"
                     )
                 self._sleep(wait)
         return heads
