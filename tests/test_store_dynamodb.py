@@ -262,6 +262,8 @@ def test_missing_table(moto: MotoServer) -> None:
         store.get("node", "n1")
     with pytest.raises(TableMissing):
         store.create("node", "n1", {})
+    with pytest.raises(TableMissing, match="store init"):
+        store.get_many("node", ["n1", "n2"])
     store.close()
 
 
@@ -359,12 +361,14 @@ def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
         store = DynamoDBStore("t", REGION, f"http://127.0.0.1:{server.server_address[1]}", deadline=5.0)
         with pytest.raises(StoreUnavailable, match="ThrottlingException"):
             store.get("node", "n1")
+        with pytest.raises(StoreUnavailable, match="ThrottlingException"):
+            store.get_many("node", ["n1", "n2"])
         store.close()
     finally:
         server.shutdown()
         server.server_close()
     # botocore's own retries happened before the store gave up.
-    assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 2
+    assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 2 + ["DynamoDB_20120810.BatchGetItem"] * 2
 
 
 class LosesFirstAnswers(BaseHTTPRequestHandler):
