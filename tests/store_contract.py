@@ -249,6 +249,7 @@ class StoreContract:
         ]
         if IBatchGet.providedBy(store):
             calls.append(lambda: store.get_many("node", ["n1", "n2"]))
+            calls.append(lambda: store.get_many("node", [f"n{i}" for i in range(250)]))
         for call in calls:
             with pytest.raises(StoreUnavailable):
                 call()

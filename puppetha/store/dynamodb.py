@@ -662,36 +662,52 @@ class DynamoDBStore:
     ) -> builtins.list[dict[str, Any]]:
         """
         The heads at distinct ``keys`` that exist, read strongly consistent by BatchGetItem
-        (:data:`MAX_BATCH_GET_KEYS` to a call).  Keys DynamoDB leaves unprocessed are asked
-        again after a backoff while the store's deadline allows, then :class:`StoreUnavailable`:
-        never an answer that leaves out a key it did not read.
+        (:data:`MAX_BATCH_GET_KEYS` to a call, the calls of more keys in parallel on the
+        listing's threads).  Keys DynamoDB leaves unprocessed are asked again after a backoff
+        while the store's deadline allows, then :class:`StoreUnavailable`: never an answer that
+        leaves out a key it did not read.
         """
-        heads: builtins.list[dict[str, Any]] = []
         started = self._monotonic()
+        batches = [keys[i : i + MAX_BATCH_GET_KEYS] for i in range(0, len(keys), MAX_BATCH_GET_KEYS)]
+        if len(batches) <= 1:
+            return [head for batch in batches for head in self._get_batch(batch, started, what, projection)]
+        try:
+            parts = builtins.list(
+                self._lister.map(lambda batch: self._get_batch(batch, started, what, projection), batches)
+            )
+        except RuntimeError:
+            if self._closed:  # the lister pool is shut down with the store
+                raise StoreUnavailable(f"store on DynamoDB table {self.table!r} is closed") from None
+            raise
+        return [head for part in parts for head in part]
+
+    def _get_batch(
+        self, keys: Sequence[Mapping[str, Any]], started: float, what: str, projection: str | None
+    ) -> builtins.list[dict[str, Any]]:
+        """One BatchGetItem's heads, its unprocessed keys asked again until ``started`` + deadline."""
+        asked: dict[str, Any] = {"Keys": builtins.list(keys), "ConsistentRead": True}
+        if projection is not None:
+            asked["ProjectionExpression"] = projection
+        request: dict[str, Any] = {self.table: asked}
+        heads: builtins.list[dict[str, Any]] = []
+        backoff = FIRST_UNPROCESSED_BACKOFF
         calls = 0
-        for first in range(0, len(keys), MAX_BATCH_GET_KEYS):
-            asked: dict[str, Any] = {"Keys": keys[first : first + MAX_BATCH_GET_KEYS], "ConsistentRead": True}
-            if projection is not None:
-                asked["ProjectionExpression"] = projection
-            request: dict[str, Any] = {self.table: asked}
-            backoff = FIRST_UNPROCESSED_BACKOFF
-            while True:
-                answer = self._call("batch_get_item", RequestItems=request)
-                calls += 1
-                heads.extend(answer.get("Responses", {}).get(self.table, []))
-                request = answer.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-                wait = _JITTER.uniform(0, backoff)
-                backoff = min(LONGEST_UNPROCESSED_BACKOFF, backoff * 2)
-                if self._monotonic() + wait - started > self._deadline:
-                    unread = len(request[self.table]["Keys"]) + max(0, len(keys) - first - MAX_BATCH_GET_KEYS)
-                    raise StoreUnavailable(
-                        f"DynamoDB left {unread} of {len(keys)} {what} unread on {self.table!r} "
-                        f"after {calls} BatchGetItem calls within the store's {self._deadline:g} s"
-                    )
-                self._sleep(wait)
-        return heads
+        while True:
+            answer = self._call("batch_get_item", RequestItems=request)
+            calls += 1
+            heads.extend(answer.get("Responses", {}).get(self.table, []))
+            request = answer.get("UnprocessedKeys") or {}
+            if not request:
+                return heads
+            wait = _JITTER.uniform(0, backoff)
+            backoff = min(LONGEST_UNPROCESSED_BACKOFF, backoff * 2)
+            if self._monotonic() + wait - started > self._deadline:
+                raise StoreUnavailable(
+                    f"DynamoDB left {len(request[self.table]['Keys'])} of {len(keys)} {what} unread "
+                    f"on {self.table!r} after {calls} BatchGetItem calls within the store's "
+                    f"{self._deadline:g} s"
+                )
+            self._sleep(wait)
 
     def _drop_chunks_of(self, head: Mapping[str, Any] | None) -> None:
         if head and "gen" in head:
