@@ -5,6 +5,7 @@ Store hot paths, on SQLite and on DynamoDB (a local moto server), at two fleet s
     .venv/bin/python bench/store.py --quick         # CI smoke run: a few seconds
     .venv/bin/python bench/store.py --sizes 1000,20000 --backends dynamodb --ops 500
     .venv/bin/python bench/store.py --batch 200 --sizes 1000 --backends dynamodb
+    .venv/bin/python bench/store.py --batch 500 --sizes 2000 --backends dynamodb --delay-ms 5
 
 Paths measured, one call at a time from one thread (latency as a caller sees it):
 
@@ -17,6 +18,8 @@ Each figure is printed beside the same path at 1,000 nodes in the same run, as a
 With ``--batch N`` it measures instead the ENC's refresh read (``puppetha.enc.service.ReadOnce``)
 of N distinct random nodes: ``get`` key by key against one ``get_many``, alternated for
 ``--rounds`` rounds (which goes first alternates too), each round's two times and their ratio.
+``--delay-ms`` puts a proxy in front of moto that holds each call that long before passing it
+on: the network between a daemon and DynamoDB, which moto on loopback does not have.
 
 Populating is the bench's shortcut, not the daemon's way: SQLite through ``transact`` batches of
 100 creates; DynamoDB with ``batch_write_item`` straight into the table layout of
@@ -31,12 +34,17 @@ import argparse
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +247,50 @@ def batch_report(rounds: Sequence[BatchRound]) -> list[str]:
     return lines
 
 
+class _Delayed(BaseHTTPRequestHandler):
+    """Passes each call on to ``upstream`` after ``delay`` seconds (one round trip's latency)."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = ""
+    delay = 0.0
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body leave in two writes: without this, Nagle's algorithm and the client's
+        # delayed ACK would add 40 ms to every answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(self.delay)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        request = urllib.request.Request(self.upstream, data=body, headers=headers, method="POST")  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - moto on loopback
+                status, reply, passed = answer.status, answer.read(), answer.headers
+        except urllib.error.HTTPError as error:
+            status, reply, passed = error.code, error.read(), error.headers
+        self.send_response(status)
+        for name in ("Content-Type", "x-amz-crc32"):
+            if passed.get(name):
+                self.send_header(name, passed[name])
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def delayed(upstream: str, delay: float) -> ThreadingHTTPServer:
+    """A :class:`_Delayed` proxy to ``upstream``, serving on its own thread."""
+    _Delayed.upstream = upstream
+    _Delayed.delay = delay
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Delayed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def _found(item: object) -> object:
     if item is None:
         raise RuntimeError("a populated item is missing")
@@ -296,7 +348,7 @@ def report(results: Sequence[Result]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="CI smoke run: small sizes, few ops")
     parser.add_argument("--sizes", default="1000,100000", help="comma-separated node counts")
@@ -309,6 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=0,
                         help="measure the ENC's read of this many nodes: get each against get_many")
     parser.add_argument("--rounds", type=int, default=7, help="alternated rounds of --batch")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="hold each DynamoDB call this long in a proxy in front of moto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     options = parser.parse_args(argv)
 
     sizes = [1000, 3000] if options.quick else [int(s) for s in options.sizes.split(",")]
@@ -327,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             moto = MotoServer().start()
             endpoint = moto.endpoint_url
+    proxy = None
+    if "dynamodb" in backends and options.delay_ms > 0:
+        proxy = delayed(endpoint, options.delay_ms / 1000)
+        endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
     try:
         for backend in backends:
             ops = options.ops or (100 if options.quick else 2000 if backend == "sqlite" else 500)
@@ -351,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     results.extend(found)
     finally:
+        if proxy is not None:
+            proxy.shutdown()
+            proxy.server_close()
         if moto is not None:
             moto.stop()
     print("\n".join(batch_report(rounds) if options.batch else report(results)))
