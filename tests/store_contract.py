@@ -40,6 +40,7 @@ from puppetha.store import (
     Check,
     Create,
     Delete,
+    IBatchGet,
     IGenerations,
     IStore,
     Item,
@@ -246,6 +247,9 @@ class StoreContract:
             lambda: store.list("ca"),
             lambda: store.transact([Create("node", "n2", {})]),
         ]
+        if IBatchGet.providedBy(store):
+            calls.append(lambda: store.get_many("node", ["n1", "n2"]))
+            calls.append(lambda: store.get_many("node", [f"n{i}" for i in range(250)]))
         for call in calls:
             with pytest.raises(StoreUnavailable):
                 call()
@@ -307,6 +311,9 @@ class StoreContract:
         store.replace("crl", "root", {"number": 2, "crl_pem": crl[::-1]}, 1)
         got = stores().get("crl", "root")
         assert got == Item("crl", "root", {"number": 2, "crl_pem": crl[::-1]}, 2)
+        other = stores()
+        if IBatchGet.providedBy(other):
+            assert other.get_many("crl", ["root", "absent"]) == {"root": got}
 
     @pytest.mark.parametrize(
         "value",
@@ -382,6 +389,49 @@ class StoreContract:
         store.create("node", key, {"k": key})
         assert store.get("node", key) == Item("node", key, {"k": key}, 1)
         assert [i.key for i in store.list("node", key)] == [key]
+
+    # -- many keys at once (IBatchGet)
+
+    @pytest.fixture
+    def batch(self, store: IStore) -> IBatchGet:
+        assert IBatchGet.providedBy(store), "every store reads many keys in one round trip"
+        reader: IBatchGet = store
+        return reader
+
+    def test_get_many_reads_what_get_reads(self, store: IStore, batch: IBatchGet) -> None:
+        # More keys than one DynamoDB call takes (100), some absent, some asked twice, some of
+        # another kind only, one replaced since its creation.
+        keys = [f"n{i:04d}" for i in range(240)]
+        step = MAX_TRANSACTION_WRITES
+        for start in range(0, len(keys), step):
+            store.transact([Create("node", key, {"i": key}) for key in keys[start : start + step]])
+        store.replace("node", "n0007", {"i": "again"}, 1)
+        store.create("class", "c1", {"other": "kind"})
+        wanted = [*keys[::-2], "absent", "c1", "n0007", "n0007", *keys[:20], "n0101"]
+        found = batch.get_many("node", wanted)
+        assert found == {key: item for key in wanted if (item := store.get("node", key)) is not None}
+        assert sorted(found) == sorted({*keys[1::2], *keys[:20], "n0007"})
+        assert found["n0007"] == Item("node", "n0007", {"i": "again"}, 2)
+        assert batch.get_many("class", ["c1", "n0001"]) == {"c1": Item("class", "c1", {"other": "kind"}, 1)}
+
+    def test_get_many_of_nothing(self, store: IStore, batch: IBatchGet) -> None:
+        store.create("node", "n1", {})
+        assert batch.get_many("node", []) == {}
+        assert batch.get_many("node", ["absent", "absent"]) == {}
+
+    def test_get_many_awkward_keys(self, store: IStore, batch: IBatchGet) -> None:
+        for i, key in enumerate(AWKWARD_KEYS):
+            store.create("node", key, {"i": i})
+        found = batch.get_many("node", [*AWKWARD_KEYS, "a%%", "a\\b"])
+        assert found == {key: Item("node", key, {"i": i}, 1) for i, key in enumerate(AWKWARD_KEYS)}
+
+    @pytest.mark.parametrize("keys", [["n1", ""], ["n1", None], ["n1", 7], ["n1", "é" * 513]], ids=repr)
+    def test_get_many_refuses_bad_keys(self, store: IStore, batch: IBatchGet, keys: list[Any]) -> None:
+        store.create("node", "n1", {})
+        with refused():
+            batch.get_many("node", keys)
+        with refused():
+            batch.get_many("Node", ["n1"])
 
     # -- listing
 

@@ -5,6 +5,7 @@ a real SQLite store, the jruby-metrics probe over real TLS, and the load socket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorUNIXDatagram
 from twisted.internet.pollreactor import PollReactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
@@ -524,6 +526,124 @@ def test_another_user_cannot_send_a_load_sample(shared_dir: Path) -> None:
         blockingCallFromThread(runner.reactor, port.stopListening)
     finally:
         runner.stop()
+
+
+#: A load line naming a master only the attacker sends about.
+FORGED = b"10.0.0.66:8140|200|200|1.0|1.0"
+
+
+class Heard(LoadCounter):
+    """Keeps the addresses of every attempt it is given; ``nginx`` is set once 10.0.0.1 is heard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addresses: list[str] = []
+        self.nginx = threading.Event()
+
+    def add(self, attempts: list[Attempt]) -> None:
+        super().add(attempts)
+        self.addresses.extend(a.address for a in attempts)
+        if any(a.address == "10.0.0.1:8140" for a in attempts):
+            self.nginx.set()
+
+
+@implementer(IReactorUNIXDatagram)
+class ConnectsAtBind:
+    """
+    A reactor that binds as the real one does, but leaves the socket with every permission (the
+    mode bind() gives it under a umask of 0, before anyone's chmod) and, at the moment the bind
+    returns, has ``attacker`` connect a datagram socket to it in a child process.  The child
+    keeps what it connected and sends on it when told to (a connected datagram socket's sends
+    are not checked again).
+    """
+
+    def __init__(self, reactor: Any, attacker: int) -> None:
+        self.reactor = reactor
+        self.attacker = attacker
+        self.bound: list[str] = []
+        self.connected: bool | None = None
+        self.child = 0
+        self._send_w = -1
+
+    def listenUNIXDatagram(self, address: str, protocol: Any, maxPacketSize: int = 8192,
+                           mode: int = 0o666) -> Any:
+        port = self.reactor.listenUNIXDatagram(address, protocol, maxPacketSize=maxPacketSize,
+                                               mode=0o777)
+        self.bound.append(address)
+        connected_r, connected_w = os.pipe()
+        send_r, self._send_w = os.pipe()
+
+        def attack() -> None:
+            os.close(connected_r)
+            os.close(self._send_w)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+                try:
+                    sender.connect(address)
+                except OSError:
+                    os.write(connected_w, b"n")
+                    raise
+                os.write(connected_w, b"y")
+                os.read(send_r, 1)
+                sender.send(LINE + FORGED)
+
+        self.child = _fork_as(self.attacker, attack)
+        os.close(connected_w)
+        os.close(send_r)
+        self.connected = os.read(connected_r, 1) == b"y"
+        os.close(connected_r)
+        return port
+
+    def connectUNIXDatagram(self, address: str, protocol: Any, maxPacketSize: int = 8192,
+                            mode: int = 0o666, bindAddress: Any = None) -> Any:
+        return self.reactor.connectUNIXDatagram(address, protocol, maxPacketSize, mode, bindAddress)
+
+    def attack(self) -> int:
+        """Tells the child to send if it connected; its exit status (13: it could not)."""
+        with contextlib.suppress(BrokenPipeError):  # a child that could not connect has left
+            os.write(self._send_w, b"1")
+        os.close(self._send_w)
+        return _exit_code(self.child)
+
+
+def test_no_one_can_connect_to_the_load_socket_before_its_mode_is_set(shared_dir: Path) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
+    runner = ReactorThread()
+    path = str(shared_dir / "run" / "load.sock")
+    counter = Heard()
+    attacker = ConnectsAtBind(runner.reactor, pwd.getpwnam("nobody").pw_uid)
+    try:
+        port = blockingCallFromThread(runner.reactor, listen_load_socket, attacker, path, counter,
+                                      "www-data")
+        assert attacker.bound, "the socket was bound through the reactor given"
+        # The socket open and given to nginx's workers: the attacker, had it connected, sends now.
+        assert (attacker.connected, attacker.attack()) == (False, 13)
+        mode = os.stat(path)
+        assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (pwd.getpwnam("www-data").pw_uid, 0o600)
+        # Nothing of it is left beside the socket, and nginx's workers send as before; what the
+        # socket heard before their line (datagrams are read in order) is theirs alone.
+        assert sorted(os.listdir(shared_dir / "run")) == ["load.sock"]
+        assert _in_child_as(pwd.getpwnam("www-data").pw_uid, _sender(path)) == 0
+        assert counter.nginx.wait(timeout=10)
+        assert blockingCallFromThread(runner.reactor, lambda: list(counter.addresses)) == ["10.0.0.1:8140"]
+        blockingCallFromThread(runner.reactor, port.stopListening)
+    finally:
+        runner.stop()
+
+
+def test_a_load_socket_whose_directory_is_too_long_is_refused(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "these tests run as root"
+    fits, too_long = (tmp_path / ("d" * (95 - len(str(tmp_path)) - 1 + extra)) for extra in (0, 1))
+    assert (len(str(fits)), len(str(too_long))) == (95, 96)
+    reactor = PollReactor()  # never run: the socket exists once bound
+    port = listen_load_socket(reactor, str(fits / "load.sock"), LoadCounter(), "root")
+    assert stat.S_ISSOCK(os.stat(fits / "load.sock").st_mode)
+    port.stopListening()
+    with pytest.raises(LoadSocketError) as raised:
+        listen_load_socket(reactor, str(too_long / "load.sock"), LoadCounter(), "root")
+    assert str(raised.value) == (
+        f"{too_long}/load.sock: cannot open it: its directory's path is too long for a UNIX socket "
+        "(at most 95 bytes: the socket is bound in a directory inside it first)")
+    assert os.listdir(too_long) == []
 
 
 def test_a_daemon_not_root_keeps_the_load_socket_to_itself(shared_dir: Path) -> None:

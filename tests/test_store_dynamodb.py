@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from twisted.internet.task import Clock
 
 from puppetha.store import (
     AlreadyExists,
@@ -36,6 +37,7 @@ from puppetha.store import (
 from puppetha.store.dynamodb import (
     CHUNK_SIZE,
     GENERATIONS_PK,
+    LONGEST_UNPROCESSED_BACKOFF,
     SHARDS,
     DynamoDBStore,
     StoreAccessDenied,
@@ -150,6 +152,7 @@ def test_big_value_is_chunked_and_reassembled(moto: MotoServer, table: str, stor
     other = DynamoDBStore(table, REGION, moto.endpoint_url)
     assert other.get("crl", "root") == created
     assert other.list("crl") == [created]
+    assert other.get_many("crl", ["root", "absent"]) == {"root": created}
     other.close()
 
 
@@ -259,6 +262,8 @@ def test_missing_table(moto: MotoServer) -> None:
         store.get("node", "n1")
     with pytest.raises(TableMissing):
         store.create("node", "n1", {})
+    with pytest.raises(TableMissing, match="store init"):
+        store.get_many("node", ["n1", "n2"])
     store.close()
 
 
@@ -305,6 +310,7 @@ def test_unreachable_endpoint_is_unavailable(aws_credentials: None) -> None:
         lambda: store.create("node", "n1", {}),
         lambda: store.list("node"),
         lambda: store.transact([Create("node", "n1", {})]),
+        lambda: store.get_many("node", ["n1", "n2"]),
     ):
         with pytest.raises(StoreUnavailable):
             call()
@@ -355,12 +361,14 @@ def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
         store = DynamoDBStore("t", REGION, f"http://127.0.0.1:{server.server_address[1]}", deadline=5.0)
         with pytest.raises(StoreUnavailable, match="ThrottlingException"):
             store.get("node", "n1")
+        with pytest.raises(StoreUnavailable, match="ThrottlingException"):
+            store.get_many("node", ["n1", "n2"])
         store.close()
     finally:
         server.shutdown()
         server.server_close()
     # botocore's own retries happened before the store gave up.
-    assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 2
+    assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 2 + ["DynamoDB_20120810.BatchGetItem"] * 2
 
 
 class LosesFirstAnswers(BaseHTTPRequestHandler):
@@ -420,6 +428,114 @@ def test_a_retried_write_recognises_its_own_first_attempt(moto: MotoServer, tabl
     # Each write was sent twice: the first attempt applied, its answer lost, then the retry.
     assert LosesFirstAnswers.seen == ["PutItem"] * 4 + ["DeleteItem"] * 2
     assert raw_items(moto, table) == []
+
+
+class HoldsBackKeys(BaseHTTPRequestHandler):
+    """
+    Forwards DynamoDB calls to moto, but the n-th BatchGetItem only with its first
+    ``answered[n]`` keys (the last number for every call after): the others come back in
+    ``UnprocessedKeys``, as DynamoDB leaves keys when it throttles a read or its answer would
+    pass 16 MB.  ``asked`` holds the number of keys of each such call.
+    """
+
+    upstream = ""
+    answered: list[int] = [0]
+    asked: list[int] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        target = self.headers["X-Amz-Target"].rsplit(".", 1)[-1]
+        held: dict[str, Any] = {}
+        if target == "BatchGetItem":
+            request = json.loads(body)
+            [(table, asked)] = request["RequestItems"].items()
+            answered = self.answered[min(len(self.asked), len(self.answered) - 1)]
+            self.asked.append(len(asked["Keys"]))
+            keys, kept = asked["Keys"][:answered], asked["Keys"][answered:]
+            if kept:
+                held = {table: {**asked, "Keys": kept}}
+            request["RequestItems"] = {table: {**asked, "Keys": keys}} if keys else {}
+            body = json.dumps(request).encode()
+        if target == "BatchGetItem" and not request["RequestItems"]:
+            status, kind = 200, "application/x-amz-json-1.0"
+            reply = b'{"Responses": {}, "UnprocessedKeys": {}}'
+        else:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            forwarded = urllib.request.Request(  # noqa: S310 - moto on loopback
+                self.upstream, data=body, headers=headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(forwarded, timeout=10) as answer:  # noqa: S310 - moto on loopback
+                    status, reply, kind = answer.status, answer.read(), answer.headers["Content-Type"]
+            except urllib.error.HTTPError as error:
+                status, reply, kind = error.code, error.read(), error.headers["Content-Type"]
+        if held and status == 200:
+            reply = json.dumps({**json.loads(reply), "UnprocessedKeys": held}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def holds_back_keys(moto: MotoServer) -> Iterator[str]:
+    """The endpoint of a :class:`HoldsBackKeys` in front of moto."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HoldsBackKeys)
+    HoldsBackKeys.upstream = moto.endpoint_url
+    HoldsBackKeys.answered = [0]
+    HoldsBackKeys.asked = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_get_many_asks_again_for_unprocessed_keys(
+    table: str, store: DynamoDBStore, holds_back_keys: str
+) -> None:
+    keys = [f"n{i:03d}" for i in range(150)]
+    for start in range(0, len(keys), 100):
+        store.transact([Create("node", key, {"i": key}) for key in keys[start : start + 100]])
+    waits: list[float] = []
+    through = DynamoDBStore(table, REGION, holds_back_keys, sleep=waits.append)
+    HoldsBackKeys.answered = [40]
+    wanted = [*keys, "absent", *keys[:10]]
+    assert through.get_many("node", wanted) == store.get_many("node", wanted)
+    through.close()
+    # 151 distinct keys: 100 and 51 in the first calls (in parallel), then what each answer
+    # left; every call but the last of each was followed by a wait, each one bounded.
+    assert sorted(HoldsBackKeys.asked) == [11, 20, 51, 60, 100]
+    assert len(waits) == 3
+    assert all(0 <= wait <= LONGEST_UNPROCESSED_BACKOFF for wait in waits)
+
+
+def test_get_many_gives_up_on_keys_left_unprocessed(
+    table: str, store: DynamoDBStore, holds_back_keys: str
+) -> None:
+    store.create("node", "n1", {})
+    clock = Clock()  # the store's time: each wait moves it on, nothing sleeps
+    through = DynamoDBStore(
+        table, REGION, holds_back_keys, deadline=5.0, monotonic=clock.seconds, sleep=clock.advance
+    )
+    HoldsBackKeys.answered = [1, 0]  # n1 answered, then nothing
+    with pytest.raises(StoreUnavailable) as raised:
+        through.get_many("node", ["n1", "n2", "n3"])
+    through.close()
+    calls = len(HoldsBackKeys.asked)
+    assert str(raised.value) == (
+        f"DynamoDB left 2 of 3 node items unread on {table!r} "
+        f"after {calls} BatchGetItem calls within the store's 5 s"
+    )
+    # It asked again for the two, waiting between calls, and stopped at the deadline rather
+    # than answer with n1 alone.
+    assert HoldsBackKeys.asked == [3] + [2] * (calls - 1)
+    assert calls > 3
+    assert 0 < clock.seconds() <= 5.0
 
 
 def _client_error(code: str, status: int = 400) -> ClientError:

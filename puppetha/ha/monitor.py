@@ -18,6 +18,7 @@ import math
 import os
 import pwd
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -350,6 +351,10 @@ def load_socket_owner(nginx_user: str | None, euid: int, uid_of: Callable[[str],
     return uid
 
 
+#: The longest path a UNIX socket may be bound at, in bytes (Linux's ``sun_path``, 108 with its NUL).
+_UNIX_PATH_MAX = 107
+
+
 def listen_load_socket(
     reactor: IReactorUNIXDatagram, path: str, counter: LoadCounter, nginx_user: str | None
 ) -> Any:
@@ -377,15 +382,40 @@ def listen_load_socket(
         if not stat.S_ISSOCK(found.st_mode):
             raise LoadSocketError(f"{path} exists and is not a socket")
         os.unlink(path)
+    # Only its owner may send: a local user who could send would feed the policy false load (and
+    # so launch or drain masters).  bind() makes the socket with the process's umask, and a user
+    # who connects before the chmod keeps sending afterwards (a connected datagram socket's sends
+    # are not checked again), so it is bound in a directory of the daemon's alone, given its
+    # owner and mode there, and only then moved to its path.
+    longest = _UNIX_PATH_MAX - len("/.12345678/s")  # what mkdtemp and the socket's name add
+    if len(os.fsencode(directory or ".")) > longest:
+        raise LoadSocketError(
+            f"{path}: cannot open it: its directory's path is too long for a UNIX socket "
+            f"(at most {longest} bytes: the socket is bound in a directory inside it first)")
     try:
-        # Only its owner may send: a local user who could send would feed the policy false load
-        # (and so launch or drain masters).  Bound 0600 as the daemon, then given to its owner.
-        port = reactor.listenUNIXDatagram(path, LoadLogProtocol(counter), maxPacketSize=MAX_DATAGRAM,
+        private = tempfile.mkdtemp(prefix=".", dir=directory or ".")
+    except OSError as e:
+        raise LoadSocketError(f"{path}: cannot open it: {e.strerror}") from None
+    staged = os.path.join(private, "s")
+    port = None
+    try:
+        port = reactor.listenUNIXDatagram(staged, LoadLogProtocol(counter), maxPacketSize=MAX_DATAGRAM,
                                           mode=0o600)
+        os.chmod(staged, 0o600)  # whatever the reactor made of its mode
+        if owner != os.geteuid():
+            os.chown(staged, owner, -1)
+        os.rename(staged, path)
     except CannotListenError as e:
         raise LoadSocketError(f"{path}: cannot open it: {e.socketError}") from None
-    if owner != os.geteuid():
-        os.chown(path, owner, -1)
+    except OSError as e:
+        if port is not None:
+            port.stopListening()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+        raise LoadSocketError(f"{path}: cannot open it: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
     return port
 
 

@@ -147,7 +147,11 @@ class IBatchGet(Interface):
     """A store that reads many items of one kind in one round trip (the ENC's refresh)."""
 
     def get_many(kind: str, keys: Sequence[str]) -> Mapping[str, Item]:
-        """The items of ``kind`` at ``keys``, as :meth:`IStore.get` reads them; absent ones left out."""
+        """
+        The items of ``kind`` at ``keys``, as :meth:`IStore.get` reads them; absent ones left
+        out, a key given twice read once.  Every key is read or the call raises (a store that
+        cannot read some of them raises :class:`StoreUnavailable`, never answers without them).
+        """
 
 
 #: The kinds whose every change the store counts (:class:`IGenerations`): few records, read by

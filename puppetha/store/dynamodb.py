@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,6 +35,7 @@ from puppetha.store import (
     Check,
     Create,
     Delete,
+    IBatchGet,
     IGenerations,
     IStore,
     Item,
@@ -72,6 +73,13 @@ CHUNK_SIZE = 380_000
 #: DynamoDB's limits on one TransactWriteItems call.
 MAX_TRANSACTION_ACTIONS = 100
 MAX_TRANSACTION_BYTES = 4_000_000
+#: DynamoDB's limit on the keys of one BatchGetItem call.
+MAX_BATCH_GET_KEYS = 100
+#: The first and the longest wait before a BatchGetItem is sent again for the keys DynamoDB
+#: left unprocessed (throttled, or past its 16 MB an answer); each wait is drawn at random up
+#: to the bound, which doubles from the first to the longest.
+FIRST_UNPROCESSED_BACKOFF = 0.05
+LONGEST_UNPROCESSED_BACKOFF = 1.0
 
 #: Error codes that mean "DynamoDB is there but will not serve us now" once botocore's own
 #: retries are spent.
@@ -97,7 +105,7 @@ _DENIED_CODES = frozenset(
     }
 )
 
-# Backoff jitter between contended transactions; nothing secret depends on it.
+# Backoff jitter (contended transactions, unprocessed keys); nothing secret depends on it.
 _JITTER = random.Random()  # noqa: S311
 
 
@@ -195,11 +203,14 @@ def _encode(kind: str, key: str, text: str, version: int, write_id: str) -> _Enc
 GENERATIONS_PK = "gen"
 
 
-@implementer(IStore, IGenerations)
+@implementer(IStore, IBatchGet, IGenerations)
 class DynamoDBStore:
     """
     :class:`IStore` on one DynamoDB table.  Blocking and thread-safe: the daemon calls it from
     a bounded thread pool (one boto3 client, which is thread-safe, shared by all threads).
+
+    ``monotonic`` and ``sleep`` are the clock and the wait of the backoff between BatchGetItem
+    calls for unprocessed keys, which stops once ``deadline`` has passed since the read began.
     """
 
     def __init__(
@@ -212,9 +223,14 @@ class DynamoDBStore:
         deadline: float = DEFAULT_DEADLINE,
         max_connections: int = 32,
         list_parallelism: int = 8,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.table = table
         self.region = region
+        self._deadline = deadline
+        self._monotonic = monotonic
+        self._sleep = sleep
         if client is None:
             # Each API call ends within the store's deadline ([store] timeout), retries included.
             config = within_deadline(deadline, region_name=region, max_pool_connections=max_connections)
@@ -239,6 +255,22 @@ class DynamoDBStore:
                 return item
             # The chunks went away under us: a newer write replaced them.  Read the head again.
         raise StoreUnavailable(f"{kind} {key!r} kept changing while being read")
+
+    def get_many(self, kind: str, keys: Sequence[str]) -> dict[str, Item]:
+        validate_kind(kind)
+        # Once each: DynamoDB refuses a BatchGetItem that names a key twice.
+        wanted = builtins.list(dict.fromkeys(validate_key(key) for key in keys))
+        heads = self._get_heads([self._key(kind, key) for key in wanted], what=f"{kind} items")
+        found: dict[str, Item] = {}
+        for head in heads:
+            key = head["sk"]["S"]
+            item = self._decode(kind, head)
+            if item is None:
+                # Its chunks went away under us: a newer write replaced them.
+                item = self.get(kind, key)
+            if item is not None:
+                found[key] = item
+        return found
 
     def create(self, kind: str, key: str, value: Value) -> Item:
         validate_kind(kind)
@@ -620,24 +652,62 @@ class DynamoDBStore:
 
     def _generations(self, writes: Sequence[Write]) -> builtins.list[tuple[str, int]]:
         """Chunk generations of the heads the writes will replace (consistent batch read)."""
-        if not writes:
-            return []
-        keys = [self._key(w.kind, w.key) for w in writes]
-        found: builtins.list[tuple[str, int]] = []
-        request: dict[str, Any] = {
-            self.table: {
-                "Keys": keys,
-                "ConsistentRead": True,
-                "ProjectionExpression": "gen, chunks",
-            }
-        }
-        while request:
+        heads = self._get_heads(
+            [self._key(w.kind, w.key) for w in writes], what="replaced values", projection="gen, chunks"
+        )
+        return [(head["gen"]["S"], int(head["chunks"]["N"])) for head in heads if "gen" in head]
+
+    def _get_heads(
+        self, keys: Sequence[Mapping[str, Any]], *, what: str, projection: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """
+        The heads at distinct ``keys`` that exist, read strongly consistent by BatchGetItem
+        (:data:`MAX_BATCH_GET_KEYS` to a call, the calls of more keys in parallel on the
+        listing's threads).  Keys DynamoDB leaves unprocessed are asked again after a backoff
+        while the store's deadline allows, then :class:`StoreUnavailable`: never an answer that
+        leaves out a key it did not read.
+        """
+        started = self._monotonic()
+        batches = [keys[i : i + MAX_BATCH_GET_KEYS] for i in range(0, len(keys), MAX_BATCH_GET_KEYS)]
+        if len(batches) <= 1:
+            return [head for batch in batches for head in self._get_batch(batch, started, what, projection)]
+        try:
+            parts = builtins.list(
+                self._lister.map(lambda batch: self._get_batch(batch, started, what, projection), batches)
+            )
+        except RuntimeError:
+            if self._closed:  # the lister pool is shut down with the store
+                raise StoreUnavailable(f"store on DynamoDB table {self.table!r} is closed") from None
+            raise
+        return [head for part in parts for head in part]
+
+    def _get_batch(
+        self, keys: Sequence[Mapping[str, Any]], started: float, what: str, projection: str | None
+    ) -> builtins.list[dict[str, Any]]:
+        """One BatchGetItem's heads, its unprocessed keys asked again until ``started`` + deadline."""
+        asked: dict[str, Any] = {"Keys": builtins.list(keys), "ConsistentRead": True}
+        if projection is not None:
+            asked["ProjectionExpression"] = projection
+        request: dict[str, Any] = {self.table: asked}
+        heads: builtins.list[dict[str, Any]] = []
+        backoff = FIRST_UNPROCESSED_BACKOFF
+        calls = 0
+        while True:
             answer = self._call("batch_get_item", RequestItems=request)
-            for head in answer.get("Responses", {}).get(self.table, []):
-                if "gen" in head:
-                    found.append((head["gen"]["S"], int(head["chunks"]["N"])))
+            calls += 1
+            heads.extend(answer.get("Responses", {}).get(self.table, []))
             request = answer.get("UnprocessedKeys") or {}
-        return found
+            if not request:
+                return heads
+            wait = _JITTER.uniform(0, backoff)
+            backoff = min(LONGEST_UNPROCESSED_BACKOFF, backoff * 2)
+            if self._monotonic() + wait - started > self._deadline:
+                raise StoreUnavailable(
+                    f"DynamoDB left {len(request[self.table]['Keys'])} of {len(keys)} {what} unread "
+                    f"on {self.table!r} after {calls} BatchGetItem calls within the store's "
+                    f"{self._deadline:g} s"
+                )
+            self._sleep(wait)
 
     def _drop_chunks_of(self, head: Mapping[str, Any] | None) -> None:
         if head and "gen" in head:
