@@ -45,6 +45,7 @@ from twisted.internet.threads import blockingCallFromThread
 from bench.cpuprofile import CPUProfile
 from bench.phases import Sampler
 from bench.steps import StepCPU, TimedBlocking
+from bench.store import delayed
 from bench.timeline import CLIENT_END, CLIENT_START, Timeline
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
@@ -360,6 +361,9 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                         help="DescribeInstances calls in flight per region (default 1, as the daemon)")
     parser.add_argument("--timeline", action="store_true",
                         help="stamp each enrollment's steps and print its segments (bench/timeline.py)")
+    parser.add_argument("--aws-delay-ms", type=float, default=0.0, metavar="MS",
+                        help="hold each of the daemon's AWS calls this long in a proxy before moto, as "
+                             "a round trip to AWS would (default 0: moto on loopback)")
     parser.add_argument("--unsettled-heap", action="store_true",
                         help="leave the daemon's heap to every pass of the collector (puppetha/heap.py), "
                              "to compare")
@@ -387,6 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         agents = launch_agents(fleet, cloud, options.instances)
         steps = StepCPU() if options.steps else None
         timeline = Timeline() if options.timeline else None
+        if options.aws_delay_ms > 0:
+            # The daemon's calls (only its own) wait that long each way in total, as AWS's would.
+            proxy = delayed(moto.endpoint_url, options.aws_delay_ms / 1000)
+            cloud = Boto3Cloud(
+                f"http://127.0.0.1:{proxy.server_address[1]}",
+                access_key_id=TEST_CREDENTIALS["aws_access_key_id"],
+                secret_access_key=TEST_CREDENTIALS["aws_secret_access_key"],
+                max_pool_connections=options.threads,
+            )
         daemon = start_daemon(Path(tmp), signer, cloud, key_type, options.threads, steps=steps,
                               timeline=timeline, describe_in_flight=options.describe_in_flight,
                               settle=not options.unsettled_heap)

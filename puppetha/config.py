@@ -369,6 +369,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("enroll", "health_interval", duration, "5s",
            "How often the daemon checks that it can enroll (store writable, AWS reachable, a "
            "healthy master): GET /v1/health answers from the last check at once."),
+    Option("enroll", "describe_in_flight", integer(1, 8), "1",
+           "DescribeInstances calls kept in flight per region while instances enroll; those that "
+           "ask meanwhile go together as the next call (up to 100 instances each). Each call in "
+           "flight spends the account's EC2 request budget, shared with the ENC and every other "
+           "tool, once per round trip: raise it only where AWS's round trip, not moto's or the "
+           "batch, sets the enrollment latency (docs/performance.md). At most [daemon] threads."),
     Option("enroll", "front", host_port, "puppet:8140",
            "The address agents use for good (the Elastic IP's name and the front port)."),
     Option("lb", "certificate", path, "",
@@ -647,6 +653,10 @@ def _check_together(config: Config) -> None:
     ssldir = config[("master", "ssldir")]
     if ssldir and not os.path.isdir(ssldir):
         raise ConfigError(f"{src}: [master] ssldir: no such directory: {ssldir}")
+    if config[("enroll", "describe_in_flight")] > config[("daemon", "threads")]:
+        # Each call holds a thread of the AWS pool, which the ENC's calls need too.
+        raise ConfigError(f"{src}: [enroll] describe_in_flight: more than [daemon] threads "
+                          f"({config[('daemon', 'threads')]})")
     if config[("pki", "crl_refresh_margin")] >= config[("pki", "crl_lifetime")]:
         raise ConfigError(f"{src}: [pki] crl_refresh_margin: must be shorter than crl_lifetime")
 

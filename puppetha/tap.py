@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -142,22 +143,16 @@ class StoreService(BlockingStop):
         self.store = store
 
 
-def enrollment_listener(
+def make_enrollment(
     config: Config,
-    reactor: Any,
+    clock: IReactorTime,
     *,
-    authority: CertificateAuthority,
     signing: Blocking[CertificateAuthority],
     store_calls: Blocking[Records],
     aws: Blocking[ICloud],
     on_master: Callable[[], object],
-    readiness: Callable[[], Readiness] | None = None,
-    metric_sources: dict[str, Source] | None = None,
-) -> IService:
-    """
-    The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set); its
-    counts join ``metric_sources``.
-    """
+) -> Enrollment:
+    """The enrollment service as the configuration has it: its policy, trust and AWS calls."""
     certs = config[("aws", "identity_certs")]
     try:
         trust = TrustStore.from_file(certs or SHIPPED_TRUST_FILE)
@@ -181,14 +176,36 @@ def enrollment_listener(
         records=store_calls,
         authority=signing,
         cloud=aws,
-        clock=reactor,
+        clock=clock,
         allowed_keys=[KeyType(k) for k in config[("pki", "allowed_csr_keys")]],
         # An agent's first test run goes through nginx's port for its master: the same ports the
         # lb nodes render from the same options.
         front_ports=FrontPorts(first_master=config[("lb", "first_master_port")],
                                max_masters=config[("lb", "max_masters")]),
         on_master=on_master,
+        describe_in_flight=config[("enroll", "describe_in_flight")],
     )
+    return enrollment
+
+
+def enrollment_listener(
+    config: Config,
+    reactor: Any,
+    *,
+    authority: CertificateAuthority,
+    signing: Blocking[CertificateAuthority],
+    store_calls: Blocking[Records],
+    aws: Blocking[ICloud],
+    on_master: Callable[[], object],
+    readiness: Callable[[], Readiness] | None = None,
+    metric_sources: dict[str, Source] | None = None,
+) -> IService:
+    """
+    The enrollment API on its TLS listener (behind the nginx nodes' PROXY protocol, if set); its
+    counts join ``metric_sources``.
+    """
+    enrollment = make_enrollment(config, reactor, signing=signing, store_calls=store_calls, aws=aws,
+                                 on_master=on_master)
     # Before the reactor runs: the listener's own certificate, issued by the root.
     credentials = ensure_server_credentials(
         authority, config.state_dir, config[("enroll", "server_names")], KeyType(config[("pki", "key_type")])

@@ -73,6 +73,8 @@ def test_overrides_win_over_the_file() -> None:
         ("[enc]\nsocket_mode = 0666\n", "[enc] socket_mode: must give nothing to others"),
         ("[enc]\nsocket_mode = rw\n", "[enc] socket_mode: not an octal file mode"),
         ("[enc]\nstore_hot_window = 0s\n", "[enc] store_hot_window: must be longer than zero"),
+        ("[enroll]\ndescribe_in_flight = 0\n", "[enroll] describe_in_flight: 0 is outside 1..8"),
+        ("[enroll]\ndescribe_in_flight = 9\n", "[enroll] describe_in_flight: 9 is outside 1..8"),
     ],
 )
 def test_a_bad_value_names_the_file_section_and_option(content: str, expected: str) -> None:
@@ -106,6 +108,8 @@ def test_syntax_error_is_one_line() -> None:
         ("[aws]\nidentity_certs = /nonexistent/aws.ini\n", "[aws] identity_certs: no such file"),
         ("[pki]\nkey_type = rsa-4096\nallowed_csr_keys = ec-p256\n", "[pki] allowed_csr_keys: must include"),
         ("[pki]\ncrl_lifetime = 1d\ncrl_refresh_margin = 2d\n", "[pki] crl_refresh_margin: must be shorter"),
+        ("[daemon]\nthreads = 2\n[enroll]\ndescribe_in_flight = 3\n",
+         "[enroll] describe_in_flight: more than [daemon] threads (2)"),
     ],
 )
 def test_options_checked_together(content: str, expected: str) -> None:

@@ -187,3 +187,23 @@ def test_a_call_that_cannot_start_fails_its_waiters_and_frees_the_region() -> No
     clock.advance(0)
     assert len(failures) == 2
     assert b.calls == 2
+
+
+@pytest.mark.parametrize(("content", "in_flight"), [("", 1), ("[enroll]\ndescribe_in_flight = 3\n", 3)])
+def test_the_daemon_keeps_enroll_describe_in_flight_calls_per_region(content: str, in_flight: int) -> None:
+    from puppetha.config import config_from_string
+    from puppetha.tap import make_enrollment
+
+    def unused(*args: Any) -> Any:
+        raise AssertionError("nothing is called while the service is made")
+
+    blocking = cast(Any, HeldCalls())
+    enrollment = make_enrollment(config_from_string(content), Clock(), signing=blocking,
+                                 store_calls=blocking, aws=blocking, on_master=unused)
+    assert enrollment.batcher.max_in_flight == in_flight
+    b = enrollment.batcher
+    for i in range(in_flight + 1):
+        b.describe("us-east-1", f"i-{i}")
+        b.clock.advance(0)  # type: ignore[attr-defined]
+    # One call per instance while calls are free, the last waits for the next call.
+    assert len(blocking.in_flight()) == in_flight

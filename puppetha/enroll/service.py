@@ -173,9 +173,10 @@ class DescribeBatcher:
     nothing and still split a busy wave into many calls; this way the batches grow with the
     load, and botocore builds and parses one call per round trip instead of one per window.
 
-    ``max_in_flight`` above 1 lets that many calls be in flight per region: a lookup that
-    arrives during a call goes out at the end of its turn while a call is free (for the bench,
-    which measures what the wait for the call in flight costs; the daemon keeps one).
+    ``max_in_flight`` above 1 lets that many calls be in flight per region (``[enroll]
+    describe_in_flight``, 1 by default): a lookup that arrives during a call goes out at the end
+    of its turn while a call is free.  It pays where AWS's round trip sets the wait, at the cost
+    of more calls against the account's request budget (docs/performance.md).
     """
 
     def __init__(
