@@ -395,6 +395,13 @@ def report(peers: dict[str, Figures], options: argparse.Namespace, rerun: str) -
           f"(puppetha reaches {100 * ha.rate / floor.rate if floor.rate else 0:.0f} % of the floor)")
     print(f"  CPU per cert   {ha.cpu_per_cert_ms:8.2f} ms vs {floor.cpu_per_cert_ms:8.2f} ms  "
           f"{ratio(ha.cpu_per_cert_ms, floor.cpu_per_cert_ms)}")
+    whole = ha.cpu_per_cert_ms + ha.client_cpu_per_cert_ms + ha.aws_cpu_per_cert_ms
+    cpus = os.cpu_count() or 1
+    ceiling = 1000 * cpus / whole if whole else 0.0
+    print("the whole machine's CPU per puppetha enrollment:")
+    print(f"  server {ha.cpu_per_cert_ms:.2f} + clients {ha.client_cpu_per_cert_ms:.2f} + AWS (moto) "
+          f"{ha.aws_cpu_per_cert_ms:.2f} = {whole:.2f} ms: {cpus} CPUs could do at most {ceiling:.0f}/s, "
+          f"{100 * ceiling / floor.rate if floor.rate else 0:.0f} % of the floor")
     for f in (ps, ha, floor):
         if f.failures:
             print(f"{f.name}: {len(f.failures)} agents failed, first: {f.failures[0]}")
@@ -416,7 +423,7 @@ def run_rounds(peers: dict[str, Peer], options: argparse.Namespace) -> dict[str,
         for name in order:
             pid, make_job = peers[name]
             jobs = [make_job(i) for i in range(first, first + options.agents)]
-            wave(figures[name], [pid], jobs, options.concurrency)
+            wave(figures[name], [pid], jobs, options.concurrency, aws_pids=[options.aws_pid])
             print(f"round {round_number + 1} {name}: {figures[name].rates[-1]:.1f}/s", flush=True)
         order = order[1:] + order[:1]  # each peer goes first once in three rounds
     return figures
@@ -519,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "puppetha": (puppetha.pid, puppetha_job),
             "floor": (puppetha.pid, floor_job),
         }
+        options.aws_pid = moto.pid
         figures = run_rounds(peers, options)
         options.ca_keys = (f"puppetserver's CA key {describe_key(puppetserver.ca_pem)}, puppetha's "
                            f"{describe_key(Path(puppetha.root_pem).read_text())}")
