@@ -97,6 +97,37 @@ def running_daemon(work: Path, name: str, state: Path, moto_url: str, trust: Pat
             process.wait()
 
 
+#: The cgroup v1 CPU controller's hierarchy, where this machine mounts it.
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
+#: The period of a CPU quota: short, so that a daemon at its quota waits milliseconds, not a
+#: whole 100 ms default period.
+QUOTA_PERIOD_US = 10_000
+
+
+@contextmanager
+def cpu_share(pid: int, share: float) -> Iterator[None]:
+    """
+    ``pid`` (all its threads) may use ``share`` of one CPU at most, through a cgroup of its own
+    (the cgroup v1 CPU controller; root only); the cgroup goes when the process has.
+    """
+    if not (CPU_CGROUPS / "cgroup.procs").exists() or os.geteuid() != 0:
+        raise SystemExit(f"--cpu-share needs root and the cgroup v1 CPU controller at {CPU_CGROUPS}")
+    group = CPU_CGROUPS / f"puppetha-bench-{pid}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(round(share * QUOTA_PERIOD_US)))
+        (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for _ in range(100):  # empty once the process has exited
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 def settle_rig(moto: MotoServer) -> None:
     """
     What moto and this process hold once the fleet is launched is left out of their collectors'
@@ -117,6 +148,9 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
                         help="agents per daemon before the clock (default 30)")
     parser.add_argument("--clients", type=int, default=1,
                         help="client processes, the agents in flight shared among them (default 1)")
+    parser.add_argument("--cpu-share", type=float, default=0.0, metavar="F",
+                        help="limit each daemon to F of a CPU (a cgroup's quota; root), as if each had "
+                             "a small core of its own (default: no limit)")
     parser.add_argument("--unsettled-rig", action="store_true",
                         help="leave moto's and the clients' heaps to every pass of the collector")
     return parser.parse_args(argv)
@@ -147,8 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # In turn: the others start once the first has made the root CA and the server's
         # credentials.
         trust = signer.trust_file
-        daemons = [stack.enter_context(running_daemon(work, f"d{n}", state, moto.endpoint_url, trust))
-                   for n in range(options.daemons)]
+        daemons = []
+        for n in range(options.daemons):
+            # Entered before the daemon, so unwound after it: a cgroup goes once its daemon has.
+            groups = stack.enter_context(ExitStack())
+            daemons.append(stack.enter_context(
+                running_daemon(work, f"d{n}", state, moto.endpoint_url, trust)))
+            if options.cpu_share:
+                groups.enter_context(cpu_share(daemons[-1].process.pid, options.cpu_share))
         root = work / "root.pem"
         root.write_text(subprocess.run([*CLI, "--config", str(work / "d0.conf"), "ca", "show", "--pem"],
                                        capture_output=True, text=True, check=True,
