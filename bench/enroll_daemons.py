@@ -15,7 +15,6 @@ threads) run on the same CPUs.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import shlex
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from bench.enroll import REGION, enroll_once, enrolled, request_body
 from bench.vs_puppetserver_ca import agents_in_subnets
-from bench.waves import Clients, Figures, Job, wave
+from bench.waves import Clients, Figures, Job, settle_rig, wave
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.testing.aws import DEFAULT_ACCOUNT, FakeAWSSigner
 from puppetha.testing.moto import ROLE_TAG, TEST_CREDENTIALS, Fleet, MotoServer
@@ -126,16 +125,6 @@ def cpu_share(pid: int, share: float) -> Iterator[None]:
                 break
             except OSError:
                 time.sleep(0.1)
-
-
-def settle_rig(moto: MotoServer) -> None:
-    """
-    What moto and this process hold once the fleet is launched is left out of their collectors'
-    passes, as each daemon settles its own heap (``bench.vs_puppetserver_ca`` says why).
-    """
-    moto.settle_heap()
-    gc.collect()
-    gc.freeze()
 
 
 def parse_options(argv: Sequence[str]) -> argparse.Namespace:

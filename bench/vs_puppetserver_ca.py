@@ -25,7 +25,6 @@ peak RSS is the process's ``VmHWM``.  The clients share the machine with the ser
 from __future__ import annotations
 
 import argparse
-import gc
 import http.client
 import json
 import os
@@ -56,7 +55,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from bench.enroll import MAX_INSTANCES, REGION, enroll_once, request_body, start_daemon
-from bench.waves import Figures, peak_rss_mib, wave
+from bench.waves import Figures, peak_rss_mib, settle_rig, wave
 from puppetha.aws.boto import Boto3Cloud
 from puppetha.aws.cloud import InstanceInfo
 from puppetha.aws.identity import TrustStore
@@ -488,12 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         signer.trust_file, options.threads,
                                                         settle=not options.unsettled_heap))
         if not options.unsettled_rig:
-            # The fleet launched and everything the clients send made: what the stand-in for AWS
-            # and this process hold from now on is left out of their collectors' passes, whose
-            # pauses (100 to 180 ms for moto) would otherwise land on whichever peer is running.
-            moto.settle_heap()
-            gc.collect()
-            gc.freeze()
+            settle_rig(moto)
 
         status, _ = enroll_once(puppetha.enroll_port, puppetha.root_pem, master.private_ip,
                                 request_body(signer, master, "master"))

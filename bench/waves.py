@@ -7,6 +7,7 @@ this process or spread over several client processes, and counts the CPU of the 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import resource
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from puppetha.testing.moto import MotoServer
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -177,3 +180,15 @@ def wave(
     figures.latencies += latencies
     figures.failures += failures
     figures.rates.append(len(latencies) / elapsed)
+
+
+def settle_rig(moto: MotoServer) -> None:
+    """
+    What moto and this process hold once a benchmark's fleet is launched and its requests are
+    made is left out of their collectors' passes, as the daemon settles its own heap
+    (puppetha/heap.py): a full pass paused moto for 100 to 180 ms and this process's clients
+    for 120 ms, a pause that lands on whichever server is being timed (docs/performance.md).
+    """
+    moto.settle_heap()
+    gc.collect()
+    gc.freeze()

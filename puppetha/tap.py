@@ -170,7 +170,7 @@ def make_enrollment(
         lb_rules=config[("enroll", "lb_policy")],
         allow_second_role=config[("enroll", "allow_second_role")],
     )
-    enrollment = Enrollment(
+    return Enrollment(
         policy=policy,
         trust=trust,
         records=store_calls,
@@ -185,7 +185,6 @@ def make_enrollment(
         on_master=on_master,
         describe_in_flight=config[("enroll", "describe_in_flight")],
     )
-    return enrollment
 
 
 def enrollment_listener(
