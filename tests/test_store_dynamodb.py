@@ -371,7 +371,35 @@ def test_throttled_past_retries_is_unavailable(aws_credentials: None) -> None:
     assert Throttling.requests == ["DynamoDB_20120810.GetItem"] * 2 + ["DynamoDB_20120810.BatchGetItem"] * 2
 
 
-class LosesFirstAnswers(BaseHTTPRequestHandler):
+
+def forward(upstream: str, headers: Any, body: bytes) -> tuple[int, bytes, str]:
+    """A proxy's call passed on to moto: its status, body and content type."""
+    passed = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
+    request = urllib.request.Request(upstream, data=body, headers=passed, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - moto on loopback
+            return answer.status, answer.read(), answer.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers["Content-Type"]
+
+
+class MotoProxy(BaseHTTPRequestHandler):
+    """What the proxies in front of moto below share: where they forward, how they answer."""
+
+    upstream = ""
+
+    def answer(self, status: int, reply: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class LosesFirstAnswers(MotoProxy):
     """
     Forwards DynamoDB calls to moto, but drops the connection instead of answering the first
     call of each operation in ``lose``: the write happened, its answer never arrives.
@@ -385,27 +413,12 @@ class LosesFirstAnswers(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         target = self.headers["X-Amz-Target"].rsplit(".", 1)[-1]
         self.seen.append(target)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        request = urllib.request.Request(  # noqa: S310 - moto on loopback
-            self.upstream, data=body, headers=headers, method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - moto on loopback
-                status, reply, kind = answer.status, answer.read(), answer.headers["Content-Type"]
-        except urllib.error.HTTPError as error:
-            status, reply, kind = error.code, error.read(), error.headers["Content-Type"]
+        status, reply, kind = forward(self.upstream, self.headers, body)
         if target in self.lose:
             self.lose.discard(target)
             self.close_connection = True
             return
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(status, reply, kind)
 
 
 def test_a_retried_write_recognises_its_own_first_attempt(moto: MotoServer, table: str) -> None:
@@ -430,7 +443,7 @@ def test_a_retried_write_recognises_its_own_first_attempt(moto: MotoServer, tabl
     assert raw_items(moto, table) == []
 
 
-class HoldsBackKeys(BaseHTTPRequestHandler):
+class HoldsBackKeys(MotoProxy):
     """
     Forwards DynamoDB calls to moto, but the n-th BatchGetItem only with its first
     ``answered[n]`` keys (the last number for every call after): the others come back in
@@ -460,25 +473,10 @@ class HoldsBackKeys(BaseHTTPRequestHandler):
             status, kind = 200, "application/x-amz-json-1.0"
             reply = b'{"Responses": {}, "UnprocessedKeys": {}}'
         else:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-            forwarded = urllib.request.Request(  # noqa: S310 - moto on loopback
-                self.upstream, data=body, headers=headers, method="POST"
-            )
-            try:
-                with urllib.request.urlopen(forwarded, timeout=10) as answer:  # noqa: S310 - moto on loopback
-                    status, reply, kind = answer.status, answer.read(), answer.headers["Content-Type"]
-            except urllib.error.HTTPError as error:
-                status, reply, kind = error.code, error.read(), error.headers["Content-Type"]
+            status, reply, kind = forward(self.upstream, self.headers, body)
         if held and status == 200:
             reply = json.dumps({**json.loads(reply), "UnprocessedKeys": held}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(status, reply, kind)
 
 
 @pytest.fixture
