@@ -19,6 +19,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from puppetha.aws.identity import REGION_NAME
 from puppetha.pki.names import check_certname_template, check_host_port, parse_san
 
 ROLES = ("enroll", "enc", "lb")
@@ -112,6 +113,14 @@ def fraction(text_value: str) -> float:
 
 def text(value: str) -> str:
     return value.strip()
+
+
+def region(value: str) -> str:
+    """An AWS region's name, as its identity documents spell it (``us-east-1``)."""
+    value = value.strip()
+    if not REGION_NAME.fullmatch(value):
+        raise ValueError(f"not an AWS region name (like us-east-1): {value!r}")
+    return value
 
 
 def path(value: str) -> str:
@@ -333,7 +342,7 @@ OPTIONS: tuple[Option, ...] = (
            "A CRL is re-signed once its nextUpdate is closer than this, so every copy a host "
            "fetches is good for at least this long: how long an instance may stay stopped and "
            "still run. Keep it at least cert_lifetime."),
-    Option("aws", "region", text, "us-east-1", "The region of the daemon's own AWS calls."),
+    Option("aws", "region", region, "us-east-1", "The region of the daemon's own AWS calls."),
     Option("aws", "endpoint_url", url, "",
            "Another AWS endpoint (a moto server in tests and the demo); empty for AWS itself."),
     Option("aws", "timeout", duration, "8s",

@@ -62,6 +62,7 @@ def test_overrides_win_over_the_file() -> None:
         ("[pki]\ncrl_lifetime = 0s\n", "[pki] crl_lifetime: must be longer than zero"),
         ("[aws]\naccounts = 1234\n", "puppetha.conf: [aws] accounts: not a 12-digit AWS account id"),
         ("[aws]\nendpoint_url = ftp://x\n", "[aws] endpoint_url: not an http(s) URL"),
+        ("[aws]\nregion = us east 1\n", "[aws] region: not an AWS region name (like us-east-1)"),
         ("[enroll]\nproxy_from = 10.0.0.300\n", "[enroll] proxy_from: not an IP address"),
         ("[enroll]\nrequire_source_match = maybe\n", "[enroll] require_source_match: not a boolean"),
         ("[enroll]\nfront = puppet\n", "[enroll] front: not host:port"),
