@@ -7,7 +7,7 @@ so both open the very same things the very same way.  Nothing here touches the r
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -98,13 +98,13 @@ def make_authority(
     )
 
 
-def make_cloud(config: Config) -> ICloud:
+def make_cloud(config: Config, prepared: Sequence[str] = ()) -> ICloud:
+    """The AWS client of the configuration, with those of the ``prepared`` regions made now."""
     from puppetha.aws.boto import Boto3Cloud
 
     cloud = Boto3Cloud(
         endpoint_url=config[("aws", "endpoint_url")] or None, deadline=config[("aws", "timeout")]
     )
-    # Now rather than at the first call: the client of the daemon's own region is kept for its
-    # life, so it belongs to the heap settled once the daemon has started (puppetha/heap.py).
-    cloud.prepare(config[("aws", "region")])
+    for region in prepared:
+        cloud.prepare(region)
     return cloud

@@ -321,7 +321,9 @@ def make_daemon(config: Config, reactor: Any) -> MultiService:
             interval=config[("master", "crl_interval")],
         ).setServiceParent(root)
 
-    cloud = build.make_cloud(config)
+    # The client of the daemon's own region now rather than at its first call: it is kept for
+    # the daemon's life, so it belongs to the heap settled once started (puppetha/heap.py).
+    cloud = build.make_cloud(config, prepared=[config[("aws", "region")]])
     # AWS reads past their deadline are left to botocore's own timeouts, which fit inside it.
     aws = Blocking(reactor, aws_pool, cloud, deadline=aws_deadline, abandon=True,
                    timed_out=lambda s: CloudError(f"AWS did not answer within {s:g}s"),
